@@ -1,0 +1,82 @@
+"""Gathered losses under two gloo processes equal the single-process loss on the whole batch."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from losses import NTXent, PairwiseNTXent, SupConLoss
+
+WORLD = 2
+BATCH = 6  # per rank
+
+
+def make_case(name):
+    """A global batch of inputs, its labels / negatives, and a loss -> (inputs, extra kwargs, loss)."""
+    g = torch.Generator().manual_seed(0)
+    if name == "supcon":
+        return torch.randn(WORLD * BATCH, 2, 5, generator=g), {"labels": torch.randint(0, 3, (WORLD * BATCH,), generator=g)}
+    if name == "supcon_one":
+        return torch.randn(WORLD * BATCH, 3, 5, generator=g), {"labels": torch.randint(0, 3, (WORLD * BATCH,), generator=g)}
+    if name == "supcon_mask":
+        return torch.randn(WORLD * BATCH, 2, 5, generator=g), {"mask": (torch.rand(WORLD * BATCH, WORLD * BATCH, generator=g) > 0.6).float()}
+    return torch.randn(4, WORLD * BATCH, 5, generator=g), {"negatives": torch.rand(4, WORLD * BATCH, generator=g) > 0.7}
+
+
+def make_loss(name, gather):
+    if name.startswith("supcon"):
+        return SupConLoss(0.1, "one" if name == "supcon_one" else "all", gather_distributed=gather)
+    return (NTXent if name == "ntxent" else PairwiseNTXent)(blocks=4, tau=0.2, gather_distributed=gather)
+
+
+def run_loss(model, loss_fn, name, inputs, extra):
+    """Apply the feature model and the loss; NT-Xent inputs are (blocks, b, D) laid out block-major."""
+    features = F.normalize(model(inputs), dim=-1)
+    if name.startswith("supcon"):
+        return loss_fn(features, **extra)
+    return loss_fn(features.reshape(-1, features.shape[-1]), negatives=extra["negatives"].reshape(-1))
+
+
+def local_slice(name, inputs, extra, rank):
+    rows = slice(rank * BATCH, (rank + 1) * BATCH)
+    if name.startswith("supcon"):
+        local_extra = {k: v[rows] for k, v in extra.items()}  # mask rows: (B, W * B)
+        return inputs[rows], local_extra
+    return inputs[:, rows], {"negatives": extra["negatives"][:, rows]}
+
+
+def worker(rank, name, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.manual_seed(1)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(5, 4))
+    inputs, extra = make_case(name)
+    local_inputs, local_extra = local_slice(name, inputs, extra, rank)
+    loss = run_loss(model, make_loss(name, True), name, local_inputs, local_extra)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["supcon", "supcon_one", "supcon_mask", "ntxent", "pairwise"])
+def test_gathered_loss_and_gradients_equal_single_process(tmp_path, name):
+    mp.spawn(worker, args=(name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    torch.manual_seed(1)
+    model = nn.Linear(5, 4)
+    inputs, extra = make_case(name)
+    loss = run_loss(model, make_loss(name, False), name, inputs, extra)
+    loss.backward()
+
+    # Each rank returns the mean over its own anchors: their average is the global loss.
+    assert torch.stack([r["loss"] for r in ranks]).mean().item() == pytest.approx(loss.item(), abs=1e-5)
+    for rank in ranks:  # DDP-averaged gradients equal the global-batch gradients on every rank
+        for got, want in zip(rank["grads"], (p.grad for p in model.parameters())):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_gather_without_process_group_is_single_process():
+    features = F.normalize(torch.randn(4, 2, 3), dim=-1)
+    labels = torch.tensor([0, 1, 0, 1])
+    assert SupConLoss(gather_distributed=True)(features, labels).item() == pytest.approx(SupConLoss()(features, labels).item())
