@@ -1,0 +1,388 @@
+"""The encoders and classifiers of the project, and their checkpoints.
+
+- `SmallAlexNet`, `SharedNet`, `DualEncoder`: the METER-ML encoders, 72 x 72 S1 (2 bands) or
+  S2 (4 bands) images to L2-normalised 128-d features.
+- `DualResNet`: the DFC2020 model, a torchvision ResNet per modality (S1: 2 bands, S2: 13) with
+  a projection head each and a classifier on the two projections.
+- `load_checkpoint` / `save_checkpoint`: the layouts of the released checkpoints
+  (specs/checkpoints/*.txt), so released weights load here and weights trained here load there.
+- `freeze_all_but`, `set_frozen_bn_eval`, `param_groups`, `count_trainable`: for the scripts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SIZE = 72  # METER-ML inputs; SmallAlexNet's fc6 is sized for them
+S1_CHANNELS = 2  # VV, VH
+S2_CHANNELS = 4  # METER-ML's S2 bands (RGB + NIR)
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+# ----------------------------------------------------------------------------------------------
+# SmallAlexNet encoders (METER-ML)
+
+
+def _conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+    """3x3 conv (no bias: BN follows), BN, ReLU, and max-pool 3/2 if `pool`; keys .0 conv, .1 BN."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+    return nn.Sequential(*layers)
+
+
+def _init_alexnet(module: nn.Module) -> None:
+    """Weights N(0, 0.02), biases 0, BN scale 1: the initialisation of the original SmallAlexNet."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, _BatchNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _check_images(x: Tensor, channels: tuple[int, ...], model: str) -> None:
+    if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(
+            f"{model} takes images of shape (B, C, {IMAGE_SIZE}, {IMAGE_SIZE}) with C in "
+            f"{channels} bands, got {tuple(x.shape)}"
+        )
+
+
+class SmallAlexNet(nn.Module):
+    """AlexNet for 72 x 72 images: (B, in_channel, 72, 72) -> (B, feat_dim), unit L2 norm.
+
+    `blocks[0:5]` are conv blocks of widths 96, 192, 384, 384, 192 with max-pool 3/2 after
+    blocks 0, 1 and 4 (72 -> 35 -> 17 -> 8 pixels), `blocks[5]` and `blocks[6]` are fc6 and fc7
+    (4096 units, BN, ReLU), `blocks[7]` is fc8. The numbering is that of the released checkpoints.
+
+    `in_channel=None` leaves block 0 out (an Identity): `SharedNet` puts its modality stems in
+    its place, and then this module takes the stem's (B, 96, 35, 35) output.
+    """
+
+    def __init__(self, in_channel: int | None, feat_dim: int = 128) -> None:
+        super().__init__()
+        self.in_channel = in_channel
+        self.blocks = nn.ModuleList([
+            nn.Identity() if in_channel is None else _conv_block(in_channel, 96, pool=True),
+            _conv_block(96, 192, pool=True),
+            _conv_block(192, 384, pool=False),
+            _conv_block(384, 384, pool=False),
+            _conv_block(384, 192, pool=True),
+            nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(192 * 8 * 8, 4096, bias=False),
+                nn.BatchNorm1d(4096),
+                nn.ReLU(inplace=True),
+            ),
+            nn.Sequential(
+                nn.Linear(4096, 4096, bias=False),
+                nn.BatchNorm1d(4096),
+                nn.ReLU(inplace=True),
+            ),
+            nn.Sequential(nn.Linear(4096, feat_dim)),  # Sequential: the released key is blocks.7.0
+        ])
+        self.apply(_init_alexnet)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_channel is not None:
+            _check_images(x, (self.in_channel,), type(self).__name__)
+        for block in self.blocks:
+            x = block(x)
+        return F.normalize(x, dim=1)
+
+
+class SharedNet(nn.Module):
+    """One SmallAlexNet trunk for both modalities behind a stem per modality.
+
+    (B, 2, 72, 72) S1 or (B, 4, 72, 72) S2 -> (B, feat_dim), unit L2 norm. The stem
+    (`sentinel1_block` or `sentinel2_block`: conv 3x3 -> 96, BN, ReLU, max-pool 3/2, i.e. the
+    trunk's missing block 0) is chosen by the channel count.
+    Keys: checkpoints/smallalexnet_shared.txt.
+    A batch feeds one stem only: under DDP, pass find_unused_parameters=True.
+    """
+
+    def __init__(self, feat_dim: int = 128) -> None:
+        super().__init__()
+        self.encoder = SmallAlexNet(in_channel=None, feat_dim=feat_dim)
+        self.sentinel1_block = _conv_block(S1_CHANNELS, 96, pool=True)
+        self.sentinel2_block = _conv_block(S2_CHANNELS, 96, pool=True)
+        self.sentinel1_block.apply(_init_alexnet)
+        self.sentinel2_block.apply(_init_alexnet)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_images(x, (S1_CHANNELS, S2_CHANNELS), type(self).__name__)
+        stem = self.sentinel1_block if x.shape[1] == S1_CHANNELS else self.sentinel2_block
+        return self.encoder(stem(x))
+
+
+class DualEncoder(nn.Module):
+    """One `SharedNet` per modality, `encoder_1` for S1 and `encoder_2` for S2, by channel count.
+
+    (B, 2, 72, 72) or (B, 4, 72, 72) -> (B, feat_dim), unit L2 norm. Each encoder keeps both stems
+    and uses one, as in the released checkpoint (checkpoints/smallalexnet_dual.txt).
+    """
+
+    def __init__(self, feat_dim: int = 128) -> None:
+        super().__init__()
+        self.encoder_1 = SharedNet(feat_dim)
+        self.encoder_2 = SharedNet(feat_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_images(x, (S1_CHANNELS, S2_CHANNELS), type(self).__name__)
+        encoder = self.encoder_1 if x.shape[1] == S1_CHANNELS else self.encoder_2
+        return encoder(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dual ResNet (DFC2020)
+
+
+def _resnet(arch: str, in_channels: int, proj_dim: int) -> nn.Module:
+    """A torchvision ResNet with a first conv for `in_channels` bands and fc = projection head."""
+    net = torchvision.models.get_model(arch, weights=None)
+    net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    # torchvision initialises every other conv of the net this way; the original left PyTorch's
+    # default here, which only matters when training from scratch.
+    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    width = net.fc.in_features
+    net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, proj_dim))
+    return net
+
+
+class DualResNet(nn.Module):
+    """Two ResNets (`backbone1`: S1, `backbone2`: S2) with projection heads, and a fused classifier.
+
+    Each backbone's `fc` is the projection head Linear(F, F), ReLU, Linear(F, proj_dim)
+    (F = 2048 for resnet50, 512 for resnet18); `fc` is Linear(2 * proj_dim, num_classes) on the
+    concatenated projections. Global pooling makes any input size work (224 crops, 256 patches).
+    Keys of resnet50: checkpoints/dualresnet50_*.txt.
+    """
+
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        num_classes: int = 8,
+        s1_channels: int = 2,
+        s2_channels: int = 13,
+        proj_dim: int = 128,
+    ) -> None:
+        super().__init__()
+        if arch not in RESNETS:
+            raise ValueError(f"arch must be one of {RESNETS}, got {arch!r}")
+        self.arch = arch
+        self.backbone1 = _resnet(arch, s1_channels, proj_dim)
+        self.backbone2 = _resnet(arch, s2_channels, proj_dim)
+        self.fc = nn.Linear(2 * proj_dim, num_classes)
+
+    def embed(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, s1_channels, H, W), (B, s2_channels, H, W) -> projections z1, z2, each (B, proj_dim).
+
+        Not normalised: the classifier takes them raw; normalise them for a contrastive loss.
+        """
+        for name, x, conv in (("s1", s1, self.backbone1.conv1), ("s2", s2, self.backbone2.conv1)):
+            if x.ndim != 4 or x.shape[1] != conv.in_channels:
+                raise ValueError(
+                    f"DualResNet expects {name} of shape (B, {conv.in_channels}, H, W), "
+                    f"got {tuple(x.shape)}"
+                )
+        if s1.shape[0] != s2.shape[0]:
+            raise ValueError(
+                f"s1 and s2 must be pairs, got batches of {s1.shape[0]} and {s2.shape[0]}"
+            )
+        return self.backbone1(s1), self.backbone2(s2)
+
+    def classify(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """Projections (B, proj_dim) each -> logits (B, num_classes)."""
+        return self.fc(torch.cat([z1, z2], dim=1))
+
+    def forward(self, s1: Tensor, s2: Tensor) -> Tensor:
+        """(B, s1_channels, H, W), (B, s2_channels, H, W) -> logits (B, num_classes)."""
+        return self.classify(*self.embed(s1, s2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True
+) -> tuple[list[str], list[str]]:
+    """Load a checkpoint in any released layout into `model`; return (missing, unexpected) keys.
+
+    Layouts: a bare state dict (the SmallAlexNet encoders) or a dict holding it under
+    "state_dict" (the dual ResNets; "epoch", "arch", "optimizer" are ignored), with or without
+    the "module." prefix of DataParallel / DDP. The file is read with weights_only=True, so no
+    code in it runs.
+
+    One gap is expected: the pre-trained dual ResNet-50 has no classifier, so loading it into a
+    `DualResNet` reports fc.weight and fc.bias missing and leaves `fc` as initialised. Any other
+    missing or unexpected key raises a ValueError naming the first ones (unless strict=False);
+    a shape mismatch always raises, naming the keys with both shapes.
+    """
+    model = _unwrap(model)
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise ValueError(
+            f"{path} holds pickled Python objects besides tensors"
+            + (f" ({needs.group(1)})" if needs else "")
+            + ", and torch.load(weights_only=True) runs no code from a file. If you trust it,"
+            " load it once with torch.load(path, weights_only=False) and re-save its state dict:"
+            " torch.save(model.state_dict(), path) for a pickled model, or"
+            " torch.save(checkpoint['state_dict'], path) for a training checkpoint."
+        ) from err
+
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        if isinstance(checkpoint, dict):
+            found = f"a dict with keys {_first(sorted(map(str, checkpoint)))}"
+        else:
+            found = type(checkpoint).__name__
+        raise ValueError(
+            f"{path}: expected a state dict (names -> tensors) or a dict holding one under "
+            f"'state_dict', found {found}"
+        )
+    consume_prefix_in_state_dict_if_present(state, "module.")
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    # The released pre-trained dual ResNet has no classifier: fine-tuning starts one afresh.
+    head = {"fc.weight", "fc.bias"} if isinstance(model, DualResNet) else set()
+    unexplained = [] if set(missing) == head else missing
+    problems = {"shape mismatches": mismatched}
+    if strict:
+        problems |= {"missing keys": unexplained, "unexpected keys": unexpected}
+    if any(problems.values()):
+        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(
+            f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys
+        ))
+
+    model.load_state_dict(state, strict=False)
+    logger.info(
+        "Loaded %s into %s (%d tensors)%s%s",
+        path,
+        type(model).__name__,
+        len(state) - len(unexpected),
+        f"; not in the file, left as initialised: {_first(missing)}" if missing else "",
+        f"; ignored: {_first(unexpected)}" if unexpected else "",
+    )
+    return missing, unexpected
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
+    """Write `model` in the released layout, so that users of the original code can load it too.
+
+    `DualResNet`: {"arch", "state_dict", **extra}, the layout of the released dual ResNet-50
+    files (pass epoch=..., optimizer=optimizer.state_dict() to complete it). Other models (the
+    SmallAlexNet encoders): the bare state dict, as released; it has no room for `extra`.
+    Tensors go to the CPU without a "module." prefix. The file is written under a temporary name
+    and then renamed, so an interrupted save never leaves a truncated checkpoint behind.
+    """
+    model = _unwrap(model)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    if isinstance(model, DualResNet):
+        checkpoint: dict[str, Any] = dict(arch=model.arch, state_dict=state, **extra)
+    elif extra:
+        raise ValueError(
+            f"{type(model).__name__} checkpoints are bare state dicts (the released layout), "
+            f"with no room for {sorted(extra)}: save those in a file of their own"
+        )
+    else:
+        checkpoint = state
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training helpers
+
+
+def freeze_all_but(model: nn.Module, trainable: nn.Module | Iterable[nn.Module]) -> None:
+    """Freeze every parameter of `model` but those of `trainable` (linear evaluation: the head).
+
+    `trainable` may be part of `model` (`DualResNet.fc`) or a separate head; either way its
+    parameters end up trainable. Call `set_frozen_bn_eval` after each `model.train()` as well.
+    """
+    modules = [trainable] if isinstance(trainable, nn.Module) else list(trainable)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def set_frozen_bn_eval(model: nn.Module) -> None:
+    """Put the batch-norm layers with frozen parameters in eval mode; call after `model.train()`.
+
+    A frozen encoder must stay a fixed function: in train mode its BN layers would normalise with
+    batch statistics and keep updating their running ones, so linear evaluation would no longer
+    evaluate the pre-trained encoder (MoCo's linear evaluation freezes them as well).
+    """
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.affine and not module.weight.requires_grad:
+            module.eval()
+
+
+def param_groups(
+    model: nn.Module, head: nn.Module, lr: float, head_lr: float, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups "backbone" (lr) and "head" (head_lr) of the trainable parameters.
+
+    Every trainable parameter of `model` and `head` is in exactly one group: the head's in "head"
+    (whether or not `head` is part of `model`), the rest in "backbone". Empty groups are left out.
+    """
+    head_params = [p for p in head.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head.parameters()}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [
+        {"name": "backbone", "params": backbone, "lr": lr, "weight_decay": weight_decay},
+        {"name": "head", "params": head_params, "lr": head_lr, "weight_decay": weight_decay},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def count_trainable(model: nn.Module) -> int:
+    """Number of trainable parameter values (elements), for the log."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
