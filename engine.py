@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
+from sklearn.metrics import accuracy_score, recall_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
@@ -422,9 +422,11 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
         return {"per_class": {class_names[c]: None for c in classes}, "AA": None, "OA": None, "n": 0}
     recall = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
     present = set(np.unique(y_true).tolist())
-    per_class = {class_names[c]: (100.0 * r if c in present else None) for c, r in zip(classes, recall)}
-    return {"per_class": per_class, "AA": 100.0 * balanced_accuracy_score(y_true, y_pred),
-            "OA": 100.0 * accuracy_score(y_true, y_pred), "n": int(len(y_true))}
+    per_class = {class_names[c]: (100.0 * float(r) if c in present else None) for c, r in zip(classes, recall)}
+    # AA is sklearn's balanced accuracy: the mean recall over the classes present.
+    scores = [v for v in per_class.values() if v is not None]
+    return {"per_class": per_class, "AA": sum(scores) / len(scores),
+            "OA": 100.0 * float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
 
 
 @torch.no_grad()
@@ -599,7 +601,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, 
             log.info("epoch %d: loss %.4f  AA %.2f  OA %.2f", epoch + 1, record["train_loss"], last_eval["AA"] or 0, last_eval["OA"] or 0)
             if last_eval[task.select] is not None and (best is None or last_eval[task.select] > best[task.select]):
                 best = last_eval
-                run.save("best.pt", checkpoint_state(task, optimizer, epoch + 1, best, last_eval))
+                run.save("best.pt", checkpoint_state(task, None, epoch + 1, best, last_eval))
         else:
             log.info("epoch %d: loss %.4f", epoch + 1, record["train_loss"])
         run.log_metrics(record)
@@ -616,22 +618,24 @@ def vars_json(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def checkpoint_state(task: Task, optimizer: torch.optim.Optimizer, epoch: int, best: dict | None, last_eval: dict | None) -> dict:
-    """Everything needed to resume; "epoch" and "state_dict" keep the released file layout."""
+def checkpoint_state(task: Task, optimizer: torch.optim.Optimizer | None, epoch: int, best: dict | None,
+                     last_eval: dict | None) -> dict:
+    """The networks in their released layout ("epoch", "state_dict", ...), plus, with an
+    optimizer, everything needed to resume."""
     state = {"epoch": epoch, **(task.checkpoint or {})}
     state.update({key: module.state_dict() for key, module in task.modules.items()})
-    state.update({"optimizer": optimizer.state_dict(), "best": best, "last_eval": last_eval, "rng": capture_rng()})
+    state.update({"best": best, "last_eval": last_eval})
+    if optimizer is not None:
+        state.update({"optimizer": optimizer.state_dict(), "rng": capture_rng()})
     return state
 
 
 def capture_rng() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """Torch RNG states (training draws from keyed generators; these cover anything else)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

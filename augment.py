@@ -1,0 +1,281 @@
+"""Random augmentations for multi-band remote-sensing images, per sample or on a batch.
+
+Every op takes a floating-point tensor ``(C, H, W)`` or ``(B, C, H, W)`` with any number of bands
+(2 for Sentinel-1, 4 or 13 for Sentinel-2), on any device, and an optional ``torch.Generator``.
+On a batch every sample draws its own parameters, and the batch is processed in one vectorised
+call. Parameters are drawn on the generator's device (the CPU when no generator is given) and
+then moved to the data, so a seeded CPU generator gives the same augmentation on CPU and GPU.
+
+The functional ops (``hflip``, ``vflip``, ``rot90``, ``rotate``, ``resized_crop``) take a batch
+and explicit per-sample parameters; the ``Random*`` modules draw the parameters and call them.
+``RandomFlipRotation`` folds flips and rotation into one resampling.
+Recipes of the method: ``meterml_augment`` and ``dfc_augment``; ``TwoViews`` returns the
+(augmented, original) pair that SupCon consumes.
+"""
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import roi_align
+from torchvision.transforms.v2 import functional as TF
+
+
+def _as_batch(x: Tensor) -> Tensor:
+    if x.ndim == 4:
+        return x
+    if x.ndim == 3:
+        return x.unsqueeze(0)
+    raise ValueError(f"expected an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(x.shape)}")
+
+
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    return out if x.ndim == 4 else out.squeeze(0)
+
+
+def _check_float(x: Tensor, op: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{op} interpolates and needs a floating-point tensor, got {x.dtype}")
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> Tensor:
+    """Uniform draws in [low, high) on the generator's device (CPU by default)."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional ops: a batch (B, C, H, W) and one parameter per sample.
+
+
+def hflip(x: Tensor, mask: Tensor) -> Tensor:
+    """Mirror left-right the samples of ``x`` (B, C, H, W) where ``mask`` (B,) bool is True."""
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), TF.horizontal_flip(x), x)
+
+
+def vflip(x: Tensor, mask: Tensor) -> Tensor:
+    """Mirror top-bottom the samples of ``x`` (B, C, H, W) where ``mask`` (B,) bool is True."""
+    return torch.where(mask.to(x.device).view(-1, 1, 1, 1), TF.vertical_flip(x), x)
+
+
+def rot90(x: Tensor, k: Tensor) -> Tensor:
+    """Rotate sample i of ``x`` (B, C, H, H) by ``k[i]`` quarter turns counter-clockwise, k (B,) int."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rot90 keeps the shape only for square images, got {tuple(x.shape)}")
+    k = k.to(x.device) % 4
+    out = x.clone()
+    for turns in range(1, 4):
+        selected = k == turns
+        out[selected] = torch.rot90(x[selected], turns, dims=(-2, -1))
+    return out
+
+
+def rotate(x: Tensor, angles: Tensor, flip_h: Tensor | None = None, flip_v: Tensor | None = None) -> Tensor:
+    """Rotate sample i of ``x`` (B, C, H, W) by ``angles[i]`` degrees counter-clockwise.
+
+    Same convention as ``torchvision.transforms.v2.functional.rotate``: about the image centre,
+    bilinear, zero outside the image, output size unchanged. ``flip_h`` / ``flip_v`` (B,) bool
+    mirror the samples left-right / top-bottom first, folded into the same sampling grid
+    (mirroring maps pixel centres onto pixel centres, so it stays exact): flips and rotation
+    cost one ``grid_sample`` call.
+    """
+    _check_float(x, "rotate")
+    batch, _, height, width = x.shape
+    radians = torch.deg2rad(angles.to(device=x.device, dtype=x.dtype))
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    sign_x = 1 - 2 * flip_h.to(device=x.device, dtype=x.dtype) if flip_h is not None else 1
+    sign_y = 1 - 2 * flip_v.to(device=x.device, dtype=x.dtype) if flip_v is not None else 1
+    # affine_grid maps output to input positions in coordinates normalised to [-1, 1] per axis;
+    # the pixel-space rotation is rescaled by the aspect ratio so that it stays a rotation when H != W.
+    theta = torch.zeros(batch, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = sign_x * cos
+    theta[:, 0, 1] = sign_x * -sin * height / width
+    theta[:, 1, 0] = sign_y * sin * width / height
+    theta[:, 1, 1] = sign_y * cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Crop box i of sample i of ``x`` (B, C, H, W) and resize it to ``size``: (B, C, *size).
+
+    ``boxes`` (B, 4) holds (top, left, height, width) in pixels, as torchvision's
+    ``RandomResizedCrop.get_params``. Bilinear, one ``roi_align`` call for the batch; when a box
+    is larger than the output, every output pixel averages ceil(box / size)^2 bilinear samples
+    (anti-aliasing). Near the border of a box, the samples use the image pixels just outside it
+    rather than repeating the box's edge, so a full box at the input size is exactly the identity.
+    """
+    _check_float(x, "resized_crop")
+    output_size = (size, size) if isinstance(size, int) else tuple(size)
+    boxes = boxes.to(device=x.device, dtype=x.dtype)
+    top, left, height, width = boxes.unbind(1)
+    index = torch.arange(len(boxes), device=x.device, dtype=x.dtype)
+    rois = torch.stack([index, left, top, left + width, top + height], dim=1)
+    return roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random ops: modules called as op(x, generator=None) on (C, H, W) or (B, C, H, W).
+
+
+class RandomHorizontalFlip(nn.Module):
+    """Left-right mirror with probability ``p``, drawn per sample."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        mask = _uniform((len(batch),), 0.0, 1.0, generator) < self.p
+        return _like_input(hflip(batch, mask), x)
+
+
+class RandomVerticalFlip(nn.Module):
+    """Top-bottom mirror with probability ``p``, drawn per sample."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        mask = _uniform((len(batch),), 0.0, 1.0, generator) < self.p
+        return _like_input(vflip(batch, mask), x)
+
+
+class RandomRot90(nn.Module):
+    """Rotation by 0, 90, 180 or 270 degrees, uniformly per sample (square images)."""
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        k = (_uniform((len(batch),), 0.0, 4.0, generator)).floor().long()
+        return _like_input(rot90(batch, k), x)
+
+
+class RandomRotation(nn.Module):
+    """Rotation by an angle uniform in [-degrees, degrees] per sample; bilinear, zero fill."""
+
+    def __init__(self, degrees: float) -> None:
+        super().__init__()
+        self.degrees = degrees
+
+    def get_params(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Angles in degrees, (n,)."""
+        return _uniform((n,), -self.degrees, self.degrees, generator)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        return _like_input(rotate(batch, self.get_params(len(batch), generator)), x)
+
+
+class RandomFlipRotation(nn.Module):
+    """Horizontal and vertical flips (each with probability ``p``) then a rotation by an angle
+    uniform in [-degrees, degrees], per sample, in a single bilinear resampling (zero fill).
+
+    The same distribution as ``RandomHorizontalFlip``, ``RandomVerticalFlip`` and
+    ``RandomRotation`` in sequence, at the cost of one ``grid_sample`` instead of three passes.
+    """
+
+    def __init__(self, degrees: float, p: float = 0.5) -> None:
+        super().__init__()
+        self.degrees = degrees
+        self.p = p
+
+    def get_params(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Angles in degrees (n,), horizontal and vertical flip masks (n,) bool."""
+        flips = _uniform((2, n), 0.0, 1.0, generator) < self.p
+        return _uniform((n,), -self.degrees, self.degrees, generator), flips[0], flips[1]
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        angles, flip_h, flip_v = self.get_params(len(batch), generator)
+        return _like_input(rotate(batch, angles, flip_h, flip_v), x)
+
+
+class RandomResizedCrop(nn.Module):
+    """Crop a random box and resize it to ``size`` x ``size``, per sample.
+
+    The boxes follow torchvision's ``RandomResizedCrop``: area a fraction in ``scale`` of the
+    image, aspect ratio log-uniform in ``ratio``, integer pixels, up to 10 tries, then a centred
+    crop of the whole image clamped to ``ratio``. All samples' tries are drawn in one call.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+
+    def get_params(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> Tensor:
+        """Boxes (n, 4) as (top, left, height, width) in integer pixels (float dtype)."""
+        tries = 10
+        area = height * width * _uniform((n, tries), *self.scale, generator)
+        aspect = torch.exp(_uniform((n, tries), math.log(self.ratio[0]), math.log(self.ratio[1]), generator))
+        box_w = torch.round(torch.sqrt(area * aspect))
+        box_h = torch.round(torch.sqrt(area / aspect))
+        fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+        first = fits.int().argmax(dim=1, keepdim=True)
+        box_w = box_w.gather(1, first).squeeze(1)
+        box_h = box_h.gather(1, first).squeeze(1)
+
+        # torchvision's fallback when no try fits: the largest centred box within the ratio range.
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            fallback_w, fallback_h = width, round(width / min(self.ratio))
+        elif in_ratio > max(self.ratio):
+            fallback_w, fallback_h = round(height * max(self.ratio)), height
+        else:
+            fallback_w, fallback_h = width, height
+        found = fits.any(dim=1)
+        box_w = torch.where(found, box_w, float(fallback_w))
+        box_h = torch.where(found, box_h, float(fallback_h))
+
+        u = _uniform((2, n), 0.0, 1.0, generator)
+        top = torch.where(found, torch.floor(u[0] * (height - box_h + 1)), float((height - fallback_h) // 2))
+        left = torch.where(found, torch.floor(u[1] * (width - box_w + 1)), float((width - fallback_w) // 2))
+        return torch.stack([top, left, box_h, box_w], dim=1)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        boxes = self.get_params(len(batch), batch.shape[-2], batch.shape[-1], generator)
+        return _like_input(resized_crop(batch, boxes, self.size), x)
+
+
+class Augment(nn.Module):
+    """A sequence of random ops sharing one generator: ``aug(x, generator=None)``."""
+
+    def __init__(self, *ops: nn.Module) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(ops)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        for op in self.ops:
+            x = op(x, generator=generator)
+        return x
+
+
+class TwoViews(nn.Module):
+    """``TwoViews(aug)(x) -> (aug(x), x)``: view 0 augmented, view 1 the original, as SupCon uses them."""
+
+    def __init__(self, aug: nn.Module) -> None:
+        super().__init__()
+        self.aug = aug
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        return self.aug(x, generator=generator), x
+
+
+def meterml_augment(size: int = 72) -> Augment:
+    """METER-ML recipe: random resized crop to ``size`` (scale 0.9-1.0), horizontal and vertical flips."""
+    return Augment(RandomResizedCrop(size, scale=(0.9, 1.0)), RandomHorizontalFlip(), RandomVerticalFlip())
+
+
+def dfc_augment(degrees: float = 20.0) -> Augment:
+    """DFC2020 recipe: horizontal and vertical flips, rotation up to ``degrees`` (bilinear, zero fill)."""
+    return Augment(RandomFlipRotation(degrees))

@@ -1,0 +1,141 @@
+"""Samples per second of DFC2020Dataset against a naive loader, in one process.
+
+Both loaders read the same synthetic DFC2020 validation split (written by synthetic_data.py into a
+temporary folder), take 224 x 224 training crops and return the seed-normalised S1 / S2 crops
+with the majority and multi-label targets; "two views" adds the SupCon view of each modality
+(flips and a rotation up to 20 degrees). Torch runs on one thread, as in a DataLoader worker.
+
+Usage: python bench/bench_data.py [--patches 64] [--repeats 3]
+"""
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import augment  # noqa: E402
+import datasets  # noqa: E402
+import synthetic_data  # noqa: E402
+
+CROP = 224
+# DFC codes 1-10 to the 8 classes; Savanna, Snow/Ice and no-label to ignore (255).
+DFC_TO_CLASS = np.full(256, 255, dtype=np.uint8)
+DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
+
+
+class NaiveDFC2020(Dataset):
+    """The straightforward loader: opens all four GeoTIFFs of a patch, reads them whole,
+    normalises channel by channel in a Python loop, then crops, and augments each view with
+    torchvision's per-image transforms."""
+
+    def __init__(self, root: Path, two_views: bool) -> None:
+        folder = root / "ROIs0000_validation"
+        self.patches = sorted(int(p.stem.split("_p")[1]) for p in (folder / "s1_validation").iterdir())
+        self.folder = folder
+        self.two_views = two_views
+        self.augment = v2.Compose([
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.RandomRotation(20, interpolation=v2.InterpolationMode.BILINEAR),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def _read(self, modality: str, patch: int) -> np.ndarray:
+        with rasterio.open(self.folder / f"{modality}_validation" / f"ROIs0000_validation_{modality}_0_p{patch}.tif") as src:
+            return src.read()
+
+    def __getitem__(self, index: int) -> dict:
+        patch = self.patches[index]
+        s1, s2, lc, dfc = (self._read(m, patch) for m in ("s1", "s2", "lc", "dfc"))
+        s1 = np.nan_to_num(s1.astype(np.float32))
+        s2 = s2.astype(np.float32)
+        for c in range(s1.shape[0]):
+            s1[c] = np.clip(s1[c], -25, 0) + 25
+            s1[c] /= s1[c].max() + 1e-5
+        for c in range(s2.shape[0]):
+            s2[c] = np.clip(s2[c], 0, 10000)
+            s2[c] /= s2[c].max() + 1e-5
+        top, left = np.random.randint(0, s1.shape[1] - CROP + 1, 2)
+        window = (slice(None), slice(top, top + CROP), slice(left, left + CROP))
+        s1, s2 = torch.from_numpy(s1[window]), torch.from_numpy(s2[window])
+        label_map = DFC_TO_CLASS[dfc[0][window[1:]]]
+        counts = np.bincount(label_map.ravel(), minlength=256)
+        item = {
+            "s1": s1,
+            "s2": s2,
+            "label": int(counts.argmax()),
+            "multilabel": torch.from_numpy(counts[:8] >= 0.1 * label_map.size).float(),
+            "id": patch,
+        }
+        if self.two_views:
+            item["s1"] = (self.augment(s1), s1)
+            item["s2"] = (self.augment(s2), s2)
+        return item
+
+
+def samples_per_second(dataset: Dataset, repeats: int) -> float:
+    """Median over ``repeats`` passes over the whole dataset."""
+    rates = []
+    for epoch in range(repeats):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        start = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        rates.append(len(dataset) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--patches", type=int, default=64, help="256 x 256 patches to write and read")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per loader; the median is reported")
+    args = parser.parse_args()
+    # The synthetic set holds NaN pixels on purpose; their one-off warnings are not part of the table.
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0)
+        loaders = {
+            "one view": (
+                datasets.DFC2020Dataset(root, crop=CROP, train=True),
+                NaiveDFC2020(root, two_views=False),
+            ),
+            "two views": (
+                datasets.DFC2020Dataset(root, crop=CROP, train=True, transform=augment.TwoViews(augment.dfc_augment())),
+                NaiveDFC2020(root, two_views=True),
+            ),
+        }
+        for fast, naive in loaders.values():  # warm the page cache and the imports
+            fast[0], naive[0]
+        rows = []
+        for views, (fast, naive) in loaders.items():
+            fast_rate = samples_per_second(fast, args.repeats)
+            naive_rate = samples_per_second(naive, args.repeats)
+            rows.append((views, fast_rate, naive_rate))
+
+    print(f"DFC2020, {args.patches} synthetic patches, {CROP} px training crops, one process, 1 torch thread")
+    print()
+    print("| sampling | DFC2020Dataset (samples/s) | naive loader (samples/s) | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for views, fast_rate, naive_rate in rows:
+        print(f"| {views} | {fast_rate:.0f} | {naive_rate:.0f} | {fast_rate / naive_rate:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,768 @@
+"""Paired Sentinel-1 / Sentinel-2 datasets: METER-ML, DFC2020 and SEN12MS, as distributed.
+
+Every item is a dict with ``"s1"`` (2, H, W) and ``"s2"`` (C, H, W) float32 tensors, a ``"label"``,
+a ``"multilabel"`` float32 multi-hot vector and the sample's ``"id"``.
+
+Randomness (random crops, ``transform``) comes from a ``torch.Generator`` seeded from
+(seed, epoch, index) only: the draws do not depend on the DataLoader worker that loads the item,
+differ between items and epochs, and a fixed seed reproduces a run. Call ``set_epoch`` before each
+epoch; the epoch lives in shared memory, so persistent workers see it too. ``transform`` is called
+as ``transform(x, generator=g)`` on S1 and on S2 separately (independent draws per modality),
+after normalisation and cropping; when it returns a tuple (``augment.TwoViews``), the item holds
+that tuple for ``"s1"`` and ``"s2"``.
+
+Problems with the data are reported, never silently absorbed: samples whose files are missing
+are counted in ``skipped`` and logged once when the dataset is built; NaN pixels are replaced,
+counted in ``nan_pixels`` (summed over worker processes) and logged once per process; a file that
+cannot be read or has the wrong shape raises ``DataFileError`` naming the file.
+"""
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import torch
+from PIL import Image
+from rasterio.windows import Window
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+Transform = Callable[..., Tensor | tuple[Tensor, ...]]
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be read or has the wrong shape; the message names the file."""
+
+
+class _SharedCounter:
+    """An integer that DataLoader workers add to and the main process reads.
+
+    One shared-memory slot per worker (slot 0: the main process), so that concurrent adds never
+    race; ``value`` sums the slots.
+    """
+
+    def __init__(self, slots: int = 64) -> None:
+        self._slots = torch.zeros(slots, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (len(self._slots) - 1)
+        self._slots[slot] += n
+
+    @property
+    def value(self) -> int:
+        return int(self._slots.sum())
+
+
+class _PairedDataset(Dataset):
+    """What all datasets share: epoch, per-item generator, per-modality transform, NaN counting."""
+
+    def __init__(self, transform: Transform | None, seed: int) -> None:
+        self.transform = transform
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._nan_pixels = _SharedCounter()
+        self._nan_logged = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random draws of ``epoch``; seen by DataLoader workers, persistent ones too."""
+        self._epoch.fill_(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @property
+    def nan_pixels(self) -> int:
+        """NaN values replaced so far, over all modalities, bands and worker processes."""
+        return self._nan_pixels.value
+
+    def _generator(self, index: int) -> torch.Generator:
+        # SeedSequence mixes the three numbers, so neighbouring (epoch, index) pairs give unrelated streams.
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)
+        return torch.Generator().manual_seed(int(state[0]))
+
+    def _count_nan(self, x: Tensor, path: Path, replacement: str) -> Tensor:
+        """Mask (same shape as x) of the NaN values of ``x`` read from ``path``, counted and logged."""
+        nan = torch.isnan(x)
+        count = int(nan.sum())
+        if count:
+            self._nan_pixels.add(count)
+            if not self._nan_logged:
+                self._nan_logged = True
+                logger.warning(
+                    "%d NaN values in %s, replaced by %s; further NaNs are replaced and counted in "
+                    "%s.nan_pixels without more messages",
+                    count, path, replacement, type(self).__name__,
+                )
+        return nan
+
+    def _apply_transform(self, item: dict[str, Any], generator: torch.Generator) -> None:
+        if self.transform is not None:
+            item["s1"] = self.transform(item["s1"], generator=generator)
+            item["s2"] = self.transform(item["s2"], generator=generator)
+
+
+def _log_summary(name: str, kept: int, total: int, skipped: dict[str, int], detail: str = "") -> None:
+    """The one report of a dataset: samples kept, and what was skipped and why."""
+    if any(skipped.values()):
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.items())
+        logger.warning("%s: %d of %d samples kept; skipped %s%s", name, kept, total, reasons, detail)
+    else:
+        logger.info("%s: %d samples", name, kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# METER-ML
+
+
+_METERML_IMAGE_DIRS = ("train_images_1", "train_images_2", "train_images_3", "val_images", "test_images")
+
+
+def _meterml_layout(root: Path) -> str:
+    return "\n".join([
+        f"{root}/",
+        "  train_dataset.geojson   (or train_dataset.json; likewise val_, test_)",
+        "  train_images_1/<id>/sentinel-1.npy           72 x 72 x 2",
+        "                      sentinel-2-10m.npy       72 x 72 x 4",
+        "                      sentinel-2-20m.npy       36 x 36 x 6",
+        "                      sentinel-2-60m.npy       12 x 12 x 3",
+        "                      naip.png",
+        "  train_images_2/  train_images_3/  val_images/  test_images/",
+    ])
+
+
+def _subfolders(folder: Path) -> set[str]:
+    """Names of the directories in ``folder`` (empty when it does not exist): one directory scan."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_dir()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _resolve_image_folders(root: Path, written: Sequence[str]) -> list[Path | None]:
+    """The folder of every ``Image_Folder`` value, or None when it is nowhere.
+
+    The path as written wins; otherwise the same folder name under ``train_images_1..3``,
+    ``val_images``, ``test_images`` (the archives extract there while the metadata may say
+    ``train_images/<id>``). Each candidate parent is listed once, so no stat per sample.
+    """
+    paths = [PurePosixPath(folder.replace("\\", "/")) for folder in written]
+    parents = dict.fromkeys([str(path.parent) for path in paths] + list(_METERML_IMAGE_DIRS))
+    listing = {parent: _subfolders(root / parent) for parent in parents}
+    resolved: list[Path | None] = []
+    for path in paths:
+        if path.name in listing[str(path.parent)]:
+            resolved.append(root / path)
+        else:
+            parent = next((p for p in _METERML_IMAGE_DIRS if path.name in listing[p]), None)
+            resolved.append(None if parent is None else root / parent / path.name)
+    return resolved
+
+
+def _load_array(path: Path, shape: tuple[int, int, int]) -> Tensor:
+    """A (height, width, bands) .npy file as a float32 tensor (bands, height, width)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataFileError(f"cannot read {path}: {error}") from error
+    if array.shape != shape:
+        raise DataFileError(f"{path}: expected shape {shape} (height, width, bands), found {array.shape}")
+    if not np.issubdtype(array.dtype, np.number):
+        raise DataFileError(f"{path}: expected a numeric array, found dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+
+
+def _load_naip(path: Path) -> Tensor:
+    """``naip.png`` as float32 (4, H, W) in [0, 1]: R, G, B and NIR (stored as the alpha channel)."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except OSError as error:
+        raise DataFileError(f"cannot read {path}: {error}") from error
+    if array.ndim != 3 or array.shape[2] != 4:
+        raise DataFileError(f"{path}: expected 4 bands (RGB + NIR as alpha), found shape {array.shape}")
+    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
+
+
+class MeterMLDataset(_PairedDataset):
+    """METER-ML image sets (Zhu et al. 2022): S1 and S2 at 10 m, 72 x 72 px, methane source classes.
+
+    Item: ``"s1"`` (2, 72, 72) VV, VH; ``"s2"`` (4, 72, 72) B2, B3, B4, B8, or with
+    ``s2_bands="all"`` (13, 72, 72) B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9, B10, B11, B12 (the
+    band order of DFC2020 / SEN12MS; the 20 m and 60 m bands upsampled bilinearly); ``"label"``
+    the 7-class seed index (a compound ``Type`` takes its first name), or with
+    ``label_scheme="multilabel"`` the 6-facility multi-hot vector; ``"multilabel"`` (6,) float32
+    over ``FACILITIES`` (zeros for a negative); ``"id"`` the image folder's name; with
+    ``naip=True``, ``"naip"`` (4, H, W) in [0, 1] (not transformed).
+
+    ``normalize="seed"``: per-channel standardisation with the seed's constants of the raw values;
+    the nine 20 m / 60 m bands have no published constants and are standardised per patch and
+    channel instead. NaN values become 0 after normalisation (the channel mean under
+    standardisation), counted in ``nan_pixels``. ``normalize="none"``: raw values.
+
+    Args:
+        root: dataset root (the folder holding the GeoJSON files and the image folders).
+        split: ``"train"``, ``"val"`` or ``"test"``: reads ``{split}_dataset.geojson`` or ``.json``.
+        geojson: explicit metadata path instead (relative paths are taken from ``root``).
+        exclude_negatives: drop the Negative samples (``Negative`` and ``Roundabout``), counted
+            in ``skipped``.
+        strict: raise when a feature's image folder is missing, instead of skipping it.
+        seed: seed of the per-item generator passed to ``transform``.
+    """
+
+    classes = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
+    FACILITIES = ["CAFOs", "Landfills", "Mines", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
+    NEGATIVE = 3
+    S1_MEAN = (1652.7944, 1258.3584)
+    S1_STD = (290.2874, 280.4149)
+    S2_MEAN = (1025.2214, 1138.3673, 1194.6796, 2637.0828)
+    S2_STD = (724.7973, 545.1207, 514.9276, 1051.9325)
+    # Position of each standard-order band in cat([10 m, 20 m, 60 m]) = B2 B3 B4 B8 | B5 B6 B7 B8A B11 B12 | B1 B9 B10.
+    _S2_ALL_ORDER = [10, 0, 1, 2, 4, 5, 6, 3, 7, 11, 12, 8, 9]
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Literal["train", "val", "test"] = "train",
+        geojson: str | Path | None = None,
+        *,
+        exclude_negatives: bool = False,
+        label_scheme: Literal["seed", "multilabel"] = "seed",
+        normalize: Literal["seed", "none"] = "seed",
+        s2_bands: Literal["10m", "all"] = "10m",
+        naip: bool = False,
+        transform: Transform | None = None,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(transform, seed)
+        for name, value, allowed in [
+            ("split", split, ("train", "val", "test")),
+            ("label_scheme", label_scheme, ("seed", "multilabel")),
+            ("normalize", normalize, ("seed", "none")),
+            ("s2_bands", s2_bands, ("10m", "all")),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.root = Path(root)
+        self.split = split
+        self.label_scheme = label_scheme
+        self.normalize = normalize
+        self.s2_bands = s2_bands
+        self.naip = naip
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"METER-ML root {self.root} does not exist; expected:\n{_meterml_layout(self.root)}")
+        self.metadata = self._find_metadata(split, geojson)
+        folders, types = self._read_features(self.metadata)
+
+        labels, multilabels = self._encode_types(types)
+        resolved = _resolve_image_folders(self.root, folders)
+        missing = [folder for folder, path in zip(folders, resolved) if path is None]
+        if missing and strict:
+            raise FileNotFoundError(
+                f"{len(missing)} image folders of {self.metadata} not found under {self.root}, "
+                f"e.g. {missing[:5]}; expected:\n{_meterml_layout(self.root)}"
+            )
+        keep = torch.tensor([path is not None for path in resolved], dtype=torch.bool)
+        self.skipped: dict[str, int] = {}
+        if missing:
+            self.skipped["image folder missing"] = len(missing)
+        if exclude_negatives:
+            negative = keep & (labels == self.NEGATIVE)
+            self.skipped["negative (exclude_negatives)"] = int(negative.sum())
+            keep &= ~negative
+        self._folders: list[Path] = [path for path, kept in zip(resolved, keep.tolist()) if kept]
+        self.labels: Tensor = labels[keep]
+        self.multilabels: Tensor = multilabels[keep]
+        if not self._folders:
+            raise ValueError(f"{self.metadata}: no sample left of {len(folders)} features (skipped: {self.skipped})")
+        detail = f"; missing image folders, e.g. {missing[:5]}" if missing else ""
+        _log_summary(f"MeterMLDataset({self.split})", len(self._folders), len(folders), self.skipped, detail)
+
+    def _find_metadata(self, split: str, geojson: str | Path | None) -> Path:
+        candidates = (
+            [self.root / geojson]
+            if geojson is not None
+            else [self.root / f"{split}_dataset.geojson", self.root / f"{split}_dataset.json"]
+        )
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"METER-ML metadata of split {split!r} not found: tried {', '.join(map(str, candidates))}; "
+            f"expected:\n{_meterml_layout(self.root)}"
+        )
+
+    @staticmethod
+    def _read_features(path: Path) -> tuple[list[str], list[str]]:
+        """``Image_Folder`` and ``Type`` of every feature of a GeoJSON FeatureCollection."""
+        try:
+            collection = json.loads(path.read_text())
+            features = collection["features"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: expected a GeoJSON FeatureCollection with 'features' ({error})") from error
+        if not features:
+            raise ValueError(f"{path}: the split is empty (no features)")
+        folders, types = [], []
+        for i, feature in enumerate(features):
+            try:
+                folders.append(str(feature["properties"]["Image_Folder"]))
+                types.append(str(feature["properties"]["Type"]))
+            except (KeyError, TypeError) as error:
+                raise ValueError(
+                    f"{path}: feature {i} lacks properties 'Image_Folder' and 'Type': {str(feature)[:200]}"
+                ) from error
+        return folders, types
+
+    def _encode_types(self, types: list[str]) -> tuple[Tensor, Tensor]:
+        """Seed labels (N,) int64 and facility multi-hot (N, 6) float32 of the ``Type`` strings."""
+        known = set(self.classes) | {"Roundabout"}
+        names = [[name.strip() for name in t.split("-")] for t in types]
+        unknown = Counter(name for split_names in names for name in split_names if name not in known)
+        if unknown:
+            raise ValueError(
+                f"{self.metadata}: unknown Type names (count): {dict(unknown)}; "
+                f"expected {sorted(known)}, several joined by '-'"
+            )
+        # Some releases label negatives "Roundabout".
+        index = {name: i for i, name in enumerate(self.classes)} | {"Roundabout": self.NEGATIVE}
+        labels = torch.tensor([index[n[0]] for n in names], dtype=torch.int64)
+        facility = {name: i for i, name in enumerate(self.FACILITIES)}
+        multilabels = torch.zeros(len(names), len(self.FACILITIES))
+        for row, sample_names in enumerate(names):
+            for name in sample_names:
+                if name in facility:
+                    multilabels[row, facility[name]] = 1.0
+        return labels, multilabels
+
+    def __len__(self) -> int:
+        return len(self._folders)
+
+    def _read(
+        self, path: Path, shape: tuple[int, int, int], mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> Tensor:
+        """One .npy file as (bands, H, W), normalised; ``mean`` None: per-patch standardisation."""
+        x = _load_array(path, shape)
+        nan = self._count_nan(x, path, "0 after normalisation")
+        if self.normalize == "seed":
+            if mean is None:
+                mean_t = torch.nanmean(x, dim=(1, 2), keepdim=True)
+                std_t = (x - mean_t).square().nanmean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
+            else:
+                mean_t = torch.tensor(mean).view(-1, 1, 1)
+                std_t = torch.tensor(std).view(-1, 1, 1)
+            x = (x - mean_t) / std_t
+        return x.masked_fill_(nan, 0.0)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        folder = self._folders[index]
+        s1 = self._read(folder / "sentinel-1.npy", (72, 72, 2), self.S1_MEAN, self.S1_STD)
+        s2 = self._read(folder / "sentinel-2-10m.npy", (72, 72, 4), self.S2_MEAN, self.S2_STD)
+        if self.s2_bands == "all":
+            s2_20m = self._read(folder / "sentinel-2-20m.npy", (36, 36, 6), None, None)
+            s2_60m = self._read(folder / "sentinel-2-60m.npy", (12, 12, 3), None, None)
+            upsample = [TF.resize(x, [72, 72], interpolation=TF.InterpolationMode.BILINEAR) for x in (s2_20m, s2_60m)]
+            s2 = torch.cat([s2, *upsample])[self._S2_ALL_ORDER]
+        multilabel = self.multilabels[index].clone()
+        item: dict[str, Any] = {
+            "s1": s1,
+            "s2": s2,
+            "label": int(self.labels[index]) if self.label_scheme == "seed" else multilabel.clone(),
+            "multilabel": multilabel,
+            "id": folder.name,
+        }
+        if self.naip:
+            item["naip"] = _load_naip(folder / "naip.png")
+        self._apply_transform(item, self._generator(index))
+        return item
+
+
+# ---------------------------------------------------------------------------------------------
+# DFC2020 and SEN12MS: 256 x 256 GeoTIFF patches, S1 in dB, S2 L1C, label maps.
+
+
+DFC_CLASSES = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
+IGNORE = 255
+# DFC codes 1-10 -> 8-class index; Savanna (3), Snow/Ice (8), 0 and 255 -> ignore.
+_DFC_TO_CLASS = np.full(256, IGNORE, dtype=np.uint8)
+_DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
+_IGBP_TO_DFC = np.array([0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10])
+_IGBP_TO_CLASS = np.full(256, IGNORE, dtype=np.uint8)
+_IGBP_TO_CLASS[: len(_IGBP_TO_DFC)] = _DFC_TO_CLASS[_IGBP_TO_DFC]
+
+_PATCH_NUMBER = re.compile(r"_p(\d+)\.tif$")
+# GDAL would list the patch's folder (thousands of files) on every open to look for side-car
+# files that these data sets do not have; memory-mapped reads of uncompressed strips are faster.
+_GDAL_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GTIFF_VIRTUAL_MEM_IO": "IF_ENOUGH_RAM"}
+
+
+@contextmanager
+def _open_tif(path: Path, bands: int, size: tuple[int, int] | None = None) -> Iterator[rasterio.DatasetReader]:
+    """Open a GeoTIFF, checking its band count and (height, width); read errors name the file."""
+    try:
+        with rasterio.open(path) as src:
+            if src.count != bands:
+                raise DataFileError(f"{path}: expected {bands} bands, found {src.count}")
+            if size is not None and (src.height, src.width) != size:
+                raise DataFileError(
+                    f"{path}: expected {size[0]} x {size[1]} px like the patch's S1 file, found {src.height} x {src.width}"
+                )
+            yield src
+    except rasterio.errors.RasterioError as error:
+        raise DataFileError(f"cannot read {path}: {error}") from error
+
+
+def _scan_patches(folder: Path) -> tuple[dict[int, Path], int]:
+    """Patch number N -> path of the ``*_p{N}.tif`` files of ``folder``, and the count of other .tif names."""
+    found: dict[int, Path] = {}
+    unrecognised = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.endswith(".tif"):
+                match = _PATCH_NUMBER.search(entry.name)
+                if match:
+                    found[int(match.group(1))] = Path(entry.path)
+                else:
+                    unrecognised += 1
+    return found, unrecognised
+
+
+def _pair_patches(
+    folders: dict[str, Path], strict: bool, layout: str
+) -> tuple[list[int], list[dict[str, Path]], dict[str, int], int]:
+    """Pair the files of several modality folders by patch number N (never by sort order).
+
+    Returns the sorted numbers of the complete patches, their files (modality -> path), the skip
+    counts (reason -> count) and the number of patches seen; ``strict`` raises on an incomplete
+    patch instead of skipping it.
+    """
+    scans: dict[str, dict[int, Path]] = {}
+    skipped: Counter[str] = Counter()
+    for modality, folder in folders.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder {folder} not found; expected:\n{layout}")
+        scans[modality], unrecognised = _scan_patches(folder)
+        if unrecognised:
+            skipped[f".tif files in {folder.name} not named *_p<N>.tif"] += unrecognised
+    numbers = sorted(set().union(*scans.values()))
+    complete = []
+    for number in numbers:
+        absent = [folders[modality].name for modality, scan in scans.items() if number not in scan]
+        if not absent:
+            complete.append(number)
+        elif strict:
+            raise FileNotFoundError(f"patch {number} has no file in {', '.join(absent)} (under {folders['s1'].parent})")
+        else:
+            skipped[f"patch without a file in {', '.join(absent)}"] += 1
+    files = [{modality: scans[modality][n] for modality in folders} for n in complete]
+    return complete, files, dict(skipped), len(numbers)
+
+
+def _labels_of_map(label_map: np.ndarray) -> tuple[int, Tensor]:
+    """Majority label (ignore included: 255 if it wins; ties go to the lower index) and the
+    multi-hot (8,) of the classes covering at least 10 % of all pixels."""
+    counts = np.bincount(label_map.ravel(), minlength=256)
+    multilabel = torch.from_numpy(counts[: len(DFC_CLASSES)] >= 0.1 * label_map.size).float()
+    return int(counts.argmax()), multilabel
+
+
+class _PatchDataset(_PairedDataset):
+    """Shared reader of S1 / S2 / label-map GeoTIFF patches (DFC2020, SEN12MS).
+
+    Subclasses set ``_files`` (one dict "s1", "s2", "label" -> path per patch), ``patch_ids``,
+    ``_label_bands`` (band count of the label file) and ``_label_lut`` (raw band 1 -> 8-class map).
+    """
+
+    classes = DFC_CLASSES
+    IGNORE = IGNORE
+    _files: list[dict[str, Path]]
+    patch_ids: list[Any]
+    _label_bands: int
+    _label_lut: np.ndarray
+
+    def __init__(
+        self,
+        crop: int | None,
+        train: bool,
+        normalize: str,
+        return_label_map: bool,
+        transform: Transform | None,
+        seed: int,
+    ) -> None:
+        super().__init__(transform, seed)
+        if crop is not None and crop <= 0:
+            raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
+        if normalize not in ("seed", "none"):
+            raise ValueError(f"normalize must be 'seed' or 'none', got {normalize!r}")
+        self.crop = crop
+        self.train = train
+        self.normalize = normalize
+        self.return_label_map = return_label_map
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def _window(self, height: int, width: int, generator: torch.Generator, path: Path) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop: random in training, centred otherwise."""
+        if self.crop is None:
+            return 0, 0, height, width
+        if self.crop > min(height, width):
+            raise DataFileError(f"{path}: patch of {height} x {width} px is smaller than crop={self.crop}")
+        if self.train:
+            top = int(torch.randint(height - self.crop + 1, (1,), generator=generator))
+            left = int(torch.randint(width - self.crop + 1, (1,), generator=generator))
+        else:
+            top, left = (height - self.crop) // 2, (width - self.crop) // 2
+        return top, left, self.crop, self.crop
+
+    def _normalized(self, raw: np.ndarray, path: Path, box: tuple[int, int, int, int], s1: bool) -> Tensor:
+        """(bands, h, w) float32 of the box (top, left, h, w) within ``raw`` (bands, H, W).
+
+        Seed normalisation: S1 clipped to [-25, 0] dB then + 25, S2 clipped to [0, 10000], then
+        every channel divided by its maximum over ``raw`` (+ 1e-5). NaN (S1) -> 0 dB beforehand.
+        """
+        x = torch.from_numpy(raw.astype(np.float32, copy=False))
+        if np.issubdtype(raw.dtype, np.floating):
+            x.masked_fill_(self._count_nan(x, path, "0 dB" if s1 else "0"), 0.0)
+        top, left, height, width = box
+        if self.normalize == "none":
+            return x[:, top : top + height, left : left + width]
+        x = x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
+        channel_max = x.amax(dim=(1, 2), keepdim=True)
+        return x[:, top : top + height, left : left + width] / (channel_max + 1e-5)
+
+    def _read_patch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor, np.ndarray]:
+        """S1 (2, h, w), S2 (13, h, w) and the 8-class label map (h, w) uint8 of one crop window."""
+        paths = self._files[index]
+        # The seed normalisation divides by the maximum of the whole 256 x 256 patch (the released
+        # checkpoints were trained on patches normalised before cropping), so it reads the whole
+        # image; without normalisation only the window is read.
+        whole = self.normalize == "seed"
+        with rasterio.Env(**_GDAL_OPTIONS):
+            with _open_tif(paths["s1"], 2) as src:
+                size = (src.height, src.width)
+                top, left, height, width = self._window(*size, generator, paths["s1"])
+                window = Window(left, top, width, height)
+                box = (top, left, height, width) if whole else (0, 0, height, width)
+                s1_raw = src.read(window=None if whole else window)
+            with _open_tif(paths["s2"], 13, size) as src:
+                s2_raw = src.read(window=None if whole else window)
+            with _open_tif(paths["label"], self._label_bands, size) as src:
+                label_map = self._label_lut[src.read(1, window=window)]
+        s1 = self._normalized(s1_raw, paths["s1"], box, s1=True)
+        s2 = self._normalized(s2_raw, paths["s2"], box, s1=False)
+        return s1, s2, label_map
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        generator = self._generator(index)
+        s1, s2, label_map = self._read_patch(index, generator)
+        label, multilabel = _labels_of_map(label_map)
+        item: dict[str, Any] = {
+            "s1": s1, "s2": s2, "label": label, "multilabel": multilabel, "id": self.patch_ids[index]
+        }
+        if self.return_label_map:
+            item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
+        self._apply_transform(item, generator)
+        return item
+
+    def patch_labels(self) -> Tensor:
+        """Majority label (N,) int64 of every whole patch (0-7 or 255), e.g. for class-balanced
+        sampling. Reads only the label files."""
+        labels = torch.empty(len(self), dtype=torch.int64)
+        with rasterio.Env(**_GDAL_OPTIONS):
+            for i, paths in enumerate(tqdm(self._files, desc="patch labels", leave=False, disable=None)):
+                with _open_tif(paths["label"], self._label_bands) as src:
+                    labels[i] = _labels_of_map(self._label_lut[src.read(1)])[0]
+        return labels
+
+
+_DFC_FOLDERS = {
+    "validation": ("ROIs0000_validation", {m: f"{m}_validation" for m in ("s1", "s2", "lc", "dfc")}),
+    "test": ("ROIs0000_test", {m: f"{m}_0" for m in ("s1", "s2", "lc", "dfc")}),
+}
+
+
+def _dfc_layout(root: Path) -> str:
+    lines = [f"{root}/"]
+    for top, folders in _DFC_FOLDERS.values():
+        lines.append(f"  {top}/")
+        lines += [f"    {folders[m]}/{top}_{m}_0_p<N>.tif" for m in ("s1", "s2", "lc", "dfc")]
+    return "\n".join(lines)
+
+
+class DFC2020Dataset(_PatchDataset):
+    """IEEE GRSS DFC2020 patches: S1, S2 and the 8-class land-cover labels of SSLTransformerRS.
+
+    Item: ``"s1"`` (2, H, W) VV, VH; ``"s2"`` (13, H, W) B1-B12; ``"label"`` the majority
+    8-class label of the crop window (ignore pixels count; 255 when they win); ``"multilabel"``
+    (8,) the classes covering at least 10 % of the window's pixels; ``"id"`` the patch number N
+    of ``_p{N}.tif``; with ``return_label_map``, ``"label_map"`` (H, W) int64, 0-7 or 255 (not
+    transformed). ``crop=None``: the whole patch; ``crop=224``: a 224 x 224 window, random when
+    ``train`` else centred. S1, S2 and labels share the window.
+
+    ``normalize="seed"`` (the released DualResNet50 checkpoints'): S1 NaN -> 0 dB (what
+    ``np.nan_to_num`` gives in the public SEN12MS loaders), clip to [-25, 0] dB, + 25; S2 clip to
+    [0, 10000]; every channel divided by its maximum over the whole patch (+ 1e-5), before the
+    crop. ``normalize="none"``: S1 in dB (NaN -> 0 dB) and S2 raw, as float32.
+
+    Args:
+        root: the folder holding ``ROIs0000_validation`` and ``ROIs0000_test``.
+        split: ``"validation"`` (986 patches, the training set of the method) or ``"test"``.
+        label_source: ``"dfc"`` (the DFC labels) or ``"lc"`` (MODIS IGBP, band 1, mapped to DFC).
+            Only the label file of the chosen source is read.
+        strict: raise when a patch lacks one of its files, instead of skipping it.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: Literal["validation", "test"] = "validation",
+        crop: int | None = None,
+        train: bool = False,
+        *,
+        label_source: Literal["dfc", "lc"] = "dfc",
+        normalize: Literal["seed", "none"] = "seed",
+        return_label_map: bool = False,
+        transform: Transform | None = None,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(crop, train, normalize, return_label_map, transform, seed)
+        if split not in _DFC_FOLDERS:
+            raise ValueError(f"split must be one of {tuple(_DFC_FOLDERS)}, got {split!r}")
+        if label_source not in ("dfc", "lc"):
+            raise ValueError(f"label_source must be 'dfc' or 'lc', got {label_source!r}")
+        self.root = Path(root)
+        self.split = split
+        self.label_source = label_source
+        layout = _dfc_layout(self.root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"DFC2020 root {self.root} does not exist; expected:\n{layout}")
+        top, names = _DFC_FOLDERS[split]
+        folders = {"s1": names["s1"], "s2": names["s2"], "label": names[label_source]}
+        self.patch_ids, self._files, self.skipped, total = _pair_patches(
+            {m: self.root / top / name for m, name in folders.items()}, strict, layout
+        )
+        self._label_bands = 1 if label_source == "dfc" else 4
+        self._label_lut = _DFC_TO_CLASS if label_source == "dfc" else _IGBP_TO_CLASS
+        if not self._files:
+            raise ValueError(
+                f"DFC2020 split {split!r} under {self.root / top} has no complete patch (skipped: {self.skipped})"
+            )
+        _log_summary(f"DFC2020Dataset({split})", len(self._files), total, self.skipped)
+
+
+_SEN12MS_SEASONS = {
+    "spring": "ROIs1158_spring",
+    "summer": "ROIs1868_summer",
+    "fall": "ROIs1970_fall",
+    "winter": "ROIs2017_winter",
+}
+_SCENE_FOLDER = re.compile(r"^(s1|s2|lc)_(\d+)$")
+
+
+def _sen12ms_layout(root: Path) -> str:
+    return "\n".join(
+        [f"{root}/"]
+        + [
+            f"  {folder}/{{s1,s2,lc}}_<scene>/{folder}_{{s1,s2,lc}}_<scene>_p<N>.tif"
+            for folder in _SEN12MS_SEASONS.values()
+        ]
+    )
+
+
+class SEN12MSDataset(_PatchDataset):
+    """SEN12MS triplets (S1, S2, MODIS land cover) over the four season folders.
+
+    Item layout as ``DFC2020Dataset``, labels from the ``lc`` band 1 (IGBP -> DFC -> 8 classes),
+    ``"id"`` a str such as ``"ROIs1158_spring_106_p42"``. A file that turns out unreadable when
+    its item is loaded (the public release has one) is logged once per process, counted in
+    ``unreadable``, and the next patch is returned in its place.
+
+    Args:
+        root: the folder holding ``ROIs1158_spring``, ``ROIs1868_summer``, ``ROIs1970_fall``, ``ROIs2017_winter``.
+        seasons: the seasons to read.
+    """
+
+    _MAX_SUBSTITUTES = 10
+
+    def __init__(
+        self,
+        root: str | Path,
+        seasons: Sequence[str] = ("spring", "summer", "fall", "winter"),
+        crop: int | None = None,
+        train: bool = False,
+        *,
+        normalize: Literal["seed", "none"] = "seed",
+        return_label_map: bool = False,
+        transform: Transform | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(crop, train, normalize, return_label_map, transform, seed)
+        unknown = [season for season in seasons if season not in _SEN12MS_SEASONS]
+        if unknown or not seasons:
+            raise ValueError(f"seasons must be a non-empty subset of {tuple(_SEN12MS_SEASONS)}, got {tuple(seasons)}")
+        self.root = Path(root)
+        self.seasons = tuple(seasons)
+        layout = _sen12ms_layout(self.root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"SEN12MS root {self.root} does not exist; expected:\n{layout}")
+        self._files: list[dict[str, Path]] = []
+        self.patch_ids: list[str] = []
+        skipped: Counter[str] = Counter()
+        total = 0
+        for season in self.seasons:
+            season_folder = self.root / _SEN12MS_SEASONS[season]
+            scenes = sorted({int(m.group(2)) for m in map(_SCENE_FOLDER.match, _subfolders(season_folder)) if m})
+            if not scenes:
+                raise FileNotFoundError(f"no scene folders in {season_folder}; expected:\n{layout}")
+            for scene in scenes:
+                folders = {"s1": f"s1_{scene}", "s2": f"s2_{scene}", "label": f"lc_{scene}"}
+                numbers, files, scene_skipped, scene_total = _pair_patches(
+                    {m: season_folder / name for m, name in folders.items()}, strict=False, layout=layout
+                )
+                self._files += files
+                self.patch_ids += [f"{season_folder.name}_{scene}_p{n}" for n in numbers]
+                skipped.update(scene_skipped)
+                total += scene_total
+        self.skipped = dict(skipped)
+        self._label_bands = 4
+        self._label_lut = _IGBP_TO_CLASS
+        self._unreadable = _SharedCounter()
+        self._logged_errors: set[str] = set()
+        if not self._files:
+            raise ValueError(
+                f"SEN12MS under {self.root}, seasons {self.seasons}: no complete patch (skipped: {self.skipped})"
+            )
+        _log_summary(f"SEN12MSDataset({','.join(self.seasons)})", len(self._files), total, self.skipped)
+
+    @property
+    def unreadable(self) -> int:
+        """Loads that failed on an unreadable file and were replaced by the next patch (all workers)."""
+        return self._unreadable.value
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for attempt in range(min(self._MAX_SUBSTITUTES, len(self))):
+            try:
+                return super().__getitem__((index + attempt) % len(self))
+            except DataFileError as error:
+                self._unreadable.add(1)
+                if str(error) not in self._logged_errors:
+                    self._logged_errors.add(str(error))
+                    patch = self.patch_ids[(index + attempt) % len(self)]
+                    logger.warning("skipping SEN12MS patch %s: %s", patch, error)
+        raise DataFileError(f"{self._MAX_SUBSTITUTES} consecutive SEN12MS patches from index {index} are unreadable")

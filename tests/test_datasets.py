@@ -1,0 +1,587 @@
+"""datasets.py on tiny synthetic sets written into tmp_path, checked against naive re-implementations."""
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import augment
+import datasets
+import synthetic_data
+
+METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
+FACILITIES = ["CAFOs", "Landfills", "Mines", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
+DFC_TO_CLASS = {1: 0, 2: 1, 4: 2, 5: 3, 6: 4, 7: 5, 9: 6, 10: 7}  # every other value: ignore (255)
+IGBP_TO_DFC = [0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _read_geojson(root: Path, split: str = "train") -> dict:
+    return json.loads((root / f"{split}_dataset.geojson").read_text())
+
+
+def _write_geojson(root: Path, collection: dict, split: str = "train") -> None:
+    (root / f"{split}_dataset.geojson").write_text(json.dumps(collection))
+
+
+def _folder(root: Path, sample_id: str) -> Path:
+    (found,) = list(root.glob(f"*_images*/{sample_id}"))
+    return found
+
+
+def _tif(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def _write_tif(path: Path, array: np.ndarray) -> None:
+    bands, height, width = array.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=array.dtype,
+        crs="EPSG:32632", transform=rasterio.Affine(10.0, 0.0, 5e5, 0.0, -10.0, 5e6),
+    ) as dst:
+        dst.write(array)
+
+
+def _dfc_path(root: Path, modality: str, number: int, split: str = "validation") -> Path:
+    suffix = "validation" if split == "validation" else "0"
+    return root / f"ROIs0000_{split}" / f"{modality}_{suffix}" / f"ROIs0000_{split}_{modality}_0_p{number}.tif"
+
+
+def _naive_seed_normalisation(raw: np.ndarray, s1: bool) -> np.ndarray:
+    """The seed normalisation written out channel by channel, as data_formats.md states it."""
+    out = np.empty(raw.shape, dtype=np.float64)
+    for c in range(raw.shape[0]):
+        band = raw[c].astype(np.float64)
+        band = np.clip(np.nan_to_num(band, nan=0.0), -25, 0) + 25 if s1 else np.clip(band, 0, 10000)
+        out[c] = band / (band.max() + 1e-5)
+    return out
+
+
+def _naive_labels(dfc_window: np.ndarray) -> tuple[int, list[float]]:
+    mapped = [DFC_TO_CLASS.get(int(v), 255) for v in dfc_window.ravel()]
+    counts = Counter(mapped)
+    top = max(counts.values())
+    label = min(k for k, v in counts.items() if v == top)
+    return label, [float(counts[k] >= 0.1 * len(mapped)) for k in range(8)]
+
+
+class _AddRandom:
+    """A transform that adds one number drawn from the generator: it shows which draws were made."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x + torch.rand(1, generator=generator)
+
+
+@pytest.fixture
+def meterml(tmp_path) -> Path:
+    return synthetic_data.write_meterml(tmp_path / "meterml", n=16, seed=0, val_fraction=0.25)
+
+
+@pytest.fixture
+def dfc(tmp_path) -> Path:
+    return synthetic_data.write_dfc2020(tmp_path / "dfc", n_validation=6, n_test=3, seed=0, size=32)
+
+
+# ---------------------------------------------------------------------------------------------
+# METER-ML
+
+
+def test_meterml_items_and_labels_follow_the_metadata(meterml):
+    ds = datasets.MeterMLDataset(meterml, "train")
+    features = _read_geojson(meterml)["features"]
+    assert len(ds) == 12 and ds.classes == METERML_CLASSES and ds.NEGATIVE == 3
+    for i, feature in enumerate(features):
+        item = ds[i]
+        names = feature["properties"]["Type"].split("-")
+        assert item["id"] == Path(feature["properties"]["Image_Folder"]).name
+        assert item["s1"].shape == (2, 72, 72) and item["s1"].dtype == torch.float32
+        assert item["s2"].shape == (4, 72, 72) and item["s2"].dtype == torch.float32
+        assert item["label"] == METERML_CLASSES.index(names[0]) == ds.labels[i]
+        expected = torch.tensor([float(name in names) for name in FACILITIES])
+        assert torch.equal(item["multilabel"], expected) and torch.equal(ds.multilabels[i], expected)
+    assert ds.labels.dtype == torch.int64 and ds.multilabels.shape == (12, 6)
+    assert len(datasets.MeterMLDataset(meterml, "val")) == 4
+
+
+def test_meterml_seed_normalisation_uses_the_published_constants(meterml):
+    folder = _folder(meterml, "site_000000")
+    s1 = np.load(folder / "sentinel-1.npy").astype(np.float64)
+    s2 = np.load(folder / "sentinel-2-10m.npy").astype(np.float64)
+    item = datasets.MeterMLDataset(meterml)[0]
+    expected_s1 = (s1 - [1652.7944, 1258.3584]) / [290.2874, 280.4149]
+    expected_s2 = (s2 - [1025.2214, 1138.3673, 1194.6796, 2637.0828]) / [724.7973, 545.1207, 514.9276, 1051.9325]
+    np.testing.assert_allclose(item["s1"].numpy(), expected_s1.transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(item["s2"].numpy(), expected_s2.transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
+    raw = datasets.MeterMLDataset(meterml, normalize="none")[0]
+    np.testing.assert_array_equal(raw["s1"].numpy(), s1.transpose(2, 0, 1))
+
+
+def test_meterml_resolves_folders_with_one_scan_per_parent(meterml, monkeypatch):
+    scans, stats = [], []
+    real_scandir, real_stat = os.scandir, os.stat
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    monkeypatch.setattr(os, "stat", lambda *a, **k: stats.append(a) or real_stat(*a, **k))
+    ds = datasets.MeterMLDataset(meterml, "train")
+    monkeypatch.undo()
+    # Parents: train_images (written, absent), train_images_1..3, val_images, test_images.
+    assert len(scans) <= 6 and len(stats) < len(ds)
+    assert ds.skipped == {}
+    written = [f["properties"]["Image_Folder"] for f in _read_geojson(meterml)["features"]]
+    assert any(folder.startswith("train_images/") for folder in written)
+    assert [ds[i]["id"] for i in range(len(ds))] == [Path(folder).name for folder in written]
+
+
+def test_meterml_accepts_json_names_and_an_explicit_path(meterml):
+    (meterml / "train_dataset.geojson").rename(meterml / "train_dataset.json")
+    assert len(datasets.MeterMLDataset(meterml, "train")) == 12
+    (meterml / "meta").mkdir()
+    (meterml / "val_dataset.geojson").rename(meterml / "meta" / "other.geojson")
+    assert len(datasets.MeterMLDataset(meterml, "train", geojson="meta/other.geojson")) == 4
+
+
+def test_meterml_missing_folders_are_counted_and_reported_once(meterml, caplog):
+    features = _read_geojson(meterml)["features"]
+    missing = [Path(f["properties"]["Image_Folder"]).name for f in features[:2]]
+    for sample_id in missing:
+        for file in _folder(meterml, sample_id).iterdir():
+            file.unlink()
+        _folder(meterml, sample_id).rmdir()
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = datasets.MeterMLDataset(meterml, "train")
+    assert len(ds) == 10 and ds.skipped == {"image folder missing": 2}
+    assert [ds[i]["id"] for i in range(len(ds))] == [Path(f["properties"]["Image_Folder"]).name for f in features[2:]]
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert record.levelno == logging.WARNING and "10 of 12" in record.message and missing[0] in record.message
+    with pytest.raises(FileNotFoundError, match=missing[0]):
+        datasets.MeterMLDataset(meterml, "train", strict=True)
+
+
+def test_meterml_unknown_types_are_listed_with_counts(meterml):
+    collection = _read_geojson(meterml)
+    for feature, bad in zip(collection["features"], ["Foo", "Foo", "CAFOs-Bar"]):
+        feature["properties"]["Type"] = bad
+    _write_geojson(meterml, collection)
+    with pytest.raises(ValueError, match=r"unknown Type names.*'Foo': 2.*'Bar': 1"):
+        datasets.MeterMLDataset(meterml, "train")
+
+
+def test_meterml_roundabout_is_negative_and_negatives_can_be_excluded(meterml):
+    collection = _read_geojson(meterml)
+    collection["features"][0]["properties"]["Type"] = "Roundabout"
+    _write_geojson(meterml, collection)
+    ds = datasets.MeterMLDataset(meterml, "train")
+    assert ds[0]["label"] == 3 and ds[0]["multilabel"].sum() == 0
+    negatives = int((ds.labels == 3).sum())
+    assert negatives >= 2
+    kept = datasets.MeterMLDataset(meterml, "train", exclude_negatives=True)
+    assert len(kept) == 12 - negatives and kept.skipped == {"negative (exclude_negatives)": negatives}
+    assert not (kept.labels == 3).any()
+    assert all(kept[i]["label"] != 3 for i in range(len(kept)))
+
+
+def test_meterml_multilabel_scheme(meterml):
+    ds = datasets.MeterMLDataset(meterml, "train", label_scheme="multilabel")
+    compound = [i for i, f in enumerate(_read_geojson(meterml)["features"]) if "-" in f["properties"]["Type"]]
+    assert compound
+    for i in range(len(ds)):
+        item = ds[i]
+        assert torch.equal(item["label"], item["multilabel"])
+    assert all(ds[i]["label"].sum() >= 2 for i in compound)
+
+
+def test_meterml_all_s2_bands_in_standard_order(meterml):
+    folder = _folder(meterml, "site_000000")
+    # Constant bands numbered by their place in the standard order B1, B2, ..., B8A, ..., B12.
+    np.save(folder / "sentinel-2-10m.npy", np.broadcast_to(np.array([1, 2, 3, 7], np.uint16), (72, 72, 4)))
+    np.save(folder / "sentinel-2-20m.npy", np.broadcast_to(np.array([4, 5, 6, 8, 11, 12], np.uint16), (36, 36, 6)))
+    np.save(folder / "sentinel-2-60m.npy", np.broadcast_to(np.array([0, 9, 10], np.uint16), (12, 12, 3)))
+    s2 = datasets.MeterMLDataset(meterml, normalize="none", s2_bands="all")[0]["s2"]
+    assert s2.shape == (13, 72, 72)
+    torch.testing.assert_close(s2, torch.arange(13.0).view(13, 1, 1).expand(13, 72, 72))
+
+
+def test_meterml_all_s2_bands_upsampled_and_standardised(meterml):
+    folder = _folder(meterml, "site_000001")
+    raw_20m = np.load(folder / "sentinel-2-20m.npy").astype(np.float64).transpose(2, 0, 1)
+    s2 = datasets.MeterMLDataset(meterml, s2_bands="all")[1]["s2"]
+    # B5 (20 m band 0) standardised over its own patch, then bilinear to 72 x 72.
+    band = raw_20m[0]
+    standard = torch.from_numpy((band - band.mean()) / band.std()).view(1, 1, 36, 36)
+    expected = F.interpolate(standard, size=(72, 72), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(s2[4].double(), expected, atol=1e-4, rtol=0)
+    # B2 keeps the published constants.
+    b2 = np.load(folder / "sentinel-2-10m.npy")[..., 0].astype(np.float64)
+    np.testing.assert_allclose(s2[1].numpy(), (b2 - 1025.2214) / 724.7973, rtol=1e-5, atol=1e-5)
+
+
+def test_meterml_naip(meterml):
+    item = datasets.MeterMLDataset(meterml, naip=True)[0]
+    expected = np.asarray(Image.open(_folder(meterml, item["id"]) / "naip.png")).transpose(2, 0, 1) / 255
+    assert item["naip"].shape == (4, 72, 72)
+    np.testing.assert_allclose(item["naip"].numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_meterml_nan_is_replaced_counted_and_logged_once(meterml, caplog):
+    for sample_id, count in [("site_000000", 5), ("site_000001", 3)]:
+        path = _folder(meterml, sample_id) / "sentinel-1.npy"
+        s1 = np.load(path).astype(np.float32)
+        s1.reshape(-1)[:count] = np.nan
+        np.save(path, s1)
+    ds = datasets.MeterMLDataset(meterml)
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        items = [ds[0], ds[1], ds[2]]
+    assert all(torch.isfinite(item["s1"]).all() for item in items)
+    assert items[0]["s1"][0, 0, 0] == 0  # the channel mean after standardisation
+    assert ds.nan_pixels == 8
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert "NaN" in record.message and "sentinel-1.npy" in record.message
+
+
+def test_meterml_corrupt_or_misshaped_arrays_name_the_file(meterml):
+    ds = datasets.MeterMLDataset(meterml)
+    path = _folder(meterml, ds[0]["id"]) / "sentinel-1.npy"
+    path.write_bytes(b"not a numpy file")
+    with pytest.raises(datasets.DataFileError, match=f"cannot read {path}"):
+        ds[0]
+    path = _folder(meterml, ds[1]["id"]) / "sentinel-2-10m.npy"
+    np.save(path, np.zeros((72, 72, 3), np.uint16))
+    with pytest.raises(ValueError, match=rf"{path}: expected shape \(72, 72, 4\).*found \(72, 72, 3\)"):
+        ds[1]
+
+
+def test_meterml_bad_roots_and_empty_splits(tmp_path, meterml):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*train_dataset.geojson.*train_images_1/<id>/sentinel-1.npy"):
+        datasets.MeterMLDataset(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"test_dataset.geojson.*test_dataset.json"):
+        datasets.MeterMLDataset(meterml, "test")
+    _write_geojson(meterml, {"type": "FeatureCollection", "features": []}, split="val")
+    with pytest.raises(ValueError, match="empty"):
+        datasets.MeterMLDataset(meterml, "val")
+    collection = _read_geojson(meterml)
+    for feature in collection["features"]:
+        feature["properties"]["Type"] = "Negative"
+    _write_geojson(meterml, collection)
+    with pytest.raises(ValueError, match="no sample left"):
+        datasets.MeterMLDataset(meterml, exclude_negatives=True)
+    with pytest.raises(ValueError, match="split"):
+        datasets.MeterMLDataset(meterml, "validation")
+
+
+def test_meterml_transform_draws_per_modality_item_epoch_and_seed(meterml):
+    plain = datasets.MeterMLDataset(meterml)
+    ds = datasets.MeterMLDataset(meterml, transform=_AddRandom())
+
+    def offsets(dataset, index):
+        item = dataset[index]
+        return (item["s1"] - plain[index]["s1"]).mean().item(), (item["s2"] - plain[index]["s2"]).mean().item()
+
+    first = offsets(ds, 0)
+    assert first[0] != pytest.approx(first[1])  # S1 and S2 draw independently
+    assert offsets(ds, 0) == pytest.approx(first)  # reproducible
+    assert offsets(ds, 1) != pytest.approx(first)
+    ds.set_epoch(1)
+    assert offsets(ds, 0) != pytest.approx(first)
+    ds.set_epoch(0)
+    assert offsets(ds, 0) == pytest.approx(first)
+    other_seed = datasets.MeterMLDataset(meterml, transform=_AddRandom(), seed=1)
+    assert offsets(other_seed, 0) != pytest.approx(first)
+
+
+def test_meterml_two_views(meterml):
+    plain = datasets.MeterMLDataset(meterml)[0]
+    item = datasets.MeterMLDataset(meterml, transform=augment.TwoViews(augment.meterml_augment()))[0]
+    for modality in ("s1", "s2"):
+        view0, view1 = item[modality]
+        assert view0.shape == view1.shape == plain[modality].shape
+        assert torch.equal(view1, plain[modality]) and not torch.equal(view0, view1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DFC2020
+
+
+def test_dfc_items_match_the_naive_seed_normalisation(dfc):
+    ds = datasets.DFC2020Dataset(dfc, "validation")
+    numbers = sorted(int(p.name.split("_p")[1][:-4]) for p in (dfc / "ROIs0000_validation" / "s1_validation").iterdir())
+    assert ds.patch_ids == numbers and len(ds) == 6 and ds.classes[7] == "Water" and ds.IGNORE == 255
+    for i, number in enumerate(numbers):
+        item = ds[i]
+        assert item["id"] == number
+        assert item["s1"].shape == (2, 32, 32) and item["s2"].shape == (13, 32, 32) and item["multilabel"].shape == (8,)
+        expected_s1 = _naive_seed_normalisation(_tif(_dfc_path(dfc, "s1", number)), s1=True)
+        expected_s2 = _naive_seed_normalisation(_tif(_dfc_path(dfc, "s2", number)), s1=False)
+        np.testing.assert_allclose(item["s1"].numpy(), expected_s1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(item["s2"].numpy(), expected_s2, rtol=1e-5, atol=1e-6)
+        label, multilabel = _naive_labels(_tif(_dfc_path(dfc, "dfc", number))[0])
+        assert item["label"] == label and item["multilabel"].tolist() == multilabel
+    assert len(datasets.DFC2020Dataset(dfc, "test")) == 3
+
+
+def test_dfc_without_normalisation_returns_db_and_raw_values(dfc):
+    item = datasets.DFC2020Dataset(dfc, normalize="none")[0]
+    number = item["id"]
+    np.testing.assert_array_equal(item["s1"].numpy(), np.nan_to_num(_tif(_dfc_path(dfc, "s1", number)), nan=0.0))
+    np.testing.assert_array_equal(item["s2"].numpy(), _tif(_dfc_path(dfc, "s2", number)).astype(np.float32))
+
+
+@pytest.mark.parametrize("normalize", ["seed", "none"])
+def test_dfc_evaluation_crop_is_the_centre_of_the_whole_patch(dfc, normalize):
+    # The seed normalisation takes each channel's maximum over the whole patch, so the crop of
+    # the normalised patch equals the crop read directly.
+    whole = datasets.DFC2020Dataset(dfc, normalize=normalize, return_label_map=True)
+    crop = datasets.DFC2020Dataset(dfc, crop=20, normalize=normalize, return_label_map=True)
+    for i in range(len(whole)):
+        full, item = whole[i], crop[i]
+        for key in ("s1", "s2"):
+            torch.testing.assert_close(item[key], full[key][:, 6:26, 6:26])
+        assert torch.equal(item["label_map"], full["label_map"][6:26, 6:26])
+        label, multilabel = _naive_labels(_tif(_dfc_path(dfc, "dfc", item["id"]))[0, 6:26, 6:26])
+        assert item["label"] == label and item["multilabel"].tolist() == multilabel
+
+
+def _window_offset(full: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:
+    size = crop.shape[-1]
+    for top in range(full.shape[-2] - size + 1):
+        for left in range(full.shape[-1] - size + 1):
+            if torch.equal(full[:, top : top + size, left : left + size], crop):
+                return top, left
+    raise AssertionError("crop not found in the patch")
+
+
+def test_dfc_training_crops_share_one_random_window(dfc):
+    whole = datasets.DFC2020Dataset(dfc, return_label_map=True)
+    ds = datasets.DFC2020Dataset(dfc, crop=16, train=True, return_label_map=True, seed=3)
+    windows = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            full, item = whole[i], ds[i]
+            top, left = _window_offset(full["s1"], item["s1"])
+            windows.add((top, left))
+            torch.testing.assert_close(item["s2"], full["s2"][:, top : top + 16, left : left + 16])
+            dfc_window = _tif(_dfc_path(dfc, "dfc", item["id"]))[0, top : top + 16, left : left + 16]
+            label, multilabel = _naive_labels(dfc_window)
+            assert item["label"] == label and item["multilabel"].tolist() == multilabel
+            assert torch.equal(item["label_map"], full["label_map"][top : top + 16, left : left + 16])
+    assert len(windows) > 10
+    ds.set_epoch(1)
+    again = datasets.DFC2020Dataset(dfc, crop=16, train=True, seed=3)
+    again.set_epoch(1)
+    assert torch.equal(ds[2]["s1"], again[2]["s1"])
+
+
+def test_dfc_label_rules_on_hand_made_maps(dfc):
+    ds = datasets.DFC2020Dataset(dfc)
+    first, second = ds.patch_ids[:2]
+    # 1024 px: Forest 600, Water 260, Savanna (ignored) 90, Urban 74 (7.2 %: not a multi-label).
+    labels = np.repeat(np.array([1, 10, 3, 7], np.uint8), [600, 260, 90, 74]).reshape(1, 32, 32)
+    _write_tif(_dfc_path(dfc, "dfc", first), labels)
+    # Ignore wins: 0 (300) + 255 (200) + Snow/Ice (100) against Croplands 424.
+    labels = np.repeat(np.array([0, 255, 8, 6], np.uint8), [300, 200, 100, 424]).reshape(1, 32, 32)
+    _write_tif(_dfc_path(dfc, "dfc", second), labels)
+    ds = datasets.DFC2020Dataset(dfc, return_label_map=True)
+    assert ds[0]["label"] == 0 and ds[0]["multilabel"].tolist() == [1, 0, 0, 0, 0, 0, 0, 1]
+    assert set(ds[0]["label_map"].unique().tolist()) == {0, 7, 255, 5}
+    assert ds[1]["label"] == 255 and ds[1]["multilabel"].tolist() == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert ds.patch_labels()[:2].tolist() == [0, 255]
+
+
+def test_dfc_patch_labels_are_the_whole_patch_majorities(dfc):
+    ds = datasets.DFC2020Dataset(dfc, "test", crop=8, train=True)
+    whole = datasets.DFC2020Dataset(dfc, "test")
+    assert ds.patch_labels().tolist() == [whole[i]["label"] for i in range(len(whole))]
+    assert ds.patch_labels().dtype == torch.int64
+
+
+def test_dfc_label_sources_read_only_their_files(dfc):
+    number = datasets.DFC2020Dataset(dfc).patch_ids[0]
+    lc = _tif(_dfc_path(dfc, "lc", number))
+    lc[0] = np.repeat(np.array([12, 14, 17, 8], np.uint8), [500, 150, 300, 74]).reshape(32, 32)
+    _write_tif(_dfc_path(dfc, "lc", number), lc)
+    for file in (dfc / "ROIs0000_validation" / "dfc_validation").iterdir():
+        file.unlink()
+    ds = datasets.DFC2020Dataset(dfc, label_source="lc", return_label_map=True)
+    # IGBP 12 and 14: Croplands (650 px), 17: Water (300), 8: Savanna -> ignore.
+    assert ds[0]["label"] == 4 and ds[0]["multilabel"].tolist() == [0, 0, 0, 0, 1, 0, 0, 1]
+    for i in range(1, len(ds)):
+        igbp = _tif(_dfc_path(dfc, "lc", ds.patch_ids[i]))[0]
+        expected = [DFC_TO_CLASS.get(IGBP_TO_DFC[v], 255) for v in igbp.ravel()]
+        assert ds[i]["label_map"].ravel().tolist() == expected
+    for file in (dfc / "ROIs0000_validation" / "lc_validation").iterdir():
+        file.unlink()
+    with pytest.raises(ValueError, match="no complete patch"):
+        datasets.DFC2020Dataset(dfc, label_source="lc")
+
+
+def test_dfc_default_labels_never_open_lc_files(dfc):
+    for file in (dfc / "ROIs0000_test" / "lc_0").iterdir():
+        file.unlink()
+    ds = datasets.DFC2020Dataset(dfc, "test", crop=16, train=True)
+    assert len(ds) == 3 and all(ds[i]["s2"].shape == (13, 16, 16) for i in range(3))
+
+
+def test_dfc_pairs_by_patch_number_and_counts_incomplete_patches(dfc, caplog):
+    ds = datasets.DFC2020Dataset(dfc)
+    missing = ds.patch_ids[2]
+    _dfc_path(dfc, "s2", missing).unlink()
+    (dfc / "ROIs0000_validation" / "s1_validation" / "notes.tif").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = datasets.DFC2020Dataset(dfc)
+    assert missing not in ds.patch_ids and len(ds) == 5
+    assert ds.skipped == {".tif files in s1_validation not named *_p<N>.tif": 1, "patch without a file in s2_validation": 1}
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert record.levelno == logging.WARNING and "5 of 6" in record.message
+    with pytest.raises(FileNotFoundError, match=rf"patch {missing} has no file in s2_validation"):
+        datasets.DFC2020Dataset(dfc, strict=True)
+
+
+def test_dfc_nan_in_s1_is_replaced_counted_and_logged_once(dfc, caplog):
+    ds = datasets.DFC2020Dataset(dfc)
+    counts = {}
+    for number in ds.patch_ids[:2]:
+        s1 = _tif(_dfc_path(dfc, "s1", number))
+        s1[0, :3, :5] = np.nan
+        _write_tif(_dfc_path(dfc, "s1", number), s1)
+    for number in ds.patch_ids:
+        counts[number] = int(np.isnan(_tif(_dfc_path(dfc, "s1", number))).sum())
+    ds = datasets.DFC2020Dataset(dfc)
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        items = [ds[i] for i in range(len(ds))]
+    assert all(torch.isfinite(item["s1"]).all() for item in items)
+    assert ds.nan_pixels == sum(counts.values()) >= 30
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert "NaN" in record.message and "0 dB" in record.message
+
+
+def test_dfc_corrupt_or_misshaped_files_name_the_file(dfc):
+    ds = datasets.DFC2020Dataset(dfc, "test")
+    corrupt = _dfc_path(dfc, "s2", ds.patch_ids[0], "test")
+    corrupt.write_bytes(b"II*\x00garbage")
+    with pytest.raises(datasets.DataFileError, match=f"cannot read {corrupt}"):
+        ds[0]
+    bands = _dfc_path(dfc, "s2", ds.patch_ids[1], "test")
+    _write_tif(bands, _tif(bands)[:12])
+    with pytest.raises(ValueError, match=f"{bands}: expected 13 bands, found 12"):
+        ds[1]
+    size = _dfc_path(dfc, "dfc", ds.patch_ids[2], "test")
+    _write_tif(size, _tif(size)[:, :30])
+    with pytest.raises(ValueError, match=f"{size}: expected 32 x 32 px.*found 30 x 32"):
+        ds[2]
+    with pytest.raises(ValueError, match="smaller than crop=40"):
+        datasets.DFC2020Dataset(dfc, "validation", crop=40)[0]
+
+
+def test_dfc_bad_roots_and_empty_splits(tmp_path, dfc):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*ROIs0000_test/.*s1_0/ROIs0000_test_s1_0_p<N>.tif"):
+        datasets.DFC2020Dataset(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"(?s)s1_validation.*expected.*ROIs0000_validation_dfc_0_p<N>.tif"):
+        datasets.DFC2020Dataset(tmp_path)
+    for file in (dfc / "ROIs0000_test" / "s1_0").iterdir():
+        file.unlink()
+    with pytest.raises(ValueError, match="no complete patch"):
+        datasets.DFC2020Dataset(dfc, "test")
+    with pytest.raises(ValueError, match="split"):
+        datasets.DFC2020Dataset(dfc, "train")
+
+
+def test_dfc_two_views_and_per_modality_draws(dfc):
+    plain = datasets.DFC2020Dataset(dfc, crop=24)[0]
+    item = datasets.DFC2020Dataset(dfc, crop=24, transform=augment.TwoViews(augment.dfc_augment()))[0]
+    for modality, bands in (("s1", 2), ("s2", 13)):
+        view0, view1 = item[modality]
+        assert view0.shape == (bands, 24, 24) and torch.equal(view1, plain[modality])
+    ds = datasets.DFC2020Dataset(dfc, transform=_AddRandom())
+    item = ds[0]
+    whole = datasets.DFC2020Dataset(dfc)[0]
+    assert (item["s1"] - whole["s1"]).mean() != pytest.approx((item["s2"] - whole["s2"]).mean().item())
+
+
+def test_dfc_crops_do_not_depend_on_workers_and_change_with_the_epoch(dfc):
+    ds = datasets.DFC2020Dataset(dfc, crop=12, train=True, seed=5)
+    expected = {}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        expected[epoch] = torch.stack([ds[i]["s1"] for i in range(len(ds))])
+    assert not torch.equal(expected[0], expected[1])
+    loader = DataLoader(ds, batch_size=2, num_workers=2, persistent_workers=True)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        torch.testing.assert_close(torch.cat([batch["s1"] for batch in loader]), expected[epoch], rtol=0, atol=0)
+
+
+def test_nan_count_sums_over_worker_processes(dfc):
+    ds = datasets.DFC2020Dataset(dfc)
+    for number in ds.patch_ids[-2:]:
+        s1 = _tif(_dfc_path(dfc, "s1", number))
+        s1[1, 4:6, :7] = np.nan
+        _write_tif(_dfc_path(dfc, "s1", number), s1)
+    serial = sum(int(np.isnan(_tif(_dfc_path(dfc, "s1", n))).sum()) for n in ds.patch_ids)
+    assert serial > 0
+    for _ in DataLoader(ds, batch_size=1, num_workers=2):
+        pass
+    assert ds.nan_pixels == serial
+
+
+# ---------------------------------------------------------------------------------------------
+# SEN12MS
+
+
+@pytest.fixture
+def sen12ms(tmp_path) -> Path:
+    return synthetic_data.write_sen12ms(tmp_path / "sen12ms", n_per_season=3, seed=0, size=16, scenes_per_season=2)
+
+
+def test_sen12ms_itemspatch_ids_and_lc_labels(sen12ms):
+    ds = datasets.SEN12MSDataset(sen12ms, return_label_map=True)
+    assert len(ds) == 12 and len(set(ds.patch_ids)) == 12
+    for i in range(len(ds)):
+        item = ds[i]
+        season, scene, patch = item["id"].rsplit("_", 2)
+        lc = sen12ms / season / f"lc_{scene}" / f"{season}_lc_{scene}_{patch}.tif"
+        igbp = _tif(lc)[0]
+        expected = [DFC_TO_CLASS.get(IGBP_TO_DFC[v], 255) for v in igbp.ravel()]
+        assert item["label_map"].ravel().tolist() == expected
+        assert item["s1"].shape == (2, 16, 16) and item["s2"].shape == (13, 16, 16)
+        s1 = _tif(sen12ms / season / f"s1_{scene}" / f"{season}_s1_{scene}_{patch}.tif")
+        np.testing.assert_allclose(item["s1"].numpy(), _naive_seed_normalisation(s1, s1=True), rtol=1e-5, atol=1e-6)
+    summer = datasets.SEN12MSDataset(sen12ms, seasons=("summer",), crop=8, train=True)
+    assert len(summer) == 3 and all(i.startswith("ROIs1868_summer_") for i in summer.patch_ids)
+    assert summer[0]["s2"].shape == (13, 8, 8)
+
+
+def test_sen12ms_skips_unreadable_files(sen12ms, caplog):
+    ds = datasets.SEN12MSDataset(sen12ms, seasons=("fall",))
+    season, scene, patch = ds.patch_ids[1].rsplit("_", 2)
+    (sen12ms / season / f"s2_{scene}" / f"{season}_s2_{scene}_{patch}.tif").write_bytes(b"broken")
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        ids = [ds[i]["id"] for i in range(len(ds))] + [ds[1]["id"]]
+    assert ids == [ds.patch_ids[0], ds.patch_ids[2], ds.patch_ids[2], ds.patch_ids[2]]
+    assert ds.unreadable == 2
+    (record,) = [r for r in caplog.records if "skipping" in r.message]
+    assert ds.patch_ids[1] in record.message and "cannot read" in record.message
+
+
+def test_sen12ms_bad_roots_and_seasons(tmp_path, sen12ms):
+    with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*ROIs1158_spring/\{s1,s2,lc\}_<scene>"):
+        datasets.SEN12MSDataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="seasons"):
+        datasets.SEN12MSDataset(sen12ms, seasons=("monsoon",))
+    for folder in (sen12ms / "ROIs2017_winter").iterdir():
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    with pytest.raises(FileNotFoundError, match="no scene folders in .*ROIs2017_winter"):
+        datasets.SEN12MSDataset(sen12ms)
+    assert len(datasets.SEN12MSDataset(sen12ms, seasons=("spring", "fall"))) == 6
