@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 
 .PHONY: test bench demo clean
 
+# Synthetic data, pre-training, fine-tuning on both benchmarks, results tables (a few minutes on CPU).
+demo: $(VENV)/.installed
+	PYTHON=$(PY) bash demo.sh
+
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -6,7 +6,8 @@ Scenarios: `s1`, `s2` (one modality, one linear head), `s1s2` (a head per modali
 modality, predictions by the mean of the two heads' probabilities) and `s1s2_fused` (one head on
 the concatenated S1 + S2 features, SupCon across both modalities: the method). CE always reads
 the original views; SupCon reads (augmented, original) pairs. Trains on the `train` split,
-evaluates on `val`; the reported result is the last epoch's.
+evaluates on `val`; the reported result is the last epoch's. The encoder in `last.pt` / `best.pt`
+("state_dict") has the released SmallAlexNet layout; the heads are under "heads".
 """
 import argparse
 import logging
@@ -19,7 +20,7 @@ import engine
 from augment import meterml_augment
 from datasets import MeterMLDataset
 from losses import SupConLoss
-from models import DualEncoder, SharedNet, count_trainable, freeze_all_but, load_checkpoint, save_checkpoint
+from models import DualEncoder, SharedNet, count_trainable, freeze_all_but, load_checkpoint, param_groups
 
 log = logging.getLogger("meterml_finetune")
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CE ignores the Negative class and the metrics leave it out; negatives stay in SupCon")
     p.add_argument("--data_ratio", type=float, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
     p.add_argument("--subset_seed", type=int, default=0, help="seed of the --data_ratio subset, fixed across --seed (default 0)")
+    p.add_argument("--head_lr", type=float, default=None,
+                   help="learning rate of the linear heads (default: --lr). The heads read L2-normalised "
+                        "features, so their logits grow slowly: short runs need a larger rate")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
     p.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay (default 0)")
     p.add_argument("--eval_every", type=int, default=10, help="evaluate every N epochs (default 10)")
@@ -118,7 +122,7 @@ def main(argv=None) -> dict:
     log.info("trainable parameters: %d", count_trainable(net))
     # A forward pass never uses every stem of a SharedNet, so DDP must tolerate unused parameters.
     model = engine.wrap(net, ctx, args, find_unused=True)
-    optimizer = torch.optim.SGD([q for q in net.parameters() if q.requires_grad], lr=args.lr,
+    optimizer = torch.optim.SGD(param_groups(net, heads, args.lr, args.head_lr or args.lr, args.weight_decay), lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.weight_decay)
 
     supcon = SupConLoss(args.temperature, "all", args.temperature, gather_distributed=ctx.world > 1) if args.use_sup_con else None
@@ -137,10 +141,7 @@ def main(argv=None) -> dict:
 
     task = engine.Task(step, {"state_dict": encoder, "heads": heads}, evaluate,
                        engine.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after), dataset="METER-ML")
-    results = engine.fit(model, optimizer, loader, task, run, ctx, args)
-    if ctx.is_main:
-        save_checkpoint(encoder, run.path / "encoder.pth")  # the released layout, for the original code
-    return results
+    return engine.fit(model, optimizer, loader, task, run, ctx, args)
 
 
 if __name__ == "__main__":

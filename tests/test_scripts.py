@@ -40,7 +40,7 @@ def read_jsonl(path):
 def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     run = tmp_path / "run"
     results = meterml_finetune.main(["random", "--data_root", str(meter_root), "--save_path", str(run), *FAST, *flags])
-    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "encoder.pth"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json"}
     last = results["last"]
     classes = set(last["per_class"])
     assert ("Negative" not in classes) == ("--dont_include_negatives" in flags) and len(classes) >= 6
@@ -48,8 +48,12 @@ def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     record = read_jsonl(run / "metrics.jsonl")[0]
     assert ("train_supcon" in record) == ("--use_sup_con" in flags)
     encoder = SharedNet() if "shared" in flags else DualEncoder()
-    assert load_checkpoint(encoder, run / "encoder.pth") == ([], [])
     assert load_checkpoint(encoder, run / "last.pt") == ([], [])  # our checkpoints keep the released layout
+    scenario = flags[flags.index("--scenario") + 1]
+    heads = {"s1": ["s1"], "s2": ["s2"], "s1s2": ["s1", "s2"], "s1s2_fused": ["fused"]}[scenario]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert set(best["heads"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    assert "optimizer" not in best  # the best checkpoint is for use, not for resuming
 
 
 def test_linear_eval_changes_only_the_heads(meter_root, tmp_path):
@@ -58,7 +62,7 @@ def test_linear_eval_changes_only_the_heads(meter_root, tmp_path):
     torch.save(DualEncoder().state_dict(), weights)
     run = tmp_path / "run"
     meterml_finetune.main([str(weights), "--data_root", str(meter_root), "--save_path", str(run), *FAST, "--eval_mode", "linear"])
-    before, after = torch.load(weights), torch.load(run / "encoder.pth")
+    before, after = torch.load(weights), torch.load(run / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
 
 
