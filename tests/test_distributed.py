@@ -1,4 +1,11 @@
-"""Gathered losses under two gloo processes equal the single-process loss on the whole batch."""
+"""Two gloo processes: gathered losses equal the single-process loss on the whole batch, and
+the training scripts run under torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -6,7 +13,11 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from datasets import DFC2020Dataset
 from losses import NTXent, PairwiseNTXent, SupConLoss
+from synthetic_data import write_dfc2020
+
+REPO = Path(__file__).resolve().parents[1]
 
 WORLD = 2
 BATCH = 6  # per rank
@@ -80,3 +91,21 @@ def test_gather_without_process_group_is_single_process():
     features = F.normalize(torch.randn(4, 2, 3), dim=-1)
     labels = torch.tensor([0, 1, 0, 1])
     assert SupConLoss(gather_distributed=True)(features, labels).item() == pytest.approx(SupConLoss()(features, labels).item())
+
+
+def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
+    root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=5, seed=0, size=48)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "dfc_finetune.py"), "--data_root", str(root), "--arch", "resnet18", "--crop", "32",
+               "--batch_size", "2", "--epochs", "2", "--workers", "0", "--finetune", "--use_sup_con",
+               "--eval_every", "1", "--save_path", str(run)]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "results.json"]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    results = json.loads((run / "results.json").read_text())
+    # The 5 test patches are split 3 + 3 over the ranks (one repeated as padding) and gathered back once each.
+    labelled = sum(1 for label in DFC2020Dataset(root, "test").patch_labels().tolist() if label != 255)
+    assert results["last"]["n"] == labelled
