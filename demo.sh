@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-demo}
 SEEDS=${SEEDS:-0 1}
-rm -rf "$OUT/runs"
+rm -rf "$OUT/runs" "$OUT/data"  # the writers add to existing folders: start clean
 mkdir -p "$OUT/runs/logs"
 start=$(date +%s)
 
