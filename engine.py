@@ -78,7 +78,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = N
     if not config_path.is_file():
         parser.error(f"--resume {args.resume}: no config.json there; is it a run folder?")
     saved = json.loads(config_path.read_text())
-    explicit = {a.dest for a in parser._actions if any(opt in argv for opt in a.option_strings)}
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
+    explicit = {a.dest for a in parser._actions if given & set(a.option_strings)}
     resumed = argparse.Namespace(**{**vars(args), **saved})
     for key in ("device", "workers", "epochs"):
         if key in explicit:
@@ -143,11 +144,9 @@ def seed_everything(seed: int) -> None:
 
 
 def key_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, so that (seed, epoch, index) streams never collide."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & (2**63 - 1)
-    return value
+    """A 63-bit seed from non-negative integers, e.g. (seed, epoch, index); distinct keys give
+    independent streams (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def generator(device: torch.device, *parts: int) -> torch.Generator:
