@@ -121,6 +121,8 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tenso
 class RandomHorizontalFlip(nn.Module):
     """Left-right mirror with probability ``p``, drawn per sample."""
 
+    flip = staticmethod(hflip)
+
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
         self.p = p
@@ -128,20 +130,13 @@ class RandomHorizontalFlip(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch = _as_batch(x)
         mask = _uniform((len(batch),), 0.0, 1.0, generator) < self.p
-        return _like_input(hflip(batch, mask), x)
+        return _like_input(self.flip(batch, mask), x)
 
 
-class RandomVerticalFlip(nn.Module):
+class RandomVerticalFlip(RandomHorizontalFlip):
     """Top-bottom mirror with probability ``p``, drawn per sample."""
 
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        batch = _as_batch(x)
-        mask = _uniform((len(batch),), 0.0, 1.0, generator) < self.p
-        return _like_input(vflip(batch, mask), x)
+    flip = staticmethod(vflip)
 
 
 class RandomRot90(nn.Module):

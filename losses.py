@@ -12,6 +12,8 @@ pass batches of the same size (drop the last incomplete batch, or use a Distribu
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as dist_fc
@@ -164,14 +166,20 @@ class SupConLoss(nn.Module):
             return -(self.temperature / self.base_temperature) * mean_log_prob_pos.mean()
 
 
-def _ntxent_inputs(z: Tensor, blocks: int, negatives: Tensor | None, gather: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:
-    """Validate and lay out the NT-Xent input.
+class _Blocks(NamedTuple):
+    """NT-Xent input laid out for the loss; A = blocks * b anchors (this rank's rows)."""
 
-    Returns:
-        local: (blocks, b, D) float32 (float64 for float64 input), L2-normalised; every: (blocks, G, D), the same for the
-        global batch; local_neg: (blocks, b) bool; every_neg: (blocks, G) bool; offset of this
-        rank's samples in G; G.
-    """
+    anchors: Tensor  # (A, D) L2-normalised, float32 (float64 for float64 input)
+    every: Tensor  # (blocks, G, D): the rows of every rank, G = world * b
+    local_neg: Tensor  # (blocks, b) bool
+    every_neg: Tensor  # (blocks, G) bool
+    block: Tensor  # (A,) block of each anchor
+    sample: Tensor  # (A,) row of each anchor in G
+    lse: Tensor  # (A,) log-sum-exp of the anchor's logits against every other row
+
+
+def _ntxent_blocks(z: Tensor, blocks: int, negatives: Tensor | None, gather: bool, tau: float) -> _Blocks:
+    """Validate the NT-Xent input, gather it across ranks if asked, and compute the denominators."""
     if z.dim() != 2 or z.shape[0] % blocks:
         raise ValueError(f"z must be (b * {blocks}, D), got shape {tuple(z.shape)}")
     b = z.shape[0] // blocks
@@ -182,10 +190,15 @@ def _ntxent_inputs(z: Tensor, blocks: int, negatives: Tensor | None, gather: boo
     rank, world = _world() if gather else (0, 1)
     local = F.normalize(z.to(_compute_dtype(z)), dim=1).view(blocks, b, -1)
     local_neg = negatives.bool().view(blocks, b)
-    if world == 1:
-        return local, local, local_neg, local_neg, 0, b
-    every, every_neg = _gather(local.transpose(0, 1)).transpose(0, 1), _gather(local_neg.T).T
-    return local, every, local_neg, every_neg, rank * b, world * b
+    every, every_neg = local, local_neg
+    if world > 1:
+        every, every_neg = _gather(local.transpose(0, 1)).transpose(0, 1), _gather(local_neg.T).T
+    total = every.shape[1]
+    anchors = local.reshape(blocks * b, -1)
+    block = torch.arange(blocks, device=z.device).repeat_interleave(b)
+    sample = rank * b + torch.arange(b, device=z.device).repeat(blocks)
+    lse = _logsumexp_without_self(anchors, every.reshape(blocks * total, -1), block * total + sample, tau)
+    return _Blocks(anchors, every, local_neg, every_neg, block, sample, lse)
 
 
 class NTXent(nn.Module):
@@ -223,16 +236,10 @@ class NTXent(nn.Module):
             Scalar float32 loss (0 with a zero gradient when no row is an anchor).
         """
         with torch.autocast(z.device.type, enabled=False):
-            local, every, local_neg, every_neg, offset, total = _ntxent_inputs(z, self.blocks, negatives, self.gather_distributed)
-            b = local.shape[1]
-            partner = torch.arange(self.blocks, device=z.device) ^ 1  # 0 <-> 1, 2 <-> 3
-            anchors = local.reshape(self.blocks * b, -1)
-            block = torch.arange(self.blocks, device=z.device).repeat_interleave(b)
-            sample = offset + torch.arange(b, device=z.device).repeat(self.blocks)
-            lse = _logsumexp_without_self(anchors, every.reshape(self.blocks * total, -1), block * total + sample, self.tau)
-            positive = every[partner[block], sample]  # (A, D)
-            per_anchor = lse - (anchors * positive).sum(1) / self.tau
-            valid = ~local_neg.reshape(-1) & ~every_neg[partner[block], sample]
+            x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
+            partner = (torch.arange(self.blocks, device=z.device) ^ 1)[x.block]  # 0 <-> 1, 2 <-> 3
+            per_anchor = x.lse - (x.anchors * x.every[partner, x.sample]).sum(1) / self.tau
+            valid = ~x.local_neg.reshape(-1) & ~x.every_neg[partner, x.sample]
             return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -269,19 +276,14 @@ class PairwiseNTXent(nn.Module):
             Scalar float32 loss (0 with a zero gradient when no row is an anchor).
         """
         with torch.autocast(z.device.type, enabled=False):
-            local, every, local_neg, every_neg, offset, total = _ntxent_inputs(z, self.blocks, negatives, self.gather_distributed)
-            b = local.shape[1]
-            anchors = local.reshape(self.blocks * b, -1)
-            block = torch.arange(self.blocks, device=z.device).repeat_interleave(b)
-            sample = offset + torch.arange(b, device=z.device).repeat(self.blocks)
-            lse = _logsumexp_without_self(anchors, every.reshape(self.blocks * total, -1), block * total + sample, self.tau)
-            kept = (~every_neg).to(local.dtype)  # (blocks, G)
-            kept_sum = (every * kept[..., None]).sum(0)[sample]  # (A, D), the anchor itself included
-            anchor_kept = (~local_neg.reshape(-1)).to(local.dtype)
-            count = kept.sum(0)[sample] - anchor_kept
-            positive_logits = ((anchors * kept_sum).sum(1) - anchor_kept * (anchors * anchors).sum(1)) / self.tau
+            x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
+            kept = (~x.every_neg).to(x.anchors.dtype)  # (blocks, G)
+            kept_sum = (x.every * kept[..., None]).sum(0)[x.sample]  # (A, D), the anchor itself included
+            anchor_kept = (~x.local_neg.reshape(-1)).to(x.anchors.dtype)
+            count = kept.sum(0)[x.sample] - anchor_kept
+            positive_logits = ((x.anchors * kept_sum).sum(1) - anchor_kept * (x.anchors * x.anchors).sum(1)) / self.tau
             valid = anchor_kept * (count > 0)
-            per_anchor = lse - positive_logits / count.clamp(min=1)
+            per_anchor = x.lse - positive_logits / count.clamp(min=1)
             return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
 
 
