@@ -109,7 +109,9 @@ class Context:
 
     def to_device(self, x: Tensor) -> Tensor:
         """Move an image batch (B, C, H, W) to the device in the chosen memory format."""
-        x = x.to(self.device, non_blocking=True)
+        return self.memory_format(x.to(self.device, non_blocking=True))
+
+    def memory_format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
@@ -298,7 +300,9 @@ class Views:
         views = {}
         for m in self.modalities:
             x = self.ctx.to_device(batch[m])
-            views[m] = [self.augment(x, generator=g) for _ in range(self.n_augmented)] + [x] * (self.n_views - self.n_augmented)
+            # grid_sample returns NCHW whatever its input: restore the conv nets' memory format.
+            augmented = [self.ctx.memory_format(self.augment(x, generator=g)) for _ in range(self.n_augmented)]
+            views[m] = augmented + [x] * (self.n_views - self.n_augmented)
         return views
 
     def originals(self, batch: dict) -> dict[str, list[Tensor]]:
@@ -321,8 +325,8 @@ class MultiViewClassifier(nn.Module):
         heads: head name -> classifier. "fused" reads the original features of every modality
             concatenated in `encoders` order; a modality name reads that modality only. Empty
             for pre-training.
-        separate_ce_pass: the original style: encode the original view once more for the heads
-            instead of reusing its features (same values, a third more compute).
+        separate_ce_pass: the original style: in training, encode the original view once more
+            for the heads instead of reusing its features (same values, a third more compute).
     """
 
     def __init__(self, encoders: dict[str, nn.Module], heads: dict[str, nn.Module] | None = None,
@@ -345,7 +349,7 @@ class MultiViewClassifier(nn.Module):
             {"features": modality -> (B, V, D), "logits": head -> (B, num_classes)}.
         """
         features = {m: torch.stack([self.encode(m, v) for v in vs], dim=1) for m, vs in views.items()}
-        if self.separate_ce_pass:
+        if self.separate_ce_pass and self.training:
             original = {m: self.encode(m, vs[-1]) for m, vs in views.items()}
         else:
             original = {m: f[:, -1] for m, f in features.items()}

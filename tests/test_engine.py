@@ -184,3 +184,24 @@ def test_resolve_args_resume_keeps_config_but_allows_epochs(tmp_path):
     assert args.save_path == tmp_path
     with pytest.raises(SystemExit):
         engine.resolve_args(parser, ["--resume", str(tmp_path / "nowhere")])
+
+
+def test_separate_ce_pass_costs_a_pass_in_training_only():
+    calls = []
+    encoder = Scale(1.0)
+    encoder.register_forward_hook(lambda *_: calls.append(1))
+    net = engine.MultiViewClassifier({"s1": encoder}, {"s1": nn.Linear(1, 2)}, separate_ce_pass=True)
+    views = {"s1": [torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1)]}
+    net.train()(views)
+    assert len(calls) == 3  # two views, then the original again for CE
+    calls.clear()
+    net.eval()(views)
+    assert len(calls) == 2
+
+
+def test_views_restore_channels_last_after_augmenting():
+    ctx = engine.Context(torch.device("cpu"), 0, 1, amp=False, channels_last=True)
+    to_nchw = lambda x, generator=None: x.contiguous() + 1  # noqa: E731  (as grid_sample returns)
+    x = torch.randn(2, 3, 4, 4)
+    views = engine.Views(["s1"], to_nchw, 2, "device", ctx, seed=0)({"s1": x}, 0, 0)["s1"]
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in views)
