@@ -61,7 +61,7 @@ def _logsumexp_without_self(anchors: Tensor, contrast: Tensor, self_idx: Tensor,
     logits = (anchors / temperature) @ contrast.T  # scaling the (A, D) side saves an (A, N) temporary
     # The anchor's similarity with itself is excluded from the denominator (set to -inf in place:
     # the (A, N) logits are the only quadratic tensor the loss holds).
-    logits[torch.arange(len(anchors), device=logits.device), self_idx] = float("-inf")
+    logits.scatter_(1, self_idx[:, None], float("-inf"))
     return torch.logsumexp(logits, dim=1)
 
 
