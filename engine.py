@@ -502,12 +502,6 @@ def default_run_path(script: str) -> Path:
     return Path("runs") / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unused: bool = False) -> nn.Module:
     """Device, memory format, DDP under torchrun, and torch.compile if asked."""
     model = model.to(ctx.device)
