@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -312,6 +313,37 @@ class Views:
 
 # ----------------------------------------------------------------------------- model and loss
 
+@contextmanager
+def bn_updates_count(module: nn.Module, times: int) -> Iterator[None]:
+    """Inside the block, each running-statistics update of `module`'s training batch-norm layers
+    counts as `times` updates with the same batch statistics.
+
+    With momentum m, `times` updates of the running mean r with batch mean b give
+    (1 - m)^times * r + (1 - (1 - m)^times) * b: one update with momentum 1 - (1 - m)^times.
+    The variance follows the same recursion; `num_batches_tracked` advances by `times`.
+    """
+    layers = [bn for bn in module.modules()
+              if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats]
+    if times == 1 or not layers:
+        yield
+        return
+    for bn in layers:
+        if bn.momentum is None:
+            raise ValueError(f"{type(bn).__name__} with momentum=None (a cumulative average) cannot count one update "
+                             f"as {times}; give it a momentum, or use --separate_ce_pass")
+    saved = [bn.momentum for bn in layers]
+    for bn, m in zip(layers, saved):
+        bn.momentum = 1.0 - (1.0 - m) ** times
+    try:
+        yield
+    finally:
+        for bn, m in zip(layers, saved):
+            bn.momentum = m
+    with torch.no_grad():
+        for bn in layers:
+            bn.num_batches_tracked.add_(times - 1)
+
+
 class MultiViewClassifier(nn.Module):
     """Per-modality encoders, run once per view; classifier heads on the original views.
 
@@ -319,14 +351,20 @@ class MultiViewClassifier(nn.Module):
     save (in their released layouts); this wrapper routes views through them, in one forward
     call, as DDP needs.
 
+    The original work encodes the original view twice in training (once as a SupCon view, once
+    more for the heads). Here it is encoded once, and its batch-norm update counts twice
+    (`bn_updates_count`), so the running statistics, and hence evaluation, follow the same
+    recursion as the original's (augmented, original, original) updates.
+
     Args:
         encoders: modality ("s1", "s2") -> module mapping (B, C, H, W) to (B, D). One module may
             serve several modalities (a shared trunk).
         heads: head name -> classifier. "fused" reads the original features of every modality
             concatenated in `encoders` order; a modality name reads that modality only. Empty
             for pre-training.
-        separate_ce_pass: the original style: in training, encode the original view once more
-            for the heads instead of reusing its features (same values, a third more compute).
+        separate_ce_pass: the original style: in a training step with two views, encode the
+            original view once more for the heads instead of reusing its features (same values
+            and running statistics, a third more compute).
     """
 
     def __init__(self, encoders: dict[str, nn.Module], heads: dict[str, nn.Module] | None = None,
@@ -348,8 +386,16 @@ class MultiViewClassifier(nn.Module):
         Returns:
             {"features": modality -> (B, V, D), "logits": head -> (B, num_classes)}.
         """
-        features = {m: torch.stack([self.encode(m, v) for v in vs], dim=1) for m, vs in views.items()}
-        if self.separate_ce_pass and self.training:
+        # Only a training step with heads and (augmented, original) views has the extra CE pass.
+        ce_pass = self.training and len(self.heads) > 0 and all(len(vs) > 1 for vs in views.values())
+        reuse = ce_pass and not self.separate_ce_pass
+        features = {}
+        for m, vs in views.items():
+            encoded = [self.encode(m, v) for v in vs[:-1]]
+            with bn_updates_count(self.encoders[self.route[m]], 2 if reuse else 1):
+                encoded.append(self.encode(m, vs[-1]))
+            features[m] = torch.stack(encoded, dim=1)
+        if ce_pass and self.separate_ce_pass:
             original = {m: self.encode(m, vs[-1]) for m, vs in views.items()}
         else:
             original = {m: f[:, -1] for m, f in features.items()}

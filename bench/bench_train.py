@@ -121,10 +121,8 @@ def measure(kind: str, style: str, batch_size: int, args: argparse.Namespace, ro
     fast = style != "original"
     ctx = engine.Context(device, rank=0, world=1, amp=fast and cuda, channels_last=fast and cuda)
     net = DualResNet(args.arch)
-    # The original's evaluation was one forward pass; engine's separate_ce_pass would add a second one.
-    separate_ce_pass = style == "original" and kind != "eval"
     model = engine.wrap(engine.MultiViewClassifier({"s1": net.backbone1, "s2": net.backbone2}, {"fused": net.fc},
-                                                   separate_ce_pass), ctx, argparse.Namespace(compile=style == "compiled"))
+                                                   separate_ce_pass=style == "original"), ctx, argparse.Namespace(compile=style == "compiled"))
     views = engine.Views(["s1", "s2"], dfc_augment(), 2, "device" if fast else "loader", ctx, seed=0)
 
     if kind == "eval":

@@ -1,5 +1,6 @@
 """The shared training pieces: loss composition, views, sampling, metrics, schedules."""
 import argparse
+import copy
 import math
 
 import numpy as np
@@ -197,6 +198,58 @@ def test_separate_ce_pass_costs_a_pass_in_training_only():
     calls.clear()
     net.eval()(views)
     assert len(calls) == 2
+
+
+def test_bn_updates_count_equals_repeated_updates():
+    x = torch.randn(8, 3, 5, 5) * 2 + 1
+    twice, counted = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    twice(x), twice(x)
+    with engine.bn_updates_count(counted, 2):
+        out = counted(x)
+    assert counted.momentum == 0.1  # restored
+    torch.testing.assert_close(out, F.batch_norm(x, None, None, training=True))  # normalised as usual
+    torch.testing.assert_close(counted.running_mean, twice.running_mean)
+    torch.testing.assert_close(counted.running_var, twice.running_var)
+    assert counted.num_batches_tracked.item() == twice.num_batches_tracked.item() == 2
+    frozen = nn.BatchNorm2d(3).eval()
+    with engine.bn_updates_count(frozen, 2):
+        frozen(x)
+    assert torch.equal(frozen.running_mean, torch.zeros(3)) and frozen.num_batches_tracked.item() == 0
+    with pytest.raises(ValueError, match="momentum=None"), engine.bn_updates_count(nn.BatchNorm2d(3, momentum=None), 2):
+        pass
+
+
+def small_encoder(channels):
+    return nn.Sequential(nn.Conv2d(channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+
+def test_one_pass_step_matches_the_original_three_pass_step():
+    """Reusing the original view's features for CE gives the original style's loss, gradients and
+    batch-norm running statistics (which evaluation uses)."""
+    torch.manual_seed(0)
+    encoders = {"s1": small_encoder(2), "s2": small_encoder(3)}
+    head = nn.Linear(6, 3)
+    states = []
+    for separate in (False, True):
+        model = engine.MultiViewClassifier({m: copy.deepcopy(e) for m, e in encoders.items()},
+                                           {"fused": copy.deepcopy(head)}, separate_ce_pass=separate).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            views = {"s1": [torch.randn(6, 2, 6, 6, generator=g, dtype=torch.float64) for _ in range(2)],
+                     "s2": [torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64) + 2 for _ in range(2)]}
+            labels = torch.randint(0, 3, (6,), generator=g)
+            loss = engine.compose_loss(model.train()(views), labels, supcon=SupConLoss(0.5))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        states.append(model.state_dict())
+    fast, original = states
+    assert fast.keys() == original.keys()
+    for key in fast:
+        torch.testing.assert_close(fast[key], original[key], msg=key)
+    assert original["encoders.0.1.num_batches_tracked"].item() == 9  # three passes per step
 
 
 def test_views_restore_channels_last_after_augmenting():
