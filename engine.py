@@ -320,7 +320,8 @@ def bn_updates_count(module: nn.Module, times: int) -> Iterator[None]:
 
     With momentum m, `times` updates of the running mean r with batch mean b give
     (1 - m)^times * r + (1 - (1 - m)^times) * b: one update with momentum 1 - (1 - m)^times.
-    The variance follows the same recursion; `num_batches_tracked` advances by `times`.
+    The variance follows the same recursion. `num_batches_tracked` still advances once per pass:
+    it enters the update only with momentum=None, which is refused here.
     """
     layers = [bn for bn in module.modules()
               if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats]
@@ -339,9 +340,6 @@ def bn_updates_count(module: nn.Module, times: int) -> Iterator[None]:
     finally:
         for bn, m in zip(layers, saved):
             bn.momentum = m
-    with torch.no_grad():
-        for bn in layers:
-            bn.num_batches_tracked.add_(times - 1)
 
 
 class MultiViewClassifier(nn.Module):
