@@ -14,11 +14,23 @@ Recipes of the method: ``meterml_augment`` and ``dfc_augment``; ``TwoViews`` ret
 """
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
+
+
+def key_seed(*parts: int) -> int:
+    """A 63-bit seed from non-negative integers, e.g. (seed, epoch, index). Distinct keys give
+    independent streams (numpy's SeedSequence hashing), so neighbouring keys are unrelated."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def keyed_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch.Generator on ``device`` seeded with ``key_seed(*parts)``."""
+    return torch.Generator(device).manual_seed(key_seed(*parts))
 
 
 def _as_batch(x: Tensor) -> Tensor:

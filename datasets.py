@@ -37,6 +37,9 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from augment import keyed_generator
+from losses import IGNORE
+
 logger = logging.getLogger(__name__)
 
 Transform = Callable[..., Tensor | tuple[Tensor, ...]]
@@ -90,9 +93,7 @@ class _PairedDataset(Dataset):
         return self._nan_pixels.value
 
     def _generator(self, index: int) -> torch.Generator:
-        # SeedSequence mixes the three numbers, so neighbouring (epoch, index) pairs give unrelated streams.
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)
-        return torch.Generator().manual_seed(int(state[0]))
+        return keyed_generator(self.seed, self.epoch, index)
 
     def _count_nan(self, x: Tensor, path: Path, replacement: str) -> Tensor:
         """Mask (same shape as x) of the NaN values of ``x`` read from ``path``, counted and logged."""
@@ -396,7 +397,6 @@ class MeterMLDataset(_PairedDataset):
 
 
 DFC_CLASSES = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
-IGNORE = 255
 # DFC codes 1-10 -> 8-class index; Savanna (3), Snow/Ice (8), 0 and 255 -> ignore.
 _DFC_TO_CLASS = np.full(256, IGNORE, dtype=np.uint8)
 _DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)

@@ -33,13 +33,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from augment import TwoViews
-from losses import SupConLoss, multimodal_views
+from augment import TwoViews, key_seed, keyed_generator
+from losses import IGNORE, SupConLoss, multimodal_views
 from models import set_frozen_bn_eval
 
 log = logging.getLogger("engine")
 
-IGNORE = 255  # label value that the loss and the metrics skip
 
 
 # ----------------------------------------------------------------------------- flags
@@ -146,14 +145,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def key_seed(*parts: int) -> int:
-    """A 63-bit seed from non-negative integers, e.g. (seed, epoch, index); distinct keys give
-    independent streams (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def generator(device: torch.device, *parts: int) -> torch.Generator:
-    return torch.Generator(device).manual_seed(key_seed(*parts))
+    return keyed_generator(*parts, device=device)
 
 
 # ----------------------------------------------------------------------------- data

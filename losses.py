@@ -20,6 +20,8 @@ import torch.distributed._functional_collectives as dist_fc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+IGNORE = 255  # label that cross-entropy and the metrics skip (unlabelled DFC2020 / SEN12MS samples, excluded classes)
+
 
 def _world() -> tuple[int, int]:
     """(rank, world size); (0, 1) outside an initialised process group."""

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 import engine
-from augment import meterml_augment
+from augment import key_seed, meterml_augment
 from datasets import MeterMLDataset
 from losses import NTXent, PairwiseNTXent
 from models import DualEncoder, SharedNet, count_trainable, save_checkpoint
@@ -75,7 +75,7 @@ class IndependentModalities(Dataset):
         self.dataset.set_epoch(epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(engine.key_seed(self.seed, epoch, 1)))
+            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(key_seed(self.seed, epoch, 1)))
 
     def __getitem__(self, index: int) -> dict:
         first, second = self.dataset[index], self.dataset[int(self.perm[index])]
