@@ -1,19 +1,96 @@
-"""Results tables in the layout of the paper's Tables II / III, from run folders.
+"""Results tables in the layout of the paper's Tables II / III, from run folders; optionally a report.
 
-    python summarize.py RUN_DIR_OR_PARENT [...] [--metric last|best]
+    python summarize.py RUNS... [--report OUT [--published]]
 
-Reads every `results.json` at or below the given paths, groups the runs by data set and by
-configuration (the `--name` of the run, e.g. "s1s2_fused SupCon+CE"), and prints one markdown
-table per data set: a row per class, then AA and OA; a column per configuration, each cell the
-mean +- sample standard deviation over the configuration's seeds, in percent. Columns keep the
-order in which configurations are first met.
+RUNS are run folders, results.json files, or folders holding runs (searched recursively).
+Runs are grouped by data set and by configuration: every flag of the run except the seed, the
+paths and the hardware-only flags (NOT_CONFIGURATION). Per data set, two markdown tables are
+printed, never mixed:
+  - last epoch: the last evaluation of each run ("last" in results.json), the reported result;
+  - best epoch, selected on the evaluation split, as the original reported
+    ("best_selected_on_eval_split"; optimistic: the epoch was chosen on the split it is scored on).
+A row per class, then AA and OA; a column per configuration, each cell the mean ± sample
+standard deviation over the configuration's seeds, in percent. Columns keep the order in which
+configurations are first met. Configurations that share a name but differ in some flag get those
+flags in their column label, and a note says so.
+
+--report OUT also writes OUT/report.md with PNG figures beside it (see report.py). Only then is
+matplotlib imported, so the tables work where matplotlib is missing.
 """
 import argparse
 import json
+import math
 import statistics
 import sys
-from collections import defaultdict
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+
+# Flags that do not change what a run computes, only which seed it draws, where it reads and
+# writes, or on which hardware and how fast it runs. Runs that differ only in these are seeds of
+# one configuration; every other flag (lr, temperature, name, ...) tells configurations apart.
+NOT_CONFIGURATION = frozenset({
+    "seed",
+    "save_path", "data_root", "model_path", "MODEL_WEIGHTS", "resume",
+    "device", "workers", "amp", "channels_last", "compile", "augment_on", "eval_batch_size",
+})
+
+# The two tables, from the two evaluations results.json keeps: (field, title).
+TABLES = (
+    ("last", "last epoch"),
+    ("best_selected_on_eval_split", "best epoch, selected on the evaluation split, as the original reported"),
+)
+
+
+@dataclass
+class Run:
+    """One run folder: its results.json and its metrics.jsonl records ([] when the file is missing)."""
+
+    folder: Path
+    results: dict
+    metrics: list[dict]
+
+    @property
+    def dataset(self) -> str:
+        return self.results.get("dataset") or "runs"
+
+    @property
+    def config(self) -> dict:
+        return self.results.get("config") or {}
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or self.folder.name
+
+    @property
+    def seed(self):
+        return self.config.get("seed")
+
+
+@dataclass
+class Group:
+    """The runs (seeds) of one configuration of one data set.
+
+    `flags` is the configuration (the config without NOT_CONFIGURATION); `differs` lists the
+    flags that tell it apart from other groups of the same name, shown in its `label`.
+    """
+
+    dataset: str
+    name: str
+    flags: dict
+    runs: list[Run]
+    differs: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if not self.differs:
+            return self.name
+        return f"{self.name} ({', '.join(f'{k}={flag_text(self.flags.get(k))}' for k in self.differs)})"
+
+
+def flag_text(value) -> str:
+    """A flag's value as one would type it ('unset' for a flag the run does not have)."""
+    return "unset" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def find_results(paths: list[Path]) -> list[Path]:
@@ -31,61 +108,255 @@ def find_results(paths: list[Path]) -> list[Path]:
     return list(found)
 
 
-def cell(values: list[float]) -> str:
-    """'mean ± std' over seeds ('mean' alone for one seed, '–' for none)."""
-    values = [v for v in values if v is not None]
+def load_run(file: Path) -> Run:
+    """The run whose results.json is `file`, with the metrics.jsonl beside it."""
+    metrics_file = file.parent / "metrics.jsonl"
+    metrics = []
+    if metrics_file.is_file():
+        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    metrics.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{metrics_file}:{number}: not a JSON record ({e})") from None
+    return Run(file.parent, json.loads(file.read_text()), metrics)
+
+
+def configuration(config: dict) -> dict:
+    """The flags of `config` that make its configuration (all but NOT_CONFIGURATION)."""
+    return {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Group]]:
+    """data set -> its configurations, each with its seeds, in the order first met.
+
+    Groups of one data set that share a name get `differs`: the flags whose values differ
+    among them (a flag missing from one run counts as differing).
+    """
+    keyed: dict[str, dict[str, Group]] = {}
+    for run in runs:
+        flags = configuration(run.config)
+        key = json.dumps(flags, sort_keys=True, default=str)
+        groups = keyed.setdefault(run.dataset, {})
+        groups.setdefault(key, Group(run.dataset, run.name, flags, [])).runs.append(run)
+
+    datasets = {}
+    for dataset, by_key in keyed.items():
+        groups = list(by_key.values())
+        for name in dict.fromkeys(g.name for g in groups):
+            same = [g for g in groups if g.name == name]
+            if len(same) > 1:
+                keys = sorted(set().union(*(g.flags for g in same)))
+                differs = [k for k in keys if len({json.dumps(g.flags.get(k), default=str) for g in same}) > 1]
+                for g in same:
+                    g.differs = differs
+        datasets[dataset] = groups
+    return datasets
+
+
+def grouping_notes(datasets: dict[str, list[Group]]) -> list[str]:
+    """One line per name shared by configurations that differ, and per seed met twice."""
+    notes = []
+    for dataset, groups in datasets.items():
+        for name in dict.fromkeys(g.name for g in groups if g.differs):
+            same = [g for g in groups if g.name == name]
+            notes.append(f"{dataset}: {len(same)} configurations named '{name}' differ in "
+                         f"{', '.join(same[0].differs)}; their columns are kept apart and labelled with those flags.")
+        for g in groups:
+            seeds = [r.seed for r in g.runs]
+            for seed in dict.fromkeys(s for s in seeds if seeds.count(s) > 1):
+                folders = ", ".join(str(r.folder) for r in g.runs if r.seed == seed)
+                notes.append(f"{dataset}: '{g.label}' holds seed {seed} {seeds.count(seed)} times ({folders}); each counts.")
+    return notes
+
+
+def summarize(runs: list[Run]) -> tuple[dict[str, list[Group]], list[str]]:
+    """The evaluated runs grouped per data set, and notes on what was skipped or told apart."""
+    notes = []
+    evaluated = [r for r in runs if r.results.get("last")]
+    for dataset in dict.fromkeys(r.dataset for r in runs):
+        total = sum(r.dataset == dataset for r in runs)
+        kept = sum(r.dataset == dataset for r in evaluated)
+        if kept == 0:
+            notes.append(f"{dataset}: skipped, none of its {total} runs holds an evaluation (pre-training runs).")
+        elif kept < total:
+            notes.append(f"{dataset}: {total - kept} of {total} runs hold no evaluation and are left out.")
+    if not evaluated:
+        raise ValueError(f"none of {len(runs)} results files holds an evaluation")
+    datasets = group_runs(evaluated)
+    return datasets, notes + grouping_notes(datasets)
+
+
+def evaluations(group: Group, field: str) -> list[dict]:
+    """The `field` evaluation ("last" or "best_selected_on_eval_split") of each seed that has one."""
+    return [r.results[field] for r in group.runs if r.results.get(field)]
+
+
+def class_names(groups: list[Group], field: str) -> list[str]:
+    """Class names in index order, over all groups; classes without a value anywhere (e.g. an
+    excluded Negative class) are left out."""
+    names: dict[str, None] = {}
+    for g in groups:
+        for e in evaluations(g, field):
+            names.update(dict.fromkeys(e.get("classes") or e["per_class"]))
+    return [c for c in names
+            if any((e["per_class"].get(c) is not None) for g in groups for e in evaluations(g, field))]
+
+
+def rows_of(groups: list[Group], field: str) -> list[tuple[str, list[list[float]]]]:
+    """Table rows: (row name, per group the values over its seeds), a row per class, then AA and OA."""
+    rows = []
+    for c in class_names(groups, field):
+        rows.append((c, [[e["per_class"][c] for e in evaluations(g, field) if e["per_class"].get(c) is not None]
+                         for g in groups]))
+    for key in ("AA", "OA"):
+        rows.append((key, [[e[key] for e in evaluations(g, field) if e.get(key) is not None] for g in groups]))
+    return rows
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (nan where undefined: no value, or one for the std)."""
+    mean = statistics.mean(values) if values else math.nan
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return mean, std
+
+
+def cell(values: list[float], seeds: int) -> str:
+    """'mean ± std' over seeds ('mean' alone for one value, '–' for none); '(n=k)' where
+    fewer seeds than the configuration's have a value."""
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    mean, std = mean_std(values)
+    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+    return text if len(values) == seeds else f"{text} (n={len(values)})"
 
 
-def summarize(files: list[Path], metric: str = "last") -> str:
-    """Markdown tables for the runs in `files`; `metric` picks the reported or the best evaluation."""
-    # dataset -> configuration -> list of evaluations (one per seed)
-    tables: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    seeds: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for file in files:
-        results = json.loads(file.read_text())
-        evaluation = results.get("last" if metric == "last" else "best_selected_on_eval_split")
-        if evaluation is None:
-            continue  # pre-training runs have no evaluation
-        config = results["config"]
-        dataset, name = results.get("dataset", "runs"), config.get("name") or file.parent.name
-        tables[dataset][name].append(evaluation)
-        seeds[(dataset, name)].append(config.get("seed"))
-    if not tables:
-        raise ValueError(f"none of {len(files)} results files holds an evaluation")
+def epochs_text(epochs: list[int]) -> str:
+    """The evaluated epochs of the seeds: one number when they agree, else their range."""
+    return "–" if not epochs else str(min(epochs)) if min(epochs) == max(epochs) else f"{min(epochs)}–{max(epochs)}"
 
-    out = []
-    for dataset, configs in tables.items():
-        names = list(configs)
-        classes = list(next(iter(configs.values()))[0]["per_class"])
-        counts = ", ".join(f"{n}: {len(seeds[(dataset, n)])}" for n in names)
-        label = "last epoch (reported)" if metric == "last" else "best epoch, selected on the evaluation split (optimistic)"
-        out.append(f"### {dataset}: per-class accuracy, AA and OA (%), mean ± std over seeds; {label}\n")
-        out.append(f"Seeds per configuration: {counts}\n")
-        out.append("| class | " + " | ".join(names) + " |")
-        out.append("|---|" + "---:|" * len(names))
-        for c in classes:
-            out.append(f"| {c} | " + " | ".join(cell([e["per_class"].get(c) for e in configs[n]]) for n in names) + " |")
-        for key in ("AA", "OA"):
-            out.append(f"| **{key}** | " + " | ".join(f"**{cell([e[key] for e in configs[n]])}**" for n in names) + " |")
-        out.append("")
+
+def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
+    """One markdown table of `dataset` from the `field` evaluation of each run."""
+    seeds = [len(evaluations(g, field)) for g in groups]
+    out = [f"### {dataset}: {title}",
+           "",
+           "Per-class accuracy, AA and OA (%), mean ± sample std over seeds; n = number of seeds.",
+           "",
+           "| class | " + " | ".join(g.label for g in groups) + " |",
+           "|---|" + "---:|" * len(groups)]
+    for name, values in rows_of(groups, field):
+        cells = [cell(v, n) for v, n in zip(values, seeds)]
+        if name in ("AA", "OA"):
+            name, cells = f"**{name}**", [f"**{c}**" for c in cells]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("| epoch | " + " | ".join(epochs_text([e["epoch"] for e in evaluations(g, field) if "epoch" in e])
+                                         for g in groups) + " |")
+    out.append("| n (seeds) | " + " | ".join(map(str, seeds)) + " |")
+    out.append("")
+    out.append("Seeds: " + "; ".join(f"{g.label}: {', '.join(str(r.seed) for r in g.runs if r.results.get(field))}"
+                                     for g in groups))
+    return "\n".join(out) + "\n"
+
+
+def tables_of(dataset: str, groups: list[Group]) -> str:
+    """Both tables of a data set, last epoch first."""
+    return "\n".join(table(dataset, groups, f, title) for f, title in TABLES)
+
+
+def markdown(datasets: dict[str, list[Group]], notes: list[str]) -> str:
+    """The tool's printed output: notes, then both tables per data set."""
+    out = [f"> Note: {n}" for n in notes] + ([""] if notes else [])
+    out += [tables_of(dataset, groups) for dataset, groups in datasets.items()]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- figure data
+
+def bars_of(groups: list[Group], field: str = "last") -> dict:
+    """What the per-class bar figure draws: rows (classes, AA, OA) and per configuration the
+    mean and sample std over seeds of each row (nan where undefined)."""
+    rows = rows_of(groups, field)
+    stats = [[mean_std(values[i]) for _, values in rows] for i in range(len(groups))]
+    return {"rows": [name for name, _ in rows], "labels": [g.label for g in groups],
+            "mean": [[m for m, _ in s] for s in stats], "std": [[d for _, d in s] for s in stats]}
+
+
+def curves_of(runs: list[Run]) -> dict[str, dict[str, list]]:
+    """Learning curves over seeds: quantity -> {"epoch", "mean", "min", "max", "n"} lists.
+
+    Quantities: every loss term (train_*) of metrics.jsonl in the order first met, then AA and
+    OA at the evaluation epochs. At each epoch the statistics run over the seeds that recorded
+    the quantity then. A record repeated for an epoch (a resumed run) replaces the earlier one.
+    """
+    per_seed = []
+    for run in runs:
+        by_epoch = {}
+        for record in run.metrics:
+            by_epoch[record["epoch"]] = record
+        per_seed.append(by_epoch)
+    names = dict.fromkeys(k for seed in per_seed for rec in seed.values() for k in rec if k.startswith("train_"))
+    curves = {}
+    for quantity in [*names, "AA", "OA"]:
+        series = {}
+        for seed in per_seed:
+            for epoch, record in seed.items():
+                if record.get(quantity) is not None:
+                    series.setdefault(epoch, []).append(record[quantity])
+        if series:
+            epochs = sorted(series)
+            curves[quantity] = {"epoch": epochs,
+                                "mean": [statistics.mean(series[e]) for e in epochs],
+                                "min": [min(series[e]) for e in epochs],
+                                "max": [max(series[e]) for e in epochs],
+                                "n": [len(series[e]) for e in epochs]}
+    return curves
+
+
+def confusion_of(runs: list[Run], field: str = "last") -> dict | None:
+    """Confusion matrix of the `field` evaluations summed over seeds, and row-normalised.
+
+    Returns {"classes", "counts" (K x K ints, rows true class), "percent" (each row in % of its
+    true class; nan for a class without samples), "seeds"}, or None when an evaluation lacks a
+    confusion matrix (results written before the engine recorded one).
+    """
+    evals = [r.results[field] for r in runs if r.results.get(field)]
+    if not evals or any("confusion" not in e or "classes" not in e for e in evals):
+        return None
+    classes = evals[0]["classes"]
+    if any(e["classes"] != classes for e in evals):
+        raise ValueError(f"runs of one configuration list different classes: {[e['classes'] for e in evals]}")
+    k = len(classes)
+    counts = [[sum(e["confusion"][i][j] for e in evals) for j in range(k)] for i in range(k)]
+    percent = [[100.0 * c / sum(row) if sum(row) else math.nan for c in row] for row in counts]
+    return {"classes": classes, "counts": counts, "percent": percent, "seeds": len(evals)}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", type=Path, nargs="+", help="run folders, results.json files, or folders holding runs")
-    p.add_argument("--metric", choices=["last", "best"], default="last",
-                   help="last: the last epoch's evaluation, the reported result (default); best: the best epoch's")
+    p.add_argument("--report", type=Path, metavar="OUT",
+                   help="also write OUT/report.md with the tables and PNG figures (needs matplotlib)")
+    p.add_argument("--published", action="store_true",
+                   help="with --report: mark the paper's published values in the per-class figure "
+                        "(off by default: they come from real data, the demo's is synthetic)")
     args = p.parse_args(argv)
+    if args.published and args.report is None:
+        p.error("--published needs --report")
     try:
-        print(summarize(find_results(args.paths), args.metric))
-    except (FileNotFoundError, ValueError) as e:
+        files = find_results(args.paths)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    try:
+        datasets, notes = summarize([load_run(f) for f in files])
+    except ValueError as e:
         sys.exit(f"summarize.py: {e}")
+    print(markdown(datasets, notes))
+    if args.report is not None:
+        import report  # matplotlib only when a report is asked for
+
+        written = report.write_report(args.report, datasets, notes, published=args.published, sources=args.paths)
+        print(f"wrote {written}", file=sys.stderr)
 
 
 if __name__ == "__main__":

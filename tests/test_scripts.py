@@ -8,7 +8,6 @@ import dfc_finetune
 import engine
 import meterml_finetune
 import meterml_pretrain
-import summarize
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml
 
@@ -169,30 +168,3 @@ def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypa
                                "--scenario", "s1", "--epochs", "3"])
     assert "--resume" in str(error.value)
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # the last good epoch
-
-
-def write_results(folder, dataset, name, seed, per_class, aa, oa):
-    folder.mkdir(parents=True)
-    evaluation = {"epoch": 3, "per_class": per_class, "AA": aa, "OA": oa, "n": 10}
-    (folder / "results.json").write_text(json.dumps({"dataset": dataset, "config": {"name": name, "seed": seed},
-                                                     "last": evaluation, "best_selected_on_eval_split": evaluation}))
-
-
-def test_summarize_mean_and_std_over_seeds(tmp_path, capsys):
-    write_results(tmp_path / "a0", "DFC2020", "CE", 0, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
-    write_results(tmp_path / "a1", "DFC2020", "CE", 1, {"Forest": 64.0, "Water": 96.0}, 80.0, 74.0)
-    write_results(tmp_path / "b0", "DFC2020", "SupCon+CE", 0, {"Forest": 75.0, "Water": None}, 75.0, 72.5)
-    (tmp_path / "pre").mkdir()
-    (tmp_path / "pre" / "results.json").write_text(json.dumps({"config": {}, "last": None}))
-    summarize.main([str(tmp_path)])
-    table = capsys.readouterr().out
-    assert "| class | CE | SupCon+CE |" in table
-    assert "| Forest | 62.00 ± 2.83 | 75.00 |" in table  # stdev([60, 64]) = 2.828
-    assert "| Water | 98.00 ± 2.83 | – |" in table
-    assert "| **OA** | **72.00 ± 2.83** | **72.50** |" in table
-    assert "CE: 2, SupCon+CE: 1" in table
-
-
-def test_summarize_reports_missing_paths(tmp_path):
-    with pytest.raises(SystemExit, match="no such run folder"):
-        summarize.main([str(tmp_path / "nothing")])

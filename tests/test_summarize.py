@@ -1,0 +1,165 @@
+"""summarize.py and report.py on tiny fake run folders in the run folder format of engine.py."""
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import summarize
+
+DFC = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def evaluation(epoch, per_class, aa, oa, classes=("Forest", "Water"), confusion=None):
+    """An evaluation record; the confusion matrix defaults to a diagonal one."""
+    return {"epoch": epoch, "AA": aa, "OA": oa, "per_class": per_class, "n": 10, "ignored": 0,
+            "classes": list(classes), "confusion": confusion or [[5, 0], [0, 5]]}
+
+
+def write_run(folder, name, seed, last, best=None, dataset="DFC2020", metrics=(), **flags):
+    """A run folder: config.json, metrics.jsonl and results.json."""
+    folder.mkdir(parents=True)
+    config = {"name": name, "seed": seed, "lr": 0.01, "temperature": 0.07, "save_path": str(folder),
+              "data_root": "/data", "resume": None, "device": "cpu", "workers": 0, **flags}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    results = {"dataset": dataset, "name": name, "config": config, "last": last,
+               "best_selected_on_eval_split": best or last, "note": "fake"}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def runs_in(path):
+    return [summarize.load_run(f) for f in summarize.find_results([path])]
+
+
+def test_mean_and_std_over_seeds(tmp_path, capsys):
+    write_run(tmp_path / "a0", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
+    write_run(tmp_path / "a1", "CE", 1, evaluation(3, {"Forest": 64.0, "Water": 96.0}, 80.0, 74.0))
+    write_run(tmp_path / "b0", "SupCon+CE", 0, evaluation(3, {"Forest": 75.0, "Water": None}, 75.0, 72.5))
+    summarize.main([str(tmp_path)])
+    table = capsys.readouterr().out
+    assert "| class | CE | SupCon+CE |" in table
+    assert "| Forest | 62.00 ± 2.83 | 75.00 |" in table  # stdev([60, 64]) = sqrt(8) = 2.828
+    assert "| Water | 98.00 ± 2.83 | – |" in table
+    assert "| **OA** | **72.00 ± 2.83** | **72.50** |" in table
+    assert "| n (seeds) | 2 | 1 |" in table
+    assert "Seeds: CE: 0, 1; SupCon+CE: 0" in table
+    groups = summarize.group_runs(runs_in(tmp_path))["DFC2020"]
+    bars = summarize.bars_of(groups)
+    assert bars["rows"] == ["Forest", "Water", "AA", "OA"]
+    assert bars["mean"][0] == [62.0, 98.0, 80.0, 72.0]
+    assert bars["std"][0] == pytest.approx([8 ** 0.5, 8 ** 0.5, 0.0, 8 ** 0.5])
+    assert math.isnan(bars["mean"][1][1]) and math.isnan(bars["std"][1][0])  # absent class; one seed
+
+
+def test_two_tables_from_their_own_fields(tmp_path, capsys):
+    last = evaluation(5, {"Forest": 50.0, "Water": 70.0}, 60.0, 65.0)
+    best = evaluation(4, {"Forest": 90.0, "Water": 80.0}, 85.0, 88.0)
+    write_run(tmp_path / "r0", "CE", 0, last, best)
+    (tmp_path / "pre").mkdir()  # a pre-training run: no evaluation, its data set is skipped
+    (tmp_path / "pre" / "results.json").write_text(json.dumps({"dataset": "SSL", "config": {}, "last": None}))
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    last_table, best_table = out.split("### DFC2020: best epoch, selected on the evaluation split, as the original reported")
+    assert "### DFC2020: last epoch" in last_table
+    assert "| Forest | 50.00 |" in last_table and "| **AA** | **60.00** |" in last_table and "| epoch | 5 |" in last_table
+    assert "| Forest | 90.00 |" in best_table and "| **AA** | **85.00** |" in best_table and "| epoch | 4 |" in best_table
+    assert "50.00" not in best_table and "90.00" not in last_table
+    assert "SSL: skipped" in out
+
+
+def test_grouping_splits_differing_flags_and_keeps_seeds_together(tmp_path, capsys):
+    e = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
+    write_run(tmp_path / "ce0", "CE", 0, e)
+    write_run(tmp_path / "ce1", "CE", 1, e, device="cuda", workers=8, amp=True)  # hardware only: same group
+    write_run(tmp_path / "t0", "CE", 0, e, temperature=0.5)
+    write_run(tmp_path / "t1", "CE", 1, e, temperature=0.5, data_root="/elsewhere")
+    write_run(tmp_path / "s0", "SupCon+CE", 0, e)
+    groups = summarize.group_runs(runs_in(tmp_path))["DFC2020"]
+    # columns in the order first met (folders are read in sorted order)
+    assert [g.label for g in groups] == ["CE (temperature=0.07)", "SupCon+CE", "CE (temperature=0.5)"]
+    assert [[r.folder.name for r in g.runs] for g in groups] == [["ce0", "ce1"], ["s0"], ["t0", "t1"]]
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| class | CE (temperature=0.07) | SupCon+CE | CE (temperature=0.5) |" in out
+    assert "> Note: DFC2020: 2 configurations named 'CE' differ in temperature;" in out
+
+
+def fake_confusion_runs(tmp_path):
+    """Two seeds of one configuration with hand-made confusion matrices over four classes."""
+    classes = ["Forest", "Water", "Barren", "Wetlands"]
+    first = [[3, 1, 0, 0], [0, 4, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]  # Barren absent in this seed
+    second = [[1, 1, 2, 0], [1, 5, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0]]  # Wetlands absent in both
+    for seed, matrix in enumerate((first, second)):
+        write_run(tmp_path / f"c{seed}", "CE", seed,
+                  evaluation(2, {"Forest": 0.0, "Water": 0.0, "Barren": None, "Wetlands": None}, 0.0, 0.0, classes, matrix),
+                  metrics=[{"epoch": 1, "train_loss": 1.0 + seed, "train_ce": 0.5 + seed, "samples_per_s": 9.0,
+                            "epoch_s": 1.0, "lr": 0.01},
+                           {"epoch": 2, "train_loss": 0.5 + 2 * seed, "train_ce": 0.25, "train_supcon": 0.2 + seed,
+                            "samples_per_s": 9.0, "epoch_s": 1.0, "lr": 0.01, "AA": 50.0 + 10 * seed, "OA": 60.0}])
+    return runs_in(tmp_path)
+
+
+def test_confusion_summed_over_seeds_and_row_normalised(tmp_path):
+    confusion = summarize.confusion_of(fake_confusion_runs(tmp_path))
+    assert confusion["classes"] == ["Forest", "Water", "Barren", "Wetlands"]
+    assert confusion["counts"] == [[4, 2, 2, 0], [1, 9, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0]]  # sums by hand
+    percent = confusion["percent"]
+    assert percent[:3] == [pytest.approx(row) for row in ([50, 25, 25, 0], [10, 90, 0, 0], [0, 50, 50, 0])]
+    assert all(math.isnan(v) for v in percent[3])  # no Wetlands sample: the row has no percentages
+    assert confusion["seeds"] == 2
+
+
+def test_curves_follow_metrics_jsonl(tmp_path):
+    curves = summarize.curves_of(fake_confusion_runs(tmp_path))
+    assert list(curves) == ["train_loss", "train_ce", "train_supcon", "AA", "OA"]
+    assert curves["train_loss"] == {"epoch": [1, 2], "mean": [1.5, 1.5], "min": [1.0, 0.5], "max": [2.0, 2.5], "n": [2, 2]}
+    assert curves["train_ce"]["mean"] == [1.0, 0.25]
+    assert curves["train_supcon"] == {"epoch": [2], "mean": [0.7], "min": [0.2], "max": [1.2], "n": [2]}
+    assert curves["AA"] == {"epoch": [2], "mean": [55.0], "min": [50.0], "max": [60.0], "n": [2]}
+
+
+def test_report_writes_valid_pngs_that_report_md_references(tmp_path):
+    rng = random.Random(0)
+    for name in ("CE", "SupCon+CE"):
+        for seed in range(2):
+            matrix = [[rng.randint(0, 20) for _ in DFC] for _ in DFC]
+            per_class = {c: rng.uniform(0, 100) for c in DFC}
+            metrics = [{"epoch": e, "train_loss": rng.random(), "train_ce": rng.random(),
+                        **({"train_supcon": rng.random()} if name != "CE" else {}),
+                        **({"AA": rng.uniform(0, 100), "OA": rng.uniform(0, 100)} if e % 2 == 0 else {})}
+                       for e in range(1, 7)]
+            write_run(tmp_path / "runs" / f"{name}{seed}", name, seed,
+                      evaluation(6, per_class, 50.0, 60.0, DFC, matrix), metrics=metrics)
+    out = tmp_path / "report"
+    summarize.main([str(tmp_path / "runs"), "--report", str(out), "--published"])
+    pngs = sorted(out.glob("*.png"))
+    assert {p.name for p in pngs} == {"per_class_DFC2020.png", "curves_DFC2020.png",
+                                      "confusion_DFC2020_1_CE.png", "confusion_DFC2020_2_SupCon_CE.png"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+    text = (out / "report.md").read_text()
+    for png in pngs:
+        assert f"]({png.name})" in text
+    assert "last epoch" in text and "best epoch, selected on the evaluation split" in text
+
+
+def test_missing_paths_give_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([str(tmp_path / "nothing")])
+    assert exit_.value.code == 2
+    assert "nothing: no such run folder or results file" in capsys.readouterr().err
+
+
+def test_tables_alone_do_not_import_matplotlib(tmp_path):
+    write_run(tmp_path / "r0", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
+    code = ("import sys, summarize; summarize.main([sys.argv[1]]); "
+            "assert 'matplotlib' not in sys.modules, 'matplotlib imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "| Forest | 60.00 |" in done.stdout
