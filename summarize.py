@@ -60,7 +60,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.config.get("name") or self.folder.name
+        return self.config.get("name") or self.results.get("name") or self.folder.name
 
     @property
     def seed(self):
@@ -85,12 +85,15 @@ class Group:
     def label(self) -> str:
         if not self.differs:
             return self.name
-        return f"{self.name} ({', '.join(f'{k}={flag_text(self.flags.get(k))}' for k in self.differs)})"
+        return f"{self.name} ({', '.join(f'{k}={flag_text(self.flags, k)}' for k in self.differs)})"
 
 
-def flag_text(value) -> str:
+def flag_text(flags: dict, key: str) -> str:
     """A flag's value as one would type it ('unset' for a flag the run does not have)."""
-    return "unset" if value is None else value if isinstance(value, str) else json.dumps(value)
+    if key not in flags:
+        return "unset"
+    value = flags[key]
+    return value if isinstance(value, str) else "None" if value is None else json.dumps(value, default=str)
 
 
 def find_results(paths: list[Path]) -> list[Path]:
@@ -147,7 +150,9 @@ def group_runs(runs: list[Run]) -> dict[str, list[Group]]:
             same = [g for g in groups if g.name == name]
             if len(same) > 1:
                 keys = sorted(set().union(*(g.flags for g in same)))
-                differs = [k for k in keys if len({json.dumps(g.flags.get(k), default=str) for g in same}) > 1]
+                # compare as JSON with presence, so that "0.5" and 0.5, or None and unset, differ
+                differs = [k for k in keys
+                           if len({(k in g.flags, json.dumps(g.flags.get(k), default=str)) for g in same}) > 1]
                 for g in same:
                     g.differs = differs
         datasets[dataset] = groups

@@ -163,3 +163,19 @@ def test_tables_alone_do_not_import_matplotlib(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "| Forest | 60.00 |" in done.stdout
+
+
+def test_runs_without_confusion_or_metrics_still_report(tmp_path):
+    """results.json written before the engine recorded a confusion matrix, and no metrics.jsonl."""
+    run = tmp_path / "runs" / "old"
+    run.mkdir(parents=True)
+    last = {"epoch": 3, "per_class": {"Forest": 60.0, "Water": 100.0}, "AA": 80.0, "OA": 70.0, "n": 10}
+    (run / "results.json").write_text(json.dumps({"dataset": "DFC2020", "config": {"name": "CE", "seed": 0, "head_lr": None},
+                                                  "last": last, "best_selected_on_eval_split": last}))
+    write_run(tmp_path / "runs" / "new", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
+    runs = runs_in(tmp_path / "runs")
+    assert summarize.confusion_of(runs[1:]) is None and summarize.curves_of(runs[1:]) == {}
+    summarize.main([str(tmp_path / "runs"), "--report", str(tmp_path / "report")])
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "no confusion matrix for 'CE (head_lr=None, lr=unset, temperature=unset)'" in text
+    assert (tmp_path / "report" / "per_class_DFC2020.png").read_bytes()[:8] == PNG_SIGNATURE
