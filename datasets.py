@@ -7,14 +7,19 @@ Randomness (random crops, ``transform``) comes from a ``torch.Generator`` seeded
 (seed, epoch, index) only: the draws do not depend on the DataLoader worker that loads the item,
 differ between items and epochs, and a fixed seed reproduces a run. Call ``set_epoch`` before each
 epoch; the epoch lives in shared memory, so persistent workers see it too. ``transform`` is called
-as ``transform(x, generator=g)`` on S1 and on S2 separately (independent draws per modality),
-after normalisation and cropping; when it returns a tuple (``augment.TwoViews``), the item holds
-that tuple for ``"s1"`` and ``"s2"``.
+as ``transform(x, generator=g)`` on S1 and on S2 separately (independent draws per modality);
+when it returns a tuple (``augment.TwoViews``), the item holds that tuple for ``"s1"`` and
+``"s2"``. METER-ML applies it after the standardisation; DFC2020 / SEN12MS apply it to the
+clipped crop and seed-normalise each returned view afterwards (``seed_normalize``), as the
+original code does.
 
 Problems with the data are reported, never silently absorbed: samples whose files are missing
-are counted in ``skipped`` and logged once when the dataset is built; NaN pixels are replaced,
-counted in ``nan_pixels`` (summed over worker processes) and logged once per process; a file that
-cannot be read or has the wrong shape raises ``DataFileError`` naming the file.
+(and METER-ML metadata entries repeated or contradicting each other) are counted in ``skipped``
+and logged once when the dataset is built; non-finite pixels (NaN, +-inf) are replaced, counted in
+``nonfinite_pixels`` (``nan_pixels`` for NaN alone; summed over worker processes) and logged once
+per process; patches with an all-zero S1 or S2 image are counted in ``all_zero_patches`` and logged
+once per process; a file that cannot be read, has the wrong shape or holds undocumented label
+codes raises ``DataFileError`` naming the file.
 """
 import json
 import logging
@@ -24,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import rasterio
@@ -69,15 +74,34 @@ class _SharedCounter:
         return int(self._slots.sum())
 
 
+def seed_normalize(x: Tensor) -> Tensor:
+    """Divide every channel of every image by that channel's maximum over the image (+ 1e-5).
+
+    The last step of the seed normalisation of DFC2020 / SEN12MS, applied to the image the network
+    sees (the crop, or each augmented view after its augmentation). ``x``: (C, H, W) or
+    (B, C, H, W) float, non-negative (clipped S1 + 25 dB, clipped S2 reflectance x 10000), on any
+    device. Returns the same shape and dtype; each channel's maximum becomes max / (max + 1e-5),
+    just below 1 (an all-zero channel stays 0).
+    """
+    if x.ndim not in (3, 4):
+        raise ValueError(f"seed_normalize expects an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"seed_normalize expects a floating-point tensor, got {x.dtype}")
+    return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
 class _PairedDataset(Dataset):
-    """What all datasets share: epoch, per-item generator, per-modality transform, NaN counting."""
+    """What all datasets share: epoch, per-item generator, per-modality transform, fault counting."""
 
     def __init__(self, transform: Transform | None, seed: int) -> None:
         self.transform = transform
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._nan_pixels = _SharedCounter()
-        self._nan_logged = False
+        self._inf_pixels = _SharedCounter()
+        self._all_zero_patches = _SharedCounter()
+        self._nonfinite_logged = False
+        self._all_zero_logged = False
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random draws of ``epoch``; seen by DataLoader workers, persistent ones too."""
@@ -88,27 +112,55 @@ class _PairedDataset(Dataset):
         return int(self._epoch)
 
     @property
+    def nonfinite_pixels(self) -> int:
+        """Non-finite values (NaN, +inf, -inf) replaced so far, over all modalities, bands and
+        worker processes."""
+        return self._nan_pixels.value + self._inf_pixels.value
+
+    @property
     def nan_pixels(self) -> int:
-        """NaN values replaced so far, over all modalities, bands and worker processes."""
+        """The NaN values among ``nonfinite_pixels``."""
         return self._nan_pixels.value
+
+    @property
+    def all_zero_patches(self) -> int:
+        """Samples read so far (all worker processes) whose S1 or S2 image was zero everywhere;
+        DFC2020 / SEN12MS look at the window that was read."""
+        return self._all_zero_patches.value
 
     def _generator(self, index: int) -> torch.Generator:
         return keyed_generator(self.seed, self.epoch, index)
 
-    def _count_nan(self, x: Tensor, path: Path, replacement: str) -> Tensor:
-        """Mask (same shape as x) of the NaN values of ``x`` read from ``path``, counted and logged."""
-        nan = torch.isnan(x)
-        count = int(nan.sum())
+    def _count_nonfinite(self, x: Tensor, path: Path, replacement: str) -> Tensor:
+        """Mask (same shape as x) of the non-finite values of ``x`` read from ``path``, counted and
+        logged (the first time in this process)."""
+        nonfinite = ~torch.isfinite(x)
+        count = int(nonfinite.sum())
         if count:
-            self._nan_pixels.add(count)
-            if not self._nan_logged:
-                self._nan_logged = True
+            nan = int(torch.isnan(x).sum())
+            self._nan_pixels.add(nan)
+            self._inf_pixels.add(count - nan)
+            if not self._nonfinite_logged:
+                self._nonfinite_logged = True
                 logger.warning(
-                    "%d NaN values in %s, replaced by %s; further NaNs are replaced and counted in "
-                    "%s.nan_pixels without more messages",
-                    count, path, replacement, type(self).__name__,
+                    "%d non-finite values (NaN: %d, +-inf: %d) in %s, replaced by %s; further ones are "
+                    "replaced and counted in %s.nonfinite_pixels without more messages",
+                    count, nan, count - nan, path, replacement, type(self).__name__,
                 )
-        return nan
+        return nonfinite
+
+    def _count_all_zero(self, zero: Sequence[Path]) -> None:
+        """Count a sample once when some of its images are zero everywhere (``zero``: their files,
+        possibly none); log the first such file of this process."""
+        if zero:
+            self._all_zero_patches.add(1)
+            if not self._all_zero_logged:
+                self._all_zero_logged = True
+                logger.warning(
+                    "all-zero image %s (kept: such images occur at scene edges); further ones are "
+                    "counted in %s.all_zero_patches without more messages",
+                    zero[0], type(self).__name__,
+                )
 
     def _apply_transform(self, item: dict[str, Any], generator: torch.Generator) -> None:
         if self.transform is not None:
@@ -174,6 +226,34 @@ def _resolve_image_folders(root: Path, written: Sequence[str]) -> list[Path | No
     return resolved
 
 
+def _folder_id(written: str) -> str:
+    """The image set's id: the last part of an ``Image_Folder`` value (either slash)."""
+    return PurePosixPath(written.replace("\\", "/")).name
+
+
+def _first_entries(folders: Sequence[str], types: Sequence[str]) -> tuple[list[int], dict[str, int], dict[str, list[str]]]:
+    """Keep one metadata entry per image set id (the first).
+
+    Returns the indices of the kept entries (in file order); every id listed more than once ->
+    its number of extra (dropped) entries; the ids among them listed with different ``Type``
+    values -> those values in order of appearance (the first is kept).
+    """
+    first: dict[str, int] = {}
+    entries: Counter[str] = Counter()
+    found: dict[str, list[str]] = {}
+    for i, (folder, type_) in enumerate(zip(folders, types)):
+        sample_id = _folder_id(folder)
+        entries[sample_id] += 1
+        if sample_id not in first:
+            first[sample_id] = i
+            found[sample_id] = [type_]
+        elif type_ not in found[sample_id]:
+            found[sample_id].append(type_)
+    extra = {k: entries[k] - 1 for k in first if entries[k] > 1}
+    conflicting = {k: found[k] for k in first if len(found[k]) > 1}
+    return list(first.values()), extra, conflicting
+
+
 def _load_array(path: Path, shape: tuple[int, int, int]) -> Tensor:
     """A (height, width, bands) .npy file as a float32 tensor (bands, height, width)."""
     try:
@@ -212,8 +292,17 @@ class MeterMLDataset(_PairedDataset):
 
     ``normalize="seed"``: per-channel standardisation with the seed's constants of the raw values;
     the nine 20 m / 60 m bands have no published constants and are standardised per patch and
-    channel instead. NaN values become 0 after normalisation (the channel mean under
-    standardisation), counted in ``nan_pixels``. ``normalize="none"``: raw values.
+    channel instead (over the finite values). Non-finite values (NaN, +-inf) become 0 after
+    normalisation (the channel mean under standardisation), counted in ``nonfinite_pixels``.
+    ``normalize="none"``: raw values. An all-zero ``sentinel-1.npy`` or ``sentinel-2-10m.npy`` is
+    kept and counted in ``all_zero_patches``.
+
+    Metadata faults: an image folder listed more than once keeps its first entry; the extra
+    entries are counted in ``skipped`` and the folder ids listed in ``problems`` (reason -> ids)
+    under ``"repeated Image_Folder"`` (same ``Type``) or ``"conflicting Type"`` (the first
+    ``Type`` is kept); ``problems["image folder missing"]`` lists the ids whose folder is absent.
+    All of it is in the one summary log line. ``ids``: the folder ids of the samples;
+    ``split_overlap`` compares two splits.
 
     Args:
         root: dataset root (the folder holding the GeoJSON files and the image folders).
@@ -269,8 +358,12 @@ class MeterMLDataset(_PairedDataset):
             raise FileNotFoundError(f"METER-ML root {self.root} does not exist; expected:\n{_meterml_layout(self.root)}")
         self.metadata = self._find_metadata(split, geojson)
         folders, types = self._read_features(self.metadata)
-
+        total = len(folders)
         labels, multilabels = self._encode_types(types)
+        first, extra, conflicting = _first_entries(folders, types)
+        duplicated = {k: n for k, n in extra.items() if k not in conflicting}
+        folders = [folders[i] for i in first]
+        labels, multilabels = labels[first], multilabels[first]
         resolved = _resolve_image_folders(self.root, folders)
         missing = [folder for folder, path in zip(folders, resolved) if path is None]
         if missing and strict:
@@ -280,8 +373,23 @@ class MeterMLDataset(_PairedDataset):
             )
         keep = torch.tensor([path is not None for path in resolved], dtype=torch.bool)
         self.skipped: dict[str, int] = {}
+        self.problems: dict[str, list[str]] = {}
+        details = []
+        if duplicated:
+            self.skipped["repeated Image_Folder entry (same Type)"] = sum(duplicated.values())
+            self.problems["repeated Image_Folder"] = list(duplicated)
+            details.append(f"repeated Image_Folder ({len(duplicated)} folders), e.g. {list(duplicated)[:5]}")
+        if conflicting:
+            self.skipped["Image_Folder listed again with another Type (first kept)"] = sum(
+                extra[k] for k in conflicting
+            )
+            self.problems["conflicting Type"] = list(conflicting)
+            examples = "; ".join(f"{name}: {' vs '.join(found)}" for name, found in list(conflicting.items())[:5])
+            details.append(f"Image_Folder with conflicting Types ({len(conflicting)} folders), e.g. {examples}")
         if missing:
             self.skipped["image folder missing"] = len(missing)
+            self.problems["image folder missing"] = [_folder_id(folder) for folder in missing]
+            details.append(f"missing image folders, e.g. {missing[:5]}")
         if exclude_negatives:
             negative = keep & (labels == self.NEGATIVE)
             self.skipped["negative (exclude_negatives)"] = int(negative.sum())
@@ -290,9 +398,14 @@ class MeterMLDataset(_PairedDataset):
         self.labels: Tensor = labels[keep]
         self.multilabels: Tensor = multilabels[keep]
         if not self._folders:
-            raise ValueError(f"{self.metadata}: no sample left of {len(folders)} features (skipped: {self.skipped})")
-        detail = f"; missing image folders, e.g. {missing[:5]}" if missing else ""
-        _log_summary(f"MeterMLDataset({self.split})", len(self._folders), len(folders), self.skipped, detail)
+            raise ValueError(f"{self.metadata}: no sample left of {total} features (skipped: {self.skipped})")
+        detail = "".join(f"; {text}" for text in details)
+        _log_summary(f"MeterMLDataset({self.split})", len(self._folders), total, self.skipped, detail)
+
+    @property
+    def ids(self) -> list[str]:
+        """The image folder name of every sample, in item order (each id once)."""
+        return [folder.name for folder in self._folders]
 
     def _find_metadata(self, split: str, geojson: str | Path | None) -> Path:
         candidates = (
@@ -355,27 +468,32 @@ class MeterMLDataset(_PairedDataset):
 
     def _read(
         self, path: Path, shape: tuple[int, int, int], mean: Sequence[float] | None, std: Sequence[float] | None
-    ) -> Tensor:
-        """One .npy file as (bands, H, W), normalised; ``mean`` None: per-patch standardisation."""
+    ) -> tuple[Tensor, bool]:
+        """One .npy file as (bands, H, W), normalised (``mean`` None: per-patch standardisation
+        over the finite values), and whether the file held only zeros."""
         x = _load_array(path, shape)
-        nan = self._count_nan(x, path, "0 after normalisation")
+        nonfinite = self._count_nonfinite(x, path, "0 after normalisation")
+        all_zero = not bool(x.any())
         if self.normalize == "seed":
             if mean is None:
-                mean_t = torch.nanmean(x, dim=(1, 2), keepdim=True)
-                std_t = (x - mean_t).square().nanmean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
+                finite = x.masked_fill(nonfinite, float("nan"))
+                mean_t = torch.nanmean(finite, dim=(1, 2), keepdim=True)
+                std_t = (finite - mean_t).square().nanmean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-6)
             else:
                 mean_t = torch.tensor(mean).view(-1, 1, 1)
                 std_t = torch.tensor(std).view(-1, 1, 1)
             x = (x - mean_t) / std_t
-        return x.masked_fill_(nan, 0.0)
+        return x.masked_fill_(nonfinite, 0.0), all_zero
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         folder = self._folders[index]
-        s1 = self._read(folder / "sentinel-1.npy", (72, 72, 2), self.S1_MEAN, self.S1_STD)
-        s2 = self._read(folder / "sentinel-2-10m.npy", (72, 72, 4), self.S2_MEAN, self.S2_STD)
+        s1, s1_zero = self._read(folder / "sentinel-1.npy", (72, 72, 2), self.S1_MEAN, self.S1_STD)
+        s2, s2_zero = self._read(folder / "sentinel-2-10m.npy", (72, 72, 4), self.S2_MEAN, self.S2_STD)
+        zero = [(s1_zero, "sentinel-1.npy"), (s2_zero, "sentinel-2-10m.npy")]
+        self._count_all_zero([folder / name for is_zero, name in zero if is_zero])
         if self.s2_bands == "all":
-            s2_20m = self._read(folder / "sentinel-2-20m.npy", (36, 36, 6), None, None)
-            s2_60m = self._read(folder / "sentinel-2-60m.npy", (12, 12, 3), None, None)
+            s2_20m, _ = self._read(folder / "sentinel-2-20m.npy", (36, 36, 6), None, None)
+            s2_60m, _ = self._read(folder / "sentinel-2-60m.npy", (12, 12, 3), None, None)
             upsample = [TF.resize(x, [72, 72], interpolation=TF.InterpolationMode.BILINEAR) for x in (s2_20m, s2_60m)]
             s2 = torch.cat([s2, *upsample])[self._S2_ALL_ORDER]
         multilabel = self.multilabels[index].clone()
@@ -392,6 +510,13 @@ class MeterMLDataset(_PairedDataset):
         return item
 
 
+def split_overlap(a: MeterMLDataset, b: MeterMLDataset) -> list[str]:
+    """The image set ids (folder names) that are samples of both ``a`` and ``b``, in ``a``'s order:
+    empty for disjoint splits."""
+    in_b = set(b.ids)
+    return [sample_id for sample_id in a.ids if sample_id in in_b]
+
+
 # ---------------------------------------------------------------------------------------------
 # DFC2020 and SEN12MS: 256 x 256 GeoTIFF patches, S1 in dB, S2 L1C, label maps.
 
@@ -403,6 +528,41 @@ _DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
 _IGBP_TO_DFC = np.array([0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10])
 _IGBP_TO_CLASS = np.full(256, IGNORE, dtype=np.uint8)
 _IGBP_TO_CLASS[: len(_IGBP_TO_DFC)] = _DFC_TO_CLASS[_IGBP_TO_DFC]
+
+
+class _LabelCodes(NamedTuple):
+    """A label source: raw code -> 8-class lookup (256,) uint8, and which raw codes it documents."""
+
+    lut: np.ndarray
+    codes: np.ndarray
+    description: str
+
+
+# Codes outside these sets mean a foreign or broken file: they are refused rather than ignored.
+_DFC_LABELS = _LabelCodes(_DFC_TO_CLASS, np.r_[0:11, 255], "DFC codes 1-10, or 0 / 255 for no label")
+_IGBP_LABELS = _LabelCodes(_IGBP_TO_CLASS, np.r_[0:18, 255], "IGBP codes 1-17, or 0 / 255 for no data")
+
+
+def _class_map(raw: np.ndarray, path: Path, labels: _LabelCodes) -> np.ndarray:
+    """The 8-class map (h, w) uint8 of a raw label band (h, w) read from ``path``.
+
+    Raises ``DataFileError`` for a non-integer dtype or for codes outside ``labels.codes``,
+    listing the codes found (with their pixel counts).
+    """
+    if raw.dtype.kind not in "ui":
+        raise DataFileError(f"{path}: expected an integer label map ({labels.description}), found dtype {raw.dtype}")
+    if raw.size and (int(raw.min()) < 0 or int(raw.max()) >= len(labels.lut)):
+        bad = ~np.isin(raw, labels.codes)
+    else:
+        valid = np.zeros(len(labels.lut), dtype=bool)
+        valid[labels.codes] = True
+        bad = ~valid[raw]
+    if bad.any():
+        codes, counts = np.unique(raw[bad], return_counts=True)
+        found = ", ".join(f"{code}: {count}" for code, count in zip(codes[:10].tolist(), counts[:10].tolist()))
+        more = f" and {len(codes) - 10} more codes" if len(codes) > 10 else ""
+        raise DataFileError(f"{path}: label codes outside {labels.description} (code: pixels): {found}{more}")
+    return labels.lut[raw]
 
 _PATCH_NUMBER = re.compile(r"_p(\d+)\.tif$")
 # GDAL would list the patch's folder (thousands of files) on every open to look for side-car
@@ -484,15 +644,18 @@ class _PatchDataset(_PairedDataset):
     """Shared reader of S1 / S2 / label-map GeoTIFF patches (DFC2020, SEN12MS).
 
     Subclasses set ``_files`` (one dict "s1", "s2", "label" -> path per patch), ``patch_ids``,
-    ``_label_bands`` (band count of the label file) and ``_label_lut`` (raw band 1 -> 8-class map).
+    ``_offset_keys`` (non-negative integers naming each patch, for ``offset_seed``),
+    ``_label_bands`` (band count of the label file) and ``_labels`` (the label source), then
+    call ``_learn_patch_size``.
     """
 
     classes = DFC_CLASSES
     IGNORE = IGNORE
     _files: list[dict[str, Path]]
     patch_ids: list[Any]
+    _offset_keys: list[tuple[int, ...]]
     _label_bands: int
-    _label_lut: np.ndarray
+    _labels: _LabelCodes
 
     def __init__(
         self,
@@ -502,69 +665,86 @@ class _PatchDataset(_PairedDataset):
         return_label_map: bool,
         transform: Transform | None,
         seed: int,
+        offset_seed: int | None,
     ) -> None:
         super().__init__(transform, seed)
         if crop is not None and crop <= 0:
             raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
         if normalize not in ("seed", "none"):
             raise ValueError(f"normalize must be 'seed' or 'none', got {normalize!r}")
+        if offset_seed is not None and (train or not isinstance(offset_seed, int) or offset_seed < 0):
+            raise ValueError(
+                f"offset_seed must be None or a non-negative int, and only with train=False (training "
+                f"windows are random per seed, epoch and index); got offset_seed={offset_seed!r}, train={train}"
+            )
         self.crop = crop
         self.train = train
         self.normalize = normalize
         self.return_label_map = return_label_map
+        self.offset_seed = offset_seed
+        self._patch_size: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._files)
 
-    def _window(self, height: int, width: int, generator: torch.Generator, path: Path) -> tuple[int, int, int, int]:
-        """(top, left, height, width) of the crop: random in training, centred otherwise."""
+    def _learn_patch_size(self) -> None:
+        """Without a crop, items are whole patches that a DataLoader stacks: take their
+        (height, width) from the first S1 file (one open), so that another size names its file."""
         if self.crop is None:
-            return 0, 0, height, width
+            with rasterio.Env(**_GDAL_OPTIONS), _open_tif(self._files[0]["s1"], 2) as src:
+                self._patch_size = (src.height, src.width)
+
+    def _window(self, index: int, height: int, width: int, generator: torch.Generator, path: Path) -> Window:
+        """The crop window of patch ``index`` (``height`` x ``width`` px): the whole patch without
+        a crop; random from ``generator`` in training; otherwise centred, or with ``offset_seed``
+        at the patch's own fixed random offset."""
+        if self.crop is None:
+            if (height, width) != self._patch_size:
+                raise DataFileError(
+                    f"{path}: patch of {height} x {width} px, but the data set's patches are "
+                    f"{self._patch_size} px (height, width; from {self._files[0]['s1']}); whole "
+                    f"patches must share one size (or pass crop=)"
+                )
+            return Window(0, 0, width, height)
         if self.crop > min(height, width):
             raise DataFileError(f"{path}: patch of {height} x {width} px is smaller than crop={self.crop}")
-        if self.train:
-            top = int(torch.randint(height - self.crop + 1, (1,), generator=generator))
-            left = int(torch.randint(width - self.crop + 1, (1,), generator=generator))
+        if self.train or self.offset_seed is not None:
+            draws = generator if self.train else keyed_generator(self.offset_seed, *self._offset_keys[index])
+            top = int(torch.randint(height - self.crop + 1, (1,), generator=draws))
+            left = int(torch.randint(width - self.crop + 1, (1,), generator=draws))
         else:
             top, left = (height - self.crop) // 2, (width - self.crop) // 2
-        return top, left, self.crop, self.crop
+        return Window(left, top, self.crop, self.crop)
 
-    def _normalized(self, raw: np.ndarray, path: Path, box: tuple[int, int, int, int], s1: bool) -> Tensor:
-        """(bands, h, w) float32 of the box (top, left, h, w) within ``raw`` (bands, H, W).
-
-        Seed normalisation: S1 clipped to [-25, 0] dB then + 25, S2 clipped to [0, 10000], then
-        every channel divided by its maximum over ``raw`` (+ 1e-5). NaN (S1) -> 0 dB beforehand.
-        """
+    def _prepared(self, raw: np.ndarray, path: Path, s1: bool) -> Tensor:
+        """(bands, h, w) float32 of a window read from ``path``: non-finite values -> 0 (dB for
+        S1), then with ``normalize="seed"`` S1 clipped to [-25, 0] dB + 25 and S2 to [0, 10000].
+        The per-channel maximum division is left to ``seed_normalize``, after any transform."""
         x = torch.from_numpy(raw.astype(np.float32, copy=False))
         if np.issubdtype(raw.dtype, np.floating):
-            x.masked_fill_(self._count_nan(x, path, "0 dB" if s1 else "0"), 0.0)
-        top, left, height, width = box
+            x.masked_fill_(self._count_nonfinite(x, path, "0 dB" if s1 else "0"), 0.0)
         if self.normalize == "none":
-            return x[:, top : top + height, left : left + width]
-        x = x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
-        channel_max = x.amax(dim=(1, 2), keepdim=True)
-        return x[:, top : top + height, left : left + width] / (channel_max + 1e-5)
+            return x
+        return x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
 
     def _read_patch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor, np.ndarray]:
-        """S1 (2, h, w), S2 (13, h, w) and the 8-class label map (h, w) uint8 of one crop window."""
+        """S1 (2, h, w), S2 (13, h, w) (clipped, not yet divided by their maxima) and the 8-class
+        label map (h, w) uint8 of one crop window; only the window is read from disk."""
         paths = self._files[index]
-        # The seed normalisation divides by the maximum of the whole 256 x 256 patch (the released
-        # checkpoints were trained on patches normalised before cropping), so it reads the whole
-        # image; without normalisation only the window is read.
-        whole = self.normalize == "seed"
         with rasterio.Env(**_GDAL_OPTIONS):
             with _open_tif(paths["s1"], 2) as src:
                 size = (src.height, src.width)
-                top, left, height, width = self._window(*size, generator, paths["s1"])
-                window = Window(left, top, width, height)
-                box = (top, left, height, width) if whole else (0, 0, height, width)
-                s1_raw = src.read(window=None if whole else window)
+                window = self._window(index, *size, generator, paths["s1"])
+                s1_raw = src.read(window=window)
             with _open_tif(paths["s2"], 13, size) as src:
-                s2_raw = src.read(window=None if whole else window)
+                s2_raw = src.read(window=window)
             with _open_tif(paths["label"], self._label_bands, size) as src:
-                label_map = self._label_lut[src.read(1, window=window)]
-        s1 = self._normalized(s1_raw, paths["s1"], box, s1=True)
-        s2 = self._normalized(s2_raw, paths["s2"], box, s1=False)
+                label_map = _class_map(src.read(1, window=window), paths["label"], self._labels)
+        s1 = self._prepared(s1_raw, paths["s1"], s1=True)
+        s2 = self._prepared(s2_raw, paths["s2"], s1=False)
+        # Judged before clipping: clipped S1 is 25 where the file holds 0 dB.
+        zero = [path for x, path in ((s1_raw, paths["s1"]), (s2_raw, paths["s2"])) if not x.any()]
+        self._count_all_zero(zero)
         return s1, s2, label_map
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -577,6 +757,13 @@ class _PatchDataset(_PairedDataset):
         if self.return_label_map:
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
         self._apply_transform(item, generator)
+        if self.normalize == "seed":
+            for modality in ("s1", "s2"):
+                views = item[modality]
+                item[modality] = (
+                    tuple(seed_normalize(view) for view in views) if isinstance(views, (tuple, list))
+                    else seed_normalize(views)
+                )
         return item
 
     def patch_labels(self) -> Tensor:
@@ -586,7 +773,7 @@ class _PatchDataset(_PairedDataset):
         with rasterio.Env(**_GDAL_OPTIONS):
             for i, paths in enumerate(tqdm(self._files, desc="patch labels", leave=False, disable=None)):
                 with _open_tif(paths["label"], self._label_bands) as src:
-                    labels[i] = _labels_of_map(self._label_lut[src.read(1)])[0]
+                    labels[i] = _labels_of_map(_class_map(src.read(1), paths["label"], self._labels))[0]
         return labels
 
 
@@ -611,13 +798,22 @@ class DFC2020Dataset(_PatchDataset):
     8-class label of the crop window (ignore pixels count; 255 when they win); ``"multilabel"``
     (8,) the classes covering at least 10 % of the window's pixels; ``"id"`` the patch number N
     of ``_p{N}.tif``; with ``return_label_map``, ``"label_map"`` (H, W) int64, 0-7 or 255 (not
-    transformed). ``crop=None``: the whole patch; ``crop=224``: a 224 x 224 window, random when
-    ``train`` else centred. S1, S2 and labels share the window.
+    transformed). ``crop=None``: the whole patch (every patch must have the size of the first);
+    ``crop=224``: a 224 x 224 window, random per (seed, epoch, index) when ``train``, else
+    centred, or with ``offset_seed`` at a random offset drawn once per patch number (the same
+    windows in every evaluation, epoch and run, whatever the DataLoader order or worker). S1, S2
+    and labels share the window; only the window is read from disk.
 
-    ``normalize="seed"`` (the released DualResNet50 checkpoints'): S1 NaN -> 0 dB (what
-    ``np.nan_to_num`` gives in the public SEN12MS loaders), clip to [-25, 0] dB, + 25; S2 clip to
-    [0, 10000]; every channel divided by its maximum over the whole patch (+ 1e-5), before the
-    crop. ``normalize="none"``: S1 in dB (NaN -> 0 dB) and S2 raw, as float32.
+    ``normalize="seed"`` (what the released DualResNet50 checkpoints were trained with, per crop):
+    S1 non-finite -> 0 dB (NaN -> 0 is what ``np.nan_to_num`` gives in the public SEN12MS
+    loaders), clip to [-25, 0] dB, + 25; S2 clip to [0, 10000]; ``transform`` (if any) on this
+    clipped crop; then every channel of the crop, or of each returned view, divided by its own
+    maximum (+ 1e-5) (``seed_normalize``). ``normalize="none"``: S1 in dB (non-finite -> 0 dB)
+    and S2 raw, as float32, transformed as they are.
+
+    Label maps: ``dfc`` files may hold codes 0-10 and 255, ``lc`` band 1 IGBP codes 1-17 with 0
+    and 255 accepted as no data (ignore); other codes, or a non-integer dtype, raise
+    ``DataFileError`` naming the file and the codes (an item checks its window only).
 
     Args:
         root: the folder holding ``ROIs0000_validation`` and ``ROIs0000_test``.
@@ -625,6 +821,9 @@ class DFC2020Dataset(_PatchDataset):
         label_source: ``"dfc"`` (the DFC labels) or ``"lc"`` (MODIS IGBP, band 1, mapped to DFC).
             Only the label file of the chosen source is read.
         strict: raise when a patch lacks one of its files, instead of skipping it.
+        offset_seed: with ``train=False`` and a crop, place each patch's evaluation window at an
+            offset drawn from ``keyed_generator(offset_seed, N)`` (N the patch number) instead of
+            the centre, as the original evaluates a random 224 px window; refused with ``train``.
     """
 
     def __init__(
@@ -640,8 +839,9 @@ class DFC2020Dataset(_PatchDataset):
         transform: Transform | None = None,
         seed: int = 0,
         strict: bool = False,
+        offset_seed: int | None = None,
     ) -> None:
-        super().__init__(crop, train, normalize, return_label_map, transform, seed)
+        super().__init__(crop, train, normalize, return_label_map, transform, seed, offset_seed)
         if split not in _DFC_FOLDERS:
             raise ValueError(f"split must be one of {tuple(_DFC_FOLDERS)}, got {split!r}")
         if label_source not in ("dfc", "lc"):
@@ -657,12 +857,14 @@ class DFC2020Dataset(_PatchDataset):
         self.patch_ids, self._files, self.skipped, total = _pair_patches(
             {m: self.root / top / name for m, name in folders.items()}, strict, layout
         )
+        self._offset_keys = [(number,) for number in self.patch_ids]
         self._label_bands = 1 if label_source == "dfc" else 4
-        self._label_lut = _DFC_TO_CLASS if label_source == "dfc" else _IGBP_TO_CLASS
+        self._labels = _DFC_LABELS if label_source == "dfc" else _IGBP_LABELS
         if not self._files:
             raise ValueError(
                 f"DFC2020 split {split!r} under {self.root / top} has no complete patch (skipped: {self.skipped})"
             )
+        self._learn_patch_size()
         _log_summary(f"DFC2020Dataset({split})", len(self._files), total, self.skipped)
 
 
@@ -672,6 +874,8 @@ _SEN12MS_SEASONS = {
     "fall": "ROIs1970_fall",
     "winter": "ROIs2017_winter",
 }
+# The ROI number of each season folder (ROIs1158_spring -> 1158): part of a patch's offset key.
+_SEASON_ROI = {season: int(folder[4:8]) for season, folder in _SEN12MS_SEASONS.items()}
 _SCENE_FOLDER = re.compile(r"^(s1|s2|lc)_(\d+)$")
 
 
@@ -688,14 +892,18 @@ def _sen12ms_layout(root: Path) -> str:
 class SEN12MSDataset(_PatchDataset):
     """SEN12MS triplets (S1, S2, MODIS land cover) over the four season folders.
 
-    Item layout as ``DFC2020Dataset``, labels from the ``lc`` band 1 (IGBP -> DFC -> 8 classes),
-    ``"id"`` a str such as ``"ROIs1158_spring_106_p42"``. A file that turns out unreadable when
-    its item is loaded (the public release has one) is logged once per process, counted in
-    ``unreadable``, and the next patch is returned in its place.
+    Item layout, windows and normalisation as ``DFC2020Dataset``, labels from the ``lc`` band 1
+    (IGBP 1-17 -> DFC -> 8 classes; 0 and 255 accepted as no data, i.e. ignore), ``"id"`` a str
+    such as ``"ROIs1158_spring_106_p42"``. A file that turns out unreadable when its item is
+    loaded (the public release has one), or that fails a check (bands, size, label codes), is
+    logged once per process and message, counted in ``unreadable``, and the next patch is
+    returned in its place.
 
     Args:
         root: the folder holding ``ROIs1158_spring``, ``ROIs1868_summer``, ``ROIs1970_fall``, ``ROIs2017_winter``.
         seasons: the seasons to read.
+        offset_seed: as in ``DFC2020Dataset``; a patch's offset is drawn from
+            ``keyed_generator(offset_seed, ROI, scene, N)``, e.g. (offset_seed, 1158, 106, 42).
     """
 
     _MAX_SUBSTITUTES = 10
@@ -711,8 +919,9 @@ class SEN12MSDataset(_PatchDataset):
         return_label_map: bool = False,
         transform: Transform | None = None,
         seed: int = 0,
+        offset_seed: int | None = None,
     ) -> None:
-        super().__init__(crop, train, normalize, return_label_map, transform, seed)
+        super().__init__(crop, train, normalize, return_label_map, transform, seed, offset_seed)
         unknown = [season for season in seasons if season not in _SEN12MS_SEASONS]
         if unknown or not seasons:
             raise ValueError(f"seasons must be a non-empty subset of {tuple(_SEN12MS_SEASONS)}, got {tuple(seasons)}")
@@ -723,6 +932,7 @@ class SEN12MSDataset(_PatchDataset):
             raise FileNotFoundError(f"SEN12MS root {self.root} does not exist; expected:\n{layout}")
         self._files: list[dict[str, Path]] = []
         self.patch_ids: list[str] = []
+        self._offset_keys: list[tuple[int, ...]] = []
         skipped: Counter[str] = Counter()
         total = 0
         for season in self.seasons:
@@ -737,17 +947,19 @@ class SEN12MSDataset(_PatchDataset):
                 )
                 self._files += files
                 self.patch_ids += [f"{season_folder.name}_{scene}_p{n}" for n in numbers]
+                self._offset_keys += [(_SEASON_ROI[season], scene, n) for n in numbers]
                 skipped.update(scene_skipped)
                 total += scene_total
         self.skipped = dict(skipped)
         self._label_bands = 4
-        self._label_lut = _IGBP_TO_CLASS
+        self._labels = _IGBP_LABELS
         self._unreadable = _SharedCounter()
         self._logged_errors: set[str] = set()
         if not self._files:
             raise ValueError(
                 f"SEN12MS under {self.root}, seasons {self.seasons}: no complete patch (skipped: {self.skipped})"
             )
+        self._learn_patch_size()
         _log_summary(f"SEN12MSDataset({','.join(self.seasons)})", len(self._files), total, self.skipped)
 
     @property

@@ -336,19 +336,106 @@ def test_dfc_without_normalisation_returns_db_and_raw_values(dfc):
     np.testing.assert_array_equal(item["s2"].numpy(), _tif(_dfc_path(dfc, "s2", number)).astype(np.float32))
 
 
-@pytest.mark.parametrize("normalize", ["seed", "none"])
-def test_dfc_evaluation_crop_is_the_centre_of_the_whole_patch(dfc, normalize):
-    # The seed normalisation takes each channel's maximum over the whole patch, so the crop of
-    # the normalised patch equals the crop read directly.
-    whole = datasets.DFC2020Dataset(dfc, normalize=normalize, return_label_map=True)
-    crop = datasets.DFC2020Dataset(dfc, crop=20, normalize=normalize, return_label_map=True)
+def test_dfc_evaluation_crop_is_the_centre_of_the_whole_patch(dfc):
+    whole = datasets.DFC2020Dataset(dfc, normalize="none", return_label_map=True)
+    crop = datasets.DFC2020Dataset(dfc, crop=20, normalize="none", return_label_map=True)
     for i in range(len(whole)):
         full, item = whole[i], crop[i]
         for key in ("s1", "s2"):
-            torch.testing.assert_close(item[key], full[key][:, 6:26, 6:26])
+            assert torch.equal(item[key], full[key][:, 6:26, 6:26])
         assert torch.equal(item["label_map"], full["label_map"][6:26, 6:26])
         label, multilabel = _naive_labels(_tif(_dfc_path(dfc, "dfc", item["id"]))[0, 6:26, 6:26])
         assert item["label"] == label and item["multilabel"].tolist() == multilabel
+
+
+def test_dfc_crop_is_seed_normalised_on_its_own(dfc):
+    ds = datasets.DFC2020Dataset(dfc, crop=20)
+    for i in range(len(ds)):
+        item = ds[i]
+        for modality, s1 in (("s1", True), ("s2", False)):
+            window = _tif(_dfc_path(dfc, modality, item["id"]))[:, 6:26, 6:26]
+            expected = _naive_seed_normalisation(window, s1=s1)
+            np.testing.assert_allclose(item[modality].numpy(), expected, rtol=1e-5, atol=1e-6)
+            # Each channel's own maximum m becomes m / (m + 1e-5), within 1e-4 of 1 for m >= 0.1.
+            maxima = item[modality].amax(dim=(1, 2))
+            assert ((maxima <= 1) & (maxima > 1 - 1e-4)).all()
+    # Whole-patch maxima would leave the crop's maxima below 1 wherever the crop misses the patch maximum.
+    whole = torch.from_numpy(_naive_seed_normalisation(_tif(_dfc_path(dfc, "s2", ds[0]["id"])), s1=False))
+    assert (whole[:, 6:26, 6:26].amax(dim=(1, 2)) < 1 - 1e-3).any()
+
+
+def test_dfc_reads_only_the_window_from_disk(dfc, monkeypatch):
+    shapes = []
+    real_read = rasterio.io.DatasetReader.read
+
+    def read(self, *args, **kwargs):
+        array = real_read(self, *args, **kwargs)
+        shapes.append(array.shape)
+        return array
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
+    datasets.DFC2020Dataset(dfc, crop=12, train=True)[0]
+    assert shapes == [(2, 12, 12), (13, 12, 12), (12, 12)]
+
+
+class _RecordingViews:
+    """Two views (x * ramp, x), the ramp rising from 0.5 to 1 across the columns; records its inputs."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inputs.append(x.clone())
+        return x * torch.linspace(0.5, 1.0, x.shape[-1]), x
+
+
+def _channel_max_normalisation(x: np.ndarray) -> np.ndarray:
+    return x / (x.max(axis=(1, 2), keepdims=True) + 1e-5)
+
+
+def test_dfc_transform_sees_the_clipped_crop_and_each_view_is_normalised(dfc):
+    views = _RecordingViews()
+    item = datasets.DFC2020Dataset(dfc, crop=20, transform=views)[0]
+    ramp = np.linspace(0.5, 1.0, 20)
+    for k, (modality, s1) in enumerate((("s1", True), ("s2", False))):
+        window = _tif(_dfc_path(dfc, modality, item["id"]))[:, 6:26, 6:26].astype(np.float64)
+        clipped = np.clip(np.nan_to_num(window, nan=0.0), -25, 0) + 25 if s1 else np.clip(window, 0, 10000)
+        np.testing.assert_allclose(views.inputs[k].numpy(), clipped, rtol=1e-6, atol=1e-5)
+        augmented, original = item[modality]
+        np.testing.assert_allclose(augmented.numpy(), _channel_max_normalisation(clipped * ramp), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(original.numpy(), _channel_max_normalisation(clipped), rtol=1e-5, atol=1e-6)
+
+
+def test_dfc_two_views_are_normalised_after_the_augmentation(dfc):
+    plain = datasets.DFC2020Dataset(dfc, crop=24)
+    ds = datasets.DFC2020Dataset(dfc, crop=24, transform=augment.TwoViews(augment.dfc_augment()))
+    for i in range(len(ds)):
+        item = ds[i]
+        for modality, bands in (("s1", 2), ("s2", 13)):
+            view0, view1 = item[modality]
+            assert view0.shape == (bands, 24, 24) and torch.equal(view1, plain[i][modality])
+            # Normalised after the rotation (zero fill, bilinear): the view's own maxima are ~1.
+            maxima = view0.amax(dim=(1, 2))
+            assert ((maxima <= 1) & (maxima > 1 - 1e-4)).all()
+
+
+def test_seed_normalize_hand_computed():
+    image = torch.tensor(
+        [[[0.0, 5.0], [10.0, 20.0]], [[2.0, 2.0], [2.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=torch.float64
+    )
+    expected = torch.tensor(
+        [[[0.0, 5 / 20.00001], [10 / 20.00001, 20 / 20.00001]], [[2 / 2.00001] * 2] * 2, [[0.0, 0.0], [0.0, 0.0]]],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(datasets.seed_normalize(image), expected, rtol=1e-12, atol=0)
+    # A batch: every image by its own maxima (the second image's channel 0 peaks at 60).
+    batch = datasets.seed_normalize(torch.stack([image, 3 * image]))
+    torch.testing.assert_close(batch[0], expected, rtol=1e-12, atol=0)
+    assert batch[1, 0, 0, 1].item() == pytest.approx(15 / 60.00001, rel=1e-12)
+    with pytest.raises(ValueError, match=r"\(C, H, W\).*got shape \(2, 2\)"):
+        datasets.seed_normalize(image[0])
+    with pytest.raises(TypeError, match="floating-point"):
+        datasets.seed_normalize(image.long())
 
 
 def _window_offset(full: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:
@@ -361,8 +448,8 @@ def _window_offset(full: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:
 
 
 def test_dfc_training_crops_share_one_random_window(dfc):
-    whole = datasets.DFC2020Dataset(dfc, return_label_map=True)
-    ds = datasets.DFC2020Dataset(dfc, crop=16, train=True, return_label_map=True, seed=3)
+    whole = datasets.DFC2020Dataset(dfc, normalize="none", return_label_map=True)
+    ds = datasets.DFC2020Dataset(dfc, crop=16, train=True, normalize="none", return_label_map=True, seed=3)
     windows = set()
     for epoch in range(3):
         ds.set_epoch(epoch)
@@ -377,7 +464,7 @@ def test_dfc_training_crops_share_one_random_window(dfc):
             assert torch.equal(item["label_map"], full["label_map"][top : top + 16, left : left + 16])
     assert len(windows) > 10
     ds.set_epoch(1)
-    again = datasets.DFC2020Dataset(dfc, crop=16, train=True, seed=3)
+    again = datasets.DFC2020Dataset(dfc, crop=16, train=True, normalize="none", seed=3)
     again.set_epoch(1)
     assert torch.equal(ds[2]["s1"], again[2]["s1"])
 
@@ -496,15 +583,9 @@ def test_dfc_bad_roots_and_empty_splits(tmp_path, dfc):
         datasets.DFC2020Dataset(dfc, "train")
 
 
-def test_dfc_two_views_and_per_modality_draws(dfc):
-    plain = datasets.DFC2020Dataset(dfc, crop=24)[0]
-    item = datasets.DFC2020Dataset(dfc, crop=24, transform=augment.TwoViews(augment.dfc_augment()))[0]
-    for modality, bands in (("s1", 2), ("s2", 13)):
-        view0, view1 = item[modality]
-        assert view0.shape == (bands, 24, 24) and torch.equal(view1, plain[modality])
-    ds = datasets.DFC2020Dataset(dfc, transform=_AddRandom())
-    item = ds[0]
-    whole = datasets.DFC2020Dataset(dfc)[0]
+def test_dfc_transform_draws_per_modality(dfc):
+    ds = datasets.DFC2020Dataset(dfc, normalize="none", transform=_AddRandom())
+    item, whole = ds[0], datasets.DFC2020Dataset(dfc, normalize="none")[0]
     assert (item["s1"] - whole["s1"]).mean() != pytest.approx((item["s2"] - whole["s2"]).mean().item())
 
 
