@@ -1,104 +1,176 @@
-"""The training-loop pieces the three scripts share.
+"""The training-loop pieces the three scripts share: flags, devices, loaders, views, metrics,
+run folders and the epoch loop. The method itself (the multi-modal forward pass and its loss)
+lives in `models.MultiModalNet` and `losses.SupConCELoss`; each script's `step` ties them together.
 
-Read top to bottom: command-line flags common to every script, the process context (device,
-torchrun ranks), data loading with epoch-keyed randomness, the multi-view model wrapper and the
-loss composition of the method, metrics, the run folder (config, metrics, checkpoints, results)
-and `fit`, the epoch loop.
+Read top to bottom: command-line flags (validated by argparse), the process context (device,
+torchrun ranks, numeric options; decided by the pure function `plan_context`), data loading
+with epoch-keyed randomness, the views of a batch, metrics, the run folder (lock, config,
+metrics, checkpoints, results) and `fit`, the epoch loop.
 
 Randomness is keyed, not streamed: the sample order of epoch e comes from (seed, e), a sample's
-crop from (seed, e, index), a batch's augmentation from (seed, e, step). A run resumed from the
-checkpoint of epoch e therefore replays exactly what an uninterrupted run would have done.
+crop from (seed, e, index), a batch's augmentation from (seed, e, step, rank). A run resumed from
+the checkpoint of epoch e therefore replays exactly what an uninterrupted run would have done.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
 import math
 import os
+import platform
 import random
+import shutil
+import socket
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, recall_score
+from sklearn.metrics import confusion_matrix
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from augment import TwoViews, key_seed, keyed_generator
-from losses import IGNORE, SupConLoss, multimodal_views
-from models import set_frozen_bn_eval
+from augment import key_seed, keyed_generator
+from losses import IGNORE
+from models import atomic_save, set_frozen_bn_eval
 
 log = logging.getLogger("engine")
 
 
-
 # ----------------------------------------------------------------------------- flags
+
+def _number(kind: type, low: float | None = None, *, low_open: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """An argparse `type` for a finite number within bounds; argparse names the flag on error."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if low_open else 'at least'} {low}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+non_negative = _number(float, 0.0)
+positive = _number(float, 0.0, low_open=True)
+fraction = _number(float, 0.0, low_open=True, high=1.0)
+seed_int = _number(int, 0, high=2**32 - 1)  # numpy's seed range
+
+# Flags that describe the machine, not the experiment: a resumed run takes them from its own
+# command line, never from the saved config.
+HARDWARE_FLAGS = ("device", "amp", "channels_last", "compile", "workers", "progress")
+# What --resume accepts besides the hardware flags.
+RESUMABLE_FLAGS = ("epochs", "resume")
+
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
     """Flags every script takes; the defaults given are the script's published settings."""
     g = parser.add_argument_group("run")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
-    g.add_argument("--batch_size", type=int, default=batch_size, help=f"per-process batch size (default {batch_size})")
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, sample order, crops, augmentations (default 0)")
-    g.add_argument("--save_path", type=Path, default=None, help="run folder (default runs/<script>-<time>)")
+    g.add_argument("--epochs", "--n_epochs", dest="epochs", type=positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"per-process batch size (default {batch_size})")
+    g.add_argument("--lr", type=non_negative, default=lr, help=f"learning rate (default {lr})")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, sample order, crops, augmentations (default 0)")
+    g.add_argument("--save_path", type=Path, default=None, help="run folder (default runs/<script>-<time>); refused if it holds a run")
     g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue a killed run from RUN_DIR/last.pt with RUN_DIR's config; "
-                        "--epochs may extend it, --device and --workers may change")
+                   help="continue the run in RUN_DIR with its own config; --epochs may extend it, hardware flags may change")
+    g.add_argument("--overwrite", action="store_true", help="start over in a --save_path that holds a run, removing its files first")
     g = parser.add_argument_group("hardware")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for the networks, losses stay float32 (default: on with CUDA)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format for the conv nets (default: on with CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers per process (default: CPU count / processes, at most 8; 1 on CPU)")
-    g.add_argument("--augment_on", choices=["device", "loader"], default="device",
-                   help="make augmented views on the training device in batches (default), "
-                        "or per sample in the DataLoader workers (the original style)")
+    g.add_argument("--workers", type=non_negative_int, default=None,
+                   help="DataLoader workers per process (default: CPU count / processes, at most 8, with CUDA; 1 on CPU)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only when stderr is a terminal, so log files get clean lines)")
+
+
+def add_supervised_args(parser: argparse.ArgumentParser, *, head_lr: float | None, eval_dense_after: int) -> None:
+    """Flags both fine-tuning scripts take, under the same names; the original's spellings are aliases."""
+    g = parser.add_argument_group("method")
+    g.add_argument("--use_sup_con", action="store_true", help="add the supervised contrastive loss")
+    g.add_argument("--sup_weight", "--sup_delta", "--delta_sup", dest="sup_weight", type=non_negative, default=1.0,
+                   help="weight of SupCon (default 1.0)")
+    g.add_argument("--ce_weight", "--cross_delta", "--delta_lin", dest="ce_weight", type=non_negative, default=1.0,
+                   help="weight of cross-entropy (default 1.0)")
+    g.add_argument("--temperature", type=positive, default=0.07, help="SupCon temperature and base temperature (default 0.07)")
+    g.add_argument("--ce_from", choices=["separate", "joint"], default="separate",
+                   help="separate: CE reads a second encoder pass over the originals, as the original (default); "
+                        "joint: CE reads the original half of the joint (augmented, original) pass, a third less compute")
+    g.add_argument("--head_lr", "--classifier_lr", dest="head_lr", type=non_negative, default=head_lr,
+                   help="learning rate of the classifier head(s) (default: " + ("--lr" if head_lr is None else str(head_lr)) + ")")
+    g.add_argument("--data_ratio", type=fraction, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
+    g.add_argument("--subset_seed", type=seed_int, default=0, help="seed of the --data_ratio subset, fixed across --seed (default 0)")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval_batch_size", type=positive_int, default=None, help="evaluation batch size (default 2 x --batch_size)")
+    g.add_argument("--eval_every", type=non_negative_int, default=10,
+                   help="evaluate after 0-based epochs that are multiples of N (0: never), and after the last (default 10)")
+    g.add_argument("--eval_dense_after", type=int, default=eval_dense_after,
+                   help=f"and after every 0-based epoch above this one (default {eval_dense_after}, the original's)")
+    g.add_argument("--name", default=None, help="configuration label for summaries (default: derived from the flags)")
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags; with --resume, take the run's own config and keep only what may change."""
+    """Parse flags; with --resume, take the run's own config and refuse flags that cannot change."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.resume is None:
         return args
+    if args.overwrite:
+        parser.error("--resume continues a run and --overwrite starts one over: choose one")
     config_path = args.resume / "config.json"
     if not config_path.is_file():
         parser.error(f"--resume {args.resume}: no config.json there; is it a run folder?")
     saved = json.loads(config_path.read_text())
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     explicit = {a.dest for a in parser._actions if given & set(a.option_strings)}
-    resumed = argparse.Namespace(**{**vars(args), **saved})
-    for key in ("device", "workers", "epochs"):
-        if key in explicit:
-            setattr(resumed, key, getattr(args, key))
-    resumed.resume, resumed.save_path = args.resume, args.resume
+    refused = sorted(explicit - set(HARDWARE_FLAGS) - set(RESUMABLE_FLAGS))
+    if refused:
+        parser.error(f"--resume continues {args.resume} with its own config.json; these flags cannot change: "
+                     f"{', '.join('--' + r for r in refused)}. Drop them, or start a new run")
+    resumed = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in HARDWARE_FLAGS}})
+    if "epochs" in explicit:
+        resumed.epochs = args.epochs
+    resumed.resume, resumed.save_path, resumed.overwrite = args.resume, args.resume, False
     return resumed
 
 
 # ----------------------------------------------------------------------------- process context
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """Where this process runs: device, torchrun rank and world size, numeric options."""
+    """Where this process runs and how: every CUDA-dependent decision, made by `plan_context`."""
 
     device: torch.device
-    rank: int
-    world: int
-    amp: bool
-    channels_last: bool
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # torch.distributed backend, None for a single process
+    amp: bool = False
+    channels_last: bool = False
+    workers: int = 0
+    pin_memory: bool = False
+    progress: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -108,33 +180,83 @@ class Context:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def to_device(self, x: Tensor) -> Tensor:
-        """Move an image batch (B, C, H, W) to the device in the chosen memory format."""
-        return self.memory_format(x.to(self.device, non_blocking=True))
+        """Move an image batch (B, C, H, W) to the device in the chosen memory format.
+
+        non_blocking: from pinned memory the copy overlaps with compute; the stream orders it
+        before any kernel that reads the result, and nothing reads it on the host."""
+        return self.memory_format(x.to(self.device, non_blocking=self.pin_memory))
 
     def memory_format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
+class DeviceError(ValueError):
+    """A --device that this machine or this torchrun job cannot give."""
+
+
+def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_available: bool, device_count: int,
+                 cpu_count: int, stderr_is_terminal: bool = False) -> Context:
+    """Decide device, ranks, backend, numeric options and loader settings. Pure: no CUDA call.
+
+    - Device: `--device` or cuda when available. A CUDA device without an index means the
+      current device: cuda:LOCAL_RANK under torchrun, cuda:0 otherwise (torch.cuda.set_device
+      refuses an index-less device). An explicit index is kept in a single process and refused
+      under torchrun with several processes (each process takes cuda:LOCAL_RANK).
+    - Backend: NCCL on CUDA, gloo on CPU, none for one process.
+    - amp and channels_last: on with CUDA unless a flag says otherwise.
+    - workers: `--workers`, or CPU count / processes per node (at most 8) with CUDA, 1 on CPU;
+      pinned memory only with CUDA.
+    """
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    requested = args.device or ("cuda" if cuda_available else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise DeviceError(f"--device {requested!r}: {error}") from None
+    if device.type == "cuda":
+        if not cuda_available or device_count == 0:
+            raise DeviceError(f"--device {requested}: this PyTorch sees no CUDA device "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if world > 1:
+            if device.index is not None:
+                raise DeviceError(f"--device {requested} under torchrun: each of the {world} processes takes "
+                                  f"cuda:LOCAL_RANK; pass --device cuda (or set CUDA_VISIBLE_DEVICES)")
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", 0)
+        if device.index >= device_count:
+            raise DeviceError(f"--device {requested} resolves to {device}, but only {device_count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise DeviceError(f"--device {requested!r}: expected cpu, cuda or cuda:N")
+    cuda = device.type == "cuda"
+    workers = args.workers
+    if workers is None:
+        workers = min(8, max(1, cpu_count // max(1, local_world))) if cuda else 1
+    progress = stderr_is_terminal if args.progress is None else args.progress
+    return Context(device=device, rank=rank, world=world, local_rank=local_rank,
+                   backend=("nccl" if cuda else "gloo") if world > 1 else None,
+                   amp=cuda if args.amp is None else args.amp,
+                   channels_last=cuda if args.channels_last is None else args.channels_last,
+                   workers=workers, pin_memory=cuda, progress=progress and rank == 0)
+
+
 def setup(args: argparse.Namespace) -> Context:
-    """Logging, torchrun process group (NCCL on GPU, gloo on CPU), device, seeds."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    """Logging, the context of `plan_context` applied (CUDA device, process group), seeds."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    cuda = device.type == "cuda"
-    ctx = Context(device, rank, world,
-                  amp=cuda if args.amp is None else args.amp,
-                  channels_last=cuda if args.channels_last is None else args.channels_last)
-    if ctx.amp and not cuda:
-        log.warning("--amp on %s: bf16 autocast on CPU is slow and only useful for debugging", device)
+    ctx = plan_context(args, os.environ, torch.cuda.is_available(), torch.cuda.device_count(), os.cpu_count() or 1,
+                       sys.stderr.isatty())
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+        torch.backends.cudnn.benchmark = True  # fixed training shapes; evaluation adds one or two more
+    if ctx.backend is not None and not dist.is_initialized():
+        dist.init_process_group(ctx.backend, device_id=ctx.device if ctx.device.type == "cuda" else None)
+    if ctx.amp and ctx.device.type != "cuda":
+        log.warning("--amp on %s: bf16 autocast on CPU is slow and only useful for debugging", ctx.device)
     seed_everything(args.seed)
     return ctx
 
@@ -143,10 +265,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def generator(device: torch.device, *parts: int) -> torch.Generator:
-    return keyed_generator(*parts, device=device)
 
 
 # ----------------------------------------------------------------------------- data
@@ -231,8 +349,7 @@ def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.
     """A DataLoader over `dataset` (or its `indices`) with an EpochSampler.
 
     Training drops the last incomplete batch (BatchNorm needs more than one sample, and
-    gathered losses need equal batches on every rank). Workers, pinning and prefetch follow
-    the context.
+    gathered losses need equal batches on every rank). Workers and pinning follow the context.
     """
     keyed = EpochKeyed(dataset, indices)
     sampler = EpochSampler(len(keyed), args.seed, ctx.rank, ctx.world, shuffle=train, weights=weights,
@@ -240,162 +357,64 @@ def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.
     if train and len(sampler) == 0:
         raise ValueError(f"{len(keyed)} training samples give no full batch of {batch_size} on {ctx.world} process(es); "
                          "lower --batch_size")
-    workers = args.workers
-    if workers is None:
-        workers = min(8, max(1, (os.cpu_count() or 1) // ctx.world)) if ctx.device.type == "cuda" else 1
-    return DataLoader(keyed, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=ctx.device.type == "cuda", persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(keyed, batch_size=batch_size, sampler=sampler, num_workers=ctx.workers,
+                      pin_memory=ctx.pin_memory, persistent_workers=ctx.workers > 0,
+                      prefetch_factor=4 if ctx.workers > 0 else None)
 
 
 class Views:
-    """Turns a batch into the views of each modality, on the training device.
+    """The images of a batch on the device: the originals, and the augmented views if any.
 
-    Fine-tuning uses (augmented, original) pairs (`n_views=2`) or a single image, augmented if
-    `augment` is set; pre-training uses two augmented views (`keep_original=False`).
-    `on="device"` augments whole batches on the device with per-sample random parameters from a
-    (seed, epoch, step, rank) generator; `on="loader"` has the DataLoader workers do it per
-    sample (`dataset_transform`), the original style, kept for comparison.
+    Augmentation runs on whole batches on the training device with per-sample parameters drawn
+    from a CPU generator keyed by (seed, epoch, step, rank): the same draws on any device, and a
+    resumed run replays them. `renormalize` (e.g. `datasets.seed_normalize`) is applied to each
+    augmented view, as the original normalises each view after its augmentation.
 
     Args:
         modalities: batch keys to read ("s1", "s2").
         augment: an `augment.Augment`, or None for no augmentation.
-        n_views: 1 or 2.
-        on: "device" or "loader".
-        keep_original: whether the last of two views is the original image.
+        ctx: the process context.
+        seed: run seed.
+        renormalize: per-view normalisation after augmentation, or None.
+        second: "original" (the (augmented, original) pairs of fine-tuning and of the original
+            pre-training) or "augmented" (two independently augmented views).
     """
 
-    def __init__(self, modalities: Sequence[str], augment: Callable | None, n_views: int, on: str, ctx: Context,
-                 seed: int, keep_original: bool = True) -> None:
-        self.modalities, self.augment, self.n_views, self.on, self.ctx, self.seed = list(modalities), augment, n_views, on, ctx, seed
-        self.n_augmented = 0 if augment is None else n_views - (keep_original and n_views == 2)
-        if on == "loader" and self.n_augmented == 2:
-            raise ValueError("two augmented views are made on the device only; use --augment_on device")
+    def __init__(self, modalities: Sequence[str], augment: Callable | None, ctx: Context, seed: int,
+                 renormalize: Callable[[Tensor], Tensor] | None = None, second: str = "original") -> None:
+        if second not in ("original", "augmented"):
+            raise ValueError(f"second must be 'original' or 'augmented', got {second!r}")
+        self.modalities, self.augment, self.ctx, self.seed = list(modalities), augment, ctx, seed
+        self.renormalize, self.second = renormalize, second
 
-    def dataset_transform(self) -> Callable | None:
-        """The per-sample transform for the data set (None when views are made on the device)."""
-        if self.on == "device" or self.augment is None:
-            return None
-        return TwoViews(self.augment) if self.n_views == 2 else self.augment
+    def _augmented(self, x: Tensor, g: torch.Generator) -> Tensor:
+        view = self.augment(x, generator=g)
+        if self.renormalize is not None:
+            view = self.renormalize(view)
+        # grid_sample and roi_align return NCHW whatever their input: restore the nets' format.
+        return self.ctx.memory_format(view)
 
-    def __call__(self, batch: dict, epoch: int, step: int) -> dict[str, list[Tensor]]:
+    def __call__(self, batch: dict, epoch: int, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """
         Returns:
-            modality -> list of n_views image batches (B, C, H, W); with an original view, it
-            is the last.
+            (originals, augmented): modality -> (B, C, H, W) on the device; augmented is None
+            without augmentation. With second="augmented", "originals" is a second augmented view.
         """
-        if self.on == "loader" or self.augment is None:
-            views = {}
-            for m in self.modalities:
-                item = batch[m]
-                views[m] = [self.ctx.to_device(v) for v in item] if isinstance(item, (list, tuple)) else [self.ctx.to_device(item)] * self.n_views
-            return views
-        g = generator(self.ctx.device, self.seed, epoch, step, self.ctx.rank)
-        views = {}
-        for m in self.modalities:
-            x = self.ctx.to_device(batch[m])
-            # grid_sample returns NCHW whatever its input: restore the conv nets' memory format.
-            augmented = [self.ctx.memory_format(self.augment(x, generator=g)) for _ in range(self.n_augmented)]
-            views[m] = augmented + [x] * (self.n_views - self.n_augmented)
-        return views
+        originals = self.originals(batch)
+        if self.augment is None:
+            return originals, None
+        g = keyed_generator(self.seed, epoch, step, self.ctx.rank)
+        augmented = {m: self._augmented(x, g) for m, x in originals.items()}
+        if self.second == "augmented":
+            originals = {m: self._augmented(x, g) for m, x in originals.items()}
+        return originals, augmented
 
-    def originals(self, batch: dict) -> dict[str, list[Tensor]]:
-        """Evaluation views: the originals only."""
-        return {m: [self.ctx.to_device(batch[m])] for m in self.modalities}
+    def originals(self, batch: dict) -> dict[str, Tensor]:
+        """modality -> (B, C, H, W) original images on the device."""
+        return {m: self.ctx.to_device(batch[m]) for m in self.modalities}
 
 
-# ----------------------------------------------------------------------------- model and loss
-
-@contextmanager
-def bn_updates_count(module: nn.Module, times: int) -> Iterator[None]:
-    """Inside the block, each running-statistics update of `module`'s training batch-norm layers
-    counts as `times` updates with the same batch statistics.
-
-    With momentum m, `times` updates of the running mean r with batch mean b give
-    (1 - m)^times * r + (1 - (1 - m)^times) * b: one update with momentum 1 - (1 - m)^times.
-    The variance follows the same recursion. `num_batches_tracked` still advances once per pass:
-    it enters the update only with momentum=None, which is refused here.
-    """
-    layers = [bn for bn in module.modules()
-              if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.track_running_stats]
-    if times == 1 or not layers:
-        yield
-        return
-    for bn in layers:
-        if bn.momentum is None:
-            raise ValueError(f"{type(bn).__name__} with momentum=None (a cumulative average) cannot count one update "
-                             f"as {times}; give it a momentum, or use --separate_ce_pass")
-    saved = [bn.momentum for bn in layers]
-    for bn, m in zip(layers, saved):
-        bn.momentum = 1.0 - (1.0 - m) ** times
-    try:
-        yield
-    finally:
-        for bn, m in zip(layers, saved):
-            bn.momentum = m
-
-
-class MultiViewClassifier(nn.Module):
-    """Per-modality encoders, run once per view; classifier heads on the original views.
-
-    It owns no parameters of its own: the encoders and heads are the modules that checkpoints
-    save (in their released layouts); this wrapper routes views through them, in one forward
-    call, as DDP needs.
-
-    The original work encodes the original view twice in training (once as a SupCon view, once
-    more for the heads). Here it is encoded once, and its batch-norm update counts twice
-    (`bn_updates_count`), so the running statistics, and hence evaluation, follow the same
-    recursion as the original's (augmented, original, original) updates.
-
-    Args:
-        encoders: modality ("s1", "s2") -> module mapping (B, C, H, W) to (B, D). One module may
-            serve several modalities (a shared trunk).
-        heads: head name -> classifier. "fused" reads the original features of every modality
-            concatenated in `encoders` order; a modality name reads that modality only. Empty
-            for pre-training.
-        separate_ce_pass: the original style: in a training step with two views, encode the
-            original view once more for the heads instead of reusing its features (same values
-            and running statistics, a third more compute).
-    """
-
-    def __init__(self, encoders: dict[str, nn.Module], heads: dict[str, nn.Module] | None = None,
-                 separate_ce_pass: bool = False) -> None:
-        super().__init__()
-        unique = list({id(e): e for e in encoders.values()}.values())
-        self.encoders = nn.ModuleList(unique)
-        self.route = {m: next(i for i, u in enumerate(unique) if u is e) for m, e in encoders.items()}
-        self.heads = nn.ModuleDict(heads or {})
-        self.separate_ce_pass = separate_ce_pass
-
-    def encode(self, modality: str, x: Tensor) -> Tensor:
-        return self.encoders[self.route[modality]](x)
-
-    def forward(self, views: dict[str, list[Tensor]]) -> dict[str, dict[str, Tensor]]:
-        """
-        Args:
-            views: modality -> list of V image batches (B, C, H, W); the last is the original.
-        Returns:
-            {"features": modality -> (B, V, D), "logits": head -> (B, num_classes)}.
-        """
-        # Only a training step with heads and (augmented, original) views has the extra CE pass.
-        ce_pass = self.training and len(self.heads) > 0 and all(len(vs) > 1 for vs in views.values())
-        reuse = ce_pass and not self.separate_ce_pass
-        features = {}
-        for m, vs in views.items():
-            encoded = [self.encode(m, v) for v in vs[:-1]]
-            with bn_updates_count(self.encoders[self.route[m]], 2 if reuse else 1):
-                encoded.append(self.encode(m, vs[-1]))
-            features[m] = torch.stack(encoded, dim=1)
-        if ce_pass and self.separate_ce_pass:
-            original = {m: self.encode(m, vs[-1]) for m, vs in views.items()}
-        else:
-            original = {m: f[:, -1] for m, f in features.items()}
-        logits = {}
-        for name, head in self.heads.items():
-            x = torch.cat([original[m] for m in self.route], dim=1) if name == "fused" else original[name]
-            logits[name] = head(x)
-        return {"features": features, "logits": logits}
-
+# ----------------------------------------------------------------------------- metrics
 
 def predict(logits: dict[str, Tensor]) -> Tensor:
     """Class predictions (B,): one head's argmax, or the mean softmax of several (late fusion)."""
@@ -404,111 +423,177 @@ def predict(logits: dict[str, Tensor]) -> Tensor:
     return torch.stack([l.float().softmax(1) for l in logits.values()]).mean(0).argmax(1)
 
 
-def supcon_labels(labels: Tensor, ignore: int = IGNORE) -> Tensor:
-    """Labels for SupCon: an ignored sample becomes a class of its own (positives: its own views)."""
-    unique = -1 - torch.arange(len(labels), device=labels.device)
-    return torch.where(labels == ignore, unique, labels)
-
-
-def compose_loss(out: dict[str, dict[str, Tensor]], labels: Tensor, *, ce_labels: Tensor | None = None,
-                 supcon: SupConLoss | None = None, ce_weight: float = 1.0, sup_weight: float = 1.0) -> dict[str, Tensor]:
-    """The method's loss: `ce_weight * CE + sup_weight * SupCon`.
-
-    CE: sum over heads, each the mean over samples whose label is not IGNORE (0 if none).
-    SupCon on L2-normalised features: across modalities on the batch axis
-    (`multimodal_views`, S1 first) when a fused head exists, otherwise one SupCon per modality,
-    summed.
-
-    Args:
-        out: output of MultiViewClassifier.
-        labels: (B,) class ids for SupCon; IGNORE entries become classes of their own.
-        ce_labels: (B,) targets for CE (default `labels`); IGNORE entries are skipped.
-    Returns:
-        {"loss", "ce", and "supcon" if used}: scalar tensors.
-    """
-    targets = labels if ce_labels is None else ce_labels
-    valid = (targets != IGNORE).sum().clamp(min=1)
-    ce = sum(F.cross_entropy(l.float(), targets, ignore_index=IGNORE, reduction="sum") / valid for l in out["logits"].values())
-    terms = {"ce": ce}
-    total = ce_weight * ce
-    if supcon is not None:
-        features = {m: F.normalize(f.float(), dim=-1) for m, f in out["features"].items()}
-        ids = supcon_labels(labels)
-        if "fused" in out["logits"] and len(features) == 2:
-            stacked, stacked_ids = multimodal_views(features["s1"], features["s2"], ids)
-            sup = supcon(stacked, stacked_ids)
-        else:
-            sup = sum(supcon(f, ids) for f in features.values())
-        terms["supcon"] = sup
-        total = total + sup_weight * sup
-    terms["loss"] = total
-    return terms
-
-
-# ----------------------------------------------------------------------------- metrics
-
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
                            ignore: Sequence[int] = (IGNORE,)) -> dict:
     """Per-class accuracy (recall), AA (their mean over classes present) and OA, in percent.
 
     Samples whose true label is in `ignore` count nowhere, and ignored classes get no column.
     Returns:
-        {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "n": samples counted}.
+        {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "n": samples counted,
+         "ignored": samples skipped, "classes": all class names, "confusion": (K, K) counts of
+         the counted samples over all K classes (rows true, columns predicted)}.
     """
     keep = ~np.isin(y_true, list(ignore))
     y_true, y_pred = y_true[keep], y_pred[keep]
-    classes = [c for c in range(len(class_names)) if c not in ignore]
-    if len(y_true) == 0:
-        return {"per_class": {class_names[c]: None for c in classes}, "AA": None, "OA": None, "n": 0}
-    recall = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
-    present = set(np.unique(y_true).tolist())
-    per_class = {class_names[c]: (100.0 * float(r) if c in present else None) for c, r in zip(classes, recall)}
-    # AA is sklearn's balanced accuracy: the mean recall over the classes present.
+    k = len(class_names)
+    confusion = confusion_matrix(y_true, y_pred, labels=list(range(k))) if len(y_true) else np.zeros((k, k), dtype=np.int64)
+    classes = [c for c in range(k) if c not in ignore]
+    support, hits = confusion.sum(1), np.diag(confusion)
+    per_class = {class_names[c]: (100.0 * hits[c] / support[c] if support[c] else None) for c in classes}
     scores = [v for v in per_class.values() if v is not None]
-    return {"per_class": per_class, "AA": sum(scores) / len(scores),
-            "OA": 100.0 * float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
+    return {"per_class": per_class,
+            "AA": sum(scores) / len(scores) if scores else None,
+            "OA": 100.0 * float(hits.sum()) / len(y_true) if len(y_true) else None,
+            "n": int(len(y_true)), "ignored": int((~keep).sum()),
+            "classes": list(class_names), "confusion": confusion.astype(int).tolist()}
+
+
+def _gather_rows(x: Tensor, ctx: Context) -> Tensor:
+    """Concatenate equal-length 1-D int64 tensors from every rank, on the device (NCCL needs it)."""
+    local = x.to(ctx.device)
+    parts = [torch.empty_like(local) for _ in range(ctx.world)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).cpu()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, views_of: Callable[[dict], dict[str, list[Tensor]]],
-             ctx: Context, class_names: Sequence[str], ignore: Sequence[int] = (IGNORE,),
-             label_of: Callable[[dict], Tensor] = lambda batch: batch["label"]) -> dict:
-    """Metrics of `model` on `loader`, predictions gathered from every rank."""
+def evaluate(model: nn.Module, loader: DataLoader, views: Views, ctx: Context, class_names: Sequence[str],
+             ignore: Sequence[int] = (IGNORE,)) -> dict:
+    """`classification_metrics` of `model` on `loader`, predictions gathered from every rank."""
     model.eval()
     indices, truths, preds = [], [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not ctx.is_main):
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not ctx.progress):
         with ctx.autocast():
-            out = model(views_of(batch))
+            out = model(views.originals(batch))
         preds.append(predict(out["logits"]).cpu())
-        truths.append(label_of(batch).cpu())
+        truths.append(torch.as_tensor(batch["label"]).cpu())
         indices.append(batch["index"])
-    index, truth, pred = torch.cat(indices), torch.cat(truths), torch.cat(preds)
-    if ctx.world > 1:
-        gathered = [None] * ctx.world
-        dist.all_gather_object(gathered, (index, truth, pred))
-        index, truth, pred = (torch.cat(parts) for parts in zip(*gathered))
+    index, truth, pred = (torch.cat(t).long() for t in (indices, truths, preds))
+    if ctx.world > 1:  # the sampler gives every rank as many samples: equal lengths
+        index, truth, pred = (_gather_rows(t, ctx) for t in (index, truth, pred))
     _, first = np.unique(index.numpy(), return_index=True)  # drop the sampler's padding repeats
     return classification_metrics(truth.numpy()[first], pred.numpy()[first], class_names, ignore)
 
 
+def eval_schedule(epochs: int, every: int, dense_after: int | None = None) -> frozenset[int]:
+    """0-based epochs to evaluate after: the original's `epoch % every == 0 or epoch > dense_after`,
+    and the last epoch (the original evaluated once more after its loop)."""
+    chosen = {e for e in range(epochs) if (every > 0 and e % every == 0) or (dense_after is not None and e > dense_after)}
+    return frozenset(chosen | {epochs - 1})
+
+
 # ----------------------------------------------------------------------------- run folder
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped."""
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked (holds a run, locked, damaged checkpoint)."""
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """`RUN/run.lock`, held for the life of a run: a second writer is refused with the holder's
+    pid and host; a lock whose process is gone (killed) on this host is stale and taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "run.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                if isinstance(pid, int) and (host != me["host"] or _process_alive(pid)):
+                    raise RunFolderError(f"{self.path.parent} is in use by process {pid} on {host} (since "
+                                         f"{holder.get('started')}); wait for it, or use another --save_path") from None
+                log.warning("taking over the stale lock %s of process %s (no longer running)", self.path, pid)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunFolderError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(ctx: Context) -> dict:
+    """What actually ran: versions, device, numeric options, host, commit."""
+    return {"device": str(ctx.device), "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu",
+            "world": ctx.world, "amp": ctx.amp, "channels_last": ctx.channels_last, "workers": ctx.workers,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "host": socket.gethostname(), "git_commit": _git_commit()}
 
 
 class RunDir:
-    """A run's folder: config.json, metrics.jsonl, last.pt, best.pt, results.json.
+    """A run's folder: config.json, metrics.jsonl, last.pt, best.pt, results.json, run.lock.
 
-    Only rank 0 writes. Checkpoints are written to a temporary file and renamed, so a kill
-    during a save leaves the previous checkpoint intact.
+    A folder that holds a run is refused unless `resume` (continue it) or `overwrite` (its run
+    files are removed first). The lock refuses a second writer. Only rank 0 writes; checkpoints
+    go through a temporary file unique to the writer and a rename, so a kill during a save
+    leaves the previous checkpoint intact. Call `close` when the run ends (fit does).
     """
 
     def __init__(self, path: Path, args: argparse.Namespace, ctx: Context) -> None:
         self.path, self.ctx = Path(path), ctx
-        if ctx.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "config.json").write_text(json.dumps(vars_json(args), indent=2, sort_keys=True))
+        self.lock = RunLock(self.path)
+        self.started = time.time()
+        if not ctx.is_main:
+            return
+        existing = [name for name in RUN_FILES if (self.path / name).exists()]
+        if existing and not (args.resume or args.overwrite):
+            raise RunFolderError(f"{self.path} holds a run ({', '.join(existing)}); pass --resume {self.path} to continue "
+                                 f"it, --overwrite to start it over, or choose another --save_path")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if args.overwrite:
+                for name in existing:
+                    (self.path / name).unlink()
+                shutil.rmtree(self.path / "eval", ignore_errors=True)
+            if not args.resume:
+                config = {k: v for k, v in vars_json(args).items() if k not in ("resume", "overwrite")}
+                config.update({"device": str(ctx.device), "amp": ctx.amp, "channels_last": ctx.channels_last, "workers": ctx.workers})
+                (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def close(self) -> None:
+        self.lock.release()
 
     def log_metrics(self, record: dict) -> None:
         if self.ctx.is_main:
@@ -519,16 +604,25 @@ class RunDir:
         """Forget metric records from `epoch` on (written before a kill, replayed on resume)."""
         file = self.path / "metrics.jsonl"
         if self.ctx.is_main and file.exists():
-            kept = [l for l in file.read_text().splitlines() if json.loads(l)["epoch"] < epoch]
+            kept = [l for l in file.read_text().splitlines() if l.strip() and json.loads(l)["epoch"] < epoch]
             file.write_text("".join(l + "\n" for l in kept))
 
     def save(self, name: str, state: dict) -> Path:
         target = self.path / name
         if self.ctx.is_main:
-            tmp = target.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, target)
+            atomic_save(state, target)
         return target
+
+    def load_last(self) -> dict | None:
+        """The state in last.pt, or None when the run was killed before its first epoch ended."""
+        path = self.path / "last.pt"
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises several types for a damaged zip / pickle
+            raise RunFolderError(f"{path} is damaged and cannot be read ({type(error).__name__}: {error}). The "
+                                 f"previous checkpoint is not kept; start the run again with --overwrite") from error
 
     def write_results(self, results: dict) -> None:
         if self.ctx.is_main:
@@ -554,20 +648,31 @@ def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unuse
 
 # ----------------------------------------------------------------------------- the epoch loop
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped."""
+
+
+class NoTargetError(RuntimeError):
+    """A training epoch in which no sample had a cross-entropy target."""
+
+
 @dataclass
 class Task:
     """What a script plugs into `fit`.
 
     Attributes:
-        step: (batch, epoch, step index) -> loss terms {"loss": total, ...}; runs under autocast.
+        step: (batch, epoch, step index) -> loss terms {"loss": total, ...}; "ce_samples", when
+            present, counts the samples with a CE target (an epoch without any is an error).
         modules: checkpoint key -> module saved under it. "state_dict" holds the network in its
             released layout (so that `models.load_checkpoint` reads our checkpoints); further
             keys hold what that layout lacks (the METER-ML heads).
         evaluate: None, or a function returning `classification_metrics` of the current model.
         eval_epochs: 0-based epochs after which to evaluate.
         checkpoint: extra entries for every checkpoint (e.g. {"arch": "resnet50"}).
-        select: metric that picks the best checkpoint ("AA" or "OA").
+        select: metric that picks the best evaluation ("AA" or "OA").
         dataset: data set name written to results.json, for `summarize.py`.
+        frozen_bn_eval: keep the batch-norm layers of frozen parameters in eval mode during
+            training (a fixed encoder for linear evaluation); False leaves them in training mode.
     """
 
     step: Callable[[dict, int, int], dict[str, Tensor]]
@@ -577,75 +682,105 @@ class Task:
     checkpoint: dict | None = None
     select: str = "AA"
     dataset: str = ""
+    frozen_bn_eval: bool = True
 
 
-def eval_schedule(epochs: int, every: int, dense_after: int | None = None) -> frozenset[int]:
-    """0-based epochs to evaluate after: every `every` epochs, every epoch after `dense_after`, the last."""
-    chosen = {e for e in range(epochs) if (every > 0 and (e + 1) % every == 0) or (dense_after is not None and e + 1 > dense_after)}
-    return frozenset(chosen | {epochs - 1})
+def _batch_ids(batch: dict) -> list:
+    ids = batch.get("id", batch["index"])
+    return ids.tolist() if isinstance(ids, Tensor) else list(ids)
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, task: Task, run: RunDir,
         ctx: Context, args: argparse.Namespace) -> dict:
     """Train for args.epochs, evaluating on `task.eval_epochs`, checkpointing every epoch.
 
-    Resumes from `run.path / "last.pt"` when args.resume is set. A non-finite loss stops the
-    run with the batch's sample ids; `last.pt` then still holds the last good epoch. Returns the
-    results written to results.json: the last evaluation (the reported result) and,
-    separately, the best one with its epoch, labelled as selected on the evaluation split.
+    Resumes from `run.path / "last.pt"` when args.resume is set (from the beginning, with a
+    message, when the run never finished an epoch). A non-finite loss stops the run with the
+    batch's sample ids. Returns the results written to results.json: the last evaluation and,
+    separately, the best one with its epoch, selected on the evaluation split.
     """
+    try:
+        return _fit(model, optimizer, loader, task, run, ctx, args)
+    finally:
+        run.close()
+
+
+def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
     start, best, last_eval = 0, None, None
     if args.resume is not None:
-        state = torch.load(run.path / "last.pt", map_location="cpu", weights_only=False)
-        for key, module in task.modules.items():
-            module.load_state_dict(state[key])
-        optimizer.load_state_dict(state["optimizer"])
-        start, best, last_eval = state["epoch"], state["best"], state["last_eval"]
-        restore_rng(state["rng"])
-        run.truncate_metrics(start + 1)
-        log.info("resumed %s after epoch %d of %d", run.path, start, args.epochs)
+        state = run.load_last()
+        if state is None:
+            log.warning("%s has no last.pt (killed before its first epoch ended): starting the run from the beginning", run.path)
+            run.truncate_metrics(1)
+        else:
+            for key, module in task.modules.items():
+                module.load_state_dict(state[key])
+            optimizer.load_state_dict(state["optimizer"])
+            start, best, last_eval = state["epoch"], state["best"], state["last_eval"]
+            restore_rng(state["rng"])
+            run.truncate_metrics(start + 1)
+            log.info("resumed %s after epoch %d of %d", run.path, start, args.epochs)
 
+    per_epoch = len(loader) * loader.batch_size * ctx.world
+    timings: list[float] = []
     for epoch in range(start, args.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
-        set_frozen_bn_eval(model)
+        if task.frozen_bn_eval:
+            set_frozen_bn_eval(model)
         sums: dict[str, Tensor] = {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not ctx.is_main)
+        began = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not ctx.progress, unit="batch")
         for step, batch in enumerate(bar):
-            with ctx.autocast():
-                terms = task.step(batch, epoch, step)
+            terms = task.step(batch, epoch, step)
             loss = terms["loss"]
             if not torch.isfinite(loss):
-                ids = batch.get("id", batch["index"])
-                ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+                saved = run.path / "last.pt"
+                where = (f"Last good checkpoint: {saved} (after epoch {epoch}); resume with --resume {run.path} after "
+                         f"fixing the cause") if saved.exists() else "No checkpoint was written (the first epoch never ended)"
                 raise NonFiniteLossError(
                     f"non-finite loss at epoch {epoch + 1}, batch {step} "
-                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); sample ids {ids}. "
-                    f"Last good checkpoint: {run.path / 'last.pt'} (after epoch {epoch}); "
-                    f"resume with --resume {run.path} after fixing the cause")
+                    f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); sample ids {_batch_ids(batch)}. {where}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-        record = {"epoch": epoch + 1, **{f"train_{k}": (v / max(1, len(loader))).item() for k, v in sums.items()}}
+            if ctx.progress:
+                bar.set_postfix(samples_per_s=f"{(step + 1) * loader.batch_size * ctx.world / (time.perf_counter() - began):.0f}")
+        seconds = time.perf_counter() - began
+        timings.append(seconds)
+        ce_samples = sums.pop("ce_samples", None)
+        if ce_samples is not None and ce_samples.item() == 0:
+            raise NoTargetError(f"epoch {epoch + 1}: no training sample had a cross-entropy target (every label was "
+                                f"ignore = {IGNORE} or an excluded class); check the labels of {getattr(args, 'data_root', 'the data')}")
+        record = {"epoch": epoch + 1, **{f"train_{k}": (v / max(1, len(loader))).item() for k, v in sums.items()},
+                  "samples_per_s": per_epoch / seconds, "epoch_s": seconds, "lr": optimizer.param_groups[0]["lr"]}
+        left = (args.epochs - epoch - 1) * sum(timings[-3:]) / len(timings[-3:])
+        line = (f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, {record['samples_per_s']:.0f} samples/s, "
+                f"{seconds:.1f} s, about {datetime.timedelta(seconds=round(left))} left")
         if task.evaluate is not None and epoch in task.eval_epochs:
             last_eval = {"epoch": epoch + 1, **task.evaluate()}
-            record.update({k: last_eval[k] for k in ("AA", "OA", "per_class")})
-            log.info("epoch %d: loss %.4f  AA %.2f  OA %.2f", epoch + 1, record["train_loss"], last_eval["AA"] or 0, last_eval["OA"] or 0)
+            record.update({k: last_eval[k] for k in ("AA", "OA", "per_class", "n", "ignored", "classes", "confusion")})
+            line += f"; AA {_pct(last_eval['AA'])}, OA {_pct(last_eval['OA'])} on {last_eval['n']} samples ({last_eval['ignored']} ignored)"
             if last_eval[task.select] is not None and (best is None or last_eval[task.select] > best[task.select]):
                 best = last_eval
                 run.save("best.pt", checkpoint_state(task, None, epoch + 1, best, last_eval))
-        else:
-            log.info("epoch %d: loss %.4f", epoch + 1, record["train_loss"])
+        log.info(line)
         run.log_metrics(record)
         run.save("last.pt", checkpoint_state(task, optimizer, epoch + 1, best, last_eval))
 
-    results = {"dataset": task.dataset, "config": vars_json(args), "last": last_eval, "best_selected_on_eval_split": best,
-               "note": "'last' is the reported result; 'best_selected_on_eval_split' was chosen on the "
-                       "evaluation split itself, which is optimistic"}
+    results = {"dataset": task.dataset, "name": getattr(args, "name", None), "config": vars_json(args),
+               "last": last_eval, "best_selected_on_eval_split": best, "environment": environment(ctx),
+               "finished": _now(), "wall_s": time.time() - run.started,
+               "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, chosen on the "
+                       "evaluation split itself (as the original reported its best evaluation): optimistic"}
     run.write_results(results)
     return results
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def vars_json(args: argparse.Namespace) -> dict:

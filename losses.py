@@ -12,6 +12,7 @@ pass batches of the same size (drop the last incomplete batch, or use a Distribu
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -203,6 +204,14 @@ def _ntxent_blocks(z: Tensor, blocks: int, negatives: Tensor | None, gather: boo
     return _Blocks(anchors, every, local_neg, every_neg, block, sample, lse)
 
 
+def _mean_over_rows(per_anchor: Tensor, valid: Tensor, n_rows: int) -> Tensor:
+    """Mean over ALL rows, as the original NT-Xent: a flagged row (or one without a positive)
+    counts with the constant loss log(n_rows - 1 + e) that the original's masked logits give it
+    (its similarities set to 0 and its own to 1); it carries no gradient."""
+    constant = math.log(n_rows - 1 + math.e)
+    return torch.where(valid, per_anchor, per_anchor.new_tensor(constant)).mean()
+
+
 class NTXent(nn.Module):
     """NT-Xent (SimCLR) loss on `blocks` blocks of paired views, cosine similarity.
 
@@ -211,9 +220,10 @@ class NTXent(nn.Module):
 
         loss_i = -log( exp(cos(z_i, z_p) / tau) / sum_{k != i} exp(cos(z_i, z_k) / tau) )
 
-    averaged over anchors. Rows flagged in `negatives` (samples of the Negative class) are no
-    anchors and no positives: they appear only in the denominators. A pair counts only when both
-    of its rows are unflagged.
+    averaged over all rows. Rows flagged in `negatives` (samples of the Negative class) are no
+    anchors and no positives: they appear in the denominators, and their own term is the
+    constant log(N - 1 + e) of the original (N rows in all), which keeps the original's mean
+    over all rows (the gradient of the unflagged rows is scaled by their share of the rows).
 
     Args:
         tau: temperature.
@@ -235,14 +245,14 @@ class NTXent(nn.Module):
             z: (b * blocks, D) features, block-major.
             negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
         Returns:
-            Scalar float32 loss (0 with a zero gradient when no row is an anchor).
+            Scalar float32 loss.
         """
         with torch.autocast(z.device.type, enabled=False):
             x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
             partner = (torch.arange(self.blocks, device=z.device) ^ 1)[x.block]  # 0 <-> 1, 2 <-> 3
             per_anchor = x.lse - (x.anchors * x.every[partner, x.sample]).sum(1) / self.tau
             valid = ~x.local_neg.reshape(-1) & ~x.every_neg[partner, x.sample]
-            return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
+            return _mean_over_rows(per_anchor, valid, x.every.shape[0] * x.every.shape[1])
 
 
 class PairwiseNTXent(nn.Module):
@@ -252,8 +262,8 @@ class PairwiseNTXent(nn.Module):
 
         loss_i = -1/|P(i)| * sum_{p in P(i)} log( exp(cos(z_i, z_p) / tau) / sum_{k != i} exp(cos(z_i, z_k) / tau) )
 
-    averaged over the unflagged anchors that have a positive. With 2 blocks it equals `NTXent`.
-    Flagged rows (`negatives`) appear only in the denominators.
+    averaged over all rows. With 2 blocks it equals `NTXent`. Flagged rows (`negatives`) appear
+    in the denominators and count with the constant of `NTXent`.
 
     Args:
         blocks: number of blocks (views) in `z`, at least 2.
@@ -275,7 +285,7 @@ class PairwiseNTXent(nn.Module):
             z: (b * blocks, D) features, block-major.
             negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
         Returns:
-            Scalar float32 loss (0 with a zero gradient when no row is an anchor).
+            Scalar float32 loss.
         """
         with torch.autocast(z.device.type, enabled=False):
             x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
@@ -284,9 +294,9 @@ class PairwiseNTXent(nn.Module):
             anchor_kept = (~x.local_neg.reshape(-1)).to(x.anchors.dtype)
             count = kept.sum(0)[x.sample] - anchor_kept
             positive_logits = ((x.anchors * kept_sum).sum(1) - anchor_kept * (x.anchors * x.anchors).sum(1)) / self.tau
-            valid = anchor_kept * (count > 0)
+            valid = (anchor_kept > 0) & (count > 0)
             per_anchor = x.lse - positive_logits / count.clamp(min=1)
-            return (per_anchor * valid).sum() / valid.sum().clamp(min=1)
+            return _mean_over_rows(per_anchor, valid, x.every.shape[0] * x.every.shape[1])
 
 
 def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -309,3 +319,70 @@ def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tupl
     if labels.shape != (s1_views.shape[0],):
         raise ValueError(f"labels must have shape ({s1_views.shape[0]},), got {tuple(labels.shape)}")
     return torch.cat([s1_views, s2_views]), torch.cat([labels, labels])
+
+
+def supcon_labels(labels: Tensor, ignore: int = IGNORE) -> Tensor:
+    """SupCon labels (B,) from class labels (B,): every sample labelled `ignore` becomes a class
+    of its own (its positives are its own views), so unlabelled samples never attract each other."""
+    unique = -1 - torch.arange(len(labels), device=labels.device)
+    return torch.where(labels == ignore, unique, labels)
+
+
+class SupConCELoss(nn.Module):
+    """The method's loss: ``ce_weight * CE + sup_weight * SupCon``.
+
+    CE: summed over the heads (one fused head, or one per modality as the original's `s1s2`
+    scenario), each the mean over the samples whose CE label is not IGNORE (0 when there is
+    none in the batch; the trainer counts such batches).
+    SupCon on L2-normalised features, temperature = base temperature, contrast mode "all":
+    ``cross_modal=True`` stacks the modalities along the batch axis (`multimodal_views`, S1
+    first, labels ``cat([y, y])``), so that S1 and S2 features of one class attract each other;
+    ``cross_modal=False`` computes one SupCon per modality and sums them (the original's `s1s2`
+    and single-modality scenarios).
+
+    Args:
+        temperature: SupCon temperature and base temperature.
+        ce_weight, sup_weight: the loss weights (the original's delta_lin / cross_delta and
+            delta_sup / sup_delta).
+        use_supcon: False gives CE alone.
+        cross_modal: see above.
+        gather_distributed: SupCon over the features of every rank (see `SupConLoss`).
+    """
+
+    def __init__(self, *, temperature: float = 0.07, ce_weight: float = 1.0, sup_weight: float = 1.0,
+                 use_supcon: bool = True, cross_modal: bool = True, gather_distributed: bool = False) -> None:
+        super().__init__()
+        self.ce_weight, self.sup_weight, self.cross_modal = ce_weight, sup_weight, cross_modal
+        self.supcon = SupConLoss(temperature, "all", temperature, gather_distributed) if use_supcon else None
+
+    def forward(self, features: dict[str, Tensor], logits: dict[str, Tensor], labels: Tensor,
+                ce_labels: Tensor | None = None) -> dict[str, Tensor]:
+        """
+        Args:
+            features: modality -> (B, V, D) features (normalised here).
+            logits: head -> (B, K).
+            labels: (B,) class ids for SupCon; IGNORE entries become classes of their own.
+            ce_labels: (B,) CE targets (default `labels`); IGNORE entries are skipped.
+        Returns:
+            {"loss", "ce", "supcon" (when used)}: scalar float32 tensors, and "ce_samples": the
+            number of samples with a CE target (a float tensor, for the trainer's check).
+        """
+        targets = labels if ce_labels is None else ce_labels
+        counted = (targets != IGNORE).sum()
+        valid = counted.clamp(min=1)
+        ce = sum(F.cross_entropy(l.float(), targets, ignore_index=IGNORE, reduction="sum") / valid for l in logits.values())
+        terms = {"ce": ce}
+        total = self.ce_weight * ce
+        if self.supcon is not None:
+            normed = {m: F.normalize(f.float(), dim=-1) for m, f in features.items()}
+            ids = supcon_labels(labels)
+            if self.cross_modal and len(normed) == 2:
+                stacked, stacked_ids = multimodal_views(normed["s1"], normed["s2"], ids)
+                sup = self.supcon(stacked, stacked_ids)
+            else:
+                sup = sum(self.supcon(f, ids) for f in normed.values())
+            terms["supcon"] = sup
+            total = total + self.sup_weight * sup
+        terms["loss"] = total
+        terms["ce_samples"] = counted.float()
+        return terms

@@ -3,8 +3,10 @@
     python meterml_pretrain.py --data_root DATA [--scenario s1s2] [--model dual] [--use_pairs]
 
 What is a positive pair:
-- default: two augmented views of the same image; with both modalities, S1 and S2 batches are
-  independent shuffles (different locations), NT-Xent with 4 blocks, pairs (S1, S1') and (S2, S2');
+- default: an image and its augmented view (the original's `RandomAugmentations`;
+  `--two_augmented_views` for two augmented views), each encoded in a pass of its own; with both
+  modalities, S1 and S2 batches are independent shuffles (different locations), NT-Xent with 4
+  blocks, pairs (S1', S1) and (S2', S2);
 - `--use_pairs`: the S1 and S2 images of one location are positives of each other too
   (PairwiseNTXent over 4 blocks; with `--no_augs`, NT-Xent over the 2 blocks S1, S2).
 `--use_negative_labels`: Negative-class images only act as negatives. The encoder is saved in the
@@ -15,13 +17,14 @@ import logging
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import Dataset
 
 import engine
 from augment import key_seed, meterml_augment
 from datasets import MeterMLDataset
 from losses import NTXent, PairwiseNTXent
-from models import DualEncoder, SharedNet, count_trainable, save_checkpoint
+from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, save_checkpoint
 
 log = logging.getLogger("meterml_pretrain")
 
@@ -36,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_augs", action="store_true", help="no augmentation (needs --use_pairs: the pairs are then the only positives)")
     p.add_argument("--use_negative_labels", action="store_true", help="Negative-class images act only as negatives")
     p.add_argument("--exclude_negatives", action="store_true", help="leave the Negative-class images out")
-    p.add_argument("--data_ratio", type=float, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
-    p.add_argument("--subset_seed", type=int, default=0, help="seed of the --data_ratio subset (default 0)")
-    p.add_argument("--tau", type=float, default=0.2, help="NT-Xent temperature (default 0.2)")
-    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
-    p.add_argument("--weight_decay", type=float, default=0.0, help="SGD weight decay (default 0)")
+    p.add_argument("--two_augmented_views", action="store_true",
+                   help="positive pairs of two augmented views (default: augmented and original, as the original)")
+    p.add_argument("--data_ratio", type=engine.fraction, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
+    p.add_argument("--subset_seed", type=engine.seed_int, default=0, help="seed of the --data_ratio subset (default 0)")
+    p.add_argument("--temperature", "--tau", dest="temperature", type=engine.positive, default=0.2,
+                   help="NT-Xent temperature (default 0.2)")
+    p.add_argument("--momentum", type=engine.non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
+    p.add_argument("--weight_decay", type=engine.non_negative, default=0.0, help="SGD weight decay (default 0)")
     engine.add_common_args(p, epochs=200, batch_size=200, lr=0.01)
     return p
 
@@ -55,8 +61,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 "copies of itself. Keep the augmentations, or add --use_pairs (with --scenario s1s2).")
     if args.use_negative_labels and args.exclude_negatives:
         p.error("--use_negative_labels flags Negative images that --exclude_negatives removes; choose one")
-    if args.augment_on == "loader" and not args.no_augs:
-        p.error("pre-training makes its two augmented views on the device; --augment_on loader is for fine-tuning")
+    if args.two_augmented_views and args.no_augs:
+        p.error("--two_augmented_views with --no_augs: there is nothing to augment; choose one")
 
 
 class IndependentModalities(Dataset):
@@ -82,34 +88,37 @@ class IndependentModalities(Dataset):
         return {"s1": first["s1"], "s2": second["s2"], "label": first["label"], "label_s2": second["label"], "id": first["id"]}
 
 
+@record
 def main(argv=None) -> dict:
     parser = build_parser()
     args = engine.resolve_args(parser, argv)
     check_args(parser, args)
     ctx = engine.setup(args)
-    run = engine.RunDir(args.save_path or engine.default_run_path("meterml_pretrain"), args, ctx)
 
     modalities = ["s1", "s2"] if args.scenario == "s1s2" else [args.scenario]
     dataset = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed)
     if args.scenario == "s1s2" and not args.use_pairs:
         dataset = IndependentModalities(dataset, args.seed)
+    encoder = SharedNet() if args.model == "shared" else DualEncoder()
+    run = engine.RunDir(args.save_path or engine.default_run_path("meterml_pretrain"), args, ctx)
+
     subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset_seed) if args.data_ratio < 1 else None
     loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset)
-    views = engine.Views(modalities, None if args.no_augs else meterml_augment(72), 1 if args.no_augs else 2,
-                         args.augment_on, ctx, args.seed, keep_original=False)
-
-    encoder = SharedNet() if args.model == "shared" else DualEncoder()
-    net = engine.MultiViewClassifier({m: encoder for m in modalities})
-    log.info("trainable parameters: %d", count_trainable(net))
-    model = engine.wrap(net, ctx, args, find_unused=True)  # stems of the other modality stay unused
+    views = engine.Views(modalities, None if args.no_augs else meterml_augment(72), ctx, args.seed,
+                         second="augmented" if args.two_augmented_views else "original")
+    log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
+    # Each view in a pass of its own, as the original pre-training.
+    model = engine.wrap(MultiModalNet({m: encoder for m in modalities}, joint=False), ctx, args, find_unused=True)
     optimizer = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     blocks = len(modalities) * (1 if args.no_augs else 2)
     pairwise = args.use_pairs and blocks == 4
-    loss_fn = (PairwiseNTXent(blocks, args.tau, gather_distributed=ctx.world > 1) if pairwise
-               else NTXent(args.tau, blocks, gather_distributed=ctx.world > 1))
+    loss_fn = (PairwiseNTXent(blocks, args.temperature, gather_distributed=ctx.world > 1) if pairwise
+               else NTXent(args.temperature, blocks, gather_distributed=ctx.world > 1))
 
     def step(batch: dict, epoch: int, i: int) -> dict:
-        features = model(views(batch, epoch, i))["features"]  # modality -> (B, views, 128)
+        originals, augmented = views(batch, epoch, i)
+        with ctx.autocast():
+            features = model(originals, augmented)["features"]  # modality -> (B, views, 128)
         z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])  # block-major
         negatives = None
         if args.use_negative_labels:

@@ -124,10 +124,10 @@ class SharedNet(nn.Module):
     def __init__(self, feat_dim: int = 128) -> None:
         super().__init__()
         self.encoder = SmallAlexNet(in_channel=None, feat_dim=feat_dim)
+        # The stems keep PyTorch's default initialisation, as in the original SharedNet (only the
+        # trunk gets SmallAlexNet's N(0, 0.02)).
         self.sentinel1_block = _conv_block(S1_CHANNELS, 96, pool=True)
         self.sentinel2_block = _conv_block(S2_CHANNELS, 96, pool=True)
-        self.sentinel1_block.apply(_init_alexnet)
-        self.sentinel2_block.apply(_init_alexnet)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_images(x, (S1_CHANNELS, S2_CHANNELS), type(self).__name__)
@@ -221,7 +221,127 @@ class DualResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The multi-modal model of the method
+
+
+class MultiModalNet(nn.Module):
+    """Per-modality encoders with optional classifier heads: the forward pass of the method.
+
+    Training with augmentation, per modality (the original's `dfc_return_feature` /
+    `meterml_return_feature`):
+
+    1. one encoder pass over ``cat([augmented, original])`` (2B images): batch norm normalises
+       both views with joint statistics; its features, (B, 2, D) with view 0 augmented and view
+       1 original, feed SupCon;
+    2. ``ce_from="separate"`` (the original): a second pass over the originals alone (B images),
+       whose features feed the heads. ``ce_from="joint"`` reads the original half of pass 1
+       instead: 2B images encoded instead of 3B, a different computation in training mode
+       (other batch-norm batch statistics), measured in the README.
+
+    Without augmentation (and in evaluation) every modality is encoded once, (B, 1, D), and the
+    heads read those features: SupCon then has one view per modality.
+
+    ``joint=False`` (pre-training): each view is encoded in a pass of its own, as the original
+    pre-training does; there are no heads.
+
+    The module owns no parameters of its own: encoders and heads are the modules that
+    checkpoints save in their released layouts; this wrapper only routes views through them in
+    one forward call, as DDP needs.
+
+    Args:
+        encoders: modality ("s1", "s2") -> module mapping (B, C, H, W) to (B, D); one module
+            may serve several modalities (a shared trunk).
+        fused_head: classifier on the modalities' features concatenated in ``encoders`` order,
+            (B, M * D) -> (B, K); its logits are named "fused".
+        modality_heads: modality -> classifier (B, D) -> (B, K), one head per modality; logits
+            named by modality. At most one of ``fused_head`` and ``modality_heads``.
+        ce_from: "separate" or "joint" (above).
+        joint: encode the two views in one pass (fine-tuning) or one pass each (pre-training).
+    """
+
+    def __init__(self, encoders: dict[str, nn.Module], *, fused_head: nn.Module | None = None,
+                 modality_heads: dict[str, nn.Module] | None = None, ce_from: str = "separate",
+                 joint: bool = True) -> None:
+        super().__init__()
+        if fused_head is not None and modality_heads is not None:
+            raise ValueError("give a fused head or per-modality heads, not both")
+        if ce_from not in ("separate", "joint"):
+            raise ValueError(f"ce_from must be 'separate' or 'joint', got {ce_from!r}")
+        unique = list({id(e): e for e in encoders.values()}.values())
+        self.encoders = nn.ModuleList(unique)
+        self.route = {m: next(i for i, u in enumerate(unique) if u is e) for m, e in encoders.items()}
+        self.fused_head = fused_head
+        self.modality_heads = nn.ModuleDict(modality_heads or {})
+        self.ce_from = ce_from
+        self.joint = joint
+
+    @property
+    def fused(self) -> bool:
+        return self.fused_head is not None
+
+    def encode(self, modality: str, x: Tensor) -> Tensor:
+        """(B, C, H, W) images of `modality` -> (B, D) features."""
+        return self.encoders[self.route[modality]](x)
+
+    def _views(self, modality: str, original: Tensor, augmented: Tensor | None) -> tuple[Tensor, Tensor]:
+        """SupCon features (B, V, D) and head features (B, D) of one modality."""
+        if augmented is None:
+            z = self.encode(modality, original)
+            return z[:, None], z
+        if not self.joint:
+            z_orig = self.encode(modality, original)
+            return torch.stack([self.encode(modality, augmented), z_orig], dim=1), z_orig
+        both = self.encode(modality, torch.cat([augmented, original]))
+        z_aug, z_orig = both.chunk(2)
+        views = torch.stack([z_aug, z_orig], dim=1)
+        has_heads = self.fused or len(self.modality_heads) > 0
+        if not has_heads:
+            return views, z_orig
+        return views, (self.encode(modality, original) if self.ce_from == "separate" else z_orig)
+
+    def forward(self, originals: dict[str, Tensor], augmented: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
+        """
+        Args:
+            originals: modality -> (B, C, H, W) original images.
+            augmented: modality -> (B, C, H, W) augmented images (the same samples), or None.
+        Returns:
+            {"features": modality -> (B, V, D) with V = 2 (augmented, original) or 1,
+             "logits": "fused" or modality -> (B, K); empty without heads}.
+        """
+        features, head_input = {}, {}
+        for m, x in originals.items():
+            features[m], head_input[m] = self._views(m, x, None if augmented is None else augmented[m])
+        logits = {}
+        if self.fused:
+            logits["fused"] = self.fused_head(torch.cat([head_input[m] for m in self.route], dim=1))
+        for m, head in self.modality_heads.items():
+            logits[m] = head(head_input[m])
+        return {"features": features, "logits": logits}
+
+
+def linear_head(in_features: int, num_classes: int) -> nn.Linear:
+    """A linear classifier initialised as the original METER-ML heads: weights N(0, 0.01), bias 0."""
+    head = nn.Linear(in_features, num_classes)
+    nn.init.normal_(head.weight, mean=0.0, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save under a name unique to this process, then rename: a kill during the save
+    leaves the previous file intact, and two writers never share a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -328,11 +448,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
         )
     else:
         checkpoint = state
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(checkpoint, path)
 
 
 # ----------------------------------------------------------------------------------------------
