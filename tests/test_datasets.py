@@ -469,6 +469,58 @@ def test_dfc_training_crops_share_one_random_window(dfc):
     assert torch.equal(ds[2]["s1"], again[2]["s1"])
 
 
+def test_dfc_evaluation_windows_with_offset_seed_are_fixed_per_patch(dfc):
+    whole = datasets.DFC2020Dataset(dfc, normalize="none", return_label_map=True)
+
+    def windows(dataset) -> dict[int, tuple[int, int]]:
+        found = {}
+        for i in range(len(dataset)):
+            item = dataset[i]
+            full = whole[whole.patch_ids.index(item["id"])]
+            top, left = _window_offset(full["s1"], item["s1"])
+            assert 0 <= top <= 16 and 0 <= left <= 16
+            assert torch.equal(item["s2"], full["s2"][:, top : top + 16, left : left + 16])
+            assert torch.equal(item["label_map"], full["label_map"][top : top + 16, left : left + 16])
+            label, multilabel = _naive_labels(_tif(_dfc_path(dfc, "dfc", item["id"]))[0, top : top + 16, left : left + 16])
+            assert item["label"] == label and item["multilabel"].tolist() == multilabel
+            found[item["id"]] = (top, left)
+        return found
+
+    def dataset(offset_seed: int) -> datasets.DFC2020Dataset:
+        return datasets.DFC2020Dataset(dfc, crop=16, normalize="none", return_label_map=True, offset_seed=offset_seed)
+
+    ds = dataset(7)
+    first = windows(ds)
+    assert len(set(first.values())) == len(ds) and (8, 8) not in first.values()  # per patch, not the centre
+    for epoch in (1, 5):
+        ds.set_epoch(epoch)
+        assert windows(ds) == first
+    assert windows(dataset(7)) == first
+    assert windows(dataset(8)) != first
+    # Keyed by the patch number, not by the index: dropping a patch leaves the others' windows.
+    _dfc_path(dfc, "s2", ds.patch_ids[0]).unlink()
+    fewer = dataset(7)
+    assert len(fewer) == len(ds) - 1 and windows(fewer) == {n: w for n, w in first.items() if n != ds.patch_ids[0]}
+    loader = DataLoader(fewer, batch_size=2, num_workers=2, shuffle=True, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    for batch in loader:
+        for number, s1 in zip(batch["id"].tolist(), batch["s1"]):
+            full = whole[whole.patch_ids.index(number)]
+            seen[number] = _window_offset(full["s1"], s1)
+    assert seen == windows(fewer)
+    seed_normalised = datasets.DFC2020Dataset(dfc, crop=16, offset_seed=7)[0]
+    top, left = first[seed_normalised["id"]]
+    raw = _tif(_dfc_path(dfc, "s1", seed_normalised["id"]))[:, top : top + 16, left : left + 16]
+    np.testing.assert_allclose(seed_normalised["s1"].numpy(), _naive_seed_normalisation(raw, s1=True), rtol=1e-5, atol=1e-6)
+
+
+def test_offset_seed_is_for_evaluation_only(dfc):
+    with pytest.raises(ValueError, match="offset_seed.*train=False"):
+        datasets.DFC2020Dataset(dfc, crop=16, train=True, offset_seed=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        datasets.DFC2020Dataset(dfc, crop=16, offset_seed=-1)
+
+
 def test_dfc_label_rules_on_hand_made_maps(dfc):
     ds = datasets.DFC2020Dataset(dfc)
     first, second = ds.patch_ids[:2]
@@ -666,3 +718,13 @@ def test_sen12ms_bad_roots_and_seasons(tmp_path, sen12ms):
     with pytest.raises(FileNotFoundError, match="no scene folders in .*ROIs2017_winter"):
         datasets.SEN12MSDataset(sen12ms)
     assert len(datasets.SEN12MSDataset(sen12ms, seasons=("spring", "fall"))) == 6
+
+
+def test_sen12ms_evaluation_windows_with_offset_seed(sen12ms):
+    whole = datasets.SEN12MSDataset(sen12ms, normalize="none")
+    ds = datasets.SEN12MSDataset(sen12ms, crop=8, normalize="none", offset_seed=3)
+    offsets = [_window_offset(whole[i]["s2"], ds[i]["s2"]) for i in range(len(ds))]
+    ds.set_epoch(2)
+    again = datasets.SEN12MSDataset(sen12ms, crop=8, normalize="none", offset_seed=3)
+    assert [_window_offset(whole[i]["s2"], again[i]["s2"]) for i in range(len(ds))] == offsets
+    assert len(set(offsets)) > 6 and all(0 <= top <= 8 and 0 <= left <= 8 for top, left in offsets)
