@@ -726,5 +726,179 @@ def test_sen12ms_evaluation_windows_with_offset_seed(sen12ms):
     offsets = [_window_offset(whole[i]["s2"], ds[i]["s2"]) for i in range(len(ds))]
     ds.set_epoch(2)
     again = datasets.SEN12MSDataset(sen12ms, crop=8, normalize="none", offset_seed=3)
-    assert [_window_offset(whole[i]["s2"], again[i]["s2"]) for i in range(len(ds))] == offsets
+    for dataset in (ds, again):
+        assert [_window_offset(whole[i]["s2"], dataset[i]["s2"]) for i in range(len(ds))] == offsets
     assert len(set(offsets)) > 6 and all(0 <= top <= 8 and 0 <= left <= 8 for top, left in offsets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data faults
+
+
+@pytest.mark.parametrize(
+    "source, bad_codes, dtype, found",
+    [
+        ("dfc", {300: 5}, np.uint16, "300: 5"),
+        ("dfc", {17: 2, 42: 3}, np.uint8, "17: 2, 42: 3"),
+        ("dfc", {-1: 4}, np.int16, "-1: 4"),
+        ("lc", {18: 2, 200: 1}, np.uint8, "18: 2, 200: 1"),
+        ("dfc", {}, np.float32, "dtype float32"),
+    ],
+)
+def test_label_maps_with_undocumented_codes_or_dtype_name_the_file(dfc, source, bad_codes, dtype, found):
+    number = datasets.DFC2020Dataset(dfc).patch_ids[1]
+    path = _dfc_path(dfc, source, number)
+    raw = _tif(path)
+    band = raw[0].astype(dtype).ravel()
+    start = 0
+    for code, count in bad_codes.items():
+        band[start : start + count] = code
+        start += count
+    raw = raw.astype(dtype)
+    raw[0] = band.reshape(raw.shape[1:])
+    _write_tif(path, raw)
+    ds = datasets.DFC2020Dataset(dfc, label_source=source)
+    with pytest.raises(datasets.DataFileError, match=rf"{path}: .*{found}"):
+        ds[1]
+    with pytest.raises(datasets.DataFileError, match=rf"{path}: .*{found}"):
+        ds.patch_labels()
+    assert ds[0]["s1"].shape == (2, 32, 32)
+
+
+def test_label_maps_accept_every_documented_code(dfc):
+    number = datasets.DFC2020Dataset(dfc).patch_ids[0]
+    dfc_codes = np.repeat(np.array([0, 10, 255, 1], np.uint16), [300, 400, 200, 124]).reshape(1, 32, 32)
+    _write_tif(_dfc_path(dfc, "dfc", number), dfc_codes)
+    item = datasets.DFC2020Dataset(dfc, return_label_map=True)[0]
+    # Ignore 500 (codes 0 and 255) wins over Water 400; Forest 124 is 12 %.
+    assert item["label"] == 255 and item["multilabel"].tolist() == [1, 0, 0, 0, 0, 0, 0, 1]
+    assert Counter(item["label_map"].ravel().tolist()) == {255: 500, 7: 400, 0: 124}
+    lc = _tif(_dfc_path(dfc, "lc", number))
+    lc[0] = np.repeat(np.array([0, 17, 255, 1], np.uint8), [300, 400, 200, 124]).reshape(32, 32)
+    _write_tif(_dfc_path(dfc, "lc", number), lc)
+    item = datasets.DFC2020Dataset(dfc, label_source="lc", return_label_map=True)[0]
+    assert Counter(item["label_map"].ravel().tolist()) == {255: 500, 7: 400, 0: 124}
+
+
+def test_sen12ms_undocumented_lc_codes_are_skipped_counted_and_named(sen12ms, caplog):
+    ds = datasets.SEN12MSDataset(sen12ms, seasons=("spring",))
+    season, scene, patch = ds.patch_ids[0].rsplit("_", 2)
+    path = sen12ms / season / f"lc_{scene}" / f"{season}_lc_{scene}_{patch}.tif"
+    lc = _tif(path)
+    lc[0, 0, :3] = 99
+    _write_tif(path, lc)
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        assert ds[0]["id"] == ds.patch_ids[1]
+    assert ds.unreadable == 1
+    (record,) = [r for r in caplog.records if "skipping" in r.message]
+    assert str(path) in record.message and "99: 3" in record.message
+
+
+def test_dfc_infinities_are_replaced_and_counted_like_nan(dfc, caplog):
+    first, second = datasets.DFC2020Dataset(dfc).patch_ids[:2]
+    s1 = _tif(_dfc_path(dfc, "s1", first))
+    s1[0, 0, :3] = np.nan
+    s1[0, 1, :2] = np.inf
+    s1[1, 2, :1] = -np.inf
+    _write_tif(_dfc_path(dfc, "s1", first), s1)
+    s2 = _tif(_dfc_path(dfc, "s2", second)).astype(np.float32)
+    s2[4, 5, :2] = np.inf
+    _write_tif(_dfc_path(dfc, "s2", second), s2)
+    nan = sum(int(np.isnan(_tif(_dfc_path(dfc, m, n))).sum()) for n in (first, second) for m in ("s1", "s2"))
+    inf = sum(int(np.isinf(_tif(_dfc_path(dfc, m, n))).sum()) for n in (first, second) for m in ("s1", "s2"))
+    assert inf == 5 and nan >= 3
+    ds = datasets.DFC2020Dataset(dfc, normalize="none")
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        items = [ds[0], ds[1]]
+    assert ds.nonfinite_pixels == nan + inf and ds.nan_pixels == nan
+    assert items[0]["s1"][0, 1, :2].tolist() == [0, 0] and items[0]["s1"][1, 2, 0] == 0
+    assert items[1]["s2"][4, 5, :2].tolist() == [0, 0]
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert "non-finite" in record.message and str(_dfc_path(dfc, "s1", first)) in record.message
+    seeded = datasets.DFC2020Dataset(dfc)
+    assert all(torch.isfinite(seeded[i][m]).all() for i in (0, 1) for m in ("s1", "s2"))
+
+
+def test_meterml_infinities_are_replaced_and_excluded_from_patch_statistics(meterml):
+    folder = _folder(meterml, "site_000000")
+    s1 = np.load(folder / "sentinel-1.npy").astype(np.float32)
+    s1[0, 0, 0], s1[0, 1, 1] = np.inf, -np.inf
+    np.save(folder / "sentinel-1.npy", s1)
+    s2_20m = np.load(folder / "sentinel-2-20m.npy").astype(np.float32)
+    s2_20m[3, 3, 0] = np.inf
+    np.save(folder / "sentinel-2-20m.npy", s2_20m)
+    ds = datasets.MeterMLDataset(meterml, s2_bands="all")
+    item = ds[0]
+    assert ds.nonfinite_pixels == 3 and ds.nan_pixels == 0
+    assert item["s1"][0, 0, 0] == 0 and item["s1"][1, 0, 1] == 0 and torch.isfinite(item["s2"]).all()
+    # B5 standardised over its 1295 finite pixels, the infinite one set to 0, then upsampled.
+    band = s2_20m[..., 0].astype(np.float64)
+    finite = band[np.isfinite(band)]
+    standard = np.where(np.isfinite(band), (band - finite.mean()) / finite.std(), 0.0)
+    expected = F.interpolate(torch.from_numpy(standard).view(1, 1, 36, 36), size=(72, 72), mode="bilinear")[0, 0]
+    torch.testing.assert_close(item["s2"][4].double(), expected, atol=1e-4, rtol=0)
+
+
+def test_whole_patches_of_another_size_name_the_file(dfc):
+    number = datasets.DFC2020Dataset(dfc).patch_ids[2]
+    for modality in ("s1", "s2", "dfc"):
+        path = _dfc_path(dfc, modality, number)
+        _write_tif(path, _tif(path)[:, :30, :30])
+    ds = datasets.DFC2020Dataset(dfc)
+    with pytest.raises(datasets.DataFileError, match=rf"{_dfc_path(dfc, 's1', number)}: patch of 30 x 30 px.*\(32, 32\)"):
+        ds[2]
+    assert ds[3]["s1"].shape == (2, 32, 32)
+    assert datasets.DFC2020Dataset(dfc, crop=16)[2]["s1"].shape == (2, 16, 16)
+
+
+def test_all_zero_images_are_counted_and_logged_once(dfc, meterml, caplog):
+    first, second = datasets.DFC2020Dataset(dfc).patch_ids[:2]
+    _write_tif(_dfc_path(dfc, "s2", first), np.zeros((13, 32, 32), np.uint16))
+    _write_tif(_dfc_path(dfc, "s1", second), np.zeros((2, 32, 32), np.float32))
+    _write_tif(_dfc_path(dfc, "s2", second), np.zeros((13, 32, 32), np.uint16))
+    ds = datasets.DFC2020Dataset(dfc)
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.all_zero_patches == 2
+    assert torch.equal(items[0]["s2"], torch.zeros(13, 32, 32)) and torch.equal(items[1]["s2"], torch.zeros(13, 32, 32))
+    (record,) = [r for r in caplog.records if "all-zero" in r.message]
+    assert str(_dfc_path(dfc, "s2", first)) in record.message
+    np.save(_folder(meterml, "site_000001") / "sentinel-2-10m.npy", np.zeros((72, 72, 4), np.uint16))
+    meter = datasets.MeterMLDataset(meterml)
+    for i in range(len(meter)):
+        meter[i]
+    assert meter.all_zero_patches == 1
+
+
+def test_meterml_repeated_and_conflicting_entries_are_reported(meterml, caplog):
+    collection = _read_geojson(meterml)
+    features = collection["features"]
+    first, second = (Path(f["properties"]["Image_Folder"]).name for f in features[:2])
+    repeat = json.loads(json.dumps(features[0]))
+    repeat["properties"]["Image_Folder"] = f"train_images_1/{first}"  # the same image set, another parent
+    conflict = json.loads(json.dumps(features[1]))
+    other_type = "Mines" if features[1]["properties"]["Type"] != "Mines" else "Landfills"
+    conflict["properties"]["Type"] = other_type
+    features += [repeat, json.loads(json.dumps(features[0])), conflict]
+    _write_geojson(meterml, collection)
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        ds = datasets.MeterMLDataset(meterml)
+    assert len(ds) == 12 and ds.ids == [Path(f["properties"]["Image_Folder"]).name for f in features[:12]]
+    assert ds.skipped == {
+        "repeated Image_Folder entry (same Type)": 2,
+        "Image_Folder listed again with another Type (first kept)": 1,
+    }
+    assert ds.problems == {"repeated Image_Folder": [first], "conflicting Type": [second]}
+    assert ds.labels[1] == METERML_CLASSES.index(features[1]["properties"]["Type"].split("-")[0])
+    (record,) = [r for r in caplog.records if r.name == "datasets"]
+    assert "12 of 15" in record.message and first in record.message and other_type in record.message
+
+
+def test_split_overlap_lists_the_shared_ids(meterml):
+    train, val = datasets.MeterMLDataset(meterml, "train"), datasets.MeterMLDataset(meterml, "val")
+    assert datasets.split_overlap(train, val) == [] and len(train.ids) == 12 and len(val.ids) == 4
+    collection = _read_geojson(meterml)
+    collection["features"] += _read_geojson(meterml, "val")["features"][2:]
+    _write_geojson(meterml, collection)
+    leaky = datasets.MeterMLDataset(meterml, "train")
+    assert datasets.split_overlap(leaky, val) == val.ids[2:] == datasets.split_overlap(val, leaky)
