@@ -3,7 +3,8 @@
 Both loaders read the same synthetic DFC2020 validation split (written by synthetic_data.py into a
 temporary folder), take 224 x 224 training crops and return the seed-normalised S1 / S2 crops
 with the majority and multi-label targets; "two views" adds the SupCon view of each modality
-(flips and a rotation up to 20 degrees). Torch runs on one thread, as in a DataLoader worker.
+(flips and a rotation up to 20 degrees), normalised after its augmentation. Torch runs on one
+thread, as in a DataLoader worker.
 
 Usage: python bench/bench_data.py [--patches 64] [--repeats 3]
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from rasterio.windows import Window
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -28,15 +30,16 @@ import datasets  # noqa: E402
 import synthetic_data  # noqa: E402
 
 CROP = 224
+PATCH = 256
 # DFC codes 1-10 to the 8 classes; Savanna, Snow/Ice and no-label to ignore (255).
 DFC_TO_CLASS = np.full(256, 255, dtype=np.uint8)
 DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
 
 
 class NaiveDFC2020(Dataset):
-    """The straightforward loader: opens all four GeoTIFFs of a patch, reads them whole,
-    normalises channel by channel in a Python loop, then crops, and augments each view with
-    torchvision's per-image transforms."""
+    """The straightforward loader, in the original code's order: opens all four GeoTIFFs of a
+    patch, reads the crop window of each, clips, augments with torchvision's per-image transforms,
+    then divides every channel of each image by its maximum in a Python loop."""
 
     def __init__(self, root: Path, two_views: bool) -> None:
         folder = root / "ROIs0000_validation"
@@ -52,36 +55,36 @@ class NaiveDFC2020(Dataset):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def _read(self, modality: str, patch: int) -> np.ndarray:
+    def _read(self, modality: str, patch: int, window: Window) -> np.ndarray:
         with rasterio.open(self.folder / f"{modality}_validation" / f"ROIs0000_validation_{modality}_0_p{patch}.tif") as src:
-            return src.read()
+            return src.read(window=window)
+
+    @staticmethod
+    def _normalise(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        for c in range(x.shape[0]):
+            x[c] /= x[c].max() + 1e-5
+        return x
 
     def __getitem__(self, index: int) -> dict:
         patch = self.patches[index]
-        s1, s2, lc, dfc = (self._read(m, patch) for m in ("s1", "s2", "lc", "dfc"))
-        s1 = np.nan_to_num(s1.astype(np.float32))
-        s2 = s2.astype(np.float32)
-        for c in range(s1.shape[0]):
-            s1[c] = np.clip(s1[c], -25, 0) + 25
-            s1[c] /= s1[c].max() + 1e-5
-        for c in range(s2.shape[0]):
-            s2[c] = np.clip(s2[c], 0, 10000)
-            s2[c] /= s2[c].max() + 1e-5
-        top, left = np.random.randint(0, s1.shape[1] - CROP + 1, 2)
-        window = (slice(None), slice(top, top + CROP), slice(left, left + CROP))
-        s1, s2 = torch.from_numpy(s1[window]), torch.from_numpy(s2[window])
-        label_map = DFC_TO_CLASS[dfc[0][window[1:]]]
+        top, left = np.random.randint(0, PATCH - CROP + 1, 2)
+        window = Window(left, top, CROP, CROP)
+        s1, s2, lc, dfc = (self._read(m, patch, window) for m in ("s1", "s2", "lc", "dfc"))
+        s1 = torch.from_numpy(np.clip(np.nan_to_num(s1.astype(np.float32)), -25, 0) + 25)
+        s2 = torch.from_numpy(np.clip(s2.astype(np.float32), 0, 10000))
+        label_map = DFC_TO_CLASS[dfc[0]]
         counts = np.bincount(label_map.ravel(), minlength=256)
         item = {
-            "s1": s1,
-            "s2": s2,
+            "s1": self._normalise(s1),
+            "s2": self._normalise(s2),
             "label": int(counts.argmax()),
             "multilabel": torch.from_numpy(counts[:8] >= 0.1 * label_map.size).float(),
             "id": patch,
         }
         if self.two_views:
-            item["s1"] = (self.augment(s1), s1)
-            item["s2"] = (self.augment(s2), s2)
+            item["s1"] = (self._normalise(self.augment(s1)), item["s1"])
+            item["s2"] = (self._normalise(self.augment(s2)), item["s2"])
         return item
 
 
@@ -110,7 +113,7 @@ def main() -> None:
     np.random.seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0)
+        root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0, size=PATCH)
         loaders = {
             "one view": (
                 datasets.DFC2020Dataset(root, crop=CROP, train=True),
