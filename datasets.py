@@ -689,10 +689,18 @@ class _PatchDataset(_PairedDataset):
 
     def _learn_patch_size(self) -> None:
         """Without a crop, items are whole patches that a DataLoader stacks: take their
-        (height, width) from the first S1 file (one open), so that another size names its file."""
+        (height, width) from the first S1 file (one open), so that another size names its file.
+        An unreadable file is passed over here (its item reports it); ten in a row raise."""
         if self.crop is None:
-            with rasterio.Env(**_GDAL_OPTIONS), _open_tif(self._files[0]["s1"], 2) as src:
-                self._patch_size = (src.height, src.width)
+            with rasterio.Env(**_GDAL_OPTIONS):
+                for paths in self._files[:10]:
+                    try:
+                        with _open_tif(paths["s1"], 2) as src:
+                            self._patch_size = (src.height, src.width)
+                            return
+                    except DataFileError as error:
+                        last_error = error
+            raise DataFileError(f"none of the first S1 files gives the patch size; the last: {last_error}")
 
     def _window(self, index: int, height: int, width: int, generator: torch.Generator, path: Path) -> Window:
         """The crop window of patch ``index`` (``height`` x ``width`` px): the whole patch without

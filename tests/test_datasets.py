@@ -160,7 +160,7 @@ def test_meterml_missing_folders_are_counted_and_reported_once(meterml, caplog):
         _folder(meterml, sample_id).rmdir()
     with caplog.at_level(logging.INFO, logger="datasets"):
         ds = datasets.MeterMLDataset(meterml, "train")
-    assert len(ds) == 10 and ds.skipped == {"image folder missing": 2}
+    assert len(ds) == 10 and ds.skipped == {"image folder missing": 2} and ds.problems == {"image folder missing": missing}
     assert [ds[i]["id"] for i in range(len(ds))] == [Path(f["properties"]["Image_Folder"]).name for f in features[2:]]
     (record,) = [r for r in caplog.records if r.name == "datasets"]
     assert record.levelno == logging.WARNING and "10 of 12" in record.message and missing[0] in record.message
@@ -704,6 +704,11 @@ def test_sen12ms_skips_unreadable_files(sen12ms, caplog):
     assert ds.unreadable == 2
     (record,) = [r for r in caplog.records if "skipping" in r.message]
     assert ds.patch_ids[1] in record.message and "cannot read" in record.message
+    # A broken first patch: the whole-patch size comes from the next S1 file that opens.
+    season, scene, patch = ds.patch_ids[0].rsplit("_", 2)
+    (sen12ms / season / f"s1_{scene}" / f"{season}_s1_{scene}_{patch}.tif").write_bytes(b"broken")
+    ds = datasets.SEN12MSDataset(sen12ms, seasons=("fall",))
+    assert ds[0]["id"] == ds.patch_ids[2] and ds[0]["s1"].shape == (2, 16, 16)
 
 
 def test_sen12ms_bad_roots_and_seasons(tmp_path, sen12ms):
