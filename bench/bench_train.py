@@ -1,265 +1,326 @@
-"""The DFC2020 SupCon+CE fine-tuning step of dfc_finetune.py: original style against the fast path.
+"""Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation, three configurations.
 
-Original style: float32, NCHW, three backbone passes per step (two views, then the original again
-for CE), the SupCon view made per sample in the DataLoader workers, a plain DataLoader.
-Fast path: bf16 autocast for the backbones with the losses in float32, channels_last (both CUDA
-only), one pass per view, views made in batches on the device, engine.make_loader (pinned memory,
-persistent workers, prefetch). Both are assembled from engine's pieces, as dfc_finetune.py does.
+The objects are the ones dfc_finetune.py builds: models.DualResNet inside models.MultiModalNet,
+losses.SupConCELoss, engine.Views (batched flips + rotation on the device, seed_normalize per view),
+Adam over models.param_groups.
 
-Three measurements, each configuration in a fresh process (peak memory, cuDNN autotuning and
-compile caches start clean): the training step with its inputs already on the device; the
-training step fed by the DataLoader from synthetic DFC2020 GeoTIFFs in a temporary folder;
-evaluation without gradients on whole patches. Peak memory: torch.cuda.max_memory_allocated on
-CUDA (weights, Adam state and activations), growth of the main process's max RSS on CPU (the
-DataLoader workers' memory is not counted).
+    original  the original's arithmetic: float32, NCHW, --ce_from separate (per modality one encoder
+              pass over cat([augmented, original]) for SupCon and a second over the originals for CE:
+              3B images encoded per modality and step)
+    default   --ce_from separate with bf16 autocast and channels_last where CUDA (the repository's
+              default; on CPU the same computation as original)
+    fast      --ce_from joint (CE reads the original half of the joint pass: 2B images) with bf16
+              autocast and channels_last where CUDA
 
-    python bench/bench_train.py                      # cuda when available: resnet50, 224 px
-    python bench/bench_train.py --device cpu --steps 10 --batch-sizes 8 16
+Measurements, in this order; each figure is printed as one line the moment it is measured, so a run
+stopped by a time limit keeps every figure it took:
+
+    step      the training step of engine.fit (views, forward, loss, non-finite check, backward,
+              Adam) on a fixed batch already on the device: the model alone
+    eval      model.eval(), no gradients, originals only, batch --eval_batch_size, predictions
+              copied to the host as engine.evaluate does (fast evaluates as default does)
+    loader    the training step fed by engine.make_loader (--workers, pinned memory on CUDA) over
+              synthetic DFC2020 GeoTIFFs: random crops read from disk, seed-normalised
+    compile   the fast step under torch.compile (compilation is in the warm-up)
+
+Each measurement: a warm-up of at most --warmup steps and --warmup_s seconds (at least one step),
+then --steps timed steps. Peak memory: torch.cuda.max_memory_allocated on CUDA (weights, Adam
+state, activations); on CPU the peak RSS of this process (VmHWM, reset before each measurement;
+DataLoader workers not counted). A markdown table of every figure ends the run.
+
+    python bench/bench_train.py                        # resnet50, 224 px, batch 128 (sized for a GPU)
+    python bench/bench_train.py --tiny                 # resnet18, 32 px, batch 4, 2 steps: CPU, seconds
+    python bench/bench_train.py --data_root DATA --workers 16 --parts step loader
 """
 import argparse
+import gc
 import itertools
 import logging
-import multiprocessing as mp
 import os
+import platform
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 import synthetic_data  # noqa: E402
-from augment import TwoViews, dfc_augment  # noqa: E402
-from datasets import DFC2020Dataset  # noqa: E402
-from losses import SupConLoss  # noqa: E402
-from models import DualResNet, param_groups  # noqa: E402
+from augment import dfc_augment  # noqa: E402
+from datasets import DFC2020Dataset, seed_normalize  # noqa: E402
+from losses import SupConCELoss  # noqa: E402
+from models import DualResNet, MultiModalNet, param_groups  # noqa: E402
 
-log = logging.getLogger("bench_train")
-
-# The CUDA sizes are dfc_finetune.py's; the CPU ones keep the whole bench within a few minutes on
-# 2 cores. 512 patches of 256 px take about 1.3 GB of disk and hold 4 batches of 128.
-DEFAULTS = {
-    "cuda": dict(arch="resnet50", crop=224, patch_size=256, patches=512, batch_sizes=[32, 128], warmup=5, steps=20),
-    "cpu": dict(arch="resnet18", crop=64, patch_size=96, patches=64, batch_sizes=[8, 16], warmup=2, steps=8,
-                threads=max(1, (os.cpu_count() or 1) - 1)),
+# name -> (--ce_from, bf16 autocast and channels_last where CUDA)
+CONFIGS = {"original": ("separate", False), "default": ("separate", True), "fast": ("joint", True)}
+PARTS = ("step", "eval", "loader", "compile")
+# Flag defaults: sized for a GPU, and the --tiny preset (CPU, seconds). Explicit flags win over both.
+PRESETS = {
+    "gpu": dict(arch="resnet50", crop=224, batch_size=128, eval_batch_size=128, patch_size=256, patches=64,
+                warmup=3, steps=10, workers=min(16, os.cpu_count() or 1)),
+    "tiny": dict(arch="resnet18", crop=32, batch_size=4, eval_batch_size=8, patch_size=40, patches=8,
+                 warmup=1, steps=2, workers=1),
 }
-SUPCON_TEMPERATURE = 0.07
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, views: engine.Views, supcon: SupConLoss,
-               ctx: engine.Context, batch: dict, epoch: int, step: int) -> None:
-    """One step of engine.fit running dfc_finetune.py's step: forward, compose_loss, backward, Adam."""
-    labels = batch["label"].to(ctx.device, non_blocking=True)
-    with ctx.autocast():
-        terms = engine.compose_loss(model(views(batch, epoch, step)), labels, supcon=supcon)
-    optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    optimizer.step()
+@dataclass
+class Figure:
+    """One measurement: samples/s and peak memory (GiB on CUDA, MiB RSS on CPU); rate None: out of memory."""
+
+    part: str
+    config: str
+    batch: int
+    rate: float | None
+    peak: float | None
+    warmup_s: float | None
 
 
-def device_batch(style: str, batch_size: int, size: int, device: torch.device) -> dict:
-    """A training batch on the device: crops (B, C, size, size) for the fast path, which augments
-    them itself; (augmented, original) pairs of them for the original style, as its workers yield."""
-    g = torch.Generator().manual_seed(0)
-    batch = {"s1": torch.rand(batch_size, 2, size, size, generator=g),
-             "s2": torch.rand(batch_size, 13, size, size, generator=g),
-             "label": torch.randint(0, 8, (batch_size,), generator=g)}
-    if style == "original":
-        for m in ("s1", "s2"):
-            batch[m] = list(TwoViews(dfc_augment())(batch[m], generator=g))
-    return {k: [x.to(device) for x in v] if isinstance(v, list) else v.to(device) for k, v in batch.items()}
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU: every default below takes its --tiny value")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--arch", default=None, help="backbone (default resnet50; --tiny resnet18)")
+    p.add_argument("--crop", type=engine.positive_int, default=None,
+                   help="training crop and evaluation input, px (default 224, as dfc_finetune.py; --tiny 32)")
+    p.add_argument("--batch_size", type=engine.positive_int, default=None, help="training batch (default 128; --tiny 4)")
+    p.add_argument("--eval_batch_size", type=engine.positive_int, default=None, help="evaluation batch (default 128; --tiny 8)")
+    p.add_argument("--warmup", type=engine.positive_int, default=None,
+                   help="untimed warm-up steps at most, see --warmup_s (default 3; --tiny 1)")
+    p.add_argument("--warmup_s", type=engine.positive, default=20.0,
+                   help="stop the warm-up after the step that passes this many seconds (default 20)")
+    p.add_argument("--steps", type=engine.positive_int, default=None, help="timed steps per measurement (default 10; --tiny 2)")
+    p.add_argument("--workers", type=engine.non_negative_int, default=None,
+                   help="DataLoader workers of the loader measurements (default: CPU count, at most 16; --tiny 1)")
+    p.add_argument("--data_root", type=Path, default=None,
+                   help="DFC2020 root whose validation split feeds the loader (default: synthetic patches in a temporary folder)")
+    p.add_argument("--patches", type=engine.positive_int, default=None,
+                   help="synthetic patches written without --data_root; the loader cycles over them (default 64; --tiny 8)")
+    p.add_argument("--patch_size", type=engine.positive_int, default=None, help="side of the synthetic patches, px (default 256; --tiny 40)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="configurations (default: all three)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                   help="measurements, run in the order step, eval, loader, compile (default: all on CUDA; without compile on CPU)")
+    return p
 
 
-def loader_batches(style: str, root: Path, batch_size: int, crop: int, ctx: engine.Context,
-                   views: engine.Views, workers: int | None) -> Iterator[tuple[int, int, dict]]:
-    """(epoch, step, batch) over as many epochs as asked, read from the GeoTIFFs under `root`."""
-    dataset = DFC2020Dataset(root, "validation", crop=crop, train=True, transform=views.dataset_transform())
-    loader = engine.make_loader(dataset, batch_size, ctx, argparse.Namespace(seed=0, workers=workers), train=True)
-    if style == "original":
-        # As many workers as make_loader picks, so the comparison is of what each worker does
-        # and of pinning, persistence and prefetch, not of the worker count.
-        loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, num_workers=loader.num_workers)
-    for epoch in itertools.count():
-        dataset.set_epoch(epoch)
-        if isinstance(loader.sampler, engine.EpochSampler):
-            loader.sampler.set_epoch(epoch)
-        for step, batch in enumerate(loader):
-            yield epoch, step, batch
-
-
-def max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure(kind: str, style: str, batch_size: int, args: argparse.Namespace, root: Path,
-            start_method: str) -> dict[str, float]:
-    """Samples/s after warm-up, peak memory (MiB) and warm-up time (s) of one configuration.
-
-    Args:
-        kind: "step" (inputs on the device), "loader" (end to end) or "eval" (no grad, whole patches).
-        style: "original", "fast" or "compiled" (the fast step under torch.compile).
-        start_method: how the DataLoader workers start, as in a script run directly (a spawned
-            process would spawn them too, re-importing everything at every epoch of the original style).
-    """
-    mp.set_start_method(start_method, force=True)
-    logging.getLogger("datasets").setLevel(logging.ERROR)  # the synthetic NaN pixels are on purpose
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before = max_rss()
-    fast = style != "original"
-    ctx = engine.Context(device, rank=0, world=1, amp=fast and cuda, channels_last=fast and cuda)
-    net = DualResNet(args.arch)
-    model = engine.wrap(engine.MultiViewClassifier({"s1": net.backbone1, "s2": net.backbone2}, {"fused": net.fc},
-                                                   separate_ce_pass=style == "original"), ctx, argparse.Namespace(compile=style == "compiled"))
-    views = engine.Views(["s1", "s2"], dfc_augment(), 2, "device" if fast else "loader", ctx, seed=0)
-
-    if kind == "eval":
-        model.eval()
-        patches = {"s1": torch.rand(batch_size, 2, args.patch_size, args.patch_size, device=device),
-                   "s2": torch.rand(batch_size, 13, args.patch_size, args.patch_size, device=device)}
-        batches = itertools.repeat((0, 0, patches))
-
-        @torch.no_grad()
-        def run(batch: dict, epoch: int, step: int) -> None:
-            with ctx.autocast():
-                out = model(views.originals(batch))
-            engine.predict(out["logits"]).cpu()  # what engine.evaluate collects, a sync per batch
-    else:
-        model.train()
-        optimizer = torch.optim.Adam(param_groups(net, net.fc, lr=1e-5, head_lr=3e-6, weight_decay=1e-3))
-        supcon = SupConLoss(SUPCON_TEMPERATURE, "all", SUPCON_TEMPERATURE)
-        if kind == "step":
-            batches = itertools.repeat((0, 0, device_batch(style, batch_size, args.crop, device)))
-        else:
-            batches = loader_batches(style, root, batch_size, args.crop, ctx, views, args.workers)
-
-        def run(batch: dict, epoch: int, step: int) -> None:
-            train_step(model, optimizer, views, supcon, ctx, batch, epoch, step)
-
-    start = time.perf_counter()
-    for i, (epoch, step, batch) in enumerate(itertools.islice(batches, args.warmup + args.steps)):
-        if i == args.warmup:
-            if cuda:
-                torch.cuda.synchronize(device)
-            warm = time.perf_counter()
-        run(batch, epoch, step)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - warm
-    peak = torch.cuda.max_memory_allocated(device) if cuda else max_rss() - rss_before
-    return {"rate": batch_size * args.steps / seconds, "peak": peak / 2**20, "warmup": warm - start}
-
-
-def fresh(kind: str, style: str, batch_size: int, args: argparse.Namespace, root: Path) -> dict[str, float] | None:
-    """`measure` in a new process, so that nothing of the previous configuration carries over;
-    None when the configuration does not fit in GPU memory (the other rows are still worth having)."""
-    log.info("%s, %s, batch %d", kind, style, batch_size)
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        try:
-            return pool.submit(measure, kind, style, batch_size, args, root, mp.get_start_method()).result()
-        except torch.OutOfMemoryError:
-            log.warning("%s, %s, batch %d: out of GPU memory", kind, style, batch_size)
-            return None
-
-
-def cell(result: dict[str, float] | None, key: str, digits: int) -> str:
-    return "OOM" if result is None else f"{result[key]:.{digits}f}"
-
-
-def ratio(new: dict[str, float] | None, old: dict[str, float] | None, key: str) -> str:
-    return "-" if new is None or old is None else f"{new[key] / old[key]:.2f}"
-
-
-def comparison_table(rows: list[tuple[str, dict | None, dict | None]], first: str) -> None:
-    print(f"| {first} | original samples/s | fast samples/s | speed-up | original peak MiB | fast peak MiB | fast / original memory |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for label, orig, fast in rows:
-        print(f"| {label} | {cell(orig, 'rate', 1)} | {cell(fast, 'rate', 1)} | {ratio(fast, orig, 'rate')}x "
-              f"| {cell(orig, 'peak', 0)} | {cell(fast, 'peak', 0)} | {ratio(fast, orig, 'peak')} |")
-    print()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--arch", default=None, help="backbone (default resnet50 on CUDA, resnet18 on CPU)")
-    parser.add_argument("--crop", type=int, default=None, help="training crop, px (default 224 on CUDA, 64 on CPU)")
-    parser.add_argument("--patch-size", type=int, default=None, help="synthetic patch side and evaluation input, px (default 256 / 96)")
-    parser.add_argument("--patches", type=int, default=None, help="synthetic patches written for the loader (default 512 / 64)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="training batch sizes (default 32 128 / 8 16)")
-    parser.add_argument("--eval-batch-sizes", type=int, nargs=2, default=[32, 128], metavar=("ORIGINAL", "FAST"),
-                        help="evaluation batch of the original style and of the fast path (default 32 128)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 / 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 / 8)")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: engine.make_loader's choice)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the training process (default on CPU: one core less than the machine's, "
-                             "left to the DataLoader worker; more threads than free cores stall on CPU)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time the fast step under torch.compile (default: on with CUDA)")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+def resolve(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    for key, value in PRESETS["tiny" if args.tiny else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
-    if args.crop > args.patch_size:
-        parser.error(f"--crop {args.crop} is larger than --patch-size {args.patch_size}")
-    if args.warmup < 1 or args.steps < 1:
-        parser.error(f"--warmup and --steps must be at least 1, got {args.warmup} and {args.steps}")
-    if args.patches < max(args.batch_sizes):
-        parser.error(f"--patches {args.patches} holds no batch of {max(args.batch_sizes)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    args.device = torch.device(args.device)
+    if args.parts is None:
+        args.parts = list(PARTS) if args.device.type == "cuda" else [p for p in PARTS if p != "compile"]
+    if args.data_root is None and args.crop > args.patch_size:
+        p.error(f"--crop {args.crop} is larger than --patch_size {args.patch_size}")
+    return args
 
+
+# ----------------------------------------------------------------------------- memory
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM back to the current RSS
+    except OSError:
+        pass  # elsewhere the figure is the process's peak so far
+
+
+def peak(device: torch.device) -> float:
+    """GiB allocated by torch on CUDA; MiB of peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_text(value: float, device: torch.device) -> str:
+    return f"{value:.1f} GiB" if device.type == "cuda" else f"{value:.0f} MiB RSS"
+
+
+def release(device: torch.device) -> None:
+    """Let the next measurement start from an empty device."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- what is timed
+
+@dataclass
+class Setup:
+    """dfc_finetune.py's objects for one configuration."""
+
+    ctx: engine.Context
+    model: torch.nn.Module
+    views: engine.Views
+    step: Callable[[dict, int, int], None]
+
+
+def build(config: str, args: argparse.Namespace, *, compiled: bool = False) -> Setup:
+    ce_from, numeric = CONFIGS[config]
+    cuda = args.device.type == "cuda"
+    ctx = engine.Context(device=args.device, amp=numeric and cuda, channels_last=numeric and cuda,
+                         workers=args.workers, pin_memory=cuda)
+    torch.manual_seed(0)
+    net = DualResNet(args.arch)
+    model = engine.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=ce_from),
+                        ctx, argparse.Namespace(compile=compiled))
+    optimizer = torch.optim.Adam(param_groups(net, net.fc, 1e-5, 3e-6, 1e-3), betas=(0.9, 0.999))
+    criterion = SupConCELoss(temperature=0.07)
+    views = engine.Views(["s1", "s2"], dfc_augment(), ctx, 0, renormalize=seed_normalize)
+
+    def step(batch: dict, epoch: int, i: int) -> None:
+        """dfc_finetune.py's step and what engine.fit does with its loss."""
+        originals, augmented = views(batch, epoch, i)
+        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
+        with ctx.autocast():
+            out = model(originals, augmented)
+        loss = criterion(out["features"], out["logits"], labels)["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{config}: non-finite loss {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return Setup(ctx, model, views, step)
+
+
+def random_batch(batch_size: int, size: int, device: torch.device) -> dict:
+    """A batch as the loader gives it (seed-normalised values in [0, 1)), already on the device."""
+    g = torch.Generator().manual_seed(0)
+    return {"s1": torch.rand(batch_size, 2, size, size, generator=g).to(device),
+            "s2": torch.rand(batch_size, 13, size, size, generator=g).to(device),
+            "label": torch.randint(0, 8, (batch_size,), generator=g).to(device)}
+
+
+def repeated(batch: dict) -> Iterator[tuple[dict, int, int]]:
+    """The same batch at every step; the augmentation draws still change with the step."""
+    return ((batch, 0, i) for i in itertools.count())
+
+
+def timed(run: Callable[[dict, int, int], None], batches: Iterator[tuple[dict, int, int]], args: argparse.Namespace) -> tuple[float, float]:
+    """(timed steps per second, warm-up seconds) of `run` over `batches`."""
+    cuda = args.device.type == "cuda"
+    began = time.perf_counter()
+    for done in itertools.count(1):
+        run(*next(batches))
+        if cuda:
+            torch.cuda.synchronize(args.device)
+        if done >= args.warmup or time.perf_counter() - began >= args.warmup_s:
+            break
+    warm = time.perf_counter()
+    for _ in range(args.steps):
+        run(*next(batches))
+    if cuda:
+        torch.cuda.synchronize(args.device)
+    return args.steps / (time.perf_counter() - warm), warm - began
+
+
+def measure_step(config: str, args: argparse.Namespace, *, compiled: bool = False) -> tuple[float, float]:
+    setup = build(config, args, compiled=compiled)
+    setup.model.train()
+    return timed(setup.step, repeated(random_batch(args.batch_size, args.crop, args.device)), args)
+
+
+def measure_loader(config: str, args: argparse.Namespace, root: Path) -> tuple[float, float]:
+    setup = build(config, args)
+    setup.model.train()
+    dataset = DFC2020Dataset(root, "validation", crop=args.crop, train=True, seed=0)
+    # One epoch long enough for every step, cycling over the patches: the pipeline never drains.
+    positions = [i % len(dataset) for i in range(args.batch_size * (args.warmup + args.steps))]
+    loader = engine.make_loader(dataset, args.batch_size, setup.ctx, argparse.Namespace(seed=0), train=True, indices=positions)
+    return timed(setup.step, ((batch, 0, i) for i, batch in enumerate(loader)), args)
+
+
+def measure_eval(config: str, args: argparse.Namespace) -> tuple[float, float]:
+    setup = build(config, args)
+    setup.model.eval()
+
+    @torch.no_grad()
+    def run(batch: dict, epoch: int, i: int) -> None:
+        with setup.ctx.autocast():
+            out = setup.model(setup.views.originals(batch))
+        engine.predict(out["logits"]).cpu()
+
+    return timed(run, repeated(random_batch(args.eval_batch_size, args.crop, args.device)), args)
+
+
+def measure(part: str, config: str, args: argparse.Namespace, root: Path) -> Figure:
+    """Take one figure and print its line at once; out of GPU memory gives a line saying so."""
+    batch = args.eval_batch_size if part == "eval" else args.batch_size
+    label = f"{part} {config} batch={batch} {args.crop}px {args.arch}" + (f" workers={args.workers}" if part == "loader" else "")
+    release(args.device)
+    reset_peak(args.device)
+    try:
+        if part == "step":
+            steps_per_s, warm = measure_step(config, args)
+        elif part == "compile":
+            steps_per_s, warm = measure_step(config, args, compiled=True)
+        elif part == "loader":
+            steps_per_s, warm = measure_loader(config, args, root)
+        else:
+            steps_per_s, warm = measure_eval(config, args)
+    except torch.OutOfMemoryError:
+        print(f"{label}: out of memory", flush=True)
+        return Figure(part, config, batch, None, None, None)
+    figure = Figure(part, config, batch, steps_per_s * batch, peak(args.device), warm)
+    print(f"{label}: {figure.rate:.1f} samples/s, peak {peak_text(figure.peak, args.device)}, warm-up {warm:.1f} s",
+          flush=True)
+    return figure
+
+
+def table(figures: list[Figure], device: torch.device) -> str:
+    """Markdown: every figure, with its speed relative to the original configuration's step /
+    loader / eval figure (the compiled fast step relative to the original step)."""
+    cuda = device.type == "cuda"
+    unit = "GiB" if cuda else "MiB RSS"
+    base = {f.part: f.rate for f in figures if f.config == "original"}
+    base["compile"] = base.get("step")
+    lines = [f"| measurement | configuration | batch | samples/s | vs original | peak {unit} | warm-up s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for f in figures:
+        if f.rate is None:
+            lines.append(f"| {f.part} | {f.config} | {f.batch} | out of memory | | | |")
+            continue
+        speed = f"{f.rate / base[f.part]:.2f}x" if base.get(f.part) else "-"
+        lines.append(f"| {f.part} | {f.config} | {f.batch} | {f.rate:.1f} | {speed} | {f.peak:.{1 if cuda else 0}f} | {f.warmup_s:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = resolve(build_parser(), argv)
+    logging.getLogger("datasets").setLevel(logging.ERROR)  # the synthetic patches hold NaN pixels on purpose
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as engine.setup
+    name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    print(f"bench_train: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"dual {args.arch}, {args.crop} px, warm-up <= {args.warmup} steps / {args.warmup_s:g} s, {args.steps} timed steps",
+          flush=True)
+    # Evaluation does not depend on --ce_from: fast evaluates as default does.
+    evaluated = [c for c in args.configs if not (c == "fast" and "default" in args.configs)]
+    work = [(part, config) for part in PARTS if part in args.parts
+            for config in {"eval": evaluated, "compile": ["fast"]}.get(part, args.configs)]
     with tempfile.TemporaryDirectory() as tmp:
-        log.info("writing %d synthetic DFC2020 patches of %d px to %s", args.patches, args.patch_size, tmp)
-        root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0, size=args.patch_size)
-        step = {(s, b): fresh("step", s, b, args, root) for b in args.batch_sizes for s in ("original", "fast")}
-        compiled = {b: fresh("step", "compiled", b, args, root) for b in args.batch_sizes} if args.compile else {}
-        loader = {(s, b): fresh("loader", s, b, args, root) for b in args.batch_sizes for s in ("original", "fast")}
-        evaluation = {s: fresh("eval", s, b, args, root) for s, b in zip(("original", "fast"), args.eval_batch_sizes)}
-
-    # Named only now: the measuring processes should have the GPU's memory to themselves.
-    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-            else f"CPU ({os.cpu_count()} cores, {args.threads} torch threads)")
-    print(f"# DFC2020 SupCon+CE fine-tuning step, original style vs fast path: {name}")
+        root = args.data_root
+        if root is None and "loader" in args.parts:
+            began = time.perf_counter()
+            root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0, size=args.patch_size)
+            print(f"bench_train: wrote {args.patches} synthetic DFC2020 patches of {args.patch_size} px in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
+        figures = [measure(part, config, args, root) for part, config in work]
     print()
-    print(f"Dual {args.arch}, {args.crop} px training crops of {args.patch_size} px patches; {args.steps} timed steps "
-          f"after {args.warmup} warm-up steps; peak memory: "
-          + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else "max RSS growth of the main process."))
-    print()
-    print("## Training step, inputs on the device (forward, compose_loss, backward, Adam)")
-    print()
-    comparison_table([(str(b), step["original", b], step["fast", b]) for b in args.batch_sizes], "batch")
-    if compiled:
-        print("## Fast step under torch.compile (compile time: the warm-up steps, compilation included)")
-        print()
-        print("| batch | fast samples/s | compiled samples/s | speed-up | compile + warm-up s | compiled peak MiB |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for b, c in compiled.items():
-            fast = step["fast", b]
-            print(f"| {b} | {cell(fast, 'rate', 1)} | {cell(c, 'rate', 1)} | {ratio(c, fast, 'rate')}x "
-                  f"| {cell(c, 'warmup', 1)} | {cell(c, 'peak', 0)} |")
-        print()
-    print(f"## End to end: DataLoader over {args.patches} synthetic GeoTIFF patches on local disk")
-    print()
-    comparison_table([(str(b), loader["original", b], loader["fast", b]) for b in args.batch_sizes], "batch")
-    print(f"## Evaluation without gradients, whole {args.patch_size} px patches, inputs on the device")
-    print()
-    comparison_table([("{} / {}".format(*args.eval_batch_sizes), evaluation["original"], evaluation["fast"])],
-                     "batch original / fast")
+    print(table(figures, args.device))
 
 
 if __name__ == "__main__":
