@@ -439,7 +439,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     confusion = confusion_matrix(y_true, y_pred, labels=list(range(k))) if len(y_true) else np.zeros((k, k), dtype=np.int64)
     classes = [c for c in range(k) if c not in ignore]
     support, hits = confusion.sum(1), np.diag(confusion)
-    per_class = {class_names[c]: (100.0 * hits[c] / support[c] if support[c] else None) for c in classes}
+    per_class = {class_names[c]: (100.0 * float(hits[c]) / float(support[c]) if support[c] else None) for c in classes}
     scores = [v for v in per_class.values() if v is not None]
     return {"per_class": per_class,
             "AA": sum(scores) / len(scores) if scores else None,

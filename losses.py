@@ -364,17 +364,18 @@ class SupConCELoss(nn.Module):
             labels: (B,) class ids for SupCon; IGNORE entries become classes of their own.
             ce_labels: (B,) CE targets (default `labels`); IGNORE entries are skipped.
         Returns:
-            {"loss", "ce", "supcon" (when used)}: scalar float32 tensors, and "ce_samples": the
+            {"loss", "ce", "supcon" (when used)}: scalar float32 tensors (float64 for float64
+            inputs), and "ce_samples": the
             number of samples with a CE target (a float tensor, for the trainer's check).
         """
         targets = labels if ce_labels is None else ce_labels
         counted = (targets != IGNORE).sum()
         valid = counted.clamp(min=1)
-        ce = sum(F.cross_entropy(l.float(), targets, ignore_index=IGNORE, reduction="sum") / valid for l in logits.values())
+        ce = sum(F.cross_entropy(l.to(_compute_dtype(l)), targets, ignore_index=IGNORE, reduction="sum") / valid for l in logits.values())
         terms = {"ce": ce}
         total = self.ce_weight * ce
         if self.supcon is not None:
-            normed = {m: F.normalize(f.float(), dim=-1) for m, f in features.items()}
+            normed = {m: F.normalize(f.to(_compute_dtype(f)), dim=-1) for m, f in features.items()}
             ids = supcon_labels(labels)
             if self.cross_modal and len(normed) == 2:
                 stacked, stacked_ids = multimodal_views(normed["s1"], normed["s2"], ids)

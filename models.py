@@ -372,6 +372,10 @@ def load_checkpoint(
     """
     model = _unwrap(model)
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -384,6 +388,9 @@ def load_checkpoint(
             " torch.save(model.state_dict(), path) for a pickled model, or"
             " torch.save(checkpoint['state_dict'], path) for a training checkpoint."
         ) from err
+    except (RuntimeError, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"checkpoint {path} is not a readable PyTorch file (truncated, or another format): "
+                         f"{type(err).__name__}: {str(err)[:200]}") from err
 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -99,7 +99,7 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "dfc_finetune.py"), "--data_root", str(root), "--arch", "resnet18", "--crop", "32",
                "--batch_size", "2", "--epochs", "2", "--workers", "0", "--finetune", "--use_sup_con",
-               "--eval_every", "1", "--save_path", str(run)]
+               "--eval_every", "1", "--eval_crop", "0", "--save_path", str(run)]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

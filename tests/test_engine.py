@@ -1,108 +1,16 @@
-"""The shared training pieces: loss composition, views, sampling, metrics, schedules."""
+"""The shared training pieces: device plan, flags, views, sampling, metrics, schedules, run folders."""
 import argparse
-import copy
-import math
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import engine
-from losses import SupConLoss
-from test_losses import naive_supcon
-
-
-def naive_ce(logits, labels, ignore=255):
-    """Mean over non-ignored samples of -log softmax, one sample at a time."""
-    terms = [math.log(sum(math.exp(v) for v in row)) - row[y] for row, y in zip(logits.tolist(), labels.tolist()) if y != ignore]
-    return sum(terms) / max(1, len(terms))
-
-
-def fixed_outputs(heads):
-    g = torch.Generator().manual_seed(0)
-    features = {m: F.normalize(torch.randn(6, 2, 4, generator=g), dim=-1) for m in ("s1", "s2")}
-    logits = {h: torch.randn(6, 5, generator=g) for h in heads}
-    return {"features": features, "logits": logits}
-
-
-LABELS = torch.tensor([0, 1, 0, 2, 1, 255])
-
-
-def test_fused_composition_is_ce_plus_cross_modal_supcon():
-    out = fixed_outputs(["fused"])
-    terms = engine.compose_loss(out, LABELS, supcon=SupConLoss(), ce_weight=0.5, sup_weight=2.0)
-    # The ignored sample is its own class in SupCon: label it with something unique.
-    sup_ids = torch.tensor([0, 1, 0, 2, 1, 99])
-    stacked = torch.cat([out["features"]["s1"], out["features"]["s2"]])
-    expected_sup = naive_supcon(stacked, torch.cat([sup_ids, sup_ids]))
-    expected_ce = naive_ce(out["logits"]["fused"], LABELS)
-    assert terms["supcon"].item() == pytest.approx(expected_sup, abs=1e-5)
-    assert terms["ce"].item() == pytest.approx(expected_ce, abs=1e-5)
-    assert terms["loss"].item() == pytest.approx(0.5 * expected_ce + 2.0 * expected_sup, abs=1e-5)
-
-
-def test_separate_heads_sum_ce_and_supcon_per_modality():
-    out = fixed_outputs(["s1", "s2"])
-    terms = engine.compose_loss(out, LABELS, supcon=SupConLoss())
-    sup_ids = torch.tensor([0, 1, 0, 2, 1, 99])
-    expected_sup = naive_supcon(out["features"]["s1"], sup_ids) + naive_supcon(out["features"]["s2"], sup_ids)
-    expected_ce = naive_ce(out["logits"]["s1"], LABELS) + naive_ce(out["logits"]["s2"], LABELS)
-    assert terms["supcon"].item() == pytest.approx(expected_sup, abs=1e-5)
-    assert terms["loss"].item() == pytest.approx(expected_ce + expected_sup, abs=1e-5)
-
-
-def test_single_modality_and_ce_only():
-    out = fixed_outputs(["s1"])
-    del out["features"]["s2"]
-    terms = engine.compose_loss(out, LABELS, supcon=SupConLoss())
-    expected = naive_ce(out["logits"]["s1"], LABELS) + naive_supcon(out["features"]["s1"], torch.tensor([0, 1, 0, 2, 1, 99]))
-    assert terms["loss"].item() == pytest.approx(expected, abs=1e-5)
-    ce_only = engine.compose_loss(out, LABELS)
-    assert set(ce_only) == {"ce", "loss"}
-    assert ce_only["loss"].item() == pytest.approx(naive_ce(out["logits"]["s1"], LABELS), abs=1e-6)
-
-
-def test_ce_labels_ignore_negatives_while_supcon_keeps_them():
-    out = fixed_outputs(["fused"])
-    labels = torch.tensor([0, 3, 0, 3, 1, 1])
-    ce_labels = torch.where(labels == 3, 255, labels)
-    terms = engine.compose_loss(out, labels, ce_labels=ce_labels, supcon=SupConLoss())
-    assert terms["ce"].item() == pytest.approx(naive_ce(out["logits"]["fused"], ce_labels), abs=1e-6)
-    stacked = torch.cat([out["features"]["s1"], out["features"]["s2"]])
-    assert terms["supcon"].item() == pytest.approx(naive_supcon(stacked, torch.cat([labels, labels])), abs=1e-5)
-
-
-def test_all_ignored_batch_gives_zero_ce_not_nan():
-    out = fixed_outputs(["fused"])
-    terms = engine.compose_loss(out, torch.full((6,), 255))
-    assert terms["loss"].item() == 0.0
-
-
-class Scale(nn.Module):
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = nn.Parameter(torch.tensor(float(factor)))
-
-    def forward(self, x):
-        return x.flatten(1) * self.factor
-
-
-def test_multiview_classifier_routes_views_and_heads():
-    shared = Scale(2.0)
-    head = nn.Linear(3, 3)
-    net = engine.MultiViewClassifier({"s1": shared, "s2": shared}, {"fused": head})
-    assert len(list(net.parameters())) == 3  # the shared encoder counted once
-    s1 = [torch.randn(4, 1, 1, 1), torch.randn(4, 1, 1, 1)]
-    s2 = [torch.randn(4, 2, 1, 1), torch.randn(4, 2, 1, 1)]
-    out = net({"s1": s1, "s2": s2})
-    assert out["features"]["s1"].shape == (4, 2, 1) and out["features"]["s2"].shape == (4, 2, 2)
-    torch.testing.assert_close(out["features"]["s2"][:, 0], 2 * s2[0].flatten(1))
-    expected = head(torch.cat([2 * s1[1].flatten(1), 2 * s2[1].flatten(1)], 1))  # the ORIGINAL (last) views
-    torch.testing.assert_close(out["logits"]["fused"], expected)
-    again = engine.MultiViewClassifier({"s1": shared, "s2": shared}, {"fused": head}, separate_ce_pass=True)
-    torch.testing.assert_close(again({"s1": s1, "s2": s2})["logits"]["fused"], expected)
 
 
 def test_predict_single_head_and_late_fusion():
@@ -110,20 +18,6 @@ def test_predict_single_head_and_late_fusion():
     assert engine.predict({"fused": a}).tolist() == [0, 1]
     b = torch.tensor([[0.0, 5.0], [0.0, 1.0]])  # sample 0: the confident head wins the mean probability
     assert engine.predict({"s1": a, "s2": b}).tolist() == [1, 1]
-
-
-def test_views_on_device_augment_first_view_only():
-    ctx = engine.Context(torch.device("cpu"), 0, 1, amp=False, channels_last=False)
-    flip = lambda x, generator=None: x.flip(-1)  # noqa: E731
-    x = torch.arange(8.0).view(1, 2, 2, 2)
-    pair = engine.Views(["s1"], flip, 2, "device", ctx, seed=0)({"s1": x}, 0, 0)["s1"]
-    assert torch.equal(pair[0], x.flip(-1)) and torch.equal(pair[1], x)
-    single = engine.Views(["s1"], flip, 1, "device", ctx, seed=0)({"s1": x}, 0, 0)["s1"]
-    assert len(single) == 1 and torch.equal(single[0], x.flip(-1))
-    two_augmented = engine.Views(["s1"], flip, 2, "device", ctx, seed=0, keep_original=False)({"s1": x}, 0, 0)["s1"]
-    assert all(torch.equal(v, x.flip(-1)) for v in two_augmented)
-    with pytest.raises(ValueError, match="device only"):
-        engine.Views(["s1"], flip, 2, "loader", ctx, seed=0, keep_original=False)
 
 
 def test_epoch_sampler_shards_cover_the_data_and_change_per_epoch():
@@ -166,96 +60,169 @@ def test_classification_metrics_by_hand():
     assert m["per_class"] == pytest.approx({"a": 200 / 3, "b": 50.0, "c": 100.0, "e": None})
     assert "d" not in m["per_class"]
     assert m["AA"] == pytest.approx((200 / 3 + 50 + 100) / 3)
-    assert m["OA"] == pytest.approx(100 * 4 / 6) and m["n"] == 6
+    assert m["OA"] == pytest.approx(100 * 4 / 6) and m["n"] == 6 and m["ignored"] == 2
+    # rows true, columns predicted; the ignored samples (255 and class "d") counted nowhere
+    assert m["confusion"] == [[2, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+    empty = engine.classification_metrics(np.array([255]), np.array([0]), ["a", "b"])
+    assert empty["AA"] is None and empty["n"] == 0 and empty["ignored"] == 1
 
 
-def test_eval_schedule_of_the_original_meterml_runs():
-    epochs = engine.eval_schedule(121, every=10, dense_after=79)
-    one_based = sorted(e + 1 for e in epochs)
-    assert one_based == [10, 20, 30, 40, 50, 60, 70] + list(range(80, 122))
+def test_eval_schedule_of_the_original_runs():
+    """The original: 0-based `epoch % 10 == 0 or epoch > 79` (METER-ML; > 150 for DFC2020), and after the loop."""
+    meterml = sorted(engine.eval_schedule(121, every=10, dense_after=79))
+    assert meterml == [0, 10, 20, 30, 40, 50, 60, 70] + list(range(80, 121))
+    dfc = sorted(engine.eval_schedule(201, every=10, dense_after=150))
+    assert dfc == list(range(0, 151, 10)) + list(range(151, 201))
+    assert sorted(engine.eval_schedule(5, every=0)) == [4]
 
 
-def test_resolve_args_resume_keeps_config_but_allows_epochs(tmp_path):
+# ----------------------------------------------------------------------------- device plan
+
+def plan(env=None, cuda=True, count=2, cpus=16, **flags):
+    args = argparse.Namespace(**{"device": None, "amp": None, "channels_last": None, "workers": None, "progress": None, **flags})
+    return engine.plan_context(args, env or {}, cuda, count, cpus)
+
+
+def test_plan_gives_cuda_an_index():
+    """torch.cuda.set_device refuses torch.device("cuda"): the crash of every script on a GPU."""
+    ctx = plan()
+    assert ctx.device == torch.device("cuda", 0) and ctx.device.index == 0
+    assert (ctx.amp, ctx.channels_last, ctx.pin_memory, ctx.backend) == (True, True, True, None)
+    assert plan(device="cuda").device.index == 0
+    assert plan(device="cuda:1").device == torch.device("cuda", 1)  # an explicit index stays
+    torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    ctx = plan(torchrun, device="cuda")
+    assert ctx.device == torch.device("cuda", 1) and (ctx.rank, ctx.world, ctx.backend) == (3, 4, "nccl")
+    assert ctx.workers == 8  # 16 cores for 2 processes on this node, at most 8
+    assert plan(torchrun).device == torch.device("cuda", 1)
+
+
+def test_plan_on_cpu_and_flags():
+    ctx = plan(cuda=False, count=0)
+    assert ctx.device == torch.device("cpu") and (ctx.amp, ctx.channels_last, ctx.pin_memory, ctx.workers) == (False, False, False, 1)
+    assert plan({"WORLD_SIZE": "2", "RANK": "1"}, cuda=False, count=0).backend == "gloo"
+    ctx = plan(amp=False, channels_last=False, workers=3)
+    assert (ctx.amp, ctx.channels_last, ctx.workers) == (False, False, 3)
+    assert plan(cpus=4).workers == 4 and not plan(progress=True, env={"RANK": "1", "WORLD_SIZE": "2"}).progress
+
+
+@pytest.mark.parametrize("flags, env, count, message", [
+    ({"device": "cuda"}, {}, 0, "sees no CUDA device"),
+    ({"device": "cuda:2"}, {}, 2, "only 2 CUDA device"),
+    ({"device": "cuda:1"}, {"WORLD_SIZE": "2", "LOCAL_RANK": "0"}, 2, "under torchrun"),
+    ({}, {"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, 2, "only 2 CUDA device"),
+    ({"device": "tpu"}, {}, 2, "tpu"),
+])
+def test_plan_refuses_devices_that_cannot_run(flags, env, count, message):
+    with pytest.raises(engine.DeviceError, match=message):
+        plan(env, cuda=count > 0, count=count, **flags)
+
+
+def test_views_augment_on_the_device_renormalise_and_keep_the_format():
+    ctx = engine.Context(torch.device("cpu"), channels_last=True)
+    flip = lambda x, generator=None: x.flip(-1).contiguous() * 2  # noqa: E731  (NCHW out, as grid_sample)
+    x = torch.arange(16.0).view(2, 2, 2, 2)
+    originals, augmented = engine.Views(["s1"], flip, ctx, seed=0, renormalize=lambda v: v / 4)({"s1": x}, 0, 0)
+    assert torch.equal(originals["s1"], x) and torch.equal(augmented["s1"], x.flip(-1) / 2)
+    assert augmented["s1"].is_contiguous(memory_format=torch.channels_last)
+    originals, augmented = engine.Views(["s1"], None, ctx, seed=0)({"s1": x}, 0, 0)
+    assert augmented is None and torch.equal(originals["s1"], x)
+    first, second = engine.Views(["s1"], flip, ctx, seed=0, second="augmented")({"s1": x}, 0, 0)
+    assert torch.equal(first["s1"], second["s1"]) and torch.equal(first["s1"], 2 * x.flip(-1))
+
+
+def test_views_draw_the_same_augmentation_for_the_same_key():
+    from augment import dfc_augment
+    ctx = engine.Context(torch.device("cpu"))
+    x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = engine.Views(["s1"], dfc_augment(), ctx, seed=5)
+    a, b, c = views({"s1": x}, 1, 2)[1]["s1"], views({"s1": x}, 1, 2)[1]["s1"], views({"s1": x}, 1, 3)[1]["s1"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- flags
+
+def common_parser():
     parser = argparse.ArgumentParser()
     parser.add_argument("--flag", default="a")
+    engine.add_supervised_args(parser, head_lr=None, eval_dense_after=79)
     engine.add_common_args(parser, epochs=5, batch_size=4, lr=0.1)
-    (tmp_path / "config.json").write_text('{"flag": "saved", "epochs": 5, "batch_size": 8, "lr": 0.5}')
-    args = engine.resolve_args(parser, ["--resume", str(tmp_path), "--epochs", "7", "--flag", "ignored"])
-    assert (args.flag, args.epochs, args.batch_size, args.lr) == ("saved", 7, 8, 0.5)
+    return parser
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--batch_size", "0"], "--batch_size"), (["--epochs", "-1"], "--epochs"), (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"), (["--temperature", "0"], "--temperature"), (["--data_ratio", "1.5"], "--data_ratio"),
+    (["--data_ratio", "nan"], "--data_ratio"), (["--seed", str(2**32)], "--seed"), (["--eval_batch_size", "0"], "--eval_batch_size"),
+    (["--sup_weight", "inf"], "--sup_weight"), (["--ce_weight", "-1"], "--ce_weight"), (["--head_lr", "x"], "--head_lr"),
+])
+def test_impossible_flag_values_are_refused_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common_parser().parse_args(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_original_spellings_are_aliases():
+    args = common_parser().parse_args(["--sup_delta", "0.5", "--cross_delta", "2", "--classifier_lr", "3e-6", "--n_epochs", "7"])
+    assert (args.sup_weight, args.ce_weight, args.head_lr, args.epochs) == (0.5, 2.0, 3e-6, 7)
+    args = common_parser().parse_args(["--delta_sup", "0.25", "--delta_lin", "4"])
+    assert (args.sup_weight, args.ce_weight) == (0.25, 4.0)
+
+
+def test_resolve_args_resume_keeps_config_and_refuses_other_flags(tmp_path, capsys):
+    parser = common_parser()
+    (tmp_path / "config.json").write_text('{"flag": "saved", "epochs": 5, "batch_size": 8, "lr": 0.5, "device": "cuda:3"}')
+    args = engine.resolve_args(parser, ["--resume", str(tmp_path), "--epochs", "7", "--workers", "0"])
+    assert (args.flag, args.epochs, args.batch_size, args.lr, args.workers) == ("saved", 7, 8, 0.5, 0)
+    assert args.device is None  # hardware is this machine's, not the saved run's
     assert args.save_path == tmp_path
     with pytest.raises(SystemExit):
+        engine.resolve_args(parser, ["--resume", str(tmp_path), "--lr", "0.1", "--flag=b"])
+    err = capsys.readouterr().err
+    assert "cannot change: --flag, --lr" in err
+    with pytest.raises(SystemExit):
         engine.resolve_args(parser, ["--resume", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit):
+        engine.resolve_args(parser, ["--resume", str(tmp_path), "--overwrite"])
 
 
-def test_separate_ce_pass_costs_a_pass_in_training_only():
-    calls = []
-    encoder = Scale(1.0)
-    encoder.register_forward_hook(lambda *_: calls.append(1))
-    net = engine.MultiViewClassifier({"s1": encoder}, {"s1": nn.Linear(1, 2)}, separate_ce_pass=True)
-    views = {"s1": [torch.randn(3, 1, 1, 1), torch.randn(3, 1, 1, 1)]}
-    net.train()(views)
-    assert len(calls) == 3  # two views, then the original again for CE
-    calls.clear()
-    net.eval()(views)
-    assert len(calls) == 2
+# ----------------------------------------------------------------------------- run folders
+
+def run_args(**flags):
+    return argparse.Namespace(**{"resume": None, "overwrite": False, "seed": 0, **flags})
 
 
-def test_bn_updates_count_equals_repeated_updates():
-    x = torch.randn(8, 3, 5, 5) * 2 + 1
-    twice, counted, unused = nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.BatchNorm2d(3)
-    twice(x), twice(x)
-    with engine.bn_updates_count(nn.ModuleList([counted, unused]), 2):
-        out = counted(x)
-    assert counted.momentum == unused.momentum == 0.1  # restored
-    assert torch.equal(unused.running_mean, torch.zeros(3)) and unused.num_batches_tracked.item() == 0
-    torch.testing.assert_close(out, F.batch_norm(x, None, None, training=True))  # normalised as usual
-    torch.testing.assert_close(counted.running_mean, twice.running_mean)
-    torch.testing.assert_close(counted.running_var, twice.running_var)
-    frozen = nn.BatchNorm2d(3).eval()
-    with engine.bn_updates_count(frozen, 2):
-        frozen(x)
-    assert torch.equal(frozen.running_mean, torch.zeros(3)) and frozen.num_batches_tracked.item() == 0
-    with pytest.raises(ValueError, match="momentum=None"), engine.bn_updates_count(nn.BatchNorm2d(3, momentum=None), 2):
-        pass
+CPU = engine.Context(torch.device("cpu"))
 
 
-def small_encoder(channels):
-    return nn.Sequential(nn.Conv2d(channels, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(4, 3), nn.BatchNorm1d(3))
+def test_run_folder_refuses_a_run_unless_resume_or_overwrite(tmp_path):
+    run = engine.RunDir(tmp_path / "run", run_args(lr=0.1), CPU)
+    run.save("last.pt", {"epoch": 1})
+    run.close()
+    with pytest.raises(engine.RunFolderError, match="holds a run .*--resume .*--overwrite"):
+        engine.RunDir(tmp_path / "run", run_args(lr=0.2), CPU)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.1  # untouched
+    engine.RunDir(tmp_path / "run", run_args(lr=0.3, overwrite=True), CPU).close()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.3
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "run.lock").exists()
 
 
-def test_one_pass_step_matches_the_original_three_pass_step():
-    """Reusing the original view's features for CE gives the original style's loss, gradients and
-    batch-norm running statistics (which evaluation uses)."""
-    torch.manual_seed(0)
-    encoders = {"s1": small_encoder(2), "s2": small_encoder(3)}
-    head = nn.Linear(6, 3)
-    states = []
-    for separate in (False, True):
-        model = engine.MultiViewClassifier({m: copy.deepcopy(e) for m, e in encoders.items()},
-                                           {"fused": copy.deepcopy(head)}, separate_ce_pass=separate).double()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            views = {"s1": [torch.randn(6, 2, 6, 6, generator=g, dtype=torch.float64) for _ in range(2)],
-                     "s2": [torch.randn(6, 3, 6, 6, generator=g, dtype=torch.float64) + 2 for _ in range(2)]}
-            labels = torch.randint(0, 3, (6,), generator=g)
-            loss = engine.compose_loss(model.train()(views), labels, supcon=SupConLoss(0.5))["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        states.append(model.state_dict())
-    fast, original = states
-    assert fast.keys() == original.keys()
-    for key in fast:
-        if not key.endswith("num_batches_tracked"):  # counts passes: 2 a step against 3
-            torch.testing.assert_close(fast[key], original[key], msg=key)
-    assert fast["encoders.0.1.num_batches_tracked"].item() == 6 and original["encoders.0.1.num_batches_tracked"].item() == 9
+def test_run_lock_refuses_a_second_writer_and_takes_over_a_stale_lock(tmp_path):
+    first = engine.RunDir(tmp_path / "run", run_args(), CPU)
+    with pytest.raises(engine.RunFolderError, match=f"in use by process {os.getpid()}"):
+        engine.RunDir(tmp_path / "run", run_args(resume=tmp_path / "run"), CPU)
+    first.close()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "run" / "run.lock"
+    lock.write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))  # a killed run's lock
+    engine.RunDir(tmp_path / "run", run_args(resume=tmp_path / "run"), CPU).close()
 
 
-def test_views_restore_channels_last_after_augmenting():
-    ctx = engine.Context(torch.device("cpu"), 0, 1, amp=False, channels_last=True)
-    to_nchw = lambda x, generator=None: x.contiguous() + 1  # noqa: E731  (as grid_sample returns)
-    x = torch.randn(2, 3, 4, 4)
-    views = engine.Views(["s1"], to_nchw, 2, "device", ctx, seed=0)({"s1": x}, 0, 0)["s1"]
-    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in views)
+def test_damaged_checkpoint_is_named(tmp_path):
+    run = engine.RunDir(tmp_path / "run", run_args(), CPU)
+    assert run.load_last() is None
+    (tmp_path / "run" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(engine.RunFolderError, match="last.pt is damaged.*--overwrite"):
+        run.load_last()
+    run.close()

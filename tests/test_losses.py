@@ -151,14 +151,12 @@ TOY_4 = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.9, 0.1, 0.0], [0.1, 0.9, 0.2],
 
 
 def test_ntxent_two_blocks_by_hand():
-    # b = 2: rows 0/2 and 1/3 are the pairs. By hand for row 0 (cos: 1.0 vs row 1 = 0, row 2 = 0.8, row 3 = 0.6):
+    # b = 2: rows 0/2 and 1/3 are the pairs. Row 0 by hand: cosines 0 (row 1), 0.8 (row 2), 0.6 (row 3).
     tau = 0.5
     row0 = -math.log(math.exp(0.8 / tau) / (math.exp(0.0) + math.exp(0.8 / tau) + math.exp(0.6 / tau)))
+    assert row0 == pytest.approx(-math.log(4.9530 / (1 + 4.9530 + 3.3201)), abs=1e-4)  # e^1.6, e^1.2 = 0.6271
     expected = hand_ntxent(TOY_2, {0: [2], 1: [3], 2: [0], 3: [1]}, tau)
-    sim = cosine_matrix(TOY_2)
-    assert sim[0][2] == pytest.approx(0.8) and row0 == pytest.approx(
-        -math.log(math.exp(sim[0][2] / tau) / sum(math.exp(sim[0][k] / tau) for k in (1, 2, 3)))
-    )
+    assert hand_ntxent(TOY_2, {0: [2]}, tau, anchors=[0]) == pytest.approx(row0)
     assert NTXent(tau, blocks=2)(torch.tensor(TOY_2)).item() == pytest.approx(expected, abs=1e-6)
     assert PairwiseNTXent(blocks=2, tau=tau)(torch.tensor(TOY_2)).item() == pytest.approx(expected, abs=1e-6)
 
@@ -178,28 +176,46 @@ def test_pairwise_ntxent_four_blocks_by_hand():
     assert PairwiseNTXent(blocks=4, tau=tau)(torch.tensor(TOY_4)).item() == pytest.approx(expected, abs=1e-5)
 
 
-def test_negatives_act_only_as_negatives():
+def original_ntxent(z, negatives, blocks, tau, pairwise=False):
+    """The original NT-Xent / PairwiseNTXent with its negative-row masking, typed from its description:
+    logits z z^T / tau, the diagonal pushed to -1e9; a flagged row's logits set to 0 and its own
+    to 1; cross-entropy against the partner row (NT-Xent), or the mean -log-probability of every
+    other block's row (pairwise), averaged over ALL rows."""
+    b = z.shape[0] // blocks
+    S = z @ z.T / tau
+    S.diagonal().sub_(1e9)
+    S[negatives, :] = 0.0
+    S[negatives, negatives] = 1.0
+    if not pairwise:
+        partner = (torch.arange(blocks) ^ 1).repeat_interleave(b) * b + torch.arange(b).repeat(blocks)
+        return F.cross_entropy(S, partner)
+    logprobs = F.log_softmax(S, dim=-1)
+    loss = -sum(logprobs.diagonal(offset=k * b).sum() for k in range(1 - blocks, blocks) if k != 0)
+    return loss / (blocks * (blocks - 1) * b)
+
+
+def test_negatives_average_over_all_rows_as_the_original():
     tau = 0.2
     negatives = torch.tensor([False, True] * 4)  # row 1 of every block is a Negative-class sample
-    kept_anchors = [0, 2, 4, 6]
-    pairs = {0: [2], 2: [0], 4: [6], 6: [4]}
-    expected = hand_ntxent(TOY_4, pairs, tau, anchors=kept_anchors)
-    z = torch.tensor(TOY_4, requires_grad=True)
+    z = F.normalize(torch.tensor(TOY_4), dim=1).requires_grad_()
     loss = NTXent(tau, blocks=4)(z, negatives=negatives)
-    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert loss.item() == pytest.approx(original_ntxent(z.detach(), negatives, 4, tau).item(), abs=1e-5)
+    # The unflagged rows by hand, the flagged ones with the original's constant log(N - 1 + e).
+    kept = [0, 2, 4, 6]
+    by_hand = (4 * hand_ntxent(TOY_4, {0: [2], 2: [0], 4: [6], 6: [4]}, tau, anchors=kept) + 4 * math.log(7 + math.e)) / 8
+    assert loss.item() == pytest.approx(by_hand, abs=1e-5)
     loss.backward()
     assert z.grad[1].abs().sum() > 0  # flagged rows still shape the denominators
-    expected_pairwise = hand_ntxent(TOY_4, {i: [j for j in kept_anchors if j != i] for i in kept_anchors}, tau, kept_anchors)
-    assert PairwiseNTXent(4, tau)(torch.tensor(TOY_4), negatives=negatives).item() == pytest.approx(expected_pairwise, abs=1e-5)
-    # Without the flags the loss is different: the flagged rows were anchors before.
-    assert NTXent(tau, blocks=4)(torch.tensor(TOY_4)).item() != pytest.approx(expected, abs=1e-3)
+    pairwise = PairwiseNTXent(4, tau)(z.detach(), negatives=negatives)
+    assert pairwise.item() == pytest.approx(original_ntxent(z.detach(), negatives, 4, tau, pairwise=True).item(), abs=1e-5)
+    assert NTXent(tau, blocks=4)(z.detach()).item() == pytest.approx(original_ntxent(z.detach(), torch.zeros(8, dtype=torch.bool), 4, tau).item(), abs=1e-5)
 
 
-def test_all_negative_batch_gives_zero():
-    z = torch.randn(8, 3, requires_grad=True)
+def test_all_negative_batch_gives_the_constant_and_no_gradient():
+    z = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
     loss = NTXent(0.2, 4)(z, negatives=torch.ones(8, dtype=torch.bool))
     loss.backward()
-    assert loss.item() == 0.0 and torch.all(z.grad == 0)
+    assert loss.item() == pytest.approx(math.log(7 + math.e)) and torch.all(z.grad == 0)
 
 
 def test_ntxent_bad_inputs_raise():

@@ -8,6 +8,8 @@ import dfc_finetune
 import engine
 import meterml_finetune
 import meterml_pretrain
+from datasets import DFC2020Dataset, MeterMLDataset
+from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml
 
@@ -29,30 +31,58 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "epoch_s")} for r in records]
+
+
+def reevaluate(run, root, scenario, model):
+    """Predictions of last.pt on the val split, computed here from the checkpoint alone."""
+    state = torch.load(run / "last.pt", weights_only=False)
+    encoder = SharedNet() if model == "shared" else DualEncoder()
+    encoder.load_state_dict(state["state_dict"])
+    heads = meterml_finetune.build_heads(scenario, 7)
+    heads.load_state_dict(state["heads"])
+    encoder.eval(), heads.eval()
+    val = MeterMLDataset(root, "val")
+    batch = torch.utils.data.default_collate([val[i] for i in range(len(val))])
+    with torch.no_grad():
+        z = {m: encoder(batch[m]) for m in ("s1", "s2")}
+        if scenario == "s1s2_fused":
+            probs = heads["fused"](torch.cat([z["s1"], z["s2"]], 1)).softmax(1)
+        else:
+            probs = torch.stack([heads[m](z[m]).softmax(1) for m in meterml_finetune.MODALITIES[scenario]]).mean(0)
+    return batch["label"], probs.argmax(1)
+
+
 @pytest.mark.parametrize("flags", [
     ["--scenario", "s1"],
     ["--scenario", "s2", "--use_augs", "--use_sup_con", *SHARED],
     ["--scenario", "s1s2", "--use_augs", "--use_sup_con", "--dont_include_negatives", *SHARED],
-    ["--scenario", "s1s2_fused", "--use_augs", "--use_sup_con", "--augment_on", "loader", *SHARED],
+    ["--scenario", "s1s2_fused", "--use_sup_con", "--ce_from", "joint", *SHARED],
     ["--scenario", "s1s2_fused", "--eval_mode", "linear", "--data_ratio", "0.5", *SHARED],
 ])
 def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     run = tmp_path / "run"
     results = meterml_finetune.main(["random", "--data_root", str(meter_root), "--save_path", str(run), *FAST, *flags])
     assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json"}
-    last = results["last"]
-    classes = set(last["per_class"])
-    assert ("Negative" not in classes) == ("--dont_include_negatives" in flags) and len(classes) >= 6
-    assert 0 <= last["AA"] <= 100 and last["epoch"] == 1
-    record = read_jsonl(run / "metrics.jsonl")[0]
-    assert ("train_supcon" in record) == ("--use_sup_con" in flags)
-    encoder = SharedNet() if "shared" in flags else DualEncoder()
-    assert load_checkpoint(encoder, run / "last.pt") == ([], [])  # our checkpoints keep the released layout
     scenario = flags[flags.index("--scenario") + 1]
+    model = "shared" if "shared" in flags else "dual"
+    truth, pred = reevaluate(run, meter_root, scenario, model)
+    counted = truth != 3 if "--dont_include_negatives" in flags else torch.ones_like(truth, dtype=torch.bool)
+    last = results["last"]
+    assert last["epoch"] == 1 and last["n"] == int(counted.sum()) and last["ignored"] == len(truth) - last["n"]
+    assert last["OA"] == pytest.approx(100 * (pred == truth)[counted].float().mean().item())
+    assert ("Negative" not in last["per_class"]) == ("--dont_include_negatives" in flags)
+    record = read_jsonl(run / "metrics.jsonl")[0]
+    assert ("train_supcon" in record) == ("--use_sup_con" in flags) and record["samples_per_s"] > 0
+    encoder = SharedNet() if model == "shared" else DualEncoder()
+    assert load_checkpoint(encoder, run / "last.pt") == ([], [])  # our checkpoints keep the released layout
     heads = {"s1": ["s1"], "s2": ["s2"], "s1s2": ["s1", "s2"], "s1s2_fused": ["fused"]}[scenario]
     best = torch.load(run / "best.pt", weights_only=True)
     assert set(best["heads"]) == {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
     assert "optimizer" not in best  # the best checkpoint is for use, not for resuming
+    config = json.loads((run / "config.json").read_text())
+    assert config["device"] == "cpu" and config["workers"] == 0 and config["amp"] is False
 
 
 def test_linear_eval_changes_only_the_heads(meter_root, tmp_path):
@@ -82,20 +112,42 @@ def test_meterml_pretrain_runs(meter_root, tmp_path, flags):
 
 def test_pretrained_encoder_feeds_finetuning(meter_root, tmp_path):
     meterml_pretrain.main(["--data_root", str(meter_root), "--save_path", str(tmp_path / "pre"), *FAST, *SHARED])
-    results = meterml_finetune.main([str(tmp_path / "pre" / "encoder.pth"), "--data_root", str(meter_root),
-                                     "--save_path", str(tmp_path / "ft"), *FAST, *SHARED])
-    assert results["last"]["OA"] is not None
+    pre = SharedNet()
+    load_checkpoint(pre, tmp_path / "pre" / "encoder.pth")
+    meterml_finetune.main([str(tmp_path / "pre" / "encoder.pth"), "--data_root", str(meter_root),
+                           "--save_path", str(tmp_path / "ft"), *FAST, *SHARED, "--lr", "0"])
+    tuned = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["state_dict"]
+    # lr 0: the encoder's weights are the pre-trained ones (batch-norm statistics move, weights do not)
+    assert all(torch.equal(v, tuned[k]) for k, v in pre.state_dict().items() if k.endswith("weight"))
 
 
-@pytest.mark.parametrize("flags", [["--use_sup_con", "--finetune"], ["--balanced_class", "--augment_on", "loader"]])
+@pytest.mark.parametrize("flags", [["--use_sup_con", "--finetune", "--eval_crop", "48"], ["--balanced_class", "--eval_crop", "0"]])
 def test_dfc_finetune_runs(dfc_root, tmp_path, flags):
     run = tmp_path / "run"
     results = dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(run), "--arch", "resnet18",
                                  "--crop", "32", "--workers", "0", "--batch_size", "4", "--epochs", "1", *flags])
     assert len(results["last"]["per_class"]) == 8 and results["dataset"] == "DFC2020"
+    confusion = torch.tensor(results["last"]["confusion"])
+    assert confusion.sum() == results["last"]["n"] and results["last"]["n"] + results["last"]["ignored"] == 6
+    assert results["last"]["OA"] == pytest.approx(100 * confusion.diag().sum().item() / confusion.sum().item())
     missing, unexpected = load_checkpoint(DualResNet("resnet18"), run / "last.pt")
     assert (missing, unexpected) == ([], [])
     assert torch.load(run / "last.pt", weights_only=False)["arch"] == "resnet18"
+
+
+def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path):
+    """Without --finetune the original trains the classifier at --lr (1e-5), its batch norm in training mode."""
+    torch.manual_seed(0)
+    init = tmp_path / "init.pth"
+    torch.save({"state_dict": DualResNet("resnet18").state_dict()}, init)
+    dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18", "--model_path",
+                       str(init), "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-5]
+    before = torch.load(init, weights_only=True)["state_dict"]
+    assert torch.equal(before["backbone1.conv1.weight"], state["state_dict"]["backbone1.conv1.weight"])
+    assert not torch.equal(before["backbone1.bn1.running_mean"], state["state_dict"]["backbone1.bn1.running_mean"])
+    assert not torch.equal(before["fc.weight"], state["state_dict"]["fc.weight"])
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -105,6 +157,9 @@ def test_dfc_finetune_runs(dfc_root, tmp_path, flags):
     (meterml_finetune, ["random", "--use_sup_con", "--eval_mode", "linear"], "frozen"),
     (meterml_finetune, [], "MODEL_WEIGHTS is required"),
     (dfc_finetune, ["--use_sup_con"], "only the classifier trains"),
+    (dfc_finetune, ["--eval_split", "validation"], "--allow_same_split"),
+    (dfc_finetune, ["--data_ratio", "0.5"], "used whole"),
+    (meterml_pretrain, ["--no_augs", "--use_pairs", "--two_augmented_views"], "nothing to augment"),
 ])
 def test_invalid_flag_combinations_are_refused(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -135,7 +190,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(meter_root, tmp_path, 
     resumed = meterml_finetune.main(["--resume", str(tmp_path / "killed"), "--workers", "2"])
 
     assert resumed["last"] == whole["last"]
-    assert read_jsonl(tmp_path / "killed" / "metrics.jsonl") == read_jsonl(tmp_path / "whole" / "metrics.jsonl")
+    assert without_timing(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == without_timing(read_jsonl(tmp_path / "whole" / "metrics.jsonl"))
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["state_dict"]
     b = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)["state_dict"]
     for key in a:
@@ -151,20 +206,62 @@ def test_resume_can_extend_a_finished_run(meter_root, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypatch):
-    real = engine.compose_loss
+    real = SupConCELoss.forward
     calls = []
 
-    def poisoned(*a, **k):
-        terms = real(*a, **k)
+    def poisoned(self, *a, **k):
+        terms = real(self, *a, **k)
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) in (1, 7):  # the first call of the first run; the second step of epoch 2 of the second
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
-    monkeypatch.setattr(engine, "compose_loss", poisoned)
+    monkeypatch.setattr(SupConCELoss, "forward", poisoned)
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--epochs", "3"]
+    with pytest.raises(engine.NonFiniteLossError, match="No checkpoint was written"):
+        meterml_finetune.main([*argv, "--save_path", str(tmp_path / "first")])
     run = tmp_path / "run"
     with pytest.raises(engine.NonFiniteLossError, match=r"epoch 2, batch 1 .*sample ids \['") as error:
-        meterml_finetune.main(["random", "--data_root", str(meter_root), "--save_path", str(run), *FAST, *SHARED,
-                               "--scenario", "s1", "--epochs", "3"])
+        meterml_finetune.main([*argv, "--save_path", str(run)])
     assert "--resume" in str(error.value)
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # the last good epoch
+
+
+def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, tmp_path):
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
+    meterml_finetune.main(argv)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(engine.RunFolderError, match="holds a run"):
+        meterml_finetune.main([*argv, "--lr", "0.5"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    results = meterml_finetune.main([*argv, "--lr", "0.5", "--overwrite"])
+    assert results["config"]["lr"] == 0.5 and len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(meter_root, tmp_path):
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1"]
+    whole = meterml_finetune.main([*argv, "--save_path", str(tmp_path / "whole")])
+    meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed")])
+    (tmp_path / "killed" / "last.pt").unlink()
+    (tmp_path / "killed" / "results.json").unlink()
+    resumed = meterml_finetune.main(["--resume", str(tmp_path / "killed")])
+    assert resumed["last"] == whole["last"]
+    assert len(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 1
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), (b"", "empty"), (b"PK\x03\x04 cut", "not a readable PyTorch file")])
+def test_bad_checkpoints_are_named_before_the_run_folder_exists(meter_root, tmp_path, content, message):
+    weights = tmp_path / "weights.pth"
+    if content is not None:
+        weights.write_bytes(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+        meterml_finetune.main([str(weights), "--data_root", str(meter_root), *FAST, "--save_path", str(tmp_path / "run")])
+    assert str(weights) in str(error.value) and not (tmp_path / "run").exists()
+
+
+def test_an_epoch_without_any_ce_target_is_an_error(dfc_root, tmp_path, monkeypatch):
+    real = DFC2020Dataset.__getitem__
+    monkeypatch.setattr(DFC2020Dataset, "__getitem__", lambda self, i: {**real(self, i), "label": 255})
+    with pytest.raises(engine.NoTargetError, match="no training sample had a cross-entropy target"):
+        dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18",
+                           "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
