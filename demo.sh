@@ -56,8 +56,8 @@ per_seed meterml
 
 # Random initialisation: the released ResNet-50 cannot be downloaded here.
 dfc() {
-  local common=(--data_root "$OUT/data/dfc2020" --arch resnet18 --finetune --crop 64 --epochs 6 --batch_size 8
-                --lr 3e-4 --classifier_lr 3e-4 --eval_every 0 --seed "$1")
+  local common=(--data_root "$OUT/data/dfc2020" --arch resnet18 --finetune --crop 64 --eval_crop 64 --epochs 6 --batch_size 8
+                --lr 3e-4 --head_lr 3e-4 --eval_every 0 --seed "$1")
   $PYTHON dfc_finetune.py "${common[@]}" --save_path "$OUT/runs/dfc2020/ce-seed$1"
   $PYTHON dfc_finetune.py "${common[@]}" --use_sup_con --save_path "$OUT/runs/dfc2020/supcon-ce-seed$1"
 }

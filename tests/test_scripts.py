@@ -1,5 +1,8 @@
 """End-to-end runs of the three scripts on tiny synthetic data (CPU, a few steps each)."""
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml
 
+REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]
 SHARED = ["--model", "shared"]  # half the parameters of the dual encoder: faster steps and checkpoints
 
@@ -265,3 +269,33 @@ def test_an_epoch_without_any_ce_target_is_an_error(dfc_root, tmp_path, monkeypa
     with pytest.raises(engine.NoTargetError, match="no training sample had a cross-entropy target"):
         dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18",
                            "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
+
+
+def recorded_commands(script, **env):
+    done = subprocess.run(["bash", str(REPO / script)], env={**os.environ, "PYTHON": "echo", "SEEDS": "3", **env},
+                          capture_output=True, text=True, check=True)
+    return [line.split() for line in done.stdout.splitlines()]
+
+
+def test_recorded_meterml_experiment_is_the_originals():
+    ce, supcon, summary = recorded_commands("meterml_finetune.sh", WEIGHTS="w.pth")
+    assert ce[0] == supcon[0] == "meterml_finetune.py" and summary[0] == "summarize.py"
+    ce_args = meterml_finetune.build_parser().parse_args(ce[1:])
+    sup_args = meterml_finetune.build_parser().parse_args(supcon[1:])
+    for args in (ce_args, sup_args):
+        assert (args.MODEL_WEIGHTS, args.model, args.scenario, args.eval_mode) == ("w.pth", "dual", "s1s2_fused", "finetune")
+        assert args.dont_include_negatives and (args.epochs, args.batch_size, args.lr, args.seed) == (121, 32, 0.01, 3)
+        assert not args.use_augs and args.ce_from == "separate" and args.eval_dense_after == 79
+    assert not ce_args.use_sup_con and sup_args.use_sup_con and (sup_args.sup_weight, sup_args.ce_weight) == (1.0, 1.0)
+    _, augmented, _ = recorded_commands("meterml_finetune.sh", SUPCON_EXTRA="--use_augs")
+    assert meterml_finetune.build_parser().parse_args(augmented[1:]).use_augs
+
+
+def test_recorded_dfc_experiment_is_the_originals():
+    ce, supcon, _ = recorded_commands("dfc_finetune.sh", WEIGHTS="random")
+    for command, sup in ((ce, False), (supcon, True)):
+        args = dfc_finetune.build_parser().parse_args(command[1:])
+        assert args.model_path is None and args.use_sup_con == sup and args.finetune
+        assert (args.arch, args.crop, args.eval_crop, args.epochs, args.batch_size) == ("resnet50", 224, 224, 201, 32)
+        assert (args.lr, args.head_lr, args.weight_decay, args.eval_dense_after) == (1e-5, 3e-6, 1e-3, 150)
+    assert "--model_path" in recorded_commands("dfc_finetune.sh", WEIGHTS="w.pth")[0]
