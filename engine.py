@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import logging
 import math
@@ -77,7 +78,7 @@ seed_int = _number(int, 0, high=2**32 - 1)  # numpy's seed range
 # command line, never from the saved config.
 HARDWARE_FLAGS = ("device", "amp", "channels_last", "compile", "workers", "progress")
 # What --resume accepts besides the hardware flags.
-RESUMABLE_FLAGS = ("epochs", "resume")
+RESUMABLE_FLAGS = ("epochs", "resume", "tensorboard", "save_best")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float) -> None:
@@ -91,6 +92,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR with its own config; --epochs may extend it, hardware flags may change")
     g.add_argument("--overwrite", action="store_true", help="start over in a --save_path that holds a run, removing its files first")
+    g.add_argument("--save_best", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep best.pt, the weights of the best evaluation, beside last.pt (default on; a METER-ML "
+                        "checkpoint is about 560 MB)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars into RUN/tensorboard (needs: pip install tensorboard)")
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
@@ -246,7 +252,10 @@ def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_availabl
 def setup(args: argparse.Namespace) -> Context:
     """Logging, the context of `plan_context` applied (CUDA device, process group), seeds."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
+    # Under torchrun every rank reads data: only rank 0 reports data warnings, the others only errors.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     ctx = plan_context(args, os.environ, torch.cuda.is_available(), torch.cuda.device_count(), os.cpu_count() or 1,
                        sys.stderr.isatty())
@@ -723,6 +732,11 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
 
     per_epoch = len(loader) * loader.batch_size * ctx.world
     timings: list[float] = []
+    board = None
+    if getattr(args, "tensorboard", False) and ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency, checked in setup
+
+        board = SummaryWriter(str(run.path / "tensorboard"), purge_step=start * len(loader))
     for epoch in range(start, args.epochs):
         loader.sampler.set_epoch(epoch)
         model.train()
@@ -746,6 +760,9 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if board is not None:
+                for k, v in terms.items():
+                    board.add_scalar(f"step/{k}", v.item(), epoch * len(loader) + step)
             if ctx.progress:
                 bar.set_postfix(samples_per_s=f"{(step + 1) * loader.batch_size * ctx.world / (time.perf_counter() - began):.0f}")
         seconds = time.perf_counter() - began
@@ -765,11 +782,19 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             line += f"; AA {_pct(last_eval['AA'])}, OA {_pct(last_eval['OA'])} on {last_eval['n']} samples ({last_eval['ignored']} ignored)"
             if last_eval[task.select] is not None and (best is None or last_eval[task.select] > best[task.select]):
                 best = last_eval
-                run.save("best.pt", checkpoint_state(task, None, epoch + 1, best, last_eval))
+                if getattr(args, "save_best", True):
+                    run.save("best.pt", checkpoint_state(task, None, epoch + 1, best, last_eval))
         log.info(line)
+        if board is not None:
+            for k in ("train_loss", "train_ce", "train_supcon", "samples_per_s", "lr", "AA", "OA"):
+                if record.get(k) is not None:
+                    board.add_scalar(f"epoch/{k}", record[k], epoch + 1)
+            board.flush()
         run.log_metrics(record)
         run.save("last.pt", checkpoint_state(task, optimizer, epoch + 1, best, last_eval))
 
+    if board is not None:
+        board.close()
     results = {"dataset": task.dataset, "name": getattr(args, "name", None), "config": vars_json(args),
                "last": last_eval, "best_selected_on_eval_split": best, "environment": environment(ctx),
                "finished": _now(), "wall_s": time.time() - run.started,

@@ -226,3 +226,12 @@ def test_damaged_checkpoint_is_named(tmp_path):
     with pytest.raises(engine.RunFolderError, match="last.pt is damaged.*--overwrite"):
         run.load_last()
     run.close()
+
+
+def test_tensorboard_without_the_package_stops_with_one_line(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    args = common_parser().parse_args(["--tensorboard", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="pip install tensorboard"):
+        engine.setup(args)

@@ -245,7 +245,8 @@ def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, t
 def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(meter_root, tmp_path):
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1"]
     whole = meterml_finetune.main([*argv, "--save_path", str(tmp_path / "whole")])
-    meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed")])
+    meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed"), "--no-save_best"])
+    assert not (tmp_path / "killed" / "best.pt").exists()
     (tmp_path / "killed" / "last.pt").unlink()
     (tmp_path / "killed" / "results.json").unlink()
     resumed = meterml_finetune.main(["--resume", str(tmp_path / "killed")])
