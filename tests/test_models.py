@@ -391,3 +391,16 @@ def test_param_groups_cover_each_trainable_parameter_once(resnet18, frozen):
     assert {g["name"]: g["lr"] for g in groups} == expected_lrs
     assert [id(p) for p in groups[-1]["params"]] == [id(resnet18.fc.weight), id(resnet18.fc.bias)]
     torch.optim.Adam(groups)
+
+
+def test_initialisation_follows_the_original():
+    """Trunk N(0, 0.02); stems PyTorch's default (kaiming uniform, bound 1/sqrt(fan_in)); heads N(0, 0.01), bias 0."""
+    from models import linear_head
+    torch.manual_seed(0)
+    net = SharedNet()
+    trunk = net.encoder.blocks[1][0].weight
+    assert abs(trunk.std().item() - 0.02) < 0.001
+    stem = net.sentinel2_block[0].weight  # fan_in 4 * 3 * 3 = 36: uniform within +-1/6
+    assert stem.abs().max().item() <= 1 / 6 and stem.abs().max().item() > 0.15 and abs(stem.std().item() - 1 / 6 / 3**0.5) < 0.01
+    head = linear_head(256, 7)
+    assert abs(head.weight.std().item() - 0.01) < 0.001 and torch.equal(head.bias, torch.zeros(7))
