@@ -48,7 +48,7 @@ else
   METER=(--model dual)
   PRETRAIN=(--epochs 2 --batch_size 64)
   BENCH=(--crop 224 --batch_size 128 --workers 16)
-  CAP_DATA=40; CAP_DFC=80; CAP_METER=45; CAP_PRETRAIN=45
+  CAP_DATA=40; CAP_DFC=90; CAP_METER=60; CAP_PRETRAIN=50  # caps, not reservations
 fi
 
 TMP=$(mktemp -d)
