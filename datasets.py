@@ -20,11 +20,23 @@ and logged once when the dataset is built; non-finite pixels (NaN, +-inf) are re
 per process; patches with an all-zero S1 or S2 image are counted in ``all_zero_patches`` and logged
 once per process; a file that cannot be read, has the wrong shape or holds undocumented label
 codes raises ``DataFileError`` naming the file.
+
+Packed data sets: ``python datasets.py pack {dfc2020,sen12ms,meterml} ROOT OUT`` (``pack``) copies a
+data set once into a few large .npy arrays per split plus ``OUT/index.json``; every dataset class
+accepts such a folder as ``root`` and returns the same items, reading only the crop window from
+the memory-mapped arrays instead of opening three or four files per sample. Files that could not
+be read when packing raise the same ``DataFileError`` (SEN12MS: substitute the next patch) when
+their item is loaded, so a packed set behaves like its source, broken files included.
 """
+import argparse
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -131,7 +143,7 @@ class _PairedDataset(Dataset):
     def _generator(self, index: int) -> torch.Generator:
         return keyed_generator(self.seed, self.epoch, index)
 
-    def _count_nonfinite(self, x: Tensor, path: Path, replacement: str) -> Tensor:
+    def _count_nonfinite(self, x: Tensor, path: str | Path, replacement: str) -> Tensor:
         """Mask (same shape as x) of the non-finite values of ``x`` read from ``path``, counted and
         logged (the first time in this process)."""
         nonfinite = ~torch.isfinite(x)
@@ -149,7 +161,7 @@ class _PairedDataset(Dataset):
                 )
         return nonfinite
 
-    def _count_all_zero(self, zero: Sequence[Path]) -> None:
+    def _count_all_zero(self, zero: Sequence[str | Path]) -> None:
         """Count a sample once when some of its images are zero everywhere (``zero``: their files,
         possibly none); log the first such file of this process."""
         if zero:
@@ -175,6 +187,106 @@ def _log_summary(name: str, kept: int, total: int, skipped: dict[str, int], deta
         logger.warning("%s: %d of %d samples kept; skipped %s%s", name, kept, total, reasons, detail)
     else:
         logger.info("%s: %d samples", name, kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed data sets (reading side; the packing step is at the end of the module)
+
+
+PACK_INDEX = "index.json"
+PACK_FORMAT = "packed S1/S2 data set (datasets.py pack)"
+PACK_VERSION = 1
+# Present while a pack is under way or was interrupted: the index appears only once it is complete.
+_PACK_PROGRESS = ".pack_progress.json"
+_PACK_DATASETS = ("dfc2020", "sen12ms", "meterml")
+
+
+def _pack_hint(dataset: str) -> str:
+    return f"  or a folder written by `python datasets.py pack {dataset} ROOT OUT` (holding {PACK_INDEX})"
+
+
+def packed_index(root: str | Path, dataset: str | None = None) -> dict[str, Any] | None:
+    """The index of the packed data set in ``root``, or None when ``root`` holds no ``index.json``.
+
+    ``dataset`` (``"dfc2020"``, ``"sen12ms"``, ``"meterml"``): refuse a pack of another data set.
+    Raises ``DataFileError`` for an index of another format or version, and for an interrupted
+    pack (a progress marker without an index), naming the folder and what to do.
+    """
+    root = Path(root)
+    path = root / PACK_INDEX
+    if not path.is_file():
+        if (root / _PACK_PROGRESS).is_file():
+            raise DataFileError(
+                f"{root} holds an unfinished pack (no {PACK_INDEX} yet, only {_PACK_PROGRESS}): run the same "
+                f"`python datasets.py pack ...` command again to finish it"
+            )
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataFileError(f"cannot read {path}: {error}") from error
+    if not isinstance(index, dict) or index.get("format") != PACK_FORMAT:
+        raise DataFileError(f"{path}: not the index of a packed data set (expected format {PACK_FORMAT!r})")
+    if index.get("version") != PACK_VERSION:
+        raise DataFileError(
+            f"{path}: packed with format version {index.get('version')}, this code reads version {PACK_VERSION}; pack again"
+        )
+    if dataset is not None and index.get("dataset") != dataset:
+        raise DataFileError(f"{path}: a packed {index.get('dataset')} data set, not {dataset}")
+    return index
+
+
+class _PackedSplit:
+    """The arrays of one packed split, memory-mapped read-only on first use in each process.
+
+    ``entry``: the split's record in the index (``arrays``: column -> file, shape, dtype, with
+    the rows first; ``unreadable``: column -> row -> the message of the file that could not be
+    packed). The maps are not pickled: a DataLoader worker started by spawn opens its own.
+    """
+
+    def __init__(self, root: Path, entry: dict[str, Any]) -> None:
+        self.root = root
+        self.specs: dict[str, dict[str, Any]] = entry["arrays"]
+        self.unreadable = {
+            column: {int(row): message for row, message in rows.items()} for column, rows in entry["unreadable"].items()
+        }
+        self._maps: dict[str, np.ndarray] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+    def array(self, column: str) -> np.ndarray:
+        """The whole column (rows, ...), memory-mapped: slicing it reads only the pages sliced."""
+        found = self._maps.get(column)
+        if found is None:
+            spec = self.specs[column]
+            path = self.root / spec["file"]
+            try:
+                found = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as error:
+                raise DataFileError(f"cannot read {path}: {error}") from error
+            if list(found.shape) != spec["shape"] or str(found.dtype) != spec["dtype"]:
+                raise DataFileError(
+                    f"{path}: {PACK_INDEX} promises shape {spec['shape']} {spec['dtype']}, the file holds "
+                    f"{list(found.shape)} {found.dtype}; pack again"
+                )
+            self._maps[column] = found
+        return found
+
+    def name(self, column: str, row: int, source: str) -> str:
+        """How messages name a packed sample: the array file, the row and the sample's source."""
+        return f"{self.root / self.specs[column]['file']}[{row}] ({source})"
+
+    def check(self, column: str, row: int) -> None:
+        """Raise the packing-time ``DataFileError`` of a file that could not be packed."""
+        message = self.unreadable.get(column, {}).get(row)
+        if message is not None:
+            raise DataFileError(message)
+
+    def unreadable_rows(self, columns: Sequence[str], rows: Sequence[int]) -> int:
+        """How many of ``rows`` have an unpacked file among ``columns``."""
+        bad = set().union(*(self.unreadable.get(column, {}) for column in columns))
+        return sum(row in bad for row in rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,12 +753,13 @@ def _labels_of_map(label_map: np.ndarray) -> tuple[int, Tensor]:
 
 
 class _PatchDataset(_PairedDataset):
-    """Shared reader of S1 / S2 / label-map GeoTIFF patches (DFC2020, SEN12MS).
+    """Shared reader of S1 / S2 / label-map patches (DFC2020, SEN12MS), from GeoTIFFs or packed.
 
-    Subclasses set ``_files`` (one dict "s1", "s2", "label" -> path per patch), ``patch_ids``,
-    ``_offset_keys`` (non-negative integers naming each patch, for ``offset_seed``),
-    ``_label_bands`` (band count of the label file) and ``_labels`` (the label source), then
-    call ``_learn_patch_size``.
+    Subclasses set ``patch_ids``, ``_offset_keys`` (non-negative integers naming each patch, for
+    ``offset_seed``) and ``_labels`` (the label source), and either ``_files`` (one dict "s1",
+    "s2", "label" -> GeoTIFF path per patch) with ``_label_bands`` (band count of the label file),
+    or with ``_use_packed`` the packed split, its rows and its label column; then they call
+    ``_learn_patch_size``. Only ``_read_windows`` knows where the pixels come from.
     """
 
     classes = DFC_CLASSES
@@ -683,26 +796,51 @@ class _PatchDataset(_PairedDataset):
         self.return_label_map = return_label_map
         self.offset_seed = offset_seed
         self._patch_size: tuple[int, int] | None = None
+        self._patch_size_source: str | Path | None = None
+        self._files = []
+        self._packed: _PackedSplit | None = None
+        self._rows: list[int] = []
+        self._label_column = "label"
 
     def __len__(self) -> int:
-        return len(self._files)
+        return len(self.patch_ids)
+
+    def _use_packed(self, root: Path, entry: dict[str, Any], rows: list[int], label_column: str) -> None:
+        """Read the items from the packed split ``entry`` of ``root``: item i is row ``rows[i]``,
+        labels from ``label_column``. Logs how many of them could not be packed."""
+        self._packed = _PackedSplit(root, entry)
+        self._rows = rows
+        self._label_column = label_column
+        bad = self._packed.unreadable_rows(("s1", "s2", label_column), rows)
+        if bad:
+            logger.warning(
+                "%s: %d of %d patches had a file that could not be read when packed; loading them raises "
+                "the packing-time error, as the files themselves would (messages in %s)",
+                root, bad, len(rows), root / PACK_INDEX,
+            )
 
     def _learn_patch_size(self) -> None:
         """Without a crop, items are whole patches that a DataLoader stacks: take their
-        (height, width) from the first S1 file (one open), so that another size names its file.
-        An unreadable file is passed over here (its item reports it); ten in a row raise."""
+        (height, width) from the first S1 file (one open; packed: the array shape), so that
+        another size names its file. An unreadable file is passed over here (its item reports
+        it); ten in a row raise."""
         if self.crop is None:
+            if self._packed is not None:
+                self._patch_size = tuple(self._packed.specs["s1"]["shape"][-2:])
+                self._patch_size_source = self._packed.root / self._packed.specs["s1"]["file"]
+                return
             with rasterio.Env(**_GDAL_OPTIONS):
                 for paths in self._files[:10]:
                     try:
                         with _open_tif(paths["s1"], 2) as src:
                             self._patch_size = (src.height, src.width)
+                            self._patch_size_source = paths["s1"]
                             return
                     except DataFileError as error:
                         last_error = error
             raise DataFileError(f"none of the first S1 files gives the patch size; the last: {last_error}")
 
-    def _window(self, index: int, height: int, width: int, generator: torch.Generator, path: Path) -> Window:
+    def _window(self, index: int, height: int, width: int, generator: torch.Generator, path: str | Path) -> Window:
         """The crop window of patch ``index`` (``height`` x ``width`` px): the whole patch without
         a crop; random from ``generator`` in training; otherwise centred, or with ``offset_seed``
         at the patch's own fixed random offset."""
@@ -710,7 +848,7 @@ class _PatchDataset(_PairedDataset):
             if (height, width) != self._patch_size:
                 raise DataFileError(
                     f"{path}: patch of {height} x {width} px, but the data set's patches are "
-                    f"{self._patch_size} px (height, width; from {self._files[0]['s1']}); whole "
+                    f"{self._patch_size} px (height, width; from {self._patch_size_source}); whole "
                     f"patches must share one size (or pass crop=)"
                 )
             return Window(0, 0, width, height)
@@ -724,20 +862,39 @@ class _PatchDataset(_PairedDataset):
             top, left = (height - self.crop) // 2, (width - self.crop) // 2
         return Window(left, top, self.crop, self.crop)
 
-    def _prepared(self, raw: np.ndarray, path: Path, s1: bool) -> Tensor:
+    def _prepared(self, raw: np.ndarray, path: str | Path, s1: bool) -> Tensor:
         """(bands, h, w) float32 of a window read from ``path``: non-finite values -> 0 (dB for
         S1), then with ``normalize="seed"`` S1 clipped to [-25, 0] dB + 25 and S2 to [0, 10000].
         The per-channel maximum division is left to ``seed_normalize``, after any transform."""
-        x = torch.from_numpy(raw.astype(np.float32, copy=False))
+        # Always a copy: packed windows are read-only views of the memory map.
+        x = torch.from_numpy(np.array(raw, dtype=np.float32))
         if np.issubdtype(raw.dtype, np.floating):
             x.masked_fill_(self._count_nonfinite(x, path, "0 dB" if s1 else "0"), 0.0)
         if self.normalize == "none":
             return x
         return x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
 
-    def _read_patch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor, np.ndarray]:
-        """S1 (2, h, w), S2 (13, h, w) (clipped, not yet divided by their maxima) and the 8-class
-        label map (h, w) uint8 of one crop window; only the window is read from disk."""
+    def _read_windows(
+        self, index: int, generator: torch.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str | Path]]:
+        """The raw crop window of patch ``index``: S1 (2, h, w) as stored (float32 dB), S2
+        (13, h, w) (uint16), the label band (h, w) with its raw codes, and the name of each one's
+        source for messages ("s1", "s2", "label"). Only the window is read, from the GeoTIFFs or
+        from the packed arrays (then as read-only views)."""
+        if self._packed is not None:
+            packed, row, column = self._packed, self._rows[index], self._label_column
+            source = str(self.patch_ids[index])
+            names: dict[str, str | Path] = {
+                "s1": packed.name("s1", row, source), "s2": packed.name("s2", row, source),
+                "label": packed.name(column, row, source),
+            }
+            for name in ("s1", "s2", column):
+                packed.check(name, row)
+            s1 = packed.array("s1")
+            window = self._window(index, *s1.shape[-2:], generator, names["s1"])
+            rows = slice(window.row_off, window.row_off + window.height)
+            cols = slice(window.col_off, window.col_off + window.width)
+            return s1[row, :, rows, cols], packed.array("s2")[row, :, rows, cols], packed.array(column)[row, rows, cols], names
         paths = self._files[index]
         with rasterio.Env(**_GDAL_OPTIONS):
             with _open_tif(paths["s1"], 2) as src:
@@ -747,11 +904,18 @@ class _PatchDataset(_PairedDataset):
             with _open_tif(paths["s2"], 13, size) as src:
                 s2_raw = src.read(window=window)
             with _open_tif(paths["label"], self._label_bands, size) as src:
-                label_map = _class_map(src.read(1, window=window), paths["label"], self._labels)
-        s1 = self._prepared(s1_raw, paths["s1"], s1=True)
-        s2 = self._prepared(s2_raw, paths["s2"], s1=False)
+                label_raw = src.read(1, window=window)
+        return s1_raw, s2_raw, label_raw, dict(paths)
+
+    def _read_patch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor, np.ndarray]:
+        """S1 (2, h, w), S2 (13, h, w) (clipped, not yet divided by their maxima) and the 8-class
+        label map (h, w) uint8 of one crop window."""
+        s1_raw, s2_raw, label_raw, names = self._read_windows(index, generator)
+        label_map = _class_map(label_raw, names["label"], self._labels)
+        s1 = self._prepared(s1_raw, names["s1"], s1=True)
+        s2 = self._prepared(s2_raw, names["s2"], s1=False)
         # Judged before clipping: clipped S1 is 25 where the file holds 0 dB.
-        zero = [path for x, path in ((s1_raw, paths["s1"]), (s2_raw, paths["s2"])) if not x.any()]
+        zero = [names[m] for m, x in (("s1", s1_raw), ("s2", s2_raw)) if not x.any()]
         self._count_all_zero(zero)
         return s1, s2, label_map
 
@@ -776,8 +940,15 @@ class _PatchDataset(_PairedDataset):
 
     def patch_labels(self) -> Tensor:
         """Majority label (N,) int64 of every whole patch (0-7 or 255), e.g. for class-balanced
-        sampling. Reads only the label files."""
+        sampling. Reads only the label files (packed: the label column)."""
         labels = torch.empty(len(self), dtype=torch.int64)
+        if self._packed is not None:
+            packed, column = self._packed, self._label_column
+            for i, row in enumerate(tqdm(self._rows, desc="patch labels", leave=False, disable=None)):
+                packed.check(column, row)
+                name = packed.name(column, row, str(self.patch_ids[i]))
+                labels[i] = _labels_of_map(_class_map(packed.array(column)[row], name, self._labels))[0]
+            return labels
         with rasterio.Env(**_GDAL_OPTIONS):
             for i, paths in enumerate(tqdm(self._files, desc="patch labels", leave=False, disable=None)):
                 with _open_tif(paths["label"], self._label_bands) as src:
@@ -796,7 +967,18 @@ def _dfc_layout(root: Path) -> str:
     for top, folders in _DFC_FOLDERS.values():
         lines.append(f"  {top}/")
         lines += [f"    {folders[m]}/{top}_{m}_0_p<N>.tif" for m in ("s1", "s2", "lc", "dfc")]
-    return "\n".join(lines)
+    return "\n".join(lines + [_pack_hint("dfc2020")])
+
+
+def _dfc_folders(root: Path, split: str, label_source: str) -> dict[str, Path]:
+    """The "s1", "s2" and "label" folders of a DFC2020 split, labels from ``label_source``."""
+    top, names = _DFC_FOLDERS[split]
+    return {"s1": root / top / names["s1"], "s2": root / top / names["s2"], "label": root / top / names[label_source]}
+
+
+def _incomplete(skipped: dict[str, int]) -> dict[str, int]:
+    """The skip counts of patches that lack a file (what ``strict`` refuses)."""
+    return {reason: count for reason, count in skipped.items() if reason.startswith("patch without a file")}
 
 
 class DFC2020Dataset(_PatchDataset):
@@ -860,20 +1042,37 @@ class DFC2020Dataset(_PatchDataset):
         layout = _dfc_layout(self.root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"DFC2020 root {self.root} does not exist; expected:\n{layout}")
-        top, names = _DFC_FOLDERS[split]
-        folders = {"s1": names["s1"], "s2": names["s2"], "label": names[label_source]}
-        self.patch_ids, self._files, self.skipped, total = _pair_patches(
-            {m: self.root / top / name for m, name in folders.items()}, strict, layout
-        )
-        self._offset_keys = [(number,) for number in self.patch_ids]
+        top = _DFC_FOLDERS[split][0]
         self._label_bands = 1 if label_source == "dfc" else 4
         self._labels = _DFC_LABELS if label_source == "dfc" else _IGBP_LABELS
-        if not self._files:
+        index = packed_index(self.root, "dfc2020")
+        if index is None:
+            self.patch_ids, self._files, self.skipped, total = _pair_patches(
+                _dfc_folders(self.root, split, label_source), strict, layout
+            )
+        else:
+            entry = index["splits"].get(split)
+            source = None if entry is None else entry["label_sources"].get(label_source)
+            if source is None:
+                raise FileNotFoundError(
+                    f"{self.root / PACK_INDEX}: the {split} split with {label_source} labels was not packed "
+                    f"(their folder was missing under {index['source_root']}; see 'absent' in the index)"
+                )
+            if strict and _incomplete(source["skipped"]):
+                raise FileNotFoundError(
+                    f"{self.root / PACK_INDEX}: patches of {split} lacked a file when packed from "
+                    f"{index['source_root']}: {_incomplete(source['skipped'])}"
+                )
+            self._use_packed(self.root, entry, source["rows"], label_source)
+            self.patch_ids = [entry["ids"][row] for row in source["rows"]]
+            self.skipped, total = dict(source["skipped"]), source["patches_seen"]
+        self._offset_keys = [(number,) for number in self.patch_ids]
+        if not self.patch_ids:
             raise ValueError(
                 f"DFC2020 split {split!r} under {self.root / top} has no complete patch (skipped: {self.skipped})"
             )
         self._learn_patch_size()
-        _log_summary(f"DFC2020Dataset({split})", len(self._files), total, self.skipped)
+        _log_summary(f"DFC2020Dataset({split})", len(self.patch_ids), total, self.skipped)
 
 
 _SEN12MS_SEASONS = {
@@ -894,7 +1093,42 @@ def _sen12ms_layout(root: Path) -> str:
             f"  {folder}/{{s1,s2,lc}}_<scene>/{folder}_{{s1,s2,lc}}_<scene>_p<N>.tif"
             for folder in _SEN12MS_SEASONS.values()
         ]
+        + [_pack_hint("sen12ms")]
     )
+
+
+class _SeasonPatches(NamedTuple):
+    """The complete triplets of one SEN12MS season, in scene then patch number order."""
+
+    files: list[dict[str, Path]]
+    scenes: list[int]
+    numbers: list[int]
+    skipped: dict[str, int]
+    seen: int
+
+
+def _sen12ms_season(root: Path, season: str, layout: str) -> _SeasonPatches:
+    """Pair the s1 / s2 / lc files of every scene of ``season`` by patch number."""
+    season_folder = root / _SEN12MS_SEASONS[season]
+    scenes = sorted({int(m.group(2)) for m in map(_SCENE_FOLDER.match, _subfolders(season_folder)) if m})
+    if not scenes:
+        raise FileNotFoundError(f"no scene folders in {season_folder}; expected:\n{layout}")
+    files: list[dict[str, Path]] = []
+    scene_of: list[int] = []
+    numbers: list[int] = []
+    skipped: Counter[str] = Counter()
+    seen = 0
+    for scene in scenes:
+        folders = {"s1": f"s1_{scene}", "s2": f"s2_{scene}", "label": f"lc_{scene}"}
+        scene_numbers, scene_files, scene_skipped, scene_seen = _pair_patches(
+            {m: season_folder / name for m, name in folders.items()}, strict=False, layout=layout
+        )
+        files += scene_files
+        scene_of += [scene] * len(scene_numbers)
+        numbers += scene_numbers
+        skipped.update(scene_skipped)
+        seen += scene_seen
+    return _SeasonPatches(files, scene_of, numbers, dict(skipped), seen)
 
 
 class SEN12MSDataset(_PatchDataset):
@@ -938,37 +1172,46 @@ class SEN12MSDataset(_PatchDataset):
         layout = _sen12ms_layout(self.root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"SEN12MS root {self.root} does not exist; expected:\n{layout}")
-        self._files: list[dict[str, Path]] = []
         self.patch_ids: list[str] = []
         self._offset_keys: list[tuple[int, ...]] = []
         skipped: Counter[str] = Counter()
         total = 0
+        index = packed_index(self.root, "sen12ms")
+        rows: list[int] = []
         for season in self.seasons:
-            season_folder = self.root / _SEN12MS_SEASONS[season]
-            scenes = sorted({int(m.group(2)) for m in map(_SCENE_FOLDER.match, _subfolders(season_folder)) if m})
-            if not scenes:
-                raise FileNotFoundError(f"no scene folders in {season_folder}; expected:\n{layout}")
-            for scene in scenes:
-                folders = {"s1": f"s1_{scene}", "s2": f"s2_{scene}", "label": f"lc_{scene}"}
-                numbers, files, scene_skipped, scene_total = _pair_patches(
-                    {m: season_folder / name for m, name in folders.items()}, strict=False, layout=layout
-                )
-                self._files += files
-                self.patch_ids += [f"{season_folder.name}_{scene}_p{n}" for n in numbers]
-                self._offset_keys += [(_SEASON_ROI[season], scene, n) for n in numbers]
-                skipped.update(scene_skipped)
-                total += scene_total
+            if index is None:
+                found = _sen12ms_season(self.root, season, layout)
+                self._files += found.files
+                scenes, numbers = found.scenes, found.numbers
+                season_skipped, seen = found.skipped, found.seen
+            else:
+                entry = index["splits"]["all"]
+                packed = entry["seasons"].get(season)
+                if packed is None:
+                    raise FileNotFoundError(
+                        f"{self.root / PACK_INDEX}: season {season} was not packed (packed: {tuple(entry['seasons'])})"
+                    )
+                start, stop = packed["rows"]
+                rows += range(start, stop)
+                scenes, numbers = entry["scene"][start:stop], entry["patch"][start:stop]
+                season_skipped, seen = packed["skipped"], packed["patches_seen"]
+            self.patch_ids += [f"{_SEN12MS_SEASONS[season]}_{scene}_p{n}" for scene, n in zip(scenes, numbers)]
+            self._offset_keys += [(_SEASON_ROI[season], scene, n) for scene, n in zip(scenes, numbers)]
+            skipped.update(season_skipped)
+            total += seen
+        if index is not None:
+            self._use_packed(self.root, index["splits"]["all"], rows, "lc")
         self.skipped = dict(skipped)
         self._label_bands = 4
         self._labels = _IGBP_LABELS
         self._unreadable = _SharedCounter()
         self._logged_errors: set[str] = set()
-        if not self._files:
+        if not self.patch_ids:
             raise ValueError(
                 f"SEN12MS under {self.root}, seasons {self.seasons}: no complete patch (skipped: {self.skipped})"
             )
         self._learn_patch_size()
-        _log_summary(f"SEN12MSDataset({','.join(self.seasons)})", len(self._files), total, self.skipped)
+        _log_summary(f"SEN12MSDataset({','.join(self.seasons)})", len(self.patch_ids), total, self.skipped)
 
     @property
     def unreadable(self) -> int:
