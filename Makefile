@@ -19,8 +19,11 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# CPU benchmarks (the training step at toy sizes; on a GPU machine run bash bench/gpu_check.sh).
 bench: $(VENV)/.installed
-	for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) bench/bench_losses.py
+	$(PY) bench/bench_data.py
+	$(PY) bench/bench_train.py --tiny --device cpu
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache
