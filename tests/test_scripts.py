@@ -300,3 +300,16 @@ def test_recorded_dfc_experiment_is_the_originals():
         assert (args.arch, args.crop, args.eval_crop, args.epochs, args.batch_size) == ("resnet50", 224, 224, 201, 32)
         assert (args.lr, args.head_lr, args.weight_decay, args.eval_dense_after) == (1e-5, 3e-6, 1e-3, 150)
     assert "--model_path" in recorded_commands("dfc_finetune.sh", WEIGHTS="w.pth")[0]
+
+
+def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):
+    root = write_meterml(tmp_path / "meter", n=40, seed=0)
+    train = json.loads((root / "train_dataset.geojson").read_text())
+    val = json.loads((root / "val_dataset.geojson").read_text())
+    train["features"].append(val["features"][0])  # a val image set listed in train too
+    (root / "train_dataset.geojson").write_text(json.dumps(train))
+    argv = ["random", "--data_root", str(root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"1 image sets are in both the train and the val split .*site_000032"):
+        meterml_finetune.main(argv)
+    assert not (tmp_path / "run").exists()
+    assert meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]["n"] == 8
