@@ -642,8 +642,17 @@ def default_run_path(script: str) -> Path:
     return Path("runs") / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unused: bool = False) -> nn.Module:
-    """Device, memory format, DDP under torchrun, and torch.compile if asked."""
+def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unused: bool = False,
+         sync_bn: bool = False) -> nn.Module:
+    """Device, memory format, DDP under torchrun, and torch.compile if asked.
+
+    sync_bn: under torchrun, batch norm normalises with the statistics of the global batch
+    (every BatchNorm becomes a SyncBatchNorm, in place: the submodules that checkpoints save keep
+    their parameters, buffers and state-dict keys). CUDA only: DDP refuses SyncBatchNorm on CPU,
+    so scripts refuse sync_bn on CPU before they start.
+    """
+    if sync_bn and ctx.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
