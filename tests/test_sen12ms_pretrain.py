@@ -221,3 +221,16 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp
     assert load_checkpoint(DualResNet("resnet18"), run / "checkpoint.pth") == (["fc.weight", "fc.bias"], [])
     results = json.loads((run / "results.json").read_text())
     assert results["environment"]["world"] == 2 and results["data"]["nan_pixels_replaced"] > 0
+
+
+def test_shell_script_runs_the_published_recipe(tmp_path):
+    env = {**os.environ, "PYTHON": "echo", "DATA": "/sen12ms", "OUT": str(tmp_path / "run"), "DEVICE": "cuda:1", "EXTRA": "--no-amp"}
+    printed = subprocess.run(["bash", str(REPO / "sen12ms_pretrain.sh")], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert printed[0] == "sen12ms_pretrain.py"
+    args = sen12ms_pretrain.build_parser().parse_args(printed[1:])
+    defaults = sen12ms_pretrain.build_parser().parse_args([])
+    published = {"arch": "resnet50", "crop": 128, "batch_size": 200, "epochs": 201, "lr": 3e-5, "weight_decay": 1e-4,
+                 "temperature": 0.07, "schedule": "original", "warmup_epochs": 10, "seasons": ["spring", "summer", "fall", "winter"]}
+    assert {k: getattr(args, k) for k in published} == published == {k: getattr(defaults, k) for k in published}
+    assert (args.seed, str(args.data_root), args.device, args.amp) == (42, "/sen12ms", "cuda:1", False)
+    assert not (args.augment or args.supervised_lc or args.sync_bn)
