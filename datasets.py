@@ -306,6 +306,7 @@ def _meterml_layout(root: Path) -> str:
         "                      sentinel-2-60m.npy       12 x 12 x 3",
         "                      naip.png",
         "  train_images_2/  train_images_3/  val_images/  test_images/",
+        _pack_hint("meterml"),
     ])
 
 
@@ -318,16 +319,22 @@ def _subfolders(folder: Path) -> set[str]:
         return set()
 
 
-def _resolve_image_folders(root: Path, written: Sequence[str]) -> list[Path | None]:
+def _resolve_image_folders(
+    root: Path, written: Sequence[str], packed: dict[str, set[str]] | None = None
+) -> list[Path | None]:
     """The folder of every ``Image_Folder`` value, or None when it is nowhere.
 
     The path as written wins; otherwise the same folder name under ``train_images_1..3``,
     ``val_images``, ``test_images`` (the archives extract there while the metadata may say
     ``train_images/<id>``). Each candidate parent is listed once, so no stat per sample.
+    ``packed``: the folders of a packed set (parent, relative to ``root`` -> names) instead of
+    the directories on disk, so that a packed set resolves exactly as its source did.
     """
     paths = [PurePosixPath(folder.replace("\\", "/")) for folder in written]
     parents = dict.fromkeys([str(path.parent) for path in paths] + list(_METERML_IMAGE_DIRS))
-    listing = {parent: _subfolders(root / parent) for parent in parents}
+    listing = {
+        parent: _subfolders(root / parent) if packed is None else packed.get(parent, set()) for parent in parents
+    }
     resolved: list[Path | None] = []
     for path in paths:
         if path.name in listing[str(path.parent)]:
@@ -366,17 +373,33 @@ def _first_entries(folders: Sequence[str], types: Sequence[str]) -> tuple[list[i
     return list(first.values()), extra, conflicting
 
 
-def _load_array(path: Path, shape: tuple[int, int, int]) -> Tensor:
-    """A (height, width, bands) .npy file as a float32 tensor (bands, height, width)."""
+def _read_npy(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    """A (height, width, bands) numeric .npy file as stored; errors name the file."""
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
         raise DataFileError(f"cannot read {path}: {error}") from error
     if array.shape != shape:
         raise DataFileError(f"{path}: expected shape {shape} (height, width, bands), found {array.shape}")
-    if not np.issubdtype(array.dtype, np.number):
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise DataFileError(f"{path}: expected a numeric array, found dtype {array.dtype}")
+    return array
+
+
+def _as_bands(array: np.ndarray) -> Tensor:
+    """(height, width, bands) of any real dtype -> a new float32 tensor (bands, height, width).
+    Always a copy (bands >= 2 makes the transposed layout non-contiguous), so packed read-only
+    views never reach in-place operations."""
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+
+
+# The packed columns of the METER-ML arrays the loader reads: file -> (column, (height, width, bands)).
+_METERML_ARRAYS = {
+    "sentinel-1.npy": ("s1", (72, 72, 2)),
+    "sentinel-2-10m.npy": ("s2_10m", (72, 72, 4)),
+    "sentinel-2-20m.npy": ("s2_20m", (36, 36, 6)),
+    "sentinel-2-60m.npy": ("s2_60m", (12, 12, 3)),
+}
 
 
 def _load_naip(path: Path) -> Tensor:
@@ -468,6 +491,12 @@ class MeterMLDataset(_PairedDataset):
         self.naip = naip
         if not self.root.is_dir():
             raise FileNotFoundError(f"METER-ML root {self.root} does not exist; expected:\n{_meterml_layout(self.root)}")
+        index = packed_index(self.root, "meterml")
+        if index is not None and naip:
+            raise ValueError(
+                f"{self.root} is a packed METER-ML set, which holds no naip.png images (about 2 MB each): "
+                f"read them from the original root ({index['source_root']}) or pass naip=False"
+            )
         self.metadata = self._find_metadata(split, geojson)
         folders, types = self._read_features(self.metadata)
         total = len(folders)
@@ -476,7 +505,21 @@ class MeterMLDataset(_PairedDataset):
         duplicated = {k: n for k, n in extra.items() if k not in conflicting}
         folders = [folders[i] for i in first]
         labels, multilabels = labels[first], multilabels[first]
-        resolved = _resolve_image_folders(self.root, folders)
+        packed_splits: dict[str, _PackedSplit] = {}
+        location: dict[str, tuple[str, int]] = {}
+        if index is not None:
+            # Every packed folder of every split, first occurrence wins (a folder in two splits is packed twice).
+            for name, entry in index["splits"].items():
+                packed_splits[name] = _PackedSplit(self.root, entry)
+                for row, folder in enumerate(entry["folders"]):
+                    location.setdefault(folder, (name, row))
+            children: dict[str, set[str]] = {}
+            for folder in location:
+                path = PurePosixPath(folder)
+                children.setdefault(str(path.parent), set()).add(path.name)
+            resolved = _resolve_image_folders(self.root, folders, children)
+        else:
+            resolved = _resolve_image_folders(self.root, folders)
         missing = [folder for folder, path in zip(folders, resolved) if path is None]
         if missing and strict:
             raise FileNotFoundError(
@@ -509,6 +552,21 @@ class MeterMLDataset(_PairedDataset):
         self._folders: list[Path] = [path for path, kept in zip(resolved, keep.tolist()) if kept]
         self.labels: Tensor = labels[keep]
         self.multilabels: Tensor = multilabels[keep]
+        # Packed: the split and row of every sample.
+        self._packed: list[tuple[_PackedSplit, int]] | None = None
+        if index is not None:
+            self._packed = []
+            for path in self._folders:
+                name, row = location[path.relative_to(self.root).as_posix()]
+                self._packed.append((packed_splits[name], row))
+            columns = [column for column, _ in _METERML_ARRAYS.values()]
+            bad = sum(packed.unreadable_rows(columns, [row]) for packed, row in self._packed)
+            if bad:
+                logger.warning(
+                    "%s: %d of %d samples had a file that could not be read when packed; loading them raises "
+                    "the packing-time error, as the files themselves would (messages in %s)",
+                    self.root, bad, len(self._packed), self.root / PACK_INDEX,
+                )
         if not self._folders:
             raise ValueError(f"{self.metadata}: no sample left of {total} features (skipped: {self.skipped})")
         detail = "".join(f"; {text}" for text in details)
@@ -578,13 +636,25 @@ class MeterMLDataset(_PairedDataset):
     def __len__(self) -> int:
         return len(self._folders)
 
+    def _raw(self, index: int, file: str) -> tuple[np.ndarray, str | Path]:
+        """The array (height, width, bands) of ``file`` (e.g. ``"sentinel-1.npy"``) of sample
+        ``index`` as stored, from its folder or packed (a read-only view), and its name for messages."""
+        column, shape = _METERML_ARRAYS[file]
+        if self._packed is None:
+            path = self._folders[index] / file
+            return _read_npy(path, shape), path
+        packed, row = self._packed[index]
+        packed.check(column, row)
+        return packed.array(column)[row], packed.name(column, row, f"{self._folders[index].name}/{file}")
+
     def _read(
-        self, path: Path, shape: tuple[int, int, int], mean: Sequence[float] | None, std: Sequence[float] | None
-    ) -> tuple[Tensor, bool]:
-        """One .npy file as (bands, H, W), normalised (``mean`` None: per-patch standardisation
-        over the finite values), and whether the file held only zeros."""
-        x = _load_array(path, shape)
-        nonfinite = self._count_nonfinite(x, path, "0 after normalisation")
+        self, index: int, file: str, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> tuple[Tensor, str | Path | None]:
+        """One .npy file of sample ``index`` as (bands, H, W), normalised (``mean`` None:
+        per-patch standardisation over the finite values), and its name when it held only zeros."""
+        raw, name = self._raw(index, file)
+        x = _as_bands(raw)
+        nonfinite = self._count_nonfinite(x, name, "0 after normalisation")
         all_zero = not bool(x.any())
         if self.normalize == "seed":
             if mean is None:
@@ -595,17 +665,16 @@ class MeterMLDataset(_PairedDataset):
                 mean_t = torch.tensor(mean).view(-1, 1, 1)
                 std_t = torch.tensor(std).view(-1, 1, 1)
             x = (x - mean_t) / std_t
-        return x.masked_fill_(nonfinite, 0.0), all_zero
+        return x.masked_fill_(nonfinite, 0.0), name if all_zero else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         folder = self._folders[index]
-        s1, s1_zero = self._read(folder / "sentinel-1.npy", (72, 72, 2), self.S1_MEAN, self.S1_STD)
-        s2, s2_zero = self._read(folder / "sentinel-2-10m.npy", (72, 72, 4), self.S2_MEAN, self.S2_STD)
-        zero = [(s1_zero, "sentinel-1.npy"), (s2_zero, "sentinel-2-10m.npy")]
-        self._count_all_zero([folder / name for is_zero, name in zero if is_zero])
+        s1, s1_zero = self._read(index, "sentinel-1.npy", self.S1_MEAN, self.S1_STD)
+        s2, s2_zero = self._read(index, "sentinel-2-10m.npy", self.S2_MEAN, self.S2_STD)
+        self._count_all_zero([name for name in (s1_zero, s2_zero) if name is not None])
         if self.s2_bands == "all":
-            s2_20m, _ = self._read(folder / "sentinel-2-20m.npy", (36, 36, 6), None, None)
-            s2_60m, _ = self._read(folder / "sentinel-2-60m.npy", (12, 12, 3), None, None)
+            s2_20m, _ = self._read(index, "sentinel-2-20m.npy", None, None)
+            s2_60m, _ = self._read(index, "sentinel-2-60m.npy", None, None)
             upsample = [TF.resize(x, [72, 72], interpolation=TF.InterpolationMode.BILINEAR) for x in (s2_20m, s2_60m)]
             s2 = torch.cat([s2, *upsample])[self._S2_ALL_ORDER]
         multilabel = self.multilabels[index].clone()
@@ -883,7 +952,7 @@ class _PatchDataset(_PairedDataset):
         from the packed arrays (then as read-only views)."""
         if self._packed is not None:
             packed, row, column = self._packed, self._rows[index], self._label_column
-            source = str(self.patch_ids[index])
+            source = f"patch {self.patch_ids[index]}"
             names: dict[str, str | Path] = {
                 "s1": packed.name("s1", row, source), "s2": packed.name("s2", row, source),
                 "label": packed.name(column, row, source),
@@ -946,7 +1015,7 @@ class _PatchDataset(_PairedDataset):
             packed, column = self._packed, self._label_column
             for i, row in enumerate(tqdm(self._rows, desc="patch labels", leave=False, disable=None)):
                 packed.check(column, row)
-                name = packed.name(column, row, str(self.patch_ids[i]))
+                name = packed.name(column, row, f"patch {self.patch_ids[i]}")
                 labels[i] = _labels_of_map(_class_map(packed.array(column)[row], name, self._labels))[0]
             return labels
         with rasterio.Env(**_GDAL_OPTIONS):
@@ -1229,3 +1298,414 @@ class SEN12MSDataset(_PatchDataset):
                     patch = self.patch_ids[(index + attempt) % len(self)]
                     logger.warning("skipping SEN12MS patch %s: %s", patch, error)
         raise DataFileError(f"{self._MAX_SUBSTITUTES} consecutive SEN12MS patches from index {index} are unreadable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing: python datasets.py pack {dfc2020,sen12ms,meterml} ROOT OUT
+
+
+class _Column(NamedTuple):
+    """One packed array, ``OUT/<split>/<name>.npy``: the shape of one row and the dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class _SplitPlan(NamedTuple):
+    """One split to pack: its columns, the source files of every row (column -> path) and its
+    record for the index (ids, skip counts), to which packing adds arrays and unreadable files."""
+
+    columns: list[_Column]
+    sources: list[dict[str, str]]
+    record: dict[str, Any]
+
+
+# Band counts of the GeoTIFF columns. S1 is packed as float32, the dtype of the files: the loader
+# computes in float32, and float16 (about 0.01 dB steps between -25 and 0 dB) would change the
+# items, which must stay identical; a quantisation would also lose NaN / +-inf, which are counted.
+_TIF_BANDS = {"s1": 2, "s2": 13, "dfc": 1, "lc": 4}
+_TIF_LABELS = {"dfc": _DFC_LABELS, "lc": _IGBP_LABELS}
+
+
+def _patch_columns(sources: list[dict[str, str]], labels: Sequence[str], split: str) -> list[_Column]:
+    """Columns of a patch split, sized by its first readable S1 file: every patch of a packed
+    split has that size (a patch of another size is reported as unreadable)."""
+    for files in sources:
+        try:
+            with _open_tif(Path(files["s1"]), 2) as src:
+                size = (src.height, src.width)
+                break
+        except DataFileError:
+            continue
+    else:
+        raise DataFileError(f"split {split}: none of its {len(sources)} S1 files can be read, so nothing can be packed")
+    columns = [_Column("s1", (2, *size), "float32"), _Column("s2", (13, *size), "uint16")]
+    return columns + [_Column(label, size, "uint8") for label in labels]
+
+
+def _plan_dfc2020(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
+    """Both splits that exist, with dfc and lc labels where their folders exist. A row is a patch
+    complete for at least one label source; each source keeps its own rows and skip counts, as
+    ``DFC2020Dataset`` pairs them."""
+    layout = _dfc_layout(root)
+    plans: dict[str, _SplitPlan] = {}
+    absent: list[str] = []
+    for split, (top, _) in _DFC_FOLDERS.items():
+        if not (root / top).is_dir():
+            absent.append(f"split {split} ({root / top})")
+            continue
+        paired = {}
+        for label in ("dfc", "lc"):
+            folders = _dfc_folders(root, split, label)
+            if folders["label"].is_dir():
+                paired[label] = _pair_patches(folders, strict=False, layout=layout)
+            else:
+                absent.append(f"{label} labels of {split} ({folders['label']})")
+        if not paired:
+            raise FileNotFoundError(f"{root / top}: neither dfc nor lc label folder found; expected:\n{layout}")
+        files_of: dict[int, dict[str, str]] = {}
+        for label, (numbers, files, _, _) in paired.items():
+            for number, paths in zip(numbers, files):
+                files_of.setdefault(number, {"s1": str(paths["s1"]), "s2": str(paths["s2"])})[label] = str(paths["label"])
+        numbers = sorted(files_of)
+        row_of = {number: row for row, number in enumerate(numbers)}
+        sources = [files_of[number] for number in numbers]
+        record = {
+            "ids": numbers,
+            "label_sources": {
+                label: {"rows": [row_of[n] for n in found], "skipped": skipped, "patches_seen": seen}
+                for label, (found, _, skipped, seen) in paired.items()
+            },
+            "skipped": {f"{label} labels: {reason}": n for label, p in paired.items() for reason, n in p[2].items()},
+        }
+        if sources:
+            plans[split] = _SplitPlan(_patch_columns(sources, list(paired), split), sources, record)
+        else:
+            absent.append(f"split {split} (no complete patch)")
+    if not plans:
+        raise FileNotFoundError(f"no DFC2020 split with complete patches under {root}; expected:\n{layout}")
+    return plans, absent
+
+
+def _plan_sen12ms(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
+    """One split, "all", over ``seasons`` in the canonical season order, scenes and patch
+    numbers ascending (the order of ``SEN12MSDataset``); per row its season, scene and number."""
+    layout = _sen12ms_layout(root)
+    sources: list[dict[str, str]] = []
+    record: dict[str, Any] = {"season": [], "scene": [], "patch": [], "seasons": {}, "skipped": {}}
+    for season in _SEN12MS_SEASONS:
+        if season not in seasons:
+            continue
+        found = _sen12ms_season(root, season, layout)
+        start = len(sources)
+        sources += [{"s1": str(f["s1"]), "s2": str(f["s2"]), "lc": str(f["label"])} for f in found.files]
+        record["season"] += [season] * len(found.files)
+        record["scene"] += found.scenes
+        record["patch"] += found.numbers
+        record["seasons"][season] = {"rows": [start, len(sources)], "skipped": found.skipped, "patches_seen": found.seen}
+        for reason, count in found.skipped.items():
+            record["skipped"][f"{season}: {reason}"] = count
+    if not sources:
+        raise FileNotFoundError(f"no complete SEN12MS triplet under {root}; expected:\n{layout}")
+    absent = [f"season {season}" for season in _SEN12MS_SEASONS if season not in seasons]
+    return {"all": _SplitPlan(_patch_columns(sources, ["lc"], "all"), sources, record)}, absent
+
+
+def _npy_dtype(path: Path) -> np.dtype | None:
+    """The dtype in a .npy header (the data is not read), or None when the file cannot be opened."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).dtype
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _plan_meterml(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
+    """Every split whose metadata exists: its image folders, resolved as ``MeterMLDataset``
+    resolves them, each once. Columns keep the files' dtype (their common type; wider than 4
+    bytes becomes float32, what the loader computes in anyway)."""
+    plans: dict[str, _SplitPlan] = {}
+    absent: list[str] = []
+    for split in ("train", "val", "test"):
+        metadata = next((p for p in (root / f"{split}_dataset.geojson", root / f"{split}_dataset.json") if p.is_file()), None)
+        if metadata is None:
+            absent.append(f"split {split} (no {split}_dataset.geojson or .json)")
+            continue
+        written, _ = MeterMLDataset._read_features(metadata)
+        resolved = _resolve_image_folders(root, written)
+        folders = list(dict.fromkeys(path.relative_to(root).as_posix() for path in resolved if path is not None))
+        missing = sum(path is None for path in resolved)
+        columns = []
+        for file, (column, shape) in _METERML_ARRAYS.items():
+            found = {dtype for folder in folders if (dtype := _npy_dtype(root / folder / file)) is not None}
+            numeric = [dtype for dtype in found if np.issubdtype(dtype, np.number)]
+            dtype = np.result_type(*numeric) if numeric else np.dtype(np.float32)
+            columns.append(_Column(column, shape, str(dtype if dtype.itemsize <= 4 else np.dtype(np.float32))))
+        sources = [{column: str(root / folder / file) for file, (column, _) in _METERML_ARRAYS.items()} for folder in folders]
+        record = {
+            "metadata": metadata.name,
+            "folders": folders,
+            "features": len(written),
+            "skipped": {"image folder missing": missing} if missing else {},
+        }
+        plans[split] = _SplitPlan(columns, sources, record)
+    if not plans:
+        raise FileNotFoundError(f"no METER-ML metadata under {root}; expected:\n{_meterml_layout(root)}")
+    return plans, absent
+
+
+_PLANNERS = {"dfc2020": _plan_dfc2020, "sen12ms": _plan_sen12ms, "meterml": _plan_meterml}
+
+
+def _pack_value(column: _Column, path: Path) -> np.ndarray:
+    """One row of ``column`` read from its source file, in the column's dtype and shape.
+
+    Raises ``DataFileError`` naming the file: unreadable, wrong band count, size or shape, an S2
+    that uint16 cannot hold, a label map that is not integer codes 0-255. Documented-code checks
+    of label maps are left to the loader (``_class_map``), per window as for GeoTIFFs.
+    """
+    if column.name not in _TIF_BANDS:
+        return _read_npy(path, column.shape).astype(column.dtype)
+    size = column.shape[-2:]
+    with _open_tif(path, _TIF_BANDS[column.name]) as src:
+        if (src.height, src.width) != size:
+            raise DataFileError(
+                f"{path}: patch of {src.height} x {src.width} px; the packed split holds {size[0]} x {size[1]} px "
+                f"patches (the size of its first readable S1 file)"
+            )
+        data = src.read(1) if column.name in _TIF_LABELS else src.read()
+    if column.name == "s1":
+        return data.astype(np.float32)
+    if column.name == "s2":
+        if not np.can_cast(data.dtype, np.uint16, "safe"):
+            raise DataFileError(f"{path}: expected uint16 S2 reflectance x 10000, found dtype {data.dtype}")
+        return data.astype(np.uint16)
+    if data.dtype.kind not in "ui" or (data.size and (int(data.min()) < 0 or int(data.max()) > 255)):
+        _class_map(data, path, _TIF_LABELS[column.name])  # raises the loader's own message
+    return data.astype(np.uint8)
+
+
+_FAULT_KINDS = (
+    ("cannot read", "unreadable file"),
+    ("bands", "wrong band count"),
+    ("label codes", "undocumented label codes"),
+    ("dtype", "wrong dtype"),
+    (" px", "wrong size"),
+    ("shape", "wrong shape"),
+)
+
+
+def _fault_kind(message: str) -> str:
+    return next((kind for key, kind in _FAULT_KINDS if key in message), "other")
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    """Replace ``path`` atomically: a reader (or a later run after a kill) sees the old or the new file."""
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as file:
+        json.dump(content, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def _pack_split(
+    out: Path, split: str, plan: _SplitPlan, state: dict[str, Any], progress: Path, checkpoint_every: int
+) -> None:
+    """Fill the arrays of ``split`` from row ``state["splits"][split]["done"]`` on, recording the
+    files that cannot be read; every ``checkpoint_every`` rows the arrays are flushed to disk and
+    then the progress marker saved, so that a killed run resumes at the last checkpoint."""
+    split_state = state["splits"].setdefault(split, {"done": 0, "unreadable": {}})
+    done, rows = split_state["done"], len(plan.sources)
+    (out / split).mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    for column in plan.columns:
+        path = out / split / f"{column.name}.npy"
+        shape = (rows, *column.shape)
+        if done:
+            arrays[column.name] = np.load(path, mmap_mode="r+")
+            if arrays[column.name].shape != shape or str(arrays[column.name].dtype) != column.dtype:
+                raise DataFileError(f"{path}: an unfinished pack left another shape or dtype; delete {out} and pack again")
+        else:
+            arrays[column.name] = np.lib.format.open_memmap(path, mode="w+", dtype=column.dtype, shape=shape)
+    unreadable: dict[str, dict[str, str]] = split_state["unreadable"]
+    with tqdm(total=rows, initial=done, desc=f"pack {split}", unit="patch", disable=None) as bar:
+        for row in range(done, rows):
+            for column in plan.columns:
+                path = plan.sources[row].get(column.name)
+                if path is None:  # a DFC2020 patch without a file of this label source
+                    continue
+                try:
+                    arrays[column.name][row] = _pack_value(column, Path(path))
+                except DataFileError as error:
+                    # Zeros rather than what a killed run may have left: a resumed pack equals an uninterrupted one.
+                    arrays[column.name][row] = 0
+                    unreadable.setdefault(column.name, {})[str(row)] = str(error)
+                    logger.warning("not packed: %s", error)
+            bar.update()
+            if (row + 1) % checkpoint_every == 0 or row + 1 == rows:
+                for array in arrays.values():
+                    array.flush()
+                split_state["done"] = row + 1
+                _write_json(progress, state)
+
+
+def _check_pack(out: Path, plans: dict[str, _SplitPlan], splits: dict[str, Any]) -> dict[str, Any]:
+    """Reopen every packed array (shape and dtype as the index says) and count per split what
+    was packed, what could not be read and why, and what was skipped before packing and why."""
+    check: dict[str, Any] = {}
+    for split, plan in plans.items():
+        entry = splits[split]
+        for column, spec in entry["arrays"].items():
+            array = np.load(out / spec["file"], mmap_mode="r")
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                raise DataFileError(f"{out / spec['file']}: holds {array.shape} {array.dtype}, expected {spec}")
+        bad_rows = set().union(*(rows.keys() for rows in entry["unreadable"].values()))
+        reasons = Counter(
+            f"{column}: {_fault_kind(message)}" for column, rows in entry["unreadable"].items() for message in rows.values()
+        )
+        check[split] = {
+            "rows": len(plan.sources),
+            "packed": len(plan.sources) - len(bad_rows),
+            "with unreadable files": len(bad_rows),
+            "unreadable files by reason": dict(reasons),
+            "skipped before packing": plan.record["skipped"],
+        }
+    return check
+
+
+def pack(
+    dataset: Literal["dfc2020", "sen12ms", "meterml"],
+    root: str | Path,
+    out: str | Path,
+    *,
+    seasons: Sequence[str] = tuple(_SEN12MS_SEASONS),
+    checkpoint_every: int = 256,
+) -> dict[str, Any]:
+    """Pack the data set in ``root`` into ``out`` once, for fast reading; returns the index.
+
+    Per split (DFC2020: ``validation``, ``test``; SEN12MS: ``all``, the ``seasons`` in one set;
+    METER-ML: ``train``, ``val``, ``test``; those present) one .npy array per column, rows
+    first, in ``out/<split>/``: ``s1`` (N, 2, H, W) float32 dB, ``s2`` (N, 13, H, W) uint16,
+    ``dfc`` / ``lc`` (N, H, W) uint8 raw codes (lc: band 1, IGBP); METER-ML ``s1``, ``s2_10m``,
+    ``s2_20m``, ``s2_60m`` (N, h, w, bands) as stored (naip.png is not packed). ``out/index.json``
+    holds the format version, source root, ids, array shapes and dtypes, the files that could
+    not be read (row -> message), what was skipped before packing and why, and the final check's
+    counts. METER-ML metadata files are copied beside it.
+
+    Resumable: a run that is killed leaves ``out/.pack_progress.json``; the same command resumes
+    at the last checkpoint (every ``checkpoint_every`` rows). ``index.json`` is written last, in
+    one atomic step, so a folder with an index is a complete pack. A complete ``out`` is left as
+    it is. Unreadable files are logged, counted and recorded, never silently dropped; their
+    rows stay (zeros) so that loading them raises the error their file gave.
+    """
+    if dataset not in _PLANNERS:
+        raise ValueError(f"dataset must be one of {_PACK_DATASETS}, got {dataset!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive number of rows, got {checkpoint_every}")
+    unknown = [season for season in seasons if season not in _SEN12MS_SEASONS]
+    if unknown or not seasons:
+        raise ValueError(f"seasons must be a non-empty subset of {tuple(_SEN12MS_SEASONS)}, got {tuple(seasons)}")
+    root, out = Path(root), Path(out)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} root {root} does not exist")
+    if packed_index(root) is not None:
+        raise ValueError(f"{root} is already a packed data set ({root / PACK_INDEX})")
+    existing = packed_index(out, dataset) if (out / PACK_INDEX).is_file() else None
+    if existing is not None:
+        logger.info("%s is already a complete pack of %s; nothing to do", out, existing["source_root"])
+        return existing
+    progress = out / _PACK_PROGRESS
+    if out.is_dir() and not progress.is_file() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty and holds no unfinished pack: choose a new or empty folder")
+    started = time.perf_counter()
+    plans, absent = _PLANNERS[dataset](root, seasons)
+    plan_text = json.dumps(
+        {name: {"columns": plan.columns, "sources": plan.sources} for name, plan in plans.items()}, sort_keys=True
+    )
+    state: dict[str, Any] = {"plan": hashlib.sha256(plan_text.encode()).hexdigest(), "splits": {}}
+    if progress.is_file():
+        previous = json.loads(progress.read_text())
+        if previous.get("plan") != state["plan"]:
+            raise FileExistsError(
+                f"{out} holds an unfinished pack of other files (the source changed since, or another ROOT); "
+                f"delete {out} or choose another OUT"
+            )
+        state = previous
+        logger.info("resuming the unfinished pack in %s", out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(progress, state)
+    for name in absent:
+        logger.warning("%s: not found, not packed: %s", root, name)
+    splits: dict[str, Any] = {}
+    with rasterio.Env(**_GDAL_OPTIONS):
+        for name, plan in plans.items():
+            _pack_split(out, name, plan, state, progress, checkpoint_every)
+            rows = len(plan.sources)
+            splits[name] = {
+                **plan.record,
+                "rows": rows,
+                "arrays": {
+                    c.name: {"file": f"{name}/{c.name}.npy", "shape": [rows, *c.shape], "dtype": c.dtype}
+                    for c in plan.columns
+                },
+                "unreadable": state["splits"][name]["unreadable"],
+            }
+    check = _check_pack(out, plans, splits)
+    for name, counts in check.items():
+        report = logger.warning if counts["with unreadable files"] or any(counts["skipped before packing"].values()) else logger.info
+        report(
+            "packed %s %s: %d of %d rows complete; rows with unreadable files: %d %s; skipped before packing: %s",
+            dataset, name, counts["packed"], counts["rows"], counts["with unreadable files"],
+            counts["unreadable files by reason"], counts["skipped before packing"] or "none",
+        )
+    if dataset == "meterml":
+        for plan in plans.values():
+            shutil.copyfile(root / plan.record["metadata"], out / plan.record["metadata"])
+    index = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "dataset": dataset,
+        "source_root": str(root.resolve()),
+        "absent": absent,
+        "splits": splits,
+        "check": check,
+        "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds_of_last_run": round(time.perf_counter() - started, 3),
+    }
+    _write_json(out / PACK_INDEX, index)
+    progress.unlink()
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python datasets.py pack {dfc2020,sen12ms,meterml} ROOT OUT``."""
+    parser = argparse.ArgumentParser(prog="datasets.py", description="Tools for the data sets of this project.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack_parser = commands.add_parser(
+        "pack",
+        help="copy a data set once into memory-mappable .npy arrays (resumable: rerun after a kill)",
+        description=pack.__doc__.split("\n\n")[0],
+    )
+    pack_parser.add_argument("dataset", choices=_PACK_DATASETS)
+    pack_parser.add_argument("root", type=Path, help="the data set as distributed")
+    pack_parser.add_argument("out", type=Path, help="new or empty folder, or an unfinished pack to resume")
+    pack_parser.add_argument(
+        "--seasons", nargs="+", choices=tuple(_SEN12MS_SEASONS), default=tuple(_SEN12MS_SEASONS),
+        help="SEN12MS seasons to pack; default all four",
+    )
+    pack_parser.add_argument(
+        "--checkpoint-every", type=int, default=256, metavar="ROWS", help="rows between progress checkpoints; default 256"
+    )
+    args = parser.parse_args(argv)
+    if args.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be a positive number of rows, got {args.checkpoint_every}")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        pack(args.dataset, args.root, args.out, seasons=args.seasons, checkpoint_every=args.checkpoint_every)
+    except (OSError, ValueError) as error:
+        parser.exit(1, f"datasets.py pack: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
