@@ -258,7 +258,10 @@ def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int 
     """Write a SEN12MS-like set under ``root``: ``n_per_season`` patches of ``size`` px in each
     of the four seasons, spread over ``scenes_per_season`` scenes:
     ``ROIs1158_spring/{s1,s2,lc}_{scene}/ROIs1158_spring_{s1,s2,lc}_{scene}_p{N}.tif`` etc.
-    Same content as ``write_dfc2020`` without the dfc file. Returns ``root``."""
+    Same content as ``write_dfc2020`` without the dfc file: S1 and S2 are drawn from one class map
+    of the patch (a dominant class and blobs of others), and lc band 1 holds that map as IGBP codes
+    (another IGBP code of the class in each patch), so the S1 / S2 pairs of a patch share its
+    structure and its majority land-cover class, as contrastive pre-training needs. Returns ``root``."""
     root = Path(root)
     for stream, season in enumerate(_SEN12MS_SEASONS):
         rng = np.random.default_rng([seed, 100 + stream])

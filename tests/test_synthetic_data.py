@@ -164,3 +164,34 @@ def test_meterml_class_signal_needs_both_modalities(tmp_path):
     # One modality tells apart at most 3 groups of the 7 classes: about 3/7 at best.
     assert s1_acc < 0.55 and s2_acc < 0.55
     assert fused_acc > 0.7 and fused_acc > max(s1_acc, s2_acc) + 0.25, (s1_acc, s2_acc, fused_acc)
+
+
+def test_sen12ms_lc_class_is_the_class_of_s1_and_s2_together(tmp_path):
+    """The majority class of lc band 1 (IGBP codes, through the IGBP-to-DFC map) is what S1 and S2
+    together encode: per-band means of one modality tell apart only groups of classes, both most."""
+    synthetic_data.write_sen12ms(tmp_path, n_per_season=60, seed=0, size=32)
+    s1, s2, labels = [], [], []
+    for lc_path in sorted(tmp_path.rglob("lc_*/*.tif")):
+        with rasterio.open(lc_path) as src:
+            igbp = src.read(1)
+        assert igbp.min() >= 1 and igbp.max() <= 17
+        code = np.bincount(IGBP_TO_DFC[igbp].ravel(), minlength=11).argmax()
+        if code in (3, 8):  # Savanna, Snow/Ice: no class of the 8
+            continue
+        arrays = {}
+        for modality in ("s1", "s2"):
+            folder = lc_path.parent.parent / lc_path.parent.name.replace("lc_", f"{modality}_")
+            with rasterio.open(folder / lc_path.name.replace("_lc_", f"_{modality}_")) as src:
+                arrays[modality] = src.read().reshape(src.count, -1)
+        s1.append(np.nanmean(arrays["s1"], axis=1))
+        s2.append(arrays["s2"].mean(axis=1))
+        labels.append(code)
+    assert len(set(labels)) == 8 and len(labels) > 200
+
+    def accuracy(x: np.ndarray) -> float:
+        return cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), x, labels, cv=5).mean()
+
+    s1_acc, s2_acc, fused_acc = accuracy(np.array(s1)), accuracy(np.array(s2)), accuracy(np.hstack([s1, s2]))
+    # Patches mix their dominant class with blobs of others: less separable than METER-ML's uniform images.
+    assert s1_acc < 0.5 and s2_acc < 0.5
+    assert fused_acc > 0.6 and fused_acc > max(s1_acc, s2_acc) + 0.2, (s1_acc, s2_acc, fused_acc)
