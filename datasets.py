@@ -1305,11 +1305,13 @@ class SEN12MSDataset(_PatchDataset):
 
 
 class _Column(NamedTuple):
-    """One packed array, ``OUT/<split>/<name>.npy``: the shape of one row and the dtype."""
+    """One packed array, ``OUT/<split>/<name>.npy``: the shape of one row, the dtype, and the
+    band count of its GeoTIFF source files (0: .npy source files)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
+    tif_bands: int = 0
 
 
 class _SplitPlan(NamedTuple):
@@ -1340,8 +1342,8 @@ def _patch_columns(sources: list[dict[str, str]], labels: Sequence[str], split: 
             continue
     else:
         raise DataFileError(f"split {split}: none of its {len(sources)} S1 files can be read, so nothing can be packed")
-    columns = [_Column("s1", (2, *size), "float32"), _Column("s2", (13, *size), "uint16")]
-    return columns + [_Column(label, size, "uint8") for label in labels]
+    columns = [_Column("s1", (2, *size), "float32", 2), _Column("s2", (13, *size), "uint16", 13)]
+    return columns + [_Column(label, size, "uint8", _TIF_BANDS[label]) for label in labels]
 
 
 def _plan_dfc2020(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
@@ -1464,10 +1466,10 @@ def _pack_value(column: _Column, path: Path) -> np.ndarray:
     that uint16 cannot hold, a label map that is not integer codes 0-255. Documented-code checks
     of label maps are left to the loader (``_class_map``), per window as for GeoTIFFs.
     """
-    if column.name not in _TIF_BANDS:
+    if not column.tif_bands:
         return _read_npy(path, column.shape).astype(column.dtype)
     size = column.shape[-2:]
-    with _open_tif(path, _TIF_BANDS[column.name]) as src:
+    with _open_tif(path, column.tif_bands) as src:
         if (src.height, src.width) != size:
             raise DataFileError(
                 f"{path}: patch of {src.height} x {src.width} px; the packed split holds {size[0]} x {size[1]} px "
