@@ -1,12 +1,14 @@
-"""Samples per second of DFC2020Dataset against a naive loader, in one process.
+"""Samples per second of DFC2020Dataset, on GeoTIFFs and packed, against a naive loader, in one process.
 
-Both loaders read the same synthetic DFC2020 validation split (written by synthetic_data.py into a
-temporary folder), take 224 x 224 training crops and return the seed-normalised S1 / S2 crops
+All three loaders read the same synthetic DFC2020 validation split (written by synthetic_data.py
+into a temporary folder; the packed loader reads it after ``datasets.pack``, from the page cache as
+the GeoTIFFs are), take 224 x 224 training crops and return the seed-normalised S1 / S2 crops
 with the majority and multi-label targets; "two views" adds the SupCon view of each modality
 (flips and a rotation up to 20 degrees), normalised after its augmentation. Torch runs on one
 thread, as in a DataLoader worker.
 
 Usage: python bench/bench_data.py [--patches 64] [--repeats 3]
+Also prints how long packing the patches took.
 """
 import argparse
 import logging
@@ -113,31 +115,33 @@ def main() -> None:
     np.random.seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0, size=PATCH)
-        loaders = {
-            "one view": (
-                datasets.DFC2020Dataset(root, crop=CROP, train=True),
-                NaiveDFC2020(root, two_views=False),
-            ),
-            "two views": (
-                datasets.DFC2020Dataset(root, crop=CROP, train=True, transform=augment.TwoViews(augment.dfc_augment())),
-                NaiveDFC2020(root, two_views=True),
-            ),
-        }
-        for fast, naive in loaders.values():  # warm the page cache and the imports
-            fast[0], naive[0]
-        rows = []
-        for views, (fast, naive) in loaders.items():
-            fast_rate = samples_per_second(fast, args.repeats)
-            naive_rate = samples_per_second(naive, args.repeats)
-            rows.append((views, fast_rate, naive_rate))
+        root = synthetic_data.write_dfc2020(Path(tmp) / "dfc", n_validation=args.patches, n_test=0, seed=0, size=PATCH)
+        packed = Path(tmp) / "packed"
+        started = time.perf_counter()
+        datasets.pack("dfc2020", root, packed)
+        pack_seconds = time.perf_counter() - started
+        loaders = {}
+        for views, transform in [("one view", None), ("two views", augment.TwoViews(augment.dfc_augment()))]:
+            loaders[views] = (
+                NaiveDFC2020(root, two_views=transform is not None),
+                datasets.DFC2020Dataset(root, crop=CROP, train=True, transform=transform),
+                datasets.DFC2020Dataset(packed, crop=CROP, train=True, transform=transform),
+            )
+        for loader in (loader for trio in loaders.values() for loader in trio):  # warm the page cache and the imports
+            loader[0]
+        rows = [(views, *(samples_per_second(loader, args.repeats) for loader in trio)) for views, trio in loaders.items()]
 
-    print(f"DFC2020, {args.patches} synthetic patches, {CROP} px training crops, one process, 1 torch thread")
+    print(f"DFC2020, {args.patches} synthetic patches of {PATCH} px, {CROP} px training crops, one process, 1 torch thread")
+    print(f"packing them (datasets.pack, all four files of each patch): {pack_seconds:.2f} s, "
+          f"{1000 * pack_seconds / args.patches:.1f} s per 1,000 patches")
     print()
-    print("| sampling | DFC2020Dataset (samples/s) | naive loader (samples/s) | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
-    for views, fast_rate, naive_rate in rows:
-        print(f"| {views} | {fast_rate:.0f} | {naive_rate:.0f} | {fast_rate / naive_rate:.1f}x |")
+    print("| sampling | naive loader (samples/s) | DFC2020Dataset, GeoTIFF | DFC2020Dataset, packed | GeoTIFF / naive | packed / naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for views, naive_rate, tif_rate, packed_rate in rows:
+        print(
+            f"| {views} | {naive_rate:.0f} | {tif_rate:.0f} | {packed_rate:.0f} | "
+            f"{tif_rate / naive_rate:.1f}x | {packed_rate / naive_rate:.1f}x |"
+        )
 
 
 if __name__ == "__main__":
