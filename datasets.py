@@ -440,7 +440,7 @@ class MeterMLDataset(_PairedDataset):
     ``split_overlap`` compares two splits.
 
     Args:
-        root: dataset root (the folder holding the GeoJSON files and the image folders).
+        root: dataset root (the folder holding the GeoJSON files and the image folders), or a folder written by ``pack`` (same items; see ``pack``).
         split: ``"train"``, ``"val"`` or ``"test"``: reads ``{split}_dataset.geojson`` or ``.json``.
         geojson: explicit metadata path instead (relative paths are taken from ``root``).
         exclude_negatives: drop the Negative samples (``Negative`` and ``Roundabout``), counted
@@ -1076,7 +1076,7 @@ class DFC2020Dataset(_PatchDataset):
     ``DataFileError`` naming the file and the codes (an item checks its window only).
 
     Args:
-        root: the folder holding ``ROIs0000_validation`` and ``ROIs0000_test``.
+        root: the folder holding ``ROIs0000_validation`` and ``ROIs0000_test``, or a folder written by ``pack`` (same items; see ``pack``).
         split: ``"validation"`` (986 patches, the training set of the method) or ``"test"``.
         label_source: ``"dfc"`` (the DFC labels) or ``"lc"`` (MODIS IGBP, band 1, mapped to DFC).
             Only the label file of the chosen source is read.
@@ -1212,7 +1212,7 @@ class SEN12MSDataset(_PatchDataset):
     returned in its place.
 
     Args:
-        root: the folder holding ``ROIs1158_spring``, ``ROIs1868_summer``, ``ROIs1970_fall``, ``ROIs2017_winter``.
+        root: the folder holding ``ROIs1158_spring``, ``ROIs1868_summer``, ``ROIs1970_fall``, ``ROIs2017_winter``, or a folder written by ``pack`` (same items; see ``pack``).
         seasons: the seasons to read.
         offset_seed: as in ``DFC2020Dataset``; a patch's offset is drawn from
             ``keyed_generator(offset_seed, ROI, scene, N)``, e.g. (offset_seed, 1158, 106, 42).
