@@ -3,11 +3,15 @@
 Per data set: both tables of summarize.py; per-class accuracy of each configuration as grouped
 bars with the sample std over seeds as error bars (optionally the paper's values as markers);
 learning curves (every loss term, AA and OA; mean over seeds, shaded min-max over seeds); a
-row-normalised confusion matrix per configuration (counts summed over seeds, last evaluation).
-The figures draw what summarize.py's bars_of, curves_of and confusion_of compute.
+row-normalised confusion matrix per configuration (counts summed over seeds, last evaluation);
+where runs hold embed.py's embedding/tsne.png and embedding.json, their t-SNE pictures side by
+side (one seed per configuration, copied beside report.md) above a table of their kNN numbers.
+The figures draw what summarize.py's bars_of, curves_of, confusion_of compute; embeddings_of
+picks the pictures.
 """
 import math
 import re
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -135,6 +139,39 @@ def confusion_figure(path: Path, dataset: str, label: str, confusion: dict) -> N
     plt.close(fig)
 
 
+def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[str]:
+    """Markdown lines showing embeddings_of's t-SNE pictures side by side, copied into `out`
+    under unique names, and a table of their kNN accuracies and S1-S2 cosines (a row per
+    configuration)."""
+    names = []
+    for e in embeddings:
+        name = f"tsne_{slug(dataset)}_{e['group'] + 1}_{slug(e['label'])}_seed{slug(str(e['seed']))}.png"
+        shutil.copyfile(e["png"], out / name)
+        names.append(name)
+    lines = [f"### {dataset}: embeddings", "",
+             "| " + " | ".join(f"{e['label']}, seed {e['seed']}" + (", colour = modality" if e.get("color_by") == "modality" else "")
+                               for e in embeddings) + " |",
+             "|" + "---|" * len(embeddings),
+             "| " + " | ".join(f"![{dataset}: t-SNE of {e['label']}]({n})" for e, n in zip(embeddings, names)) + " |",
+             "",
+             "t-SNE of the S1 (circles) and S2 (triangles) projections of each configuration's run (`embed.py`), "
+             "colour = class unless said otherwise. kNN accuracy (%): cosine similarity, majority of the k nearest; within a modality "
+             "leave-one-out, across modalities (S1→S2: S1 queries among the S2 features) the sample's own other "
+             "feature left out. Cosine: mean over samples of their S1 and S2 features' cosine, paired and in random "
+             "pairs of different samples.",
+             "",
+             "| configuration | seed | checkpoint | split | n | k | S1 | S2 | S1→S2 | S2→S1 | cos paired | cos random |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in embeddings:
+        knn, cos = e["knn_accuracy"], e["pair_cosine"]
+        epoch = f" (epoch {e['epoch']})" if e.get("epoch") is not None else ""
+        lines.append(f"| {e['label']} | {e['seed']} | {e.get('checkpoint', '–')}{epoch} | "
+                     f"{e.get('split', '–')} | {e['n']} | {e['k']} | "
+                     + " | ".join(f"{knn[key]:.1f}" for key in ("s1", "s2", "s1_to_s2", "s2_to_s1"))
+                     + f" | {cos['paired']:.3f} | {cos['random']:.3f} |")
+    return lines + [""]
+
+
 def write_report(out: Path, datasets: dict, notes: list[str], published: bool = False, sources=()) -> Path:
     """Write OUT/report.md and its figures; returns the path of report.md."""
     out = Path(out)
@@ -169,6 +206,10 @@ def write_report(out: Path, datasets: dict, notes: list[str], published: bool = 
             body += [f"![{dataset}: confusion matrix of {group.label}]({name})", "",
                      f"Confusion matrix of {group.label} at the last evaluation: counts summed over "
                      f"{confusion['seeds']} seeds, each row in % of its true class ('–': no sample of that class).", ""]
+
+        embeddings = summarize.embeddings_of(groups)
+        if embeddings:
+            body += embedding_section(out, dataset, embeddings)
 
     head = ["# Results report", "",
             "Written by `summarize.py --report` from: " + ", ".join(f"`{s}`" for s in sources) + ".", ""]

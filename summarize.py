@@ -14,8 +14,9 @@ standard deviation over the configuration's seeds, in percent. Columns keep the 
 configurations are first met. Configurations that share a name but differ in some flag get those
 flags in their column label, and a note says so.
 
---report OUT also writes OUT/report.md with PNG figures beside it (see report.py). Only then is
-matplotlib imported, so the tables work where matplotlib is missing.
+--report OUT also writes OUT/report.md with PNG figures beside it (see report.py), with the t-SNE
+pictures of runs that embed.py has embedded. Only then is matplotlib imported, so the tables
+work where matplotlib is missing.
 """
 import argparse
 import json
@@ -335,6 +336,35 @@ def confusion_of(runs: list[Run], field: str = "last") -> dict | None:
     counts = [[sum(e["confusion"][i][j] for e in evals) for j in range(k)] for i in range(k)]
     percent = [[100.0 * c / sum(row) if sum(row) else math.nan for c in row] for row in counts]
     return {"classes": classes, "counts": counts, "percent": percent, "seeds": len(evals)}
+
+
+def embedding_of(run: Run) -> dict | None:
+    """The run's embed.py output, embedding/embedding.json plus "png" (the path of
+    embedding/tsne.png), or None when the run has not both."""
+    folder = run.folder / "embedding"
+    if not ((folder / "tsne.png").is_file() and (folder / "embedding.json").is_file()):
+        return None
+    return {**json.loads((folder / "embedding.json").read_text()), "png": folder / "tsne.png"}
+
+
+def embeddings_of(groups: list[Group]) -> list[dict]:
+    """One embedding per configuration that has any, to show side by side: of the lowest seed
+    that every such configuration has embedded, else of the configuration's own lowest seed.
+
+    Returns [{"label", "seed", "png", "knn_accuracy", "pair_cosine", "n", "k", "split", ...}]
+    in the order of `groups`, each with "group", the index of its configuration in `groups`.
+    """
+    found = []
+    for i, g in enumerate(groups):
+        by_seed = {r.seed: e for r in g.runs if (e := embedding_of(r)) is not None}
+        if by_seed:
+            found.append((i, g, by_seed))
+    common = set.intersection(*(set(by_seed) for _, _, by_seed in found)) if found else set()
+    rows = []
+    for i, g, by_seed in found:
+        seed = min(common or by_seed, key=lambda s: (s is None, s or 0))  # a run without a seed last
+        rows.append({**by_seed[seed], "label": g.label, "seed": seed, "group": i})
+    return rows
 
 
 def main(argv=None) -> None:

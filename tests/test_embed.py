@@ -171,7 +171,7 @@ def test_embed_a_meterml_finetuning_run(tmp_path):
     # --out and --color_by modality; --max_samples takes a seeded subset
     other = embed.main([str(run), "--out", str(tmp_path / "elsewhere"), "--color_by", "modality", "--max_samples", "6"])
     check_outputs(tmp_path / "elsewhere", other, 6)
-    assert other["of"] == 8
+    assert (other["of"], other["color_by"], info["color_by"]) == (8, "modality", "class")
 
 
 def test_embed_a_dfc2020_run_reads_its_evaluation_split(dfc_root, tmp_path):

@@ -179,3 +179,54 @@ def test_runs_without_confusion_or_metrics_still_report(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "no confusion matrix for 'CE (head_lr=None, lr=unset, temperature=unset)'" in text
     assert (tmp_path / "report" / "per_class_DFC2020.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def write_embedding(folder, s1, s2, picture, color_by="class"):
+    """embed.py's output in a run folder: embedding.json with the given kNN accuracies, and tsne.png."""
+    (folder / "embedding").mkdir()
+    (folder / "embedding" / "tsne.png").write_bytes(PNG_SIGNATURE + picture)
+    info = {"kind": "dfc_finetune", "checkpoint": "last.pt", "epoch": 3, "split": "test", "n": 6, "ignored": 0, "k": 5,
+            "color_by": color_by,
+            "knn_accuracy": {"s1": s1, "s2": s2, "s1_to_s2": s1 / 2, "s2_to_s1": s2 / 2},
+            "pair_cosine": {"paired": 0.8, "random": 0.125, "seed": 0}}
+    (folder / "embedding" / "embedding.json").write_text(json.dumps(info))
+
+
+def test_report_shows_embeddings_of_one_seed_per_configuration(tmp_path):
+    e = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs / f"ce{seed}", "CE", seed, e)
+        write_run(runs / f"sup{seed}", "SupCon+CE", seed, e)
+        write_embedding(runs / f"ce{seed}", 50.0 + seed, 40.0, f"ce{seed}".encode())
+    write_embedding(runs / "sup1", 90.0, 80.0, b"sup1", color_by="modality")  # SupCon+CE has seed 1 only: both show seed 1
+    write_run(runs / "other0", "CE", 0, e, lr=0.5)  # no embedding: no picture
+    write_run(tmp_path / "meter" / "m0", "CE", 0, e, dataset="METER-ML")  # a data set without any: no section
+    groups = summarize.group_runs(runs_in(tmp_path))
+    shown = summarize.embeddings_of(groups["DFC2020"])
+    # groups: CE, CE with lr 0.5 (no embedding), SupCon+CE
+    assert [(row["label"], row["seed"], row["group"]) for row in shown] == [("CE (lr=0.01)", 1, 0), ("SupCon+CE", 1, 2)]
+    assert [row["knn_accuracy"]["s1"] for row in shown] == [51.0, 90.0]
+    assert summarize.embeddings_of(groups["METER-ML"]) == []
+
+    out = tmp_path / "report"
+    summarize.main([str(runs), str(tmp_path / "meter"), "--report", str(out)])
+    assert (out / "tsne_DFC2020_1_CE_lr_0_01_seed1.png").read_bytes() == PNG_SIGNATURE + b"ce1"
+    assert (out / "tsne_DFC2020_3_SupCon_CE_seed1.png").read_bytes() == PNG_SIGNATURE + b"sup1"
+    assert len(list(out.glob("tsne_*.png"))) == 2
+    text = (out / "report.md").read_text()
+    assert "### DFC2020: embeddings" in text and "METER-ML: embeddings" not in text
+    assert "| CE (lr=0.01), seed 1 | SupCon+CE, seed 1, colour = modality |" in text
+    assert "](tsne_DFC2020_1_CE_lr_0_01_seed1.png) | ![DFC2020: t-SNE of SupCon+CE](tsne_DFC2020_3_SupCon_CE_seed1.png) |" in text
+    assert "| CE (lr=0.01) | 1 | last.pt (epoch 3) | test | 6 | 5 | 51.0 | 40.0 | 25.5 | 20.0 | 0.800 | 0.125 |" in text
+    assert "| SupCon+CE | 1 | last.pt (epoch 3) | test | 6 | 5 | 90.0 | 80.0 | 45.0 | 40.0 | 0.800 | 0.125 |" in text
+
+
+def test_embeddings_without_a_common_seed_show_each_configurations_lowest(tmp_path):
+    e = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
+    for name, seeds in (("CE", (2, 0)), ("SupCon+CE", (1, 3))):
+        for seed in seeds:
+            write_run(tmp_path / f"{name}{seed}", name, seed, e)
+            write_embedding(tmp_path / f"{name}{seed}", 10.0 * seed, 0.0, b"x")
+    shown = summarize.embeddings_of(summarize.group_runs(runs_in(tmp_path))["DFC2020"])
+    assert [(row["label"], row["seed"], row["knn_accuracy"]["s1"]) for row in shown] == [("CE", 0, 0.0), ("SupCon+CE", 1, 10.0)]
