@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-demo}
 SEEDS=${SEEDS:-0 1}
-rm -rf "$OUT/runs" "$OUT/data"  # the writers add to existing folders: start clean
+rm -rf "$OUT/runs" "$OUT/data" "$OUT/report"  # the writers add to existing folders and runs refuse a used folder: start clean
 mkdir -p "$OUT/runs/logs"
 start=$(date +%s)
 
@@ -64,10 +64,19 @@ dfc() {
 step "fine-tuning a dual ResNet-18 on DFC2020: CE, SupCon+CE, seeds $SEEDS"
 per_seed dfc
 
+first=${SEEDS%% *}
+step "t-SNE and kNN of the seed-$first s1s2_fused and DFC2020 runs (embed.py, before the checkpoints go)"
+for run in meterml/s1s2_fused-ce meterml/s1s2_fused-supcon-ce dfc2020/ce dfc2020/supcon-ce; do
+  log="$OUT/runs/logs/embed-${run/\//-}.log"
+  $PYTHON embed.py "$OUT/runs/$run-seed$first" > "$log" 2>&1 || { tail -n 30 "$log" >&2; echo "demo: embed.py $run failed; log in $log" >&2; exit 1; }
+done
+
 # The demo's checkpoints (several GB of SmallAlexNet weights) are of no further use.
 find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) -delete
 step "done; logs and run folders in $OUT/runs"
 echo
 echo "Results on SYNTHETIC data ($(( $(date +%s) - start )) s on this machine):"
 echo
-$PYTHON summarize.py "$OUT/runs/meterml" "$OUT/runs/dfc2020"
+$PYTHON summarize.py "$OUT/runs/meterml" "$OUT/runs/dfc2020" --report "$OUT/report"
+echo
+echo "Report with figures: $OUT/report/report.md"
