@@ -43,7 +43,7 @@ SCHEDULES = ("original", "cosine", "constant")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", type=Path, default=Path("data/sen12ms"),
-                   help="folder holding the four season folders ROIs1158_spring ... (default data/sen12ms)")
+                   help="folder holding the four season folders ROIs1158_spring ..., or a packed copy (datasets.py pack; default data/sen12ms)")
     p.add_argument("--seasons", nargs="+", choices=SEASONS, default=list(SEASONS), help="seasons to read (default: all four)")
     p.add_argument("--arch", choices=RESNETS, default="resnet50", help="backbone (default resnet50, as the released checkpoint)")
     p.add_argument("--crop", type=engine.positive_int, default=128, help="random crop of each patch, px (default 128)")
