@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole pipeline on small synthetic data, sized for a 2-core CPU (about 6 minutes):
-# METER-ML pre-training, fine-tuning (s1, s2, s1s2_fused; CE and SupCon+CE; two seeds), the dual
-# ResNet-18 on DFC2020 (CE and SupCon+CE; two seeds), then the summary tables.
+# The whole pipeline on small synthetic data, sized for a 2-core CPU (under 10 minutes):
+# METER-ML pre-training, fine-tuning (s1, s2, s1s2_fused; CE and SupCon+CE; two seeds), SEN12MS
+# pre-training of a dual ResNet-18, its fine-tuning on DFC2020 from random and pre-trained weights
+# (CE and SupCon+CE; two seeds), embeddings of one seed, then the summary tables and a report.
 # The numbers come from synthetic data: they show that the pipeline works, not the published
 # results. Runs are short, so learning rates are higher than the published ones (see README).
 set -euo pipefail
@@ -54,14 +55,24 @@ meterml() {
 step "fine-tuning on METER-ML: s1, s2, s1s2_fused x CE, SupCon+CE, seeds $SEEDS"
 per_seed meterml
 
-# Random initialisation: the released ResNet-50 cannot be downloaded here.
+# The first stage of the DFC2020 pipeline: the released ResNet-50 cannot be downloaded here.
+step "pre-training a dual ResNet-18 on synthetic SEN12MS S1 / S2 pairs (cross-modal NT-Xent)"
+$PYTHON synthetic_data.py sen12ms "$OUT/data/sen12ms" --n 32 --size 64 --seed 0
+$PYTHON sen12ms_pretrain.py --data_root "$OUT/data/sen12ms" --arch resnet18 --crop 48 --epochs 20 --batch_size 32 \
+  --lr 3e-4 --schedule constant --save_path "$OUT/runs/sen12ms-pretrain" > "$OUT/runs/logs/sen12ms-pretrain.log" 2>&1
+
+# From random initialisation and from the SEN12MS checkpoint, side by side.
 dfc() {
   local common=(--data_root "$OUT/data/dfc2020" --arch resnet18 --finetune --crop 64 --eval_crop 64 --epochs 6 --batch_size 8
                 --lr 3e-4 --head_lr 3e-4 --eval_every 0 --seed "$1")
+  local pretrained=(--model_path "$OUT/runs/sen12ms-pretrain/checkpoint.pth")
   $PYTHON dfc_finetune.py "${common[@]}" --save_path "$OUT/runs/dfc2020/ce-seed$1"
   $PYTHON dfc_finetune.py "${common[@]}" --use_sup_con --save_path "$OUT/runs/dfc2020/supcon-ce-seed$1"
+  $PYTHON dfc_finetune.py "${common[@]}" "${pretrained[@]}" --name "pre-trained CE" --save_path "$OUT/runs/dfc2020/pretrained-ce-seed$1"
+  $PYTHON dfc_finetune.py "${common[@]}" "${pretrained[@]}" --use_sup_con --name "pre-trained SupCon+CE" \
+    --save_path "$OUT/runs/dfc2020/pretrained-supcon-ce-seed$1"
 }
-step "fine-tuning a dual ResNet-18 on DFC2020: CE, SupCon+CE, seeds $SEEDS"
+step "fine-tuning a dual ResNet-18 on DFC2020 from random and SEN12MS-pre-trained weights: CE, SupCon+CE, seeds $SEEDS"
 per_seed dfc
 
 first=${SEEDS%% *}

@@ -321,10 +321,11 @@ def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tupl
     return torch.cat([s1_views, s2_views]), torch.cat([labels, labels])
 
 
-def supcon_labels(labels: Tensor, ignore: int = IGNORE) -> Tensor:
+def supcon_labels(labels: Tensor, ignore: int = IGNORE, rank: int = 0) -> Tensor:
     """SupCon labels (B,) from class labels (B,): every sample labelled `ignore` becomes a class
-    of its own (its positives are its own views), so unlabelled samples never attract each other."""
-    unique = -1 - torch.arange(len(labels), device=labels.device)
+    of its own (its positives are its own views), so unlabelled samples never attract each other.
+    `rank` keeps the ids of different ranks apart when the labels are gathered across ranks."""
+    unique = -1 - rank * len(labels) - torch.arange(len(labels), device=labels.device)
     return torch.where(labels == ignore, unique, labels)
 
 
@@ -376,7 +377,7 @@ class SupConCELoss(nn.Module):
         total = self.ce_weight * ce
         if self.supcon is not None:
             normed = {m: F.normalize(f.to(_compute_dtype(f)), dim=-1) for m, f in features.items()}
-            ids = supcon_labels(labels)
+            ids = supcon_labels(labels, rank=_world()[0] if self.supcon.gather_distributed else 0)
             if self.cross_modal and len(normed) == 2:
                 stacked, stacked_ids = multimodal_views(normed["s1"], normed["s2"], ids)
                 sup = self.supcon(stacked, stacked_ids)

@@ -136,8 +136,7 @@ def main(argv=None) -> dict:
         with ctx.autocast():
             features = model(originals, augmented)["features"]  # "s1", "s2" -> (B, V, 128), V = 1 or 2
         if args.supervised_lc:
-            ids = supcon_labels(batch["label"].to(ctx.device))
-            ids = torch.where(ids < 0, ids - ctx.rank * len(ids), ids)  # unlabelled ids unique over ranks too
+            ids = supcon_labels(batch["label"].to(ctx.device), rank=ctx.rank)
             stacked, stacked_ids = multimodal_views(*(F.normalize(features[m].float(), dim=-1) for m in ("s1", "s2")), ids)
             return {"loss": loss_fn(stacked, stacked_ids)}
         # Block-major rows: S1 views, then S2 views; row k of every block is patch k.

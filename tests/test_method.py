@@ -241,3 +241,10 @@ def test_ce_only_and_all_ignored_batch():
 def test_supcon_labels_make_ignored_samples_unique():
     ids = supcon_labels(torch.tensor([3, 255, 3, 255]))
     assert ids[0] == ids[2] and len({ids[1].item(), ids[3].item(), ids[0].item()}) == 3
+
+
+def test_supcon_labels_of_different_ranks_never_collide():
+    labels = torch.tensor([255, 1, 255])
+    gathered = torch.cat([supcon_labels(labels, rank=0), supcon_labels(labels, rank=1)])
+    unlabelled = gathered[gathered < 0]
+    assert len(unlabelled) == 4 and len(set(unlabelled.tolist())) == 4
