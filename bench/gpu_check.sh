@@ -7,7 +7,9 @@
 #   3. each script for two short epochs, one line each with its wall time and PASS / FAIL (a FAIL
 #      shows the end of the script's log): dfc_finetune.py (dual ResNet-50, --finetune
 #      --use_sup_con, 224 px crops, batch 32, evaluation after each epoch), meterml_finetune.py
-#      (random init, --scenario s1s2_fused --use_augs --use_sup_con), meterml_pretrain.py --use_pairs;
+#      (random init, --scenario s1s2_fused --use_augs --use_sup_con), meterml_pretrain.py --use_pairs,
+#      sen12ms_pretrain.py (ResNet-50, 128 px crops, batch 200); the DataLoader over the packed
+#      DFC2020 copy (datasets.py pack) with 16 workers;
 #   4. bench/bench_train.py at 224 px, batch 128: original vs default vs fast, model alone and with
 #      a 16-worker DataLoader, evaluation, torch.compile on and off; every figure is printed as it
 #      is measured.
@@ -37,8 +39,11 @@ if [ "$TINY" = 1 ]; then
   DFC=(--arch resnet18 --crop 32 --eval_crop 32)
   METER=(--model shared)  # half the parameters of the dual SmallAlexNet (140 M): shorter steps and checkpoints
   PRETRAIN=(--device cpu --workers 0 --epochs 1 --batch_size 4 --model shared)
+  SEN12MS_DATA=(--n 2 --size 40)
+  SEN12MS=(--device cpu --workers 0 --epochs 1 --batch_size 4 --arch resnet18 --crop 32)
   BENCH=(--tiny --device cpu)
-  CAP_DATA=30; CAP_DFC=60; CAP_METER=60; CAP_PRETRAIN=60
+  PACKED=(--tiny --device cpu)
+  CAP_DATA=30; CAP_DFC=60; CAP_METER=60; CAP_PRETRAIN=60; CAP_SEN12MS=60; CAP_PACKED=60
 else
   BUDGET=350
   DFC_DATA=(--n 64 --n-test 32 --size 256)
@@ -47,8 +52,11 @@ else
   DFC=(--arch resnet50 --crop 224 --eval_crop 224)
   METER=(--model dual)
   PRETRAIN=(--epochs 2 --batch_size 64)
+  SEN12MS_DATA=(--n 50 --size 256)  # 200 triplets: one step of batch 200 an epoch
+  SEN12MS=(--epochs 2 --batch_size 200 --arch resnet50 --crop 128 --workers 16)
   BENCH=(--crop 224 --batch_size 128 --workers 16)
-  CAP_DATA=40; CAP_DFC=90; CAP_METER=60; CAP_PRETRAIN=50  # caps, not reservations
+  PACKED=(--crop 224 --batch_size 128 --workers 16)
+  CAP_DATA=40; CAP_DFC=90; CAP_METER=60; CAP_PRETRAIN=50; CAP_SEN12MS=60; CAP_PACKED=40  # caps, not reservations
 fi
 
 TMP=$(mktemp -d)
@@ -109,6 +117,15 @@ last_epoch meterml_finetune.py
 stage meterml_pretrain.py "$CAP_PRETRAIN" "--use_pairs ${PRETRAIN[*]}" \
   "$PYTHON" meterml_pretrain.py --data_root "$TMP/meter-ml" --use_pairs "${PRETRAIN[@]}" --save_path "$TMP/runs/pretrain"
 last_epoch meterml_pretrain.py
+
+stage sen12ms_pretrain.py "$CAP_SEN12MS" "${SEN12MS[*]}" bash -c \
+  "'$PYTHON' synthetic_data.py sen12ms '$TMP/sen12ms' ${SEN12MS_DATA[*]} --seed 0 && '$PYTHON' sen12ms_pretrain.py --data_root '$TMP/sen12ms' ${SEN12MS[*]} --save_path '$TMP/runs/sen12ms'"
+last_epoch sen12ms_pretrain.py
+
+# The packed DFC2020 copy feeding the default step through the DataLoader (figures printed live).
+stage packed_loader "$CAP_PACKED" "datasets.py pack dfc2020, then bench_train.py --parts loader --configs default ${PACKED[*]}" bash -c \
+  "'$PYTHON' datasets.py pack dfc2020 '$TMP/dfc2020' '$TMP/dfc2020-packed' && '$PYTHON' bench/bench_train.py --data_root '$TMP/dfc2020-packed' --parts loader --configs default ${PACKED[*]}"
+grep -E "^loader " "$TMP/logs/packed_loader.log" | sed "s/^/gpu_check: packed data: /" || true
 
 # The benchmark prints its figures as it takes them: shown live, kept when it is stopped.
 left=$(( BUDGET - ($(date +%s) - start) ))

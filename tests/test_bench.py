@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "bench_train.py")
+SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "sen12ms_pretrain.py", "packed_loader", "bench_train.py")
 # What bench_train.py measures on CPU (compile is GPU-only by default; fast evaluates as default).
 FIGURES = [("step", c) for c in ("original", "default", "fast")] + [("eval", "original"), ("eval", "default")] \
     + [("loader", c) for c in ("original", "default", "fast")]
@@ -33,3 +33,5 @@ def test_gpu_check_tiny():
         assert batch == (8 if part == "eval" else 4) and size == 32, (part, config)
         assert rate > 0 and peak > 0 and warmup >= 0, (part, config, rate, peak, warmup)
     assert "| measurement | configuration |" in done.stdout, output
+    packed = [line for line in lines if line.startswith("gpu_check: packed data: loader default batch=4 32px")]
+    assert len(packed) == 1 and float(packed[0].split(" samples/s")[0].split()[-1]) > 0, output
