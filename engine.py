@@ -471,12 +471,15 @@ def evaluate(model: nn.Module, loader: DataLoader, views: Views, ctx: Context, c
     """`classification_metrics` of `model` on `loader`, predictions gathered from every rank."""
     model.eval()
     indices, truths, preds = [], [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not ctx.progress):
+    bar = tqdm(total=len(loader.sampler), desc="eval", unit="sample", leave=False, disable=not ctx.progress)
+    for batch in loader:
+        bar.update(len(batch["index"]))
         with ctx.autocast():
             out = model(views.originals(batch))
         preds.append(predict(out["logits"]).cpu())
         truths.append(torch.as_tensor(batch["label"]).cpu())
         indices.append(batch["index"])
+    bar.close()
     index, truth, pred = (torch.cat(t).long() for t in (indices, truths, preds))
     if ctx.world > 1:  # the sampler gives every rank as many samples: equal lengths
         index, truth, pred = (_gather_rows(t, ctx) for t in (index, truth, pred))
@@ -753,8 +756,9 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             set_frozen_bn_eval(model)
         sums: dict[str, Tensor] = {}
         began = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=not ctx.progress, unit="batch")
-        for step, batch in enumerate(bar):
+        bar = tqdm(total=len(loader) * loader.batch_size, desc=f"epoch {epoch + 1}/{args.epochs}", unit="sample",
+                   leave=False, disable=not ctx.progress)  # samples of this process
+        for step, batch in enumerate(loader):
             terms = task.step(batch, epoch, step)
             loss = terms["loss"]
             if not torch.isfinite(loss):
@@ -772,8 +776,8 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             if board is not None:
                 for k, v in terms.items():
                     board.add_scalar(f"step/{k}", v.item(), epoch * len(loader) + step)
-            if ctx.progress:
-                bar.set_postfix(samples_per_s=f"{(step + 1) * loader.batch_size * ctx.world / (time.perf_counter() - began):.0f}")
+            bar.update(loader.batch_size)
+        bar.close()
         seconds = time.perf_counter() - began
         timings.append(seconds)
         ce_samples = sums.pop("ce_samples", None)
@@ -806,6 +810,7 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
         board.close()
     results = {"dataset": task.dataset, "name": getattr(args, "name", None), "config": vars_json(args),
                "last": last_eval, "best_selected_on_eval_split": best, "environment": environment(ctx),
+               "started": datetime.datetime.fromtimestamp(run.started).astimezone().isoformat(timespec="seconds"),
                "finished": _now(), "wall_s": time.time() - run.started,
                "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, chosen on the "
                        "evaluation split itself (as the original reported its best evaluation): optimistic"}
