@@ -17,17 +17,9 @@ import torch
 import augment
 import datasets
 import synthetic_data
+from test_datasets import _write_tif
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_tif(path: Path, array: np.ndarray) -> None:
-    bands, height, width = array.shape
-    with rasterio.open(
-        path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=array.dtype,
-        crs="EPSG:32632", transform=rasterio.Affine(10.0, 0.0, 5e5, 0.0, -10.0, 5e6),
-    ) as dst:
-        dst.write(array)
 
 
 def _equal(a: Any, b: Any) -> bool:
