@@ -57,8 +57,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.use_sup_con and not args.finetune:
         p.error("--use_sup_con without --finetune: only the classifier trains, and SupCon does not reach it "
                 "(it acts on the projections), so it would change nothing. Add --finetune, or drop --use_sup_con.")
-    if args.data_ratio < 1:
-        p.error("--data_ratio: the DFC2020 training split is used whole, as the original (986 patches)")
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
@@ -81,14 +79,15 @@ def main(argv=None) -> dict:
         freeze_all_but(net, net.fc)
     run = engine.RunDir(args.save_path or engine.default_run_path("dfc_finetune"), args, ctx)
 
+    subset = engine.subset_indices(len(train_set), args.data_ratio, args.subset_seed) if args.data_ratio < 1 else None
     weights = None
     if args.balanced_class:
-        labels = train_set.patch_labels()
+        labels = train_set.patch_labels()[subset] if subset is not None else train_set.patch_labels()
         weights = 1.0 / torch.bincount(labels)[labels].float()
-    loader = engine.make_loader(train_set, args.batch_size, ctx, args, train=True, weights=weights)
+    loader = engine.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=subset, weights=weights)
     eval_loader = engine.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
     log.info("%s: %d training patches, %d evaluation patches; %d trainable parameters",
-             args.name, len(train_set), len(eval_set), count_trainable(net))
+             args.name, len(loader.dataset), len(eval_set), count_trainable(net))
 
     views = engine.Views(["s1", "s2"], dfc_augment(args.degrees) if args.use_sup_con else None, ctx, args.seed,
                          renormalize=seed_normalize)
