@@ -6,11 +6,25 @@ On a batch every sample draws its own parameters, and the batch is processed in 
 call. Parameters are drawn on the generator's device (the CPU when no generator is given) and
 then moved to the data, so a seeded CPU generator gives the same augmentation on CPU and GPU.
 
-The functional ops (``hflip``, ``vflip``, ``rot90``, ``rotate``, ``resized_crop``) take a batch
-and explicit per-sample parameters; the ``Random*`` modules draw the parameters and call them.
-``RandomFlipRotation`` folds flips and rotation into one resampling.
-Recipes of the method: ``meterml_augment`` and ``dfc_augment``; ``TwoViews`` returns the
-(augmented, original) pair that SupCon consumes.
+The functional ops (``hflip``, ``vflip``, ``rot90``, ``rotate``, ``rotate_nearest``,
+``resized_crop``, ``resized_crop_antialias``) take a batch and explicit per-sample parameters; the
+``Random*`` modules draw the parameters and call them.
+
+Two implementations of the method's recipes (``meterml_augment``, ``dfc_augment``), chosen by
+``impl``:
+
+- ``"torchvision"`` (the default, the original's pixels): for the same drawn parameters, exactly
+  what the original's torchvision transforms give per sample (``tests/test_augment.py`` compares
+  with ``torchvision.transforms.v2.functional``). DFC2020: horizontal flip, rotation with
+  nearest-neighbour resampling and zero fill, vertical flip (``rotate_nearest``: one batched
+  ``grid_sample`` with per-sample angles on torchvision's sampling grid). METER-ML: flips, then the
+  random resized crop resized bilinearly with antialiasing (``resized_crop_antialias``: one
+  ``interpolate`` call per distinct box size).
+- ``"fused"``: one bilinear resampling per batch. DFC2020: flips folded into a bilinear rotation
+  (``RandomFlipRotation``); METER-ML: ``roi_align`` crops. The same parameter distributions, not
+  the same pixels: smoother views (bilinear instead of nearest-neighbour rotation).
+
+``TwoViews`` returns the (augmented, original) pair that SupCon consumes.
 """
 import math
 
@@ -124,6 +138,56 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tenso
     index = torch.arange(len(boxes), device=x.device, dtype=x.dtype)
     rois = torch.stack([index, left, top, left + width, top + height], dim=1)
     return roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def rotate_nearest(x: Tensor, angles: Tensor) -> Tensor:
+    """Rotate sample i of ``x`` (B, C, H, W) by ``angles[i]`` degrees counter-clockwise, as
+    ``torchvision.transforms.v2.functional.rotate`` with nearest-neighbour resampling, zero fill,
+    no expansion, about the centre (what the original's ``RandomRotation`` gives).
+
+    One ``grid_sample`` for the batch, on torchvision's sampling grid: the inverse rotation matrix
+    computed in double precision from each angle as torchvision computes it, then cast to the
+    image dtype, applied to the same pixel-centre grid (``_affine_grid``). On CPU the output
+    equals torchvision's per-sample result bit for bit (``tests/test_augment.py``).
+    """
+    _check_float(x, "rotate_nearest")
+    batch, _, height, width = x.shape
+    matrices = []
+    for angle in angles.tolist():
+        # torchvision rotates by -angle through its inverse affine matrix (no shear, scale 1, centre 0).
+        radians = math.radians(-angle)
+        matrices.append([math.cos(radians), math.sin(radians), 0.0, -math.sin(radians), math.cos(radians), 0.0])
+    theta = torch.tensor(matrices, dtype=x.dtype, device=x.device).view(batch, 2, 3)
+    base = torch.empty(1, height, width, 3, dtype=x.dtype, device=x.device)
+    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device))
+    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device)[:, None])
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], dtype=x.dtype, device=x.device)
+    grid = base.view(1, height * width, 3).expand(batch, -1, -1).bmm(scaled).view(batch, height, width, 2)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def resized_crop_antialias(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Crop box i of sample i of ``x`` (B, C, H, W) and resize it to ``size`` as torchvision's
+    ``resized_crop`` (bilinear, antialiased, ``align_corners=False``): (B, C, *size).
+
+    ``boxes`` (B, 4) holds integer (top, left, height, width). Samples whose boxes share a size
+    are resized in one ``interpolate`` call; a box of the output size is copied unresized, as
+    torchvision does.
+    """
+    _check_float(x, "resized_crop_antialias")
+    output_size = (size, size) if isinstance(size, int) else tuple(size)
+    out = x.new_empty(x.shape[0], x.shape[1], *output_size)
+    boxes = boxes.long().tolist()
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, (_, _, height, width) in enumerate(boxes):
+        by_size.setdefault((height, width), []).append(i)
+    for (height, width), samples in by_size.items():
+        crops = torch.stack([x[i, :, boxes[i][0]: boxes[i][0] + height, boxes[i][1]: boxes[i][1] + width] for i in samples])
+        if (height, width) != output_size:
+            crops = F.interpolate(crops, size=output_size, mode="bilinear", align_corners=False, antialias=True)
+        out[samples] = crops
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,11 +342,73 @@ class TwoViews(nn.Module):
         return self.aug(x, generator=generator), x
 
 
-def meterml_augment(size: int = 72) -> Augment:
-    """METER-ML recipe: random resized crop to ``size`` (scale 0.9-1.0), horizontal and vertical flips."""
+class DFCAugment(nn.Module):
+    """The original's DFC2020 SupCon view: ``RandomHorizontalFlip``, ``RandomRotation(degrees)``
+    (nearest-neighbour, zero fill), ``RandomVerticalFlip``, each flip with probability ``p``,
+    per sample and batched (``rotate_nearest``)."""
+
+    def __init__(self, degrees: float = 20.0, p: float = 0.5) -> None:
+        super().__init__()
+        self.degrees = degrees
+        self.p = p
+
+    def get_params(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Horizontal flip masks (n,) bool, angles in degrees (n,), vertical flip masks (n,) bool."""
+        flips = _uniform((2, n), 0.0, 1.0, generator) < self.p
+        return flips[0], _uniform((n,), -self.degrees, self.degrees, generator), flips[1]
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        flip_h, angles, flip_v = self.get_params(len(batch), generator)
+        return _like_input(vflip(rotate_nearest(hflip(batch, flip_h), angles), flip_v), x)
+
+
+class MeterMLAugment(nn.Module):
+    """The original's METER-ML view (``RandomAugmentations``): ``Resize(size)``,
+    ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomResizedCrop(size, scale)``, per
+    sample and batched; the resizes bilinear with antialiasing (``resized_crop_antialias``)."""
+
+    def __init__(self, size: int = 72, scale: tuple[float, float] = (0.9, 1.0), p: float = 0.5) -> None:
+        super().__init__()
+        self.size = size
+        self.p = p
+        self.crop = RandomResizedCrop(size, scale=scale)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        batch = _as_batch(x)
+        if tuple(batch.shape[-2:]) != (self.size, self.size):
+            batch = TF.resize(batch, [self.size, self.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        flips = _uniform((2, len(batch)), 0.0, 1.0, generator) < self.p
+        batch = vflip(hflip(batch, flips[0]), flips[1])
+        boxes = self.crop.get_params(len(batch), batch.shape[-2], batch.shape[-1], generator)
+        return _like_input(resized_crop_antialias(batch, boxes, self.size), x)
+
+
+AUGMENT_IMPLS = ("torchvision", "fused")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in AUGMENT_IMPLS:
+        raise ValueError(f"impl must be one of {AUGMENT_IMPLS}, got {impl!r}")
+
+
+def meterml_augment(size: int = 72, impl: str = "torchvision") -> nn.Module:
+    """METER-ML recipe: flips and a random resized crop to ``size`` (scale 0.9-1.0).
+
+    ``impl="torchvision"``: the original's pixels (``MeterMLAugment``); ``"fused"``: ``roi_align``
+    crops, then flips (the same distributions, bilinear without antialiasing).
+    """
+    _check_impl(impl)
+    if impl == "torchvision":
+        return MeterMLAugment(size)
     return Augment(RandomResizedCrop(size, scale=(0.9, 1.0)), RandomHorizontalFlip(), RandomVerticalFlip())
 
 
-def dfc_augment(degrees: float = 20.0) -> Augment:
-    """DFC2020 recipe: horizontal and vertical flips, rotation up to ``degrees`` (bilinear, zero fill)."""
-    return Augment(RandomFlipRotation(degrees))
+def dfc_augment(degrees: float = 20.0, impl: str = "torchvision") -> nn.Module:
+    """DFC2020 recipe: horizontal and vertical flips, rotation up to ``degrees``.
+
+    ``impl="torchvision"``: the original's pixels (``DFCAugment``: nearest-neighbour rotation,
+    zero fill); ``"fused"``: flips folded into one bilinear rotation (``RandomFlipRotation``).
+    """
+    _check_impl(impl)
+    return DFCAugment(degrees) if impl == "torchvision" else Augment(RandomFlipRotation(degrees))

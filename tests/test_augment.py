@@ -221,3 +221,86 @@ def test_gpu_gives_the_cpu_result_for_the_same_generator():
         expected = aug(x, generator=_gen(0))
         out = aug(x.cuda(), generator=_gen(0))
         torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- the original's pixels
+# The default recipes give, for the same drawn parameters, the pixels of the original's torchvision
+# transforms applied per sample. Tolerance: none on CPU (bit-identical). Both sides run the same
+# float32 arithmetic: the rotation matrix in double precision cast to float32, torchvision's
+# sampling grid, grid_sample / interpolate with the same arguments.
+
+@pytest.mark.parametrize("shape", [(6, 13, 224, 224), (6, 2, 64, 64), (5, 4, 40, 56)])
+def test_rotate_nearest_equals_torchvision_per_sample(shape):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(*shape, generator=g)
+    angles = torch.tensor([20.0, -20.0, 0.0, 7.3, -13.9, 1e-4][: shape[0]])
+    out = augment.rotate_nearest(x, angles)
+    for i in range(shape[0]):
+        expected = TF.rotate(x[i], float(angles[i]), interpolation=TF.InterpolationMode.NEAREST, fill=0)
+        assert torch.equal(out[i], expected), f"sample {i}, angle {float(angles[i])}"
+
+
+def test_rotate_nearest_keeps_values_and_zero_fills_the_corners():
+    x = torch.arange(1, 1 + 2 * 32 * 32, dtype=torch.float32).view(1, 2, 32, 32)
+    out = augment.rotate_nearest(x, torch.tensor([20.0]))
+    assert set(out.unique().tolist()) <= set(x.unique().tolist()) | {0.0}  # nearest: no new values
+    assert out[0, :, 0, 0].eq(0).all() and out[0, :, -1, -1].eq(0).all()  # corners rotate out: zero fill
+    assert torch.equal(augment.rotate_nearest(x, torch.tensor([0.0])), x)
+
+
+@pytest.mark.parametrize("size", [72, 40])
+def test_dfc_augment_equals_the_original_torchvision_recipe(size):
+    aug = augment.dfc_augment()
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(8, 13, size, size, generator=g)
+    out = aug(x, generator=torch.Generator().manual_seed(5))
+    flip_h, angles, flip_v = aug.get_params(8, torch.Generator().manual_seed(5))
+    assert flip_h.any() and (~flip_h).any() and flip_v.any() and (~flip_v).any()
+    for i in range(8):
+        # the original: RandomHorizontalFlip, RandomRotation(20) (nearest, fill 0), RandomVerticalFlip
+        y = TF.horizontal_flip(x[i]) if flip_h[i] else x[i]
+        y = TF.rotate(y, float(angles[i]), interpolation=TF.InterpolationMode.NEAREST, fill=0)
+        y = TF.vertical_flip(y) if flip_v[i] else y
+        assert torch.equal(out[i], y), f"sample {i}"
+
+
+def test_resized_crop_antialias_equals_torchvision_at_the_edges():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(6, 4, 72, 72, generator=g)
+    # (top, left, height, width): the whole image, corners, the smallest and largest boxes of
+    # scale 0.9-1.0, a downscaling box (antialiasing matters) and two of one size (one call)
+    boxes = torch.tensor([[0, 0, 72, 72], [0, 4, 68, 68], [4, 0, 68, 68], [1, 2, 64, 71], [0, 0, 60, 72], [3, 1, 68, 68]])
+    out = augment.resized_crop_antialias(x, boxes.float(), 72)
+    for i, (t, l, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(x[i], t, l, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        assert torch.equal(out[i], expected), f"box {i}"
+    big = torch.rand(2, 2, 96, 96, generator=g)  # boxes larger than the output: the antialiased downscale
+    down = augment.resized_crop_antialias(big, torch.tensor([[0.0, 0, 96, 96], [10, 5, 80, 90]]), 72)
+    assert torch.equal(down[1], TF.resized_crop(big[1], 10, 5, 80, 90, [72, 72], antialias=True))
+
+
+def test_meterml_augment_equals_the_original_torchvision_recipe():
+    aug = augment.meterml_augment()
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(16, 4, 72, 72, generator=g)
+    out = aug(x, generator=torch.Generator().manual_seed(7))
+    draws = torch.Generator().manual_seed(7)
+    flips = augment._uniform((2, 16), 0.0, 1.0, draws) < 0.5
+    boxes = aug.crop.get_params(16, 72, 72, draws)
+    for i in range(16):
+        # the original: Resize(72) (identity at 72 px), flips, RandomResizedCrop(72, scale=(0.9, 1))
+        y = TF.horizontal_flip(x[i]) if flips[0, i] else x[i]
+        y = TF.vertical_flip(y) if flips[1, i] else y
+        t, l, h, w = (int(v) for v in boxes[i])
+        expected = TF.resized_crop(y, t, l, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        assert torch.equal(out[i], expected), f"sample {i}, box {(t, l, h, w)}"
+
+
+def test_fused_recipes_stay_one_flag_away_and_differ_in_pixels():
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(4, 2, 64, 64, generator=g)
+    fused = augment.dfc_augment(impl="fused")(x, generator=torch.Generator().manual_seed(1))
+    original = augment.dfc_augment()(x, generator=torch.Generator().manual_seed(1))
+    assert fused.shape == original.shape and not torch.equal(fused, original)
+    with pytest.raises(ValueError, match="impl"):
+        augment.meterml_augment(impl="bilinear")
