@@ -269,7 +269,7 @@ def test_resized_crop_antialias_equals_torchvision_at_the_edges():
     x = torch.rand(6, 4, 72, 72, generator=g)
     # (top, left, height, width): the whole image, corners, the smallest and largest boxes of
     # scale 0.9-1.0, a downscaling box (antialiasing matters) and two of one size (one call)
-    boxes = torch.tensor([[0, 0, 72, 72], [0, 4, 68, 68], [4, 0, 68, 68], [1, 2, 64, 71], [0, 0, 60, 72], [3, 1, 68, 68]])
+    boxes = torch.tensor([[0, 0, 72, 72], [0, 4, 68, 68], [4, 0, 68, 68], [1, 1, 64, 71], [0, 0, 60, 72], [3, 1, 68, 68]])
     out = augment.resized_crop_antialias(x, boxes.float(), 72)
     for i, (t, l, h, w) in enumerate(boxes.tolist()):
         expected = TF.resized_crop(x[i], t, l, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
