@@ -432,12 +432,13 @@ class MeterMLDataset(_PairedDataset):
     ``normalize="none"``: raw values. An all-zero ``sentinel-1.npy`` or ``sentinel-2-10m.npy`` is
     kept and counted in ``all_zero_patches``.
 
-    Metadata faults: an image folder listed more than once keeps its first entry; the extra
-    entries are counted in ``skipped`` and the folder ids listed in ``problems`` (reason -> ids)
-    under ``"repeated Image_Folder"`` (same ``Type``) or ``"conflicting Type"`` (the first
-    ``Type`` is kept); ``problems["image folder missing"]`` lists the ids whose folder is absent.
-    All of it is in the one summary log line. ``ids``: the folder ids of the samples;
-    ``split_overlap`` compares two splits.
+    Metadata faults: an image folder listed more than once is kept once per entry, as the
+    original keeps every feature (``repeated="first"`` keeps its first entry and counts the others
+    in ``skipped``); either way the folder ids are listed in ``problems`` (reason -> ids) under
+    ``"repeated Image_Folder"`` (same ``Type``) or ``"conflicting Type"`` (with "keep", each entry
+    keeps its own ``Type``; with "first", the first); ``problems["image folder missing"]`` lists
+    the ids whose folder is absent. All of it is in the one summary log line. ``ids``: the folder
+    ids of the samples; ``split_overlap`` compares two splits.
 
     Args:
         root: dataset root (the folder holding the GeoJSON files and the image folders), or a folder written by ``pack`` (same items; see ``pack``).
@@ -447,6 +448,8 @@ class MeterMLDataset(_PairedDataset):
             in ``skipped``.
         strict: raise when a feature's image folder is missing, instead of skipping it.
         seed: seed of the per-item generator passed to ``transform``.
+        repeated: ``"keep"`` every entry of a folder listed several times (the original), or
+            ``"first"`` only its first entry.
     """
 
     classes = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -473,10 +476,12 @@ class MeterMLDataset(_PairedDataset):
         transform: Transform | None = None,
         seed: int = 0,
         strict: bool = False,
+        repeated: Literal["keep", "first"] = "keep",
     ) -> None:
         super().__init__(transform, seed)
         for name, value, allowed in [
             ("split", split, ("train", "val", "test")),
+            ("repeated", repeated, ("keep", "first")),
             ("label_scheme", label_scheme, ("seed", "multilabel")),
             ("normalize", normalize, ("seed", "none")),
             ("s2_bands", s2_bands, ("10m", "all")),
@@ -503,8 +508,9 @@ class MeterMLDataset(_PairedDataset):
         labels, multilabels = self._encode_types(types)
         first, extra, conflicting = _first_entries(folders, types)
         duplicated = {k: n for k, n in extra.items() if k not in conflicting}
-        folders = [folders[i] for i in first]
-        labels, multilabels = labels[first], multilabels[first]
+        if repeated == "first":
+            folders = [folders[i] for i in first]
+            labels, multilabels = labels[first], multilabels[first]
         packed_splits: dict[str, _PackedSplit] = {}
         location: dict[str, tuple[str, int]] = {}
         if index is not None:
@@ -530,17 +536,21 @@ class MeterMLDataset(_PairedDataset):
         self.skipped: dict[str, int] = {}
         self.problems: dict[str, list[str]] = {}
         details = []
+        kept_how = "every entry kept, as the original" if repeated == "keep" else "first entry kept"
         if duplicated:
-            self.skipped["repeated Image_Folder entry (same Type)"] = sum(duplicated.values())
+            if repeated == "first":
+                self.skipped["repeated Image_Folder entry (same Type)"] = sum(duplicated.values())
             self.problems["repeated Image_Folder"] = list(duplicated)
-            details.append(f"repeated Image_Folder ({len(duplicated)} folders), e.g. {list(duplicated)[:5]}")
+            details.append(f"repeated Image_Folder ({len(duplicated)} folders, {sum(duplicated.values())} extra "
+                           f"entries; {kept_how}), e.g. {list(duplicated)[:5]}")
         if conflicting:
-            self.skipped["Image_Folder listed again with another Type (first kept)"] = sum(
-                extra[k] for k in conflicting
-            )
+            if repeated == "first":
+                self.skipped["Image_Folder listed again with another Type (first kept)"] = sum(
+                    extra[k] for k in conflicting
+                )
             self.problems["conflicting Type"] = list(conflicting)
             examples = "; ".join(f"{name}: {' vs '.join(found)}" for name, found in list(conflicting.items())[:5])
-            details.append(f"Image_Folder with conflicting Types ({len(conflicting)} folders), e.g. {examples}")
+            details.append(f"Image_Folder with conflicting Types ({len(conflicting)} folders; {kept_how}), e.g. {examples}")
         if missing:
             self.skipped["image folder missing"] = len(missing)
             self.problems["image folder missing"] = [_folder_id(folder) for folder in missing]
@@ -571,10 +581,12 @@ class MeterMLDataset(_PairedDataset):
             raise ValueError(f"{self.metadata}: no sample left of {total} features (skipped: {self.skipped})")
         detail = "".join(f"; {text}" for text in details)
         _log_summary(f"MeterMLDataset({self.split})", len(self._folders), total, self.skipped, detail)
+        if details and not any(self.skipped.values()):
+            logger.warning("MeterMLDataset(%s): %d samples%s", self.split, len(self._folders), detail)
 
     @property
     def ids(self) -> list[str]:
-        """The image folder name of every sample, in item order (each id once)."""
+        """The image folder name of every sample, in item order (a repeated entry repeats its id)."""
         return [folder.name for folder in self._folders]
 
     def _find_metadata(self, split: str, geojson: str | Path | None) -> Path:
@@ -695,7 +707,35 @@ def split_overlap(a: MeterMLDataset, b: MeterMLDataset) -> list[str]:
     """The image set ids (folder names) that are samples of both ``a`` and ``b``, in ``a``'s order:
     empty for disjoint splits."""
     in_b = set(b.ids)
-    return [sample_id for sample_id in a.ids if sample_id in in_b]
+    return [sample_id for sample_id in dict.fromkeys(a.ids) if sample_id in in_b]
+
+
+def balanced_indices(labels: Tensor, ignore: int = IGNORE) -> Tensor:
+    """The item indices of one epoch of ``--balanced_class``: each item repeated by its class's
+    number of copies, in item order (the sampler shuffles them every epoch).
+
+    copies of class c = max(1, round(N / (2.9 * n_c))), rounding halves up, with N the labelled
+    items and n_c those of class c: every class fills about N / 2.9 rows. On the DFC2020
+    validation split (N = 986) that is round(340 / n_c), the original's list
+    (``splits/validation_observations_balanced_classes.csv``): Forest 4, Shrubland 9, Grassland 3,
+    Wetlands 2, Croplands 2, Urban/Built-up 5, Barren 15, Water 1 copies, 2,618 rows.
+    Items labelled ``ignore`` appear once.
+
+    Args:
+        labels: (N,) int class ids.
+    Returns:
+        (M,) int64 indices into ``labels``.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")
+    labelled = labels != ignore
+    total = int(labelled.sum())
+    counts = torch.bincount(labels[labelled], minlength=1)
+    # round(10 N / (29 n_c)) with halves up, in integers: (20 N + 29 n_c) // (58 n_c)
+    copies = ((20 * total + 29 * counts) // (58 * counts.clamp(min=1))).clamp(min=1)
+    per_item = torch.where(labelled, copies[labels.clamp(0, len(copies) - 1)], torch.ones_like(labels))
+    return torch.repeat_interleave(torch.arange(len(labels)), per_item)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -925,8 +965,10 @@ class _PatchDataset(_PairedDataset):
             raise DataFileError(f"{path}: patch of {height} x {width} px is smaller than crop={self.crop}")
         if self.train or self.offset_seed is not None:
             draws = generator if self.train else keyed_generator(self.offset_seed, *self._offset_keys[index])
-            top = int(torch.randint(height - self.crop + 1, (1,), generator=draws))
-            left = int(torch.randint(width - self.crop + 1, (1,), generator=draws))
+            # The original's np.random.randint(0, 256 - crop): offsets 0 .. size - crop - 1, never
+            # the last one (0 when the crop is the whole patch).
+            top = int(torch.randint(max(1, height - self.crop), (1,), generator=draws))
+            left = int(torch.randint(max(1, width - self.crop), (1,), generator=draws))
         else:
             top, left = (height - self.crop) // 2, (width - self.crop) // 2
         return Window(left, top, self.crop, self.crop)

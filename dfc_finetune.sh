@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# The DFC2020 fine-tuning experiments of the original work (Table II): dual ResNet-50
-# pre-trained on SEN12MS, fine-tuned on the validation split (986 patches, random 224 px crops),
-# evaluated on a 224 px window of each test patch (5,128); Adam lr 1e-5, classifier 3e-6,
-# weight decay 1e-3, batch 32, 201 epochs, evaluation when the 0-based epoch is a multiple of 10
-# or above 150 (and after the last); CE vs SupCon+CE, one run each per seed.
+# The DFC2020 fine-tuning experiments of the original work (Table II): dual ResNet-50 pre-trained
+# on SEN12MS, trained on the validation split (986 patches, random 224 px crops), evaluated on a
+# 224 px window of each test patch (5,128); Adam lr 1e-5, weight decay 1e-3, batch 32, 201 epochs,
+# evaluation when the 0-based epoch is a multiple of 10 or above 150 (and after the last).
 #
-#   DATA=/data/dfc2020 WEIGHTS=DualResnet50.pth bash dfc_finetune.sh
+# In this order, one run each per seed:
+#   1. the original's recorded invocation (its dfc_finetune.sh: --use_sup_con --delta_sup 1.0
+#      --delta_lin 1.0 --epochs 201 --batch_size 32, no --finetune), and its CE baseline: the
+#      backbones frozen (in training mode, as the original), only the classifier trains, at 1e-5.
+#      Rows "frozen CE" and "frozen SupCon+CE" of the summary.
+#   2. the fine-tuned variant (--finetune: everything trains, the classifier at 3e-6), which the
+#      released FineTunedDualResnet50 points to. Rows "fine-tuned CE" and "fine-tuned SupCon+CE".
+#
+#   DATA=/data/dfc2020 WEIGHTS=checkpoints/DualResnet50.pth bash dfc_finetune.sh
 #
 # WEIGHTS: the released 'DualResnet50' checkpoint of the original work (linked from
-# github.com/bakiuzun/SupCon_SSL; put it in checkpoints/), a checkpoint of sen12ms_pretrain.py,
-# or "random" for a randomly initialised network.
+# github.com/bakiuzun/SupCon_SSL), a checkpoint of sen12ms_pretrain.py (the original's
+# downstream runs read the one after epoch 100: RUN/checkpoint-epoch100.pth), or "random".
 #
 # Environment (defaults in brackets):
 #   DATA      folder holding ROIs0000_validation and ROIs0000_test, or a packed copy [data/dfc2020]
@@ -17,9 +24,12 @@
 #   DEVICE    cuda, cuda:1, cpu [cuda if available]
 #   SEEDS     space-separated seeds [0 1 2 3 4]
 #   OUT       parent folder of the run folders [runs/dfc2020]
+#   VARIANTS  1: also the fine-tuned runs (step 2); 0: only the recorded invocation [1]
+#   FAST      1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
+#             numerics or step (README, "Differences") [0: float32 and the original's step]
 #   EXTRA     further flags for every run, e.g. "--balanced_class" or "--epochs 20" []
 #   PYTHON    interpreter [.venv/bin/python if it exists, else python]
-# Afterwards: python summarize.py $OUT
+# Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data/dfc2020}
@@ -31,13 +41,24 @@ device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 weights=()
 [ "$WEIGHTS" != random ] && weights=(--model_path "$WEIGHTS")
-common=(--data_root "$DATA" "${weights[@]}" --arch resnet50 --finetune --crop 224 --eval_crop 224
-        --epochs 201 --batch_size 32 --lr 1e-5 --classifier_lr 3e-6 --weight_decay 1e-3)
+fast=()
+[ "${FAST:-0}" = 1 ] && fast=(--amp --ce_from joint)
+# The original's command line; every other flag keeps its default, the original's setting.
+recorded=(--data_root "$DATA" "${weights[@]}" --epochs 201 --batch_size 32)
+supcon=(--use_sup_con --delta_sup 1.0 --delta_lin 1.0)
 
 for seed in $SEEDS; do
-  $PYTHON dfc_finetune.py "${common[@]}" --seed "$seed" "${device[@]}" \
-    --save_path "$OUT/ce-seed$seed" ${EXTRA:-}
-  $PYTHON dfc_finetune.py "${common[@]}" --use_sup_con --delta_sup 1.0 --delta_lin 1.0 --seed "$seed" "${device[@]}" \
-    --save_path "$OUT/supcon-ce-seed$seed" ${EXTRA:-}
+  $PYTHON dfc_finetune.py "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+    --save_path "$OUT/frozen-ce-seed$seed" ${EXTRA:-}
+  $PYTHON dfc_finetune.py "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+    --save_path "$OUT/frozen-supcon-ce-seed$seed" ${EXTRA:-}
 done
+if [ "${VARIANTS:-1}" = 1 ]; then
+  for seed in $SEEDS; do
+    $PYTHON dfc_finetune.py "${recorded[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" "${fast[@]}" \
+      --save_path "$OUT/finetuned-ce-seed$seed" ${EXTRA:-}
+    $PYTHON dfc_finetune.py "${recorded[@]}" "${supcon[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" \
+      "${fast[@]}" --save_path "$OUT/finetuned-supcon-ce-seed$seed" ${EXTRA:-}
+  done
+fi
 $PYTHON summarize.py "$OUT"

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from augment import key_seed, keyed_generator
+from augment import AUGMENT_IMPLS, key_seed, keyed_generator
 from losses import IGNORE
 from models import atomic_save, set_frozen_bn_eval
 
@@ -100,10 +100,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size:
     g = parser.add_argument_group("hardware")
     g.add_argument("--device", default=None,
                    help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the networks, losses stay float32 (default: on with CUDA)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast for the networks, losses stay float32 (default off: float32, as the original)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format for the conv nets (default: on with CUDA)")
+                   help="channels-last memory format for the conv nets (default: on with CUDA; a memory layout, "
+                        "the numerics stay float32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     g.add_argument("--workers", type=non_negative_int, default=None,
                    help="DataLoader workers per process (default: CPU count / processes, at most 8, with CUDA; 1 on CPU)")
@@ -125,8 +126,8 @@ def add_supervised_args(parser: argparse.ArgumentParser, *, head_lr: float | Non
                         "joint: CE reads the original half of the joint (augmented, original) pass, a third less compute")
     g.add_argument("--head_lr", "--classifier_lr", dest="head_lr", type=non_negative, default=head_lr,
                    help="learning rate of the classifier head(s) (default: " + ("--lr" if head_lr is None else str(head_lr)) + ")")
-    g.add_argument("--data_ratio", type=fraction, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
-    g.add_argument("--subset_seed", type=seed_int, default=0, help="seed of the --data_ratio subset, fixed across --seed (default 0)")
+    add_subset_args(g)
+    add_augment_impl_arg(g)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval_batch_size", type=positive_int, default=None, help="evaluation batch size (default 2 x --batch_size)")
     g.add_argument("--eval_every", type=non_negative_int, default=10,
@@ -134,6 +135,22 @@ def add_supervised_args(parser: argparse.ArgumentParser, *, head_lr: float | Non
     g.add_argument("--eval_dense_after", type=int, default=eval_dense_after,
                    help=f"and after every 0-based epoch above this one (default {eval_dense_after}, the original's)")
     g.add_argument("--name", default=None, help="configuration label for summaries (default: derived from the flags)")
+
+
+def add_subset_args(group: argparse._ArgumentGroup) -> None:
+    """--data_ratio, --subset, --subset_seed: which part of the training set a run reads."""
+    group.add_argument("--data_ratio", type=fraction, default=1.0,
+                       help="fraction of the training set: its first int(ratio * N) items, as the original (default 1.0)")
+    group.add_argument("--subset", choices=["first", "random"], default="first",
+                       help="first: the data set's first items, as the original (default); random: a fixed random "
+                            "subset drawn from --subset_seed")
+    group.add_argument("--subset_seed", type=seed_int, default=0, help="seed of --subset random, fixed across --seed (default 0)")
+
+
+def add_augment_impl_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--augment_impl", choices=AUGMENT_IMPLS, default="torchvision",
+                       help="torchvision: the original's augmented pixels (nearest-neighbour rotation, antialiased "
+                            "resized crop; default); fused: one bilinear resampling per batch, smoother views")
 
 
 def resolve_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -209,7 +226,8 @@ def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_availabl
       refuses an index-less device). An explicit index is kept in a single process and refused
       under torchrun with several processes (each process takes cuda:LOCAL_RANK).
     - Backend: NCCL on CUDA, gloo on CPU, none for one process.
-    - amp and channels_last: on with CUDA unless a flag says otherwise.
+    - amp: off unless asked (float32, as the original); channels_last: on with CUDA unless a flag
+      says otherwise (a memory layout: the same float32 arithmetic).
     - workers: `--workers`, or CPU count / processes per node (at most 8) with CUDA, 1 on CPU;
       pinned memory only with CUDA.
     """
@@ -244,7 +262,7 @@ def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_availabl
     progress = stderr_is_terminal if args.progress is None else args.progress
     return Context(device=device, rank=rank, world=world, local_rank=local_rank,
                    backend=("nccl" if cuda else "gloo") if world > 1 else None,
-                   amp=cuda if args.amp is None else args.amp,
+                   amp=bool(args.amp),
                    channels_last=cuda if args.channels_last is None else args.channels_last,
                    workers=workers, pin_memory=cuda, progress=progress and rank == 0)
 
@@ -291,15 +309,22 @@ class EpochSampler(Sampler):
         shuffle: a fresh permutation every epoch (training); False keeps the order (evaluation).
         weights: (n,) draw probabilities for class-balanced oversampling (with replacement).
         drop_last: drop the tail that does not fill a batch of `batch_size` on every rank.
-        batch_size: per-process batch size, used with drop_last.
+        batch_size: per-process batch size.
+        drop_single: without drop_last, leave out the one sample that would form a last batch
+            of its own (the last of this epoch's order).
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, *, shuffle: bool = True,
-                 weights: Tensor | None = None, drop_last: bool = False, batch_size: int = 1) -> None:
+                 weights: Tensor | None = None, drop_last: bool = False, batch_size: int = 1,
+                 drop_single: bool = False) -> None:
         self.n, self.seed, self.rank, self.world = n, seed, rank, world
         self.shuffle, self.weights, self.epoch = shuffle, weights, 0
-        per_rank = math.ceil(n / world) if not drop_last else n // world
-        self.per_rank = per_rank - per_rank % batch_size if drop_last else per_rank
+        if drop_last:
+            per_rank = n // world
+            self.per_rank = per_rank - per_rank % batch_size
+        else:
+            per_rank = math.ceil(n / world)
+            self.per_rank = per_rank - (drop_single and batch_size > 1 and per_rank % batch_size == 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -327,7 +352,8 @@ class EpochKeyed(Dataset):
 
     Args:
         dataset: the data set.
-        indices: optional subset (position -> index into `dataset`), e.g. for --data_ratio.
+        indices: optional positions -> indices into `dataset` (a subset for --data_ratio, items
+            repeated for --balanced_class).
     """
 
     def __init__(self, dataset: Dataset, indices: Sequence[int] | None = None) -> None:
@@ -345,27 +371,51 @@ class EpochKeyed(Dataset):
         return item
 
 
-def subset_indices(n: int, ratio: float, seed: int) -> list[int]:
-    """A fixed, seeded subset of round(ratio * n) indices (at least one), in ascending order."""
+def subset_indices(n: int, ratio: float, how: str = "first", seed: int = 0) -> list[int]:
+    """The indices a run trains on, in ascending order: int(ratio * n) of them.
+
+    how="first": the first int(ratio * n) items, as the original (its `LimitedDataset` keeps
+    them, also when it shuffles); how="random": a fixed random subset drawn from `seed`.
+    """
     if not 0 < ratio <= 1:
         raise ValueError(f"--data_ratio must be in (0, 1], got {ratio}")
-    keep = max(1, round(ratio * n))
+    if how not in ("first", "random"):
+        raise ValueError(f"--subset must be 'first' or 'random', got {how!r}")
+    keep = int(ratio * n)
+    if keep == 0:
+        raise ValueError(f"--data_ratio {ratio} of {n} samples keeps int({ratio} * {n}) = 0 of them; raise --data_ratio")
+    if how == "first":
+        return list(range(keep))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].tolist())
 
 
 def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.Namespace, *, train: bool,
-                indices: Sequence[int] | None = None, weights: Tensor | None = None) -> DataLoader:
+                indices: Sequence[int] | None = None, weights: Tensor | None = None,
+                drop_last: bool | None = None) -> DataLoader:
     """A DataLoader over `dataset` (or its `indices`) with an EpochSampler.
 
-    Training drops the last incomplete batch (BatchNorm needs more than one sample, and
-    gathered losses need equal batches on every rank). Workers and pinning follow the context.
+    Training keeps the last partial batch, as the original (the DataLoader default), except
+    under torchrun, where every rank must take the same number of equal steps (gathered losses),
+    so the tail is dropped; `drop_last=True` drops it always (SEN12MS pre-training, as its
+    original). A last batch of ONE sample is left out (logged): batch norm cannot normalise a
+    single value per channel in training mode. Workers and pinning follow the context.
     """
     keyed = EpochKeyed(dataset, indices)
+    drop = (train and ctx.world > 1) if drop_last is None else drop_last
     sampler = EpochSampler(len(keyed), args.seed, ctx.rank, ctx.world, shuffle=train, weights=weights,
-                           drop_last=train, batch_size=batch_size)
+                           drop_last=drop, batch_size=batch_size, drop_single=train)
     if train and len(sampler) == 0:
-        raise ValueError(f"{len(keyed)} training samples give no full batch of {batch_size} on {ctx.world} process(es); "
-                         "lower --batch_size")
+        raise ValueError(f"{len(keyed)} training samples give no batch of {batch_size} on {ctx.world} process(es)"
+                         f"{' (the tail is dropped)' if drop else ''}; lower --batch_size")
+    if train and ctx.is_main:
+        left_out = len(keyed) - len(sampler) * ctx.world
+        if drop and left_out > 0:
+            log.info("training: %d samples an epoch in batches of %d per process; the last %d of each epoch's order "
+                     "are dropped so that every process takes the same steps", len(keyed) - left_out, batch_size, left_out)
+        elif not drop and len(sampler) < len(keyed):
+            log.warning("training: %d samples in batches of %d would leave a last batch of ONE sample, which batch norm "
+                        "cannot normalise in training mode: each epoch leaves out the last sample of its order "
+                        "(a different one each epoch)", len(keyed), batch_size)
     return DataLoader(keyed, batch_size=batch_size, sampler=sampler, num_workers=ctx.workers,
                       pin_memory=ctx.pin_memory, persistent_workers=ctx.workers > 0,
                       prefetch_factor=4 if ctx.workers > 0 else None)
@@ -694,6 +744,8 @@ class Task:
         dataset: data set name written to results.json, for `summarize.py`.
         frozen_bn_eval: keep the batch-norm layers of frozen parameters in eval mode during
             training (a fixed encoder for linear evaluation); False leaves them in training mode.
+        snapshot_every: also save "state_dict" in the released layout after every 0-based epoch
+            that is a multiple of this, and after the last (`snapshot_name`); 0: never.
     """
 
     step: Callable[[dict, int, int], dict[str, Tensor]]
@@ -704,6 +756,12 @@ class Task:
     select: str = "AA"
     dataset: str = ""
     frozen_bn_eval: bool = True
+    snapshot_every: int = 0
+
+
+def snapshot_name(epoch: int) -> str:
+    """The file of the weights after 0-based `epoch`, as the original names them (epoch0, epoch25, ...)."""
+    return f"checkpoint-epoch{epoch}.pth"
 
 
 def _batch_ids(batch: dict) -> list:
@@ -742,7 +800,7 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             run.truncate_metrics(start + 1)
             log.info("resumed %s after epoch %d of %d", run.path, start, args.epochs)
 
-    per_epoch = len(loader) * loader.batch_size * ctx.world
+    per_epoch = len(loader.sampler) * ctx.world  # samples of every process
     timings: list[float] = []
     board = None
     if getattr(args, "tensorboard", False) and ctx.is_main:
@@ -756,7 +814,7 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             set_frozen_bn_eval(model)
         sums: dict[str, Tensor] = {}
         began = time.perf_counter()
-        bar = tqdm(total=len(loader) * loader.batch_size, desc=f"epoch {epoch + 1}/{args.epochs}", unit="sample",
+        bar = tqdm(total=len(loader.sampler), desc=f"epoch {epoch + 1}/{args.epochs}", unit="sample",
                    leave=False, disable=not ctx.progress)  # samples of this process
         for step, batch in enumerate(loader):
             terms = task.step(batch, epoch, step)
@@ -776,7 +834,7 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
             if board is not None:
                 for k, v in terms.items():
                     board.add_scalar(f"step/{k}", v.item(), epoch * len(loader) + step)
-            bar.update(loader.batch_size)
+            bar.update(len(_batch_ids(batch)))
         bar.close()
         seconds = time.perf_counter() - began
         timings.append(seconds)
@@ -804,12 +862,15 @@ def _fit(model, optimizer, loader, task, run, ctx, args) -> dict:
                     board.add_scalar(f"epoch/{k}", record[k], epoch + 1)
             board.flush()
         run.log_metrics(record)
+        if task.snapshot_every and (epoch % task.snapshot_every == 0 or epoch == args.epochs - 1):
+            weights = {k: v.cpu() for k, v in task.modules["state_dict"].state_dict().items()}
+            run.save(snapshot_name(epoch), {"epoch": epoch, **(task.checkpoint or {}), "state_dict": weights})
         run.save("last.pt", checkpoint_state(task, optimizer, epoch + 1, best, last_eval))
 
     if board is not None:
         board.close()
     results = {"dataset": task.dataset, "name": getattr(args, "name", None), "config": vars_json(args),
-               "last": last_eval, "best_selected_on_eval_split": best, "environment": environment(ctx),
+               "last": last_eval, "best_selected_on_eval_split": best, "select": task.select, "environment": environment(ctx),
                "started": datetime.datetime.fromtimestamp(run.started).astimezone().isoformat(timespec="seconds"),
                "finished": _now(), "wall_s": time.time() - run.started,
                "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, chosen on the "

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dont_include_negatives", action="store_true",
                    help="CE ignores the Negative class and the metrics leave it out; negatives stay in SupCon")
     p.add_argument("--allow_split_overlap", action="store_true", help="allow image sets present in both train and val")
+    p.add_argument("--drop_repeated", action="store_true",
+                   help="keep only the first entry of an image folder listed several times in the metadata "
+                        "(default: every entry, as the original)")
     p.add_argument("--momentum", type=engine.non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
     p.add_argument("--weight_decay", type=engine.non_negative, default=0.0, help="SGD weight decay (default 0)")
     engine.add_supervised_args(p, head_lr=None, eval_dense_after=79)
@@ -95,8 +98,9 @@ def main(argv=None) -> dict:
     ctx = engine.setup(args)
 
     modalities = MODALITIES[args.scenario]
-    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed)
-    val_set = MeterMLDataset(args.data_root, "val")
+    repeated = "first" if args.drop_repeated else "keep"
+    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated)
+    val_set = MeterMLDataset(args.data_root, "val", repeated=repeated)
     overlap = split_overlap(train_set, val_set)
     if overlap and not args.allow_split_overlap:
         raise ValueError(f"{len(overlap)} image sets are in both the train and the val split of {args.data_root}, e.g. "
@@ -110,13 +114,13 @@ def main(argv=None) -> dict:
         freeze_all_but(net, heads)
     run = engine.RunDir(args.save_path or engine.default_run_path("meterml_finetune"), args, ctx)
 
-    subset = engine.subset_indices(len(train_set), args.data_ratio, args.subset_seed) if args.data_ratio < 1 else None
+    subset = engine.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
     loader = engine.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=subset)
     val_loader = engine.make_loader(val_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
     log.info("%s: %d training samples, %d validation samples; %d trainable parameters",
              args.name, len(loader.dataset), len(val_set), count_trainable(net))
 
-    views = engine.Views(modalities, meterml_augment(72) if args.use_augs else None, ctx, args.seed)
+    views = engine.Views(modalities, meterml_augment(72, args.augment_impl) if args.use_augs else None, ctx, args.seed)
     # A forward pass never uses every stem of a SharedNet, so DDP must tolerate unused parameters.
     model = engine.wrap(net, ctx, args, find_unused=True)
     optimizer = torch.optim.SGD(param_groups(net, heads, args.lr, args.head_lr or args.lr, args.weight_decay), lr=args.lr,
@@ -138,7 +142,9 @@ def main(argv=None) -> dict:
         return engine.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes, ignore)
 
     task = engine.Task(step, {"state_dict": encoder, "heads": heads}, evaluate,
-                       engine.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after), dataset="METER-ML")
+                       engine.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after), dataset="METER-ML",
+                       # the original's running best: the overall accuracy (without negatives when they are excluded)
+                       select="OA")
     return engine.fit(model, optimizer, loader, task, run, ctx, args)
 
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The METER-ML fine-tuning experiments of the original work (Table III), as its recorded script
-# runs them: dual SmallAlexNet pre-trained on METER-ML, s1s2_fused, --dont_include_negatives,
-# SGD lr 0.01, batch 32, 121 epochs, evaluation when the 0-based epoch is a multiple of 10 or
-# above 79 (and after the last); CE, then SupCon+CE WITHOUT augmentation (one view per modality),
-# one run each per seed. Table III's "average" is the mean over the six facility classes (AA).
+# The METER-ML fine-tuning experiments of the original work (Table III): dual SmallAlexNet
+# pre-trained on METER-ML, s1s2_fused, --dont_include_negatives, SGD lr 0.01, batch 32, 121 epochs,
+# evaluation when the 0-based epoch is a multiple of 10 or above 79 (and after the last).
+# Table III's "average" is the mean over the six facility classes (AA).
 #
-#   DATA=/data/meter-ml WEIGHTS=SmallAlexNet.pth bash meterml_finetune.sh
+# In this order, one run each per seed:
+#   1. the original's recorded invocation (its meterml_finetune.sh: --eval_mode finetune --scenario
+#      s1s2_fused --dont_include_negatives --model dual --n_epochs 121 --use_sup_con --sup_delta 1.
+#      --cross_delta 1. --data_ratio 1. --batch_size 32): SupCon+CE WITHOUT augmentation (one view
+#      per modality), and its CE baseline. Rows "s1s2_fused CE" and "s1s2_fused SupCon+CE".
+#   2. the variant the original README describes, SupCon+CE with (augmented, original) views
+#      (--use_augs: flips and a random resized crop, scale 0.9-1.0). Row "s1s2_fused SupCon+CE aug".
 #
-# The original README describes SupCon with (augmented, original) views; that variant:
-#   SUPCON_EXTRA=--use_augs bash meterml_finetune.sh
+#   DATA=/data/meter-ml WEIGHTS=checkpoints/SmallAlexNet.pth bash meterml_finetune.sh
 #
 # Environment (defaults in brackets):
 #   DATA          METER-ML root with train_dataset.geojson, val_dataset.geojson and the images [data/meter-ml]
@@ -16,10 +20,12 @@
 #   DEVICE        cuda, cuda:1, cpu [cuda if available]
 #   SEEDS         space-separated seeds [0 1 2 3 4]
 #   OUT           parent folder of the run folders [runs/meterml]
+#   VARIANTS      1: also the augmented SupCon+CE runs (step 2); 0: only the recorded invocation [1]
+#   FAST          1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
+#                 numerics or step (README, "Differences") [0]
 #   EXTRA         further flags for every run, e.g. "--epochs 10" []
-#   SUPCON_EXTRA  further flags for the SupCon+CE runs only, e.g. "--use_augs" []
 #   PYTHON        interpreter [.venv/bin/python if it exists, else python]
-# Afterwards: python summarize.py $OUT
+# Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-data/meter-ml}
@@ -29,13 +35,23 @@ OUT=${OUT:-runs/meterml}
 if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python || PYTHON=python; fi
 device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
-common=("$WEIGHTS" --data_root "$DATA" --model dual --scenario s1s2_fused --eval_mode finetune --dont_include_negatives
-        --epochs 121 --batch_size 32 --lr 0.01 --data_ratio 1.0)
+fast=()
+[ "${FAST:-0}" = 1 ] && fast=(--amp --ce_from joint)
+# The original's command line (its --seed 10 becomes each of SEEDS).
+recorded=("$WEIGHTS" --data_root "$DATA" --eval_mode finetune --scenario s1s2_fused --dont_include_negatives --model dual
+          --n_epochs 121 --data_ratio 1.0 --batch_size 32)
+supcon=(--use_sup_con --sup_delta 1.0 --cross_delta 1.0)
 
 for seed in $SEEDS; do
-  $PYTHON meterml_finetune.py "${common[@]}" --seed "$seed" "${device[@]}" \
+  $PYTHON meterml_finetune.py "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
     --save_path "$OUT/ce-seed$seed" ${EXTRA:-}
-  $PYTHON meterml_finetune.py "${common[@]}" --use_sup_con --sup_delta 1.0 --cross_delta 1.0 --seed "$seed" "${device[@]}" \
-    --save_path "$OUT/supcon-ce-seed$seed" ${EXTRA:-} ${SUPCON_EXTRA:-}
+  $PYTHON meterml_finetune.py "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+    --save_path "$OUT/supcon-ce-seed$seed" ${EXTRA:-}
 done
+if [ "${VARIANTS:-1}" = 1 ]; then
+  for seed in $SEEDS; do
+    $PYTHON meterml_finetune.py "${recorded[@]}" "${supcon[@]}" --use_augs --seed "$seed" "${device[@]}" "${fast[@]}" \
+      --save_path "$OUT/supcon-ce-aug-seed$seed" ${EXTRA:-}
+  done
+fi
 $PYTHON summarize.py "$OUT"

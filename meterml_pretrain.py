@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude_negatives", action="store_true", help="leave the Negative-class images out")
     p.add_argument("--two_augmented_views", action="store_true",
                    help="positive pairs of two augmented views (default: augmented and original, as the original)")
-    p.add_argument("--data_ratio", type=engine.fraction, default=1.0, help="fraction of the training set, a fixed seeded subset (default 1.0)")
-    p.add_argument("--subset_seed", type=engine.seed_int, default=0, help="seed of the --data_ratio subset (default 0)")
+    engine.add_subset_args(p)
+    engine.add_augment_impl_arg(p)
     p.add_argument("--temperature", "--tau", dest="temperature", type=engine.positive, default=0.2,
                    help="NT-Xent temperature (default 0.2)")
     p.add_argument("--momentum", type=engine.non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
@@ -102,9 +102,9 @@ def main(argv=None) -> dict:
     encoder = SharedNet() if args.model == "shared" else DualEncoder()
     run = engine.RunDir(args.save_path or engine.default_run_path("meterml_pretrain"), args, ctx)
 
-    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset_seed) if args.data_ratio < 1 else None
+    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
     loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset)
-    views = engine.Views(modalities, None if args.no_augs else meterml_augment(72), ctx, args.seed,
+    views = engine.Views(modalities, None if args.no_augs else meterml_augment(72, args.augment_impl), ctx, args.seed,
                          second="augmented" if args.two_augmented_views else "original")
     log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
     # Each view in a pass of its own, as the original pre-training.

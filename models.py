@@ -160,10 +160,9 @@ class DualEncoder(nn.Module):
 def _resnet(arch: str, in_channels: int, proj_dim: int) -> nn.Module:
     """A torchvision ResNet with a first conv for `in_channels` bands and fc = projection head."""
     net = torchvision.models.get_model(arch, weights=None)
+    # PyTorch's default initialisation, as the original replaces conv1 after building the net
+    # (torchvision's other convs are Kaiming normal); it matters when training from scratch.
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    # torchvision initialises every other conv of the net this way; the original left PyTorch's
-    # default here, which only matters when training from scratch.
-    nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     width = net.fc.in_features
     net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, proj_dim))
     return net

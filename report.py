@@ -172,14 +172,15 @@ def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[s
     return lines + [""]
 
 
-def write_report(out: Path, datasets: dict, notes: list[str], published: bool = False, sources=()) -> Path:
+def write_report(out: Path, datasets: dict, notes: list[str], published: bool = False, sources=(),
+                 select: str | None = None) -> Path:
     """Write OUT/report.md and its figures; returns the path of report.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     body = []
     for dataset, groups in datasets.items():
-        body += [f"## {dataset}", "", summarize.tables_of(dataset, groups)]
+        body += [f"## {dataset}", "", summarize.tables_of(dataset, groups, select)]
 
         name = f"per_class_{slug(dataset)}.png"
         per_class_figure(out / name, dataset, groups, published)

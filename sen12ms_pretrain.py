@@ -13,13 +13,16 @@ Adam lr 3e-5, weight decay 1e-4, 201 epochs; the original's learning-rate schedu
 Not augmented, as the original; `--augment` adds two augmented views per modality, `--supervised_lc`
 turns the loss into SupCon with the patch's majority land-cover class as label.
 
-The run folder holds `checkpoint.pth`, the backbones in the released layout {"epoch", "arch",
-"state_dict": backbone1.* / backbone2.*}, which `dfc_finetune.py --model_path` fine-tunes from
-(`last.pt` holds the same and what resuming needs).
+The run folder holds `checkpoint-epoch<E>.pth` after the 0-based epochs E = 0, 25, 50, ... and the
+last (--snapshot_every), as the original, each the backbones in the released layout {"epoch": E,
+"arch", "state_dict": backbone1.* / backbone2.*}, and `checkpoint.pth`, the last of them under a
+fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
+original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
 """
 import argparse
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -32,7 +35,7 @@ import engine
 from augment import Augment, RandomFlipRotation, RandomResizedCrop
 from datasets import SEN12MSDataset, seed_normalize
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
-from models import RESNETS, DualResNet, MultiModalNet, atomic_save, count_trainable
+from models import RESNETS, DualResNet, MultiModalNet, count_trainable
 
 log = logging.getLogger("sen12ms_pretrain")
 
@@ -56,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "then a half cosine to 0 at the last epoch), constant (default original)")
     p.add_argument("--warmup_epochs", type=engine.non_negative_int, default=10,
                    help="epochs before the cosine of --schedule starts (default 10)")
-    p.add_argument("--data_ratio", type=engine.fraction, default=1.0, help="fraction of the patches, a fixed seeded subset (default 1.0)")
-    p.add_argument("--subset_seed", type=engine.seed_int, default=0, help="seed of the --data_ratio subset, fixed across --seed (default 0)")
+    engine.add_subset_args(p)
+    p.add_argument("--snapshot_every", type=engine.positive_int, default=25,
+                   help="also write the weights after every 0-based epoch that is a multiple of N, and after the last, "
+                        "as checkpoint-epoch<E>.pth (default 25, as the original: epoch0, epoch25, ..., epoch200; "
+                        "the original's DFC2020 fine-tuning read epoch100)")
     p.add_argument("--sync_bn", action="store_true",
                    help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the original)")
     p.add_argument("--augment", action="store_true",
@@ -107,8 +113,8 @@ def main(argv=None) -> dict:
 
     dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
     dataset[0]  # one item read now: a crop larger than the patches, or unreadable data, stop here
-    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset_seed) if args.data_ratio < 1 else None
-    loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset)
+    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
+    loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset, drop_last=True)
     net = DualResNet(args.arch)
     # What the checkpoints hold: the two backbones with their projection heads, no classifier.
     backbones = nn.ModuleDict({"backbone1": net.backbone1, "backbone2": net.backbone2})
@@ -143,7 +149,8 @@ def main(argv=None) -> dict:
         z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])
         return {"loss": loss_fn(z)}
 
-    task = engine.Task(step, {"state_dict": backbones}, checkpoint={"arch": args.arch}, dataset="SEN12MS pre-training")
+    task = engine.Task(step, {"state_dict": backbones}, checkpoint={"arch": args.arch}, dataset="SEN12MS pre-training",
+                       snapshot_every=args.snapshot_every)
     results = engine.fit(model, optimizer, loader, task, run, ctx, args)
 
     # Counted in every process and its loader workers; the original skipped each batch holding a NaN.
@@ -155,8 +162,9 @@ def main(argv=None) -> dict:
                     counts.tolist()))
     log.info("data problems met in this run: %s", data)
     if ctx.is_main:
-        state = {k: v.cpu() for k, v in backbones.state_dict().items()}
-        atomic_save({"epoch": args.epochs, "arch": args.arch, "state_dict": state}, run.path / "checkpoint.pth")
+        final = run.path / engine.snapshot_name(args.epochs - 1)
+        (run.path / "checkpoint.pth").unlink(missing_ok=True)
+        os.link(final, run.path / "checkpoint.pth")  # the final weights under a fixed name, no second copy
         results["data"] = data
         run.write_results(results)
     return results

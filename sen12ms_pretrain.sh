@@ -3,7 +3,9 @@
 # cross-modal NT-Xent (temperature 0.07) between the S1 and S2 projections of random 128 px crops,
 # all four seasons, batch 200, Adam lr 3e-5, weight decay 1e-4, 201 epochs, the original's
 # schedule (constant for 11 epochs, then its slow cosine), seed 42 as the original's config.
-# The run folder's checkpoint.pth is what dfc_finetune.sh takes as WEIGHTS.
+# The run folder holds checkpoint-epoch0.pth, checkpoint-epoch25.pth, ... checkpoint-epoch200.pth (after
+# those 0-based epochs, as the original). The original's DFC2020 fine-tuning read the one after epoch
+# 100: WEIGHTS=$OUT/checkpoint-epoch100.pth bash dfc_finetune.sh (checkpoint.pth is the last one).
 #
 #   DATA=/data/sen12ms bash sen12ms_pretrain.sh
 #
@@ -11,7 +13,8 @@
 #   DATA      folder holding ROIs1158_spring, ROIs1868_summer, ROIs1970_fall, ROIs2017_winter [data/sen12ms]
 #   OUT       the run folder [runs/sen12ms/pretrain-resnet50]
 #   DEVICE    cuda, cuda:1, cpu [cuda if available]
-#   EXTRA     further flags, e.g. "--no-amp" (float32, as the original), "--resume runs/...", "--epochs 20" []
+#   FAST      1: --amp (bf16 autocast; NOT the original's float32) [0]
+#   EXTRA     further flags, e.g. "--resume runs/...", "--epochs 20" []
 #   PYTHON    interpreter [.venv/bin/python if it exists, else python]
 #
 # The same on 8 GPUs of one machine: 8 x 25 = the published batch of 200; the loss contrasts the
@@ -31,7 +34,9 @@ OUT=${OUT:-runs/sen12ms/pretrain-resnet50}
 if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python || PYTHON=python; fi
 device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
+fast=()
+[ "${FAST:-0}" = 1 ] && fast=(--amp)
 
 $PYTHON sen12ms_pretrain.py --data_root "$DATA" --arch resnet50 --crop 128 --batch_size 200 --epochs 201 \
   --lr 3e-5 --weight_decay 1e-4 --temperature 0.07 --schedule original --warmup_epochs 10 --seed 42 \
-  "${device[@]}" --save_path "$OUT" ${EXTRA:-}
+  "${device[@]}" "${fast[@]}" --save_path "$OUT" ${EXTRA:-}

@@ -39,8 +39,12 @@ NOT_CONFIGURATION = frozenset({
 # The two tables, from the two evaluations results.json keeps: (field, title).
 TABLES = (
     ("last", "last epoch"),
-    ("best_selected_on_eval_split", "best epoch, selected on the evaluation split, as the original reported"),
+    ("best_selected_on_eval_split", "best epoch by {criterion}, selected on the evaluation split, as the original reported"),
 )
+# The criterion of each data set's "best" evaluation, as the original tracked it: METER-ML its
+# running best of the overall accuracy (without negatives when they are excluded), DFC2020 the
+# average accuracy (its best-tracking code is commented out; it printed every evaluation).
+SELECT = {"METER-ML": "OA", "DFC2020": "AA"}
 
 
 @dataclass
@@ -176,9 +180,34 @@ def grouping_notes(datasets: dict[str, list[Group]]) -> list[str]:
     return notes
 
 
-def summarize(runs: list[Run]) -> tuple[dict[str, list[Group]], list[str]]:
-    """The evaluated runs grouped per data set, and notes on what was skipped or told apart."""
+def criterion_of(dataset: str, select: str | None = None) -> str:
+    """The metric that picks a data set's best evaluation: `select`, else the original's (SELECT)."""
+    return select or SELECT.get(dataset, "AA")
+
+
+def best_evaluation(run: Run, criterion: str) -> dict | None:
+    """The run's best evaluation by `criterion` ("AA" or "OA"), the first of equal ones, from
+    the evaluation records of metrics.jsonl; results.json's own choice when the run has no
+    records (then only if it was made by the same criterion, else None)."""
+    records = [r for r in run.metrics if r.get(criterion) is not None and "per_class" in r]
+    if not records:
+        chosen = run.results.get("best_selected_on_eval_split")
+        return chosen if run.results.get("select", "AA") == criterion else None
+    best = records[0]
+    for record in records[1:]:
+        if record[criterion] > best[criterion]:
+            best = record
+    keys = ("epoch", "AA", "OA", "per_class", "n", "ignored", "classes", "confusion")
+    return {k: best[k] for k in keys if k in best}
+
+
+def summarize(runs: list[Run], select: str | None = None) -> tuple[dict[str, list[Group]], list[str]]:
+    """The evaluated runs grouped per data set, and notes on what was skipped or told apart.
+    Each run's "best_selected_on_eval_split" is chosen again by `criterion_of` its data set."""
     notes = []
+    for run in runs:
+        if run.results.get("last"):
+            run.results["best_selected_on_eval_split"] = best_evaluation(run, criterion_of(run.dataset, select))
     evaluated = [r for r in runs if r.results.get("last")]
     for dataset in dict.fromkeys(r.dataset for r in runs):
         total = sum(r.dataset == dataset for r in runs)
@@ -265,15 +294,16 @@ def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def tables_of(dataset: str, groups: list[Group]) -> str:
-    """Both tables of a data set, last epoch first."""
-    return "\n".join(table(dataset, groups, f, title) for f, title in TABLES)
+def tables_of(dataset: str, groups: list[Group], select: str | None = None) -> str:
+    """Both tables of a data set, last epoch first; the second names its selection criterion."""
+    criterion = criterion_of(dataset, select)
+    return "\n".join(table(dataset, groups, f, title.format(criterion=criterion)) for f, title in TABLES)
 
 
-def markdown(datasets: dict[str, list[Group]], notes: list[str]) -> str:
+def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | None = None) -> str:
     """The tool's printed output: notes, then both tables per data set."""
     out = [f"> Note: {n}" for n in notes] + ([""] if notes else [])
-    out += [tables_of(dataset, groups) for dataset, groups in datasets.items()]
+    out += [tables_of(dataset, groups, select) for dataset, groups in datasets.items()]
     return "\n".join(out)
 
 
@@ -375,6 +405,9 @@ def main(argv=None) -> None:
     p.add_argument("--published", action="store_true",
                    help="with --report: mark the paper's published values in the per-class figure "
                         "(off by default: they come from real data, the demo's is synthetic)")
+    p.add_argument("--select", choices=["AA", "OA"], default=None,
+                   help="the metric that picks each run's best evaluation (default: the original's per data set: "
+                        "METER-ML OA, DFC2020 AA)")
     args = p.parse_args(argv)
     if args.published and args.report is None:
         p.error("--published needs --report")
@@ -383,14 +416,15 @@ def main(argv=None) -> None:
     except FileNotFoundError as e:
         p.error(str(e))
     try:
-        datasets, notes = summarize([load_run(f) for f in files])
+        datasets, notes = summarize([load_run(f) for f in files], args.select)
     except ValueError as e:
         sys.exit(f"summarize.py: {e}")
-    print(markdown(datasets, notes))
+    print(markdown(datasets, notes, args.select))
     if args.report is not None:
         import report  # matplotlib only when a report is asked for
 
-        written = report.write_report(args.report, datasets, notes, published=args.published, sources=args.paths)
+        written = report.write_report(args.report, datasets, notes, published=args.published, sources=args.paths,
+                                      select=args.select)
         print(f"wrote {written}", file=sys.stderr)
 
 

@@ -1,4 +1,4 @@
-"""Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation, three configurations.
+"""Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation, four configurations (float32 and bf16 side by side).
 
 The objects are the ones dfc_finetune.py builds: models.DualResNet inside models.MultiModalNet,
 losses.SupConCELoss, engine.Views (batched flips + rotation on the device, seed_normalize per view),
@@ -7,10 +7,10 @@ Adam over models.param_groups.
     original  the original's arithmetic: float32, NCHW, --ce_from separate (per modality one encoder
               pass over cat([augmented, original]) for SupCon and a second over the originals for CE:
               3B images encoded per modality and step)
-    default   --ce_from separate with bf16 autocast and channels_last where CUDA (the repository's
-              default; on CPU the same computation as original)
-    fast      --ce_from joint (CE reads the original half of the joint pass: 2B images) with bf16
-              autocast and channels_last where CUDA
+    default   the repository's default: the same float32 computation, channels_last where CUDA
+    bf16      --amp: bf16 autocast (losses float32), channels_last where CUDA; --ce_from separate
+    fast      --amp --ce_from joint (CE reads the original half of the joint pass: 2B images), the
+              shell scripts' FAST=1
 
 Measurements, in this order; each figure is printed as one line the moment it is measured, so a run
 stopped by a time limit keeps every figure it took:
@@ -56,8 +56,9 @@ from datasets import DFC2020Dataset, seed_normalize  # noqa: E402
 from losses import SupConCELoss  # noqa: E402
 from models import DualResNet, MultiModalNet, param_groups  # noqa: E402
 
-# name -> (--ce_from, bf16 autocast and channels_last where CUDA)
-CONFIGS = {"original": ("separate", False), "default": ("separate", True), "fast": ("joint", True)}
+# name -> (--ce_from, bf16 autocast, channels_last where CUDA)
+CONFIGS = {"original": ("separate", False, False), "default": ("separate", False, True), "bf16": ("separate", True, True),
+           "fast": ("joint", True, True)}
 PARTS = ("step", "eval", "loader", "compile")
 # Flag defaults: sized for a GPU, and the --tiny preset (CPU, seconds). Explicit flags win over both.
 PRESETS = {
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", type=engine.positive_int, default=None,
                    help="synthetic patches written without --data_root; the loader cycles over them (default 64; --tiny 8)")
     p.add_argument("--patch_size", type=engine.positive_int, default=None, help="side of the synthetic patches, px (default 256; --tiny 40)")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="configurations (default: all three)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="configurations (default: all four)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
                    help="measurements, run in the order step, eval, loader, compile (default: all on CUDA; without compile on CPU)")
     return p
@@ -168,9 +169,9 @@ class Setup:
 
 
 def build(config: str, args: argparse.Namespace, *, compiled: bool = False) -> Setup:
-    ce_from, numeric = CONFIGS[config]
+    ce_from, amp, channels_last = CONFIGS[config]
     cuda = args.device.type == "cuda"
-    ctx = engine.Context(device=args.device, amp=numeric and cuda, channels_last=numeric and cuda,
+    ctx = engine.Context(device=args.device, amp=amp and cuda, channels_last=channels_last and cuda,
                          workers=args.workers, pin_memory=cuda)
     torch.manual_seed(0)
     net = DualResNet(args.arch)
@@ -307,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bench_train: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"dual {args.arch}, {args.crop} px, warm-up <= {args.warmup} steps / {args.warmup_s:g} s, {args.steps} timed steps",
           flush=True)
-    # Evaluation does not depend on --ce_from: fast evaluates as default does.
-    evaluated = [c for c in args.configs if not (c == "fast" and "default" in args.configs)]
+    # Evaluation does not depend on --ce_from: fast evaluates as bf16 does.
+    evaluated = [c for c in args.configs if not (c == "fast" and "bf16" in args.configs)]
     work = [(part, config) for part in PARTS if part in args.parts
             for config in {"eval": evaluated, "compile": ["fast"]}.get(part, args.configs)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@
 #      (random init, --scenario s1s2_fused --use_augs --use_sup_con), meterml_pretrain.py --use_pairs,
 #      sen12ms_pretrain.py (ResNet-50, 128 px crops, batch 200); the DataLoader over the packed
 #      DFC2020 copy (datasets.py pack) with 16 workers;
-#   4. bench/bench_train.py at 224 px, batch 128: original vs default vs fast, model alone and with
+#   4. bench/bench_train.py at 224 px, batch 128: original (float32 NCHW) vs default (float32) vs bf16 vs fast, model alone and with
 #      a 16-worker DataLoader, evaluation, torch.compile on and off; every figure is printed as it
 #      is measured.
 # Each stage runs under its own `timeout`; the benchmark gets what is left of the 6 minutes, so a

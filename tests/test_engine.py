@@ -1,6 +1,7 @@
 """The shared training pieces: device plan, flags, views, sampling, metrics, schedules, run folders."""
 import argparse
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -45,12 +46,57 @@ def test_epoch_sampler_drop_last_pads_eval_and_weights():
     assert counts[0] == 0 and 2.5 < counts[2] / counts[1] < 3.5
 
 
-def test_subset_indices_fixed_and_sized():
-    a = engine.subset_indices(100, 0.25, seed=1)
-    assert len(a) == 25 and a == sorted(a) and a == engine.subset_indices(100, 0.25, seed=1)
-    assert a != engine.subset_indices(100, 0.25, seed=2)
+def test_subset_indices_first_items_as_the_original_or_a_seeded_draw():
+    assert engine.subset_indices(100, 0.25) == list(range(25))  # LimitedDataset: the first int(ratio * N)
+    assert engine.subset_indices(10, 0.29) == [0, 1]  # int(), not round()
+    a = engine.subset_indices(100, 0.25, "random", seed=1)
+    assert len(a) == 25 and a == sorted(a) and a == engine.subset_indices(100, 0.25, "random", seed=1)
+    assert a != engine.subset_indices(100, 0.25, "random", seed=2)
     with pytest.raises(ValueError, match="data_ratio"):
-        engine.subset_indices(100, 0.0, seed=1)
+        engine.subset_indices(100, 0.0)
+    with pytest.raises(ValueError, match="keeps int"):
+        engine.subset_indices(10, 0.05)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor(i)}
+
+
+def test_training_keeps_the_last_partial_batch_as_the_original(caplog):
+    ctx = engine.Context(device=torch.device("cpu"))
+    loader = engine.make_loader(_Items(986), 32, ctx, argparse.Namespace(seed=0), train=True)
+    sizes = [len(b["x"]) for b in loader]
+    assert len(sizes) == 31 and sizes[-1] == 986 - 30 * 32  # DFC2020: 31 steps an epoch, the last of 26
+    with caplog.at_level(logging.WARNING, logger="engine"):
+        single = engine.make_loader(_Items(33), 32, ctx, argparse.Namespace(seed=0), train=True)
+    assert [len(b["x"]) for b in single] == [32]  # a last batch of ONE sample cannot pass batch norm
+    assert "ONE sample" in caplog.text
+    seen = set()
+    for epoch in (0, 1, 2):
+        single.sampler.set_epoch(epoch)
+        seen.add(frozenset(int(i) for b in single for i in b["x"]))
+    assert len(seen) > 1  # another sample left out each epoch
+    assert [len(b["x"]) for b in engine.make_loader(_Items(10), 4, ctx, argparse.Namespace(seed=0), train=True,
+                                                    drop_last=True)] == [4, 4]
+
+
+def test_torchrun_ranks_drop_the_tail_to_take_equal_steps():
+    parts = []
+    for rank in (0, 1):
+        ctx = engine.Context(device=torch.device("cpu"), rank=rank, world=2)
+        loader = engine.make_loader(_Items(37), 4, ctx, argparse.Namespace(seed=0), train=True)
+        parts.append([len(b["x"]) for b in loader])
+    assert parts == [[4, 4, 4, 4], [4, 4, 4, 4]]
 
 
 def test_classification_metrics_by_hand():
@@ -79,7 +125,7 @@ def test_eval_schedule_of_the_original_runs():
 # ----------------------------------------------------------------------------- device plan
 
 def plan(env=None, cuda=True, count=2, cpus=16, **flags):
-    args = argparse.Namespace(**{"device": None, "amp": None, "channels_last": None, "workers": None, "progress": None, **flags})
+    args = argparse.Namespace(**{"device": None, "amp": False, "channels_last": None, "workers": None, "progress": None, **flags})
     return engine.plan_context(args, env or {}, cuda, count, cpus)
 
 
@@ -87,7 +133,9 @@ def test_plan_gives_cuda_an_index():
     """torch.cuda.set_device refuses torch.device("cuda"): the crash of every script on a GPU."""
     ctx = plan()
     assert ctx.device == torch.device("cuda", 0) and ctx.device.index == 0
-    assert (ctx.amp, ctx.channels_last, ctx.pin_memory, ctx.backend) == (True, True, True, None)
+    # float32 unless --amp (the original's numerics); channels_last, a memory layout, on with CUDA
+    assert (ctx.amp, ctx.channels_last, ctx.pin_memory, ctx.backend) == (False, True, True, None)
+    assert plan(amp=True).amp
     assert plan(device="cuda").device.index == 0
     assert plan(device="cuda:1").device == torch.device("cuda", 1)  # an explicit index stays
     torchrun = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses import SupConCELoss, supcon_labels
-from models import MultiModalNet, linear_head
+from models import MultiModalNet, freeze_all_but, linear_head, param_groups
 from test_losses import naive_supcon
 
 
@@ -126,6 +126,47 @@ def test_default_step_equals_the_original_step(scenario):
     for key in state:  # weights after the step, and every running mean / var / count of batch norm
         torch.testing.assert_close(state[key].double(), ref_state[key].double(), rtol=0, atol=1e-10, msg=key)
     assert any(k.endswith("num_batches_tracked") and state[k].item() == 2 for k in state)  # two passes, two updates
+
+
+def test_frozen_supcon_changes_only_the_batch_norm_statistics():
+    """The original's recorded DFC2020 run: backbones frozen (requires_grad False) but in training
+    mode, only the classifier trains. SupCon then reaches no parameter: the classifier's gradient
+    is the CE-only one, the backbones do not move, and the running statistics are those of the
+    original's two passes (joint [augmented; original], then the originals)."""
+    batch = make_batch(3)
+    s1_aug, s1, s2_aug, s2, y = batch
+
+    def frozen_step(use_supcon):
+        enc1, enc2, heads = networks("dfc")
+        model = MultiModalNet({"s1": enc1, "s2": enc2}, fused_head=heads["fused"])
+        freeze_all_but(model, heads["fused"])
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.Adam(param_groups(model, heads["fused"], 1e-5, 1e-5, 1e-3), betas=(0.9, 0.999))
+        out = model.train()({"s1": s1, "s2": s2}, {"s1": s1_aug, "s2": s2_aug} if use_supcon else None)
+        terms = SupConCELoss(use_supcon=use_supcon)(out["features"], out["logits"], y)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        grad = heads["fused"].weight.grad.clone()
+        optimizer.step()
+        return before, model.state_dict(), grad, terms
+
+    before, after, grad, terms = frozen_step(use_supcon=True)
+    _, ce_after, ce_grad, _ = frozen_step(use_supcon=False)
+    assert terms["supcon"].item() > 0
+    torch.testing.assert_close(grad, ce_grad, rtol=0, atol=1e-12)
+    for key, value in after.items():
+        if "encoders" in key and not ("running" in key or "num_batches" in key):
+            assert torch.equal(value, before[key]), key  # no backbone parameter moved
+    enc1, enc2, _ = networks("dfc")
+    with torch.no_grad():  # the original's two passes, in training mode
+        for enc, original, augmented in ((enc1, s1, s1_aug), (enc2, s2, s2_aug)):
+            enc.train()(torch.cat([augmented, original]))
+            enc(original)
+    for prefix, enc in (("encoders.0.", enc1), ("encoders.1.", enc2)):
+        for key, value in enc.state_dict().items():
+            if "running" in key or "num_batches" in key:
+                torch.testing.assert_close(after[prefix + key], value, rtol=0, atol=1e-12, msg=key)
+    assert not torch.equal(after["encoders.0.net.1.running_mean"], ce_after["encoders.0.net.1.running_mean"])
 
 
 def test_joint_ce_is_a_different_computation():

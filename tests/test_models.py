@@ -133,14 +133,18 @@ def test_dual_resnet_shapes(resnet18, batch, size):
 
 def test_initialisation():
     """SmallAlexNet: N(0, 0.02), zero biases, unit BN scales; the new first convs of the ResNets:
-    torchvision's kaiming normal (fan_out), std sqrt(2 / (64 * 7 * 7)) whatever the band count."""
+    PyTorch's default, as the original (kaiming uniform with a = sqrt(5): uniform within
+    +-1 / sqrt(fan_in), fan_in = bands * 7 * 7), not torchvision's kaiming normal."""
     alexnet = SmallAlexNet(in_channel=3, feat_dim=16)
     assert alexnet.blocks[5][1].weight.std().item() == pytest.approx(0.02, rel=0.01)
     assert torch.equal(alexnet.blocks[7][0].bias, torch.zeros(16))
     assert torch.equal(alexnet.blocks[6][1].weight, torch.ones(4096))
+    torch.manual_seed(0)
     resnet = DualResNet("resnet18")
-    for conv in (resnet.backbone1.conv1, resnet.backbone2.conv1):
-        assert conv.weight.std().item() == pytest.approx((2 / (64 * 7 * 7)) ** 0.5, rel=0.05)
+    for conv, bands in ((resnet.backbone1.conv1, 2), (resnet.backbone2.conv1, 13)):
+        bound = 1 / (bands * 7 * 7) ** 0.5
+        assert bound * 0.98 < conv.weight.abs().max().item() <= bound
+        assert conv.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
 
 
 def test_dual_resnet_rejects_wrong_bands(resnet18):

@@ -11,7 +11,7 @@ import dfc_finetune
 import engine
 import meterml_finetune
 import meterml_pretrain
-from datasets import DFC2020Dataset, MeterMLDataset
+from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
 from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml
@@ -138,23 +138,35 @@ def test_dfc_finetune_runs(dfc_root, tmp_path, flags):
     missing, unexpected = load_checkpoint(DualResNet("resnet18"), run / "last.pt")
     assert (missing, unexpected) == ([], [])
     assert torch.load(run / "last.pt", weights_only=False)["arch"] == "resnet18"
-    steps = 2 if "--data_ratio" in flags else 3  # 9 of the 12 patches in batches of 4
+    if "--balanced_class" in flags:  # the first 9 of the 12 patches, each copied by its class's count
+        n = len(balanced_indices(DFC2020Dataset(dfc_root).patch_labels()[:9]))
+    else:
+        n = 12
+    steps = n // 4 + (n % 4 > 1)  # the last partial batch is kept, unless it holds a single sample
     assert torch.load(run / "last.pt", weights_only=False)["optimizer"]["state"][0]["step"].item() == steps
 
 
-def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path):
-    """Without --finetune the original trains the classifier at --lr (1e-5), its batch norm in training mode."""
+def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path, caplog):
+    """Without --finetune the original trains the classifier at --lr (1e-5), its batch norm in
+    training mode; its recorded run adds SupCon, which then moves only batch-norm statistics."""
     torch.manual_seed(0)
     init = tmp_path / "init.pth"
     torch.save({"state_dict": DualResNet("resnet18").state_dict()}, init)
-    dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18", "--model_path",
-                       str(init), "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-5]
+    argv = ["--data_root", str(dfc_root), "--arch", "resnet18", "--model_path", str(init), "--crop", "32",
+            "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"]
+    dfc_finetune.main([*argv, "--save_path", str(tmp_path / "ce")])
+    with caplog.at_level("INFO", logger="dfc_finetune"):
+        results = dfc_finetune.main([*argv, "--use_sup_con", "--save_path", str(tmp_path / "supcon")])
+    assert "SupCon trains no parameter" in caplog.text and results["name"] == "frozen SupCon+CE"
     before = torch.load(init, weights_only=True)["state_dict"]
-    assert torch.equal(before["backbone1.conv1.weight"], state["state_dict"]["backbone1.conv1.weight"])
-    assert not torch.equal(before["backbone1.bn1.running_mean"], state["state_dict"]["backbone1.bn1.running_mean"])
-    assert not torch.equal(before["fc.weight"], state["state_dict"]["fc.weight"])
+    ce, supcon = (torch.load(tmp_path / run / "last.pt", weights_only=False) for run in ("ce", "supcon"))
+    for state in (ce, supcon):
+        assert [g["lr"] for g in state["optimizer"]["param_groups"]] == [1e-5]
+        assert torch.equal(before["backbone1.conv1.weight"], state["state_dict"]["backbone1.conv1.weight"])
+        assert not torch.equal(before["backbone1.bn1.running_mean"], state["state_dict"]["backbone1.bn1.running_mean"])
+        assert not torch.equal(before["fc.weight"], state["state_dict"]["fc.weight"])
+    # SupCon's joint pass over (augmented, original) moved the running statistics further
+    assert not torch.equal(ce["state_dict"]["backbone1.bn1.running_mean"], supcon["state_dict"]["backbone1.bn1.running_mean"])
 
 
 @pytest.mark.parametrize("script, argv, message", [
@@ -163,7 +175,7 @@ def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path):
     (meterml_pretrain, ["--use_negative_labels", "--exclude_negatives"], "choose one"),
     (meterml_finetune, ["random", "--use_sup_con", "--eval_mode", "linear"], "frozen"),
     (meterml_finetune, [], "MODEL_WEIGHTS is required"),
-    (dfc_finetune, ["--use_sup_con"], "only the classifier trains"),
+    (dfc_finetune, ["--use_sup_con", "--frozen_bn_eval"], "would change nothing"),
     (dfc_finetune, ["--eval_split", "validation"], "--allow_same_split"),
     (meterml_pretrain, ["--no_augs", "--use_pairs", "--two_augmented_views"], "nothing to augment"),
 ])
@@ -281,27 +293,37 @@ def recorded_commands(script, **env):
 
 
 def test_recorded_meterml_experiment_is_the_originals():
-    ce, supcon, summary = recorded_commands("meterml_finetune.sh", WEIGHTS="w.pth")
-    assert ce[0] == supcon[0] == "meterml_finetune.py" and summary[0] == "summarize.py"
-    ce_args = meterml_finetune.build_parser().parse_args(ce[1:])
-    sup_args = meterml_finetune.build_parser().parse_args(supcon[1:])
-    for args in (ce_args, sup_args):
+    ce, supcon, augmented, summary = recorded_commands("meterml_finetune.sh", WEIGHTS="w.pth")
+    assert ce[0] == supcon[0] == augmented[0] == "meterml_finetune.py" and summary[0] == "summarize.py"
+    parse = meterml_finetune.build_parser().parse_args
+    ce_args, sup_args, aug_args = parse(ce[1:]), parse(supcon[1:]), parse(augmented[1:])
+    for args in (ce_args, sup_args, aug_args):  # the original's command line, then its defaults
         assert (args.MODEL_WEIGHTS, args.model, args.scenario, args.eval_mode) == ("w.pth", "dual", "s1s2_fused", "finetune")
         assert args.dont_include_negatives and (args.epochs, args.batch_size, args.lr, args.seed) == (121, 32, 0.01, 3)
-        assert not args.use_augs and args.ce_from == "separate" and args.eval_dense_after == 79
+        assert (args.data_ratio, args.subset, args.ce_from, args.eval_dense_after) == (1.0, "first", "separate", 79)
+        assert not args.amp and args.augment_impl == "torchvision" and not args.drop_repeated
     assert not ce_args.use_sup_con and sup_args.use_sup_con and (sup_args.sup_weight, sup_args.ce_weight) == (1.0, 1.0)
-    _, augmented, _ = recorded_commands("meterml_finetune.sh", SUPCON_EXTRA="--use_augs")
-    assert meterml_finetune.build_parser().parse_args(augmented[1:]).use_augs
+    assert not sup_args.use_augs and aug_args.use_augs and aug_args.use_sup_con  # the recorded run first, the variant after
+    assert len(recorded_commands("meterml_finetune.sh", VARIANTS="0")) == 3
+    fast = [parse(c[1:]) for c in recorded_commands("meterml_finetune.sh", FAST="1")[:3]]
+    assert all(a.amp and a.ce_from == "joint" for a in fast)
 
 
 def test_recorded_dfc_experiment_is_the_originals():
-    ce, supcon, _ = recorded_commands("dfc_finetune.sh", WEIGHTS="random")
-    for command, sup in ((ce, False), (supcon, True)):
-        args = dfc_finetune.build_parser().parse_args(command[1:])
-        assert args.model_path is None and args.use_sup_con == sup and args.finetune
+    commands = recorded_commands("dfc_finetune.sh", WEIGHTS="random")
+    assert [c[0] for c in commands] == ["dfc_finetune.py"] * 4 + ["summarize.py"]
+    parsed = [dfc_finetune.build_parser().parse_args(c[1:]) for c in commands[:4]]
+    # the original's recorded invocation (frozen: no --finetune) with its CE baseline, then the fine-tuned variant
+    assert [(a.finetune, a.use_sup_con) for a in parsed] == [(False, False), (False, True), (True, False), (True, True)]
+    assert [dfc_finetune.config_name(a) for a in parsed] == ["frozen CE", "frozen SupCon+CE", "fine-tuned CE",
+                                                             "fine-tuned SupCon+CE"]
+    for args in parsed:
+        assert args.model_path is None and not args.frozen_bn_eval and not args.amp and args.ce_from == "separate"
         assert (args.arch, args.crop, args.eval_crop, args.epochs, args.batch_size) == ("resnet50", 224, 224, 201, 32)
         assert (args.lr, args.head_lr, args.weight_decay, args.eval_dense_after) == (1e-5, 3e-6, 1e-3, 150)
+        assert (args.sup_weight, args.ce_weight, args.balanced_class, args.augment_impl) == (1.0, 1.0, None, "torchvision")
     assert "--model_path" in recorded_commands("dfc_finetune.sh", WEIGHTS="w.pth")[0]
+    assert len(recorded_commands("dfc_finetune.sh", VARIANTS="0")) == 3
 
 
 def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):

@@ -110,9 +110,12 @@ def test_original_schedule_is_what_the_original_scheduler_gives():
 def test_checkpoint_is_the_released_layout_and_dfc_finetune_starts_from_it(sen12ms_root, tmp_path):
     run = tmp_path / "pre"
     results = sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY])
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pth", "config.json", "last.pt", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "last.pt",
+                                                     "metrics.jsonl", "results.json"]
+    assert os.path.samefile(run / "checkpoint.pth", run / "checkpoint-epoch0.pth")  # the last snapshot, not a copy
     checkpoint = torch.load(run / "checkpoint.pth", weights_only=True)
-    assert sorted(checkpoint) == ["arch", "epoch", "state_dict"] and (checkpoint["arch"], checkpoint["epoch"]) == ("resnet18", 1)
+    # the original's layout and naming: the 0-based epoch after which the weights were saved
+    assert sorted(checkpoint) == ["arch", "epoch", "state_dict"] and (checkpoint["arch"], checkpoint["epoch"]) == ("resnet18", 0)
     assert {k.split(".")[0] for k in checkpoint["state_dict"]} == {"backbone1", "backbone2"}
     last = torch.load(run / "last.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(v, last[k]) for k, v in checkpoint["state_dict"].items()) and last.keys() == checkpoint["state_dict"].keys()
@@ -150,12 +153,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(sen12ms_root, tmp_path
     with pytest.raises(KeyboardInterrupt):
         sen12ms_pretrain.main([*argv, "--save_path", str(tmp_path / "killed")])
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
-    assert not (tmp_path / "killed" / "checkpoint.pth").exists()
+    assert not (tmp_path / "killed" / "checkpoint.pth").exists() and (tmp_path / "killed" / "checkpoint-epoch0.pth").exists()
     sen12ms_pretrain.main(["--resume", str(tmp_path / "killed"), "--workers", "1"])  # a loader worker now
 
     whole, resumed = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "killed"))
     assert [r["lr"] for r in whole] == [r["lr"] for r in resumed] == [3e-5, 1.5e-5]  # period 2 epochs: cos(pi / 2)
     assert [r["train_loss"] for r in whole] == [r["train_loss"] for r in resumed]
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-epoch0.pth", "checkpoint-epoch1.pth"]
     a = torch.load(tmp_path / "whole" / "checkpoint.pth", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "killed" / "checkpoint.pth", weights_only=True)["state_dict"]
     for key in a:
@@ -216,7 +220,8 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp
     assert refused.returncode != 0 and "--sync_bn on cpu" in refused.stderr and not run.exists()
     done = _torchrun(tmp_path, *argv)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pth", "config.json", "last.pt", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "last.pt",
+                                                     "metrics.jsonl", "results.json"]
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     assert load_checkpoint(DualResNet("resnet18"), run / "checkpoint.pth") == (["fc.weight", "fc.bias"], [])
     results = json.loads((run / "results.json").read_text())

@@ -64,7 +64,7 @@ def test_two_tables_from_their_own_fields(tmp_path, capsys):
     (tmp_path / "pre" / "results.json").write_text(json.dumps({"dataset": "SSL", "config": {}, "last": None}))
     summarize.main([str(tmp_path)])
     out = capsys.readouterr().out
-    last_table, best_table = out.split("### DFC2020: best epoch, selected on the evaluation split, as the original reported")
+    last_table, best_table = out.split("### DFC2020: best epoch by AA, selected on the evaluation split, as the original reported")
     assert "### DFC2020: last epoch" in last_table
     assert "| Forest | 50.00 |" in last_table and "| **AA** | **60.00** |" in last_table and "| epoch | 5 |" in last_table
     assert "| Forest | 90.00 |" in best_table and "| **AA** | **85.00** |" in best_table and "| epoch | 4 |" in best_table
@@ -145,7 +145,7 @@ def test_report_writes_valid_pngs_that_report_md_references(tmp_path):
     text = (out / "report.md").read_text()
     for png in pngs:
         assert f"]({png.name})" in text
-    assert "last epoch" in text and "best epoch, selected on the evaluation split" in text
+    assert "last epoch" in text and "best epoch by AA, selected on the evaluation split" in text
 
 
 def test_missing_paths_give_a_clear_error(tmp_path, capsys):
@@ -230,3 +230,22 @@ def test_embeddings_without_a_common_seed_show_each_configurations_lowest(tmp_pa
             write_embedding(tmp_path / f"{name}{seed}", 10.0 * seed, 0.0, b"x")
     shown = summarize.embeddings_of(summarize.group_runs(runs_in(tmp_path))["DFC2020"])
     assert [(row["label"], row["seed"], row["knn_accuracy"]["s1"]) for row in shown] == [("CE", 0, 0.0), ("SupCon+CE", 1, 10.0)]
+
+
+def test_best_is_selected_as_the_original_per_data_set(tmp_path, capsys):
+    """METER-ML: the running best of OA (the original's Evaluator total); DFC2020: AA; --select overrides."""
+    early = evaluation(1, {"Forest": 90.0, "Water": 50.0}, 70.0, 80.0)  # best OA
+    late = evaluation(2, {"Forest": 60.0, "Water": 90.0}, 75.0, 70.0)  # best AA
+    for dataset in ("METER-ML", "DFC2020"):
+        write_run(tmp_path / dataset / "r0", "CE", 0, late, best=late, dataset=dataset, metrics=[early, late])
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "### METER-ML: best epoch by OA" in out and "### DFC2020: best epoch by AA" in out
+    runs = runs_in(tmp_path)
+    chosen = {r.dataset: summarize.best_evaluation(r, summarize.criterion_of(r.dataset))["epoch"] for r in runs}
+    assert chosen == {"METER-ML": 1, "DFC2020": 2}
+    datasets, _ = summarize.summarize(runs_in(tmp_path), select="AA")
+    assert [g.runs[0].results["best_selected_on_eval_split"]["epoch"] for g in datasets["METER-ML"]] == [2]
+    tie = [evaluation(1, {"Forest": 1.0, "Water": 1.0}, 50.0, 50.0), evaluation(2, {"Forest": 1.0, "Water": 1.0}, 50.0, 50.0)]
+    write_run(tmp_path / "tie", "CE", 0, tie[1], metrics=tie)
+    assert summarize.best_evaluation(summarize.load_run(tmp_path / "tie" / "results.json"), "AA")["epoch"] == 1  # the first
