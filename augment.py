@@ -6,7 +6,7 @@ On a batch every sample draws its own parameters, and the batch is processed in 
 call. Parameters are drawn on the generator's device (the CPU when no generator is given) and
 then moved to the data, so a seeded CPU generator gives the same augmentation on CPU and GPU.
 
-The functional ops (``hflip``, ``vflip``, ``rot90``, ``rotate``, ``rotate_nearest``,
+The functional ops (``hflip``, ``vflip``, ``rotate``, ``rotate_nearest``,
 ``resized_crop``, ``resized_crop_antialias``) take a batch and explicit per-sample parameters; the
 ``Random*`` modules draw the parameters and call them.
 
@@ -24,7 +24,8 @@ Two implementations of the method's recipes (``meterml_augment``, ``dfc_augment`
   (``RandomFlipRotation``); METER-ML: ``roi_align`` crops. The same parameter distributions, not
   the same pixels: smoother views (bilinear instead of nearest-neighbour rotation).
 
-``TwoViews`` returns the (augmented, original) pair that SupCon consumes.
+``Views`` makes the images of a training batch on the device: the originals, and augmented views
+from a generator keyed by (seed, epoch, step, rank).
 """
 import math
 
@@ -82,18 +83,6 @@ def hflip(x: Tensor, mask: Tensor) -> Tensor:
 def vflip(x: Tensor, mask: Tensor) -> Tensor:
     """Mirror top-bottom the samples of ``x`` (B, C, H, W) where ``mask`` (B,) bool is True."""
     return torch.where(mask.to(x.device).view(-1, 1, 1, 1), TF.vertical_flip(x), x)
-
-
-def rot90(x: Tensor, k: Tensor) -> Tensor:
-    """Rotate sample i of ``x`` (B, C, H, H) by ``k[i]`` quarter turns counter-clockwise, k (B,) int."""
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"rot90 keeps the shape only for square images, got {tuple(x.shape)}")
-    k = k.to(x.device) % 4
-    out = x.clone()
-    for turns in range(1, 4):
-        selected = k == turns
-        out[selected] = torch.rot90(x[selected], turns, dims=(-2, -1))
-    return out
 
 
 def rotate(x: Tensor, angles: Tensor, flip_h: Tensor | None = None, flip_v: Tensor | None = None) -> Tensor:
@@ -215,37 +204,12 @@ class RandomVerticalFlip(RandomHorizontalFlip):
     flip = staticmethod(vflip)
 
 
-class RandomRot90(nn.Module):
-    """Rotation by 0, 90, 180 or 270 degrees, uniformly per sample (square images)."""
-
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        batch = _as_batch(x)
-        k = (_uniform((len(batch),), 0.0, 4.0, generator)).floor().long()
-        return _like_input(rot90(batch, k), x)
-
-
-class RandomRotation(nn.Module):
-    """Rotation by an angle uniform in [-degrees, degrees] per sample; bilinear, zero fill."""
-
-    def __init__(self, degrees: float) -> None:
-        super().__init__()
-        self.degrees = degrees
-
-    def get_params(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Angles in degrees, (n,)."""
-        return _uniform((n,), -self.degrees, self.degrees, generator)
-
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        batch = _as_batch(x)
-        return _like_input(rotate(batch, self.get_params(len(batch), generator)), x)
-
-
 class RandomFlipRotation(nn.Module):
     """Horizontal and vertical flips (each with probability ``p``) then a rotation by an angle
     uniform in [-degrees, degrees], per sample, in a single bilinear resampling (zero fill).
 
-    The same distribution as ``RandomHorizontalFlip``, ``RandomVerticalFlip`` and
-    ``RandomRotation`` in sequence, at the cost of one ``grid_sample`` instead of three passes.
+    The same distribution as horizontal and vertical flips and a bilinear rotation in sequence, at
+    the cost of one ``grid_sample`` instead of three passes.
     """
 
     def __init__(self, degrees: float, p: float = 0.5) -> None:
@@ -331,17 +295,6 @@ class Augment(nn.Module):
         return x
 
 
-class TwoViews(nn.Module):
-    """``TwoViews(aug)(x) -> (aug(x), x)``: view 0 augmented, view 1 the original, as SupCon uses them."""
-
-    def __init__(self, aug: nn.Module) -> None:
-        super().__init__()
-        self.aug = aug
-
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        return self.aug(x, generator=generator), x
-
-
 class DFCAugment(nn.Module):
     """The original's DFC2020 SupCon view: ``RandomHorizontalFlip``, ``RandomRotation(degrees)``
     (nearest-neighbour, zero fill), ``RandomVerticalFlip``, each flip with probability ``p``,
@@ -412,3 +365,53 @@ def dfc_augment(degrees: float = 20.0, impl: str = "torchvision") -> nn.Module:
     """
     _check_impl(impl)
     return DFCAugment(degrees) if impl == "torchvision" else Augment(RandomFlipRotation(degrees))
+
+
+class Views:
+    """The images of a batch on the training device: the originals and augmented views of them.
+
+    Augmentation runs on whole batches on the device with per-sample parameters drawn from a CPU
+    generator keyed by (seed, epoch, step, rank): the same draws on any device, and a resumed run
+    replays them. `renormalize` (e.g. `datasets.seed_normalize`) is applied to every augmented
+    view, as the original normalises each view after its augmentation.
+
+    Args:
+        modalities: batch keys to read ("s1", "s2").
+        augment: a recipe (`dfc_augment`, `meterml_augment`, ...), or None for no augmentation.
+        ctx: the process context (`process.Context`): device, memory format, rank.
+        seed: run seed.
+        renormalize: per-view normalisation after augmentation, or None.
+    """
+
+    def __init__(self, modalities: list[str], augment: nn.Module | None, ctx, seed: int,
+                 renormalize=None) -> None:
+        self.modalities, self.augment, self.ctx, self.seed = list(modalities), augment, ctx, seed
+        self.renormalize = renormalize
+
+    def originals(self, batch: dict) -> dict[str, Tensor]:
+        """modality -> (B, C, H, W) original images on the device."""
+        return {m: self.ctx.to_device(batch[m]) for m in self.modalities}
+
+    def _augmented(self, x: Tensor, g: torch.Generator) -> Tensor:
+        view = self.augment(x, generator=g)
+        if self.renormalize is not None:
+            view = self.renormalize(view)
+        # grid_sample and roi_align return NCHW whatever their input: restore the nets' format.
+        return self.ctx.memory_format(view)
+
+    def with_augmented(self, batch: dict, epoch: int, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """(originals, augmented): modality -> (B, C, H, W) on the device; augmented is None
+        without augmentation."""
+        originals = self.originals(batch)
+        if self.augment is None:
+            return originals, None
+        g = keyed_generator(self.seed, epoch, step, self.ctx.rank)
+        return originals, {m: self._augmented(x, g) for m, x in originals.items()}
+
+    def two_augmented(self, batch: dict, epoch: int, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(first, second): two independently augmented views, modality -> (B, C, H, W), in the
+        order they are drawn."""
+        originals = self.originals(batch)
+        g = keyed_generator(self.seed, epoch, step, self.ctx.rank)
+        first = {m: self._augmented(x, g) for m, x in originals.items()}
+        return first, {m: self._augmented(x, g) for m, x in originals.items()}

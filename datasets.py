@@ -1,23 +1,25 @@
 """Paired Sentinel-1 / Sentinel-2 datasets: METER-ML, DFC2020 and SEN12MS, as distributed.
 
+One module of about 1,300 lines, on purpose: the outside checks import the readers as
+``datasets.<name>`` (../shared/specs/contract.md), and the three readers share the fault counting,
+crop windows, label rules and the packed-format reader. Its sections, in order: the shared base,
+the packed-format reader, METER-ML (with ``split_overlap`` and ``balanced_indices``), DFC2020 and
+SEN12MS. The packer is ``pack.py``.
+
 Every item is a dict with ``"s1"`` (2, H, W) and ``"s2"`` (C, H, W) float32 tensors, a ``"label"``,
 a ``"multilabel"`` float32 multi-hot vector and the sample's ``"id"``.
 
-Randomness (random crops, ``transform``) comes from a ``torch.Generator`` seeded from
-(seed, epoch, index) only: the draws do not depend on the DataLoader worker that loads the item,
-differ between items and epochs, and a fixed seed reproduces a run. Call ``set_epoch`` before each
-epoch; the epoch lives in shared memory, so persistent workers see it too. ``transform`` is called
-as ``transform(x, generator=g)`` on S1 and on S2 separately (independent draws per modality);
-when it returns a tuple (``augment.TwoViews``), the item holds that tuple for ``"s1"`` and
-``"s2"``. METER-ML applies it after the standardisation; DFC2020 / SEN12MS apply it to the
-clipped crop and seed-normalise each returned view afterwards (``seed_normalize``), as the
-original code does.
+Randomness (random crops) comes from a ``torch.Generator`` seeded from (seed, epoch, index)
+only: the draws do not depend on the DataLoader worker that loads the item, differ between items
+and epochs, and a fixed seed reproduces a run. Call ``set_epoch`` before each epoch; the epoch
+lives in shared memory, so persistent workers see it too. Augmentation is not done here: the
+scripts augment whole batches on the device (``augment.Views``).
 
 Problems with the data are reported, never silently absorbed: samples whose files are missing
 (and METER-ML metadata entries repeated or contradicting each other) are counted in ``skipped``
-and logged once when the dataset is built; non-finite pixels (NaN, +-inf) are replaced, counted in
-``nonfinite_pixels`` (``nan_pixels`` for NaN alone; summed over worker processes) and logged once
-per process; patches with an all-zero S1 or S2 image are counted in ``all_zero_patches`` and logged
+and logged once when the dataset is built; non-finite pixels (NaN, +-inf) are replaced (S1 +-inf
+clipped as the original clips them), counted per item, modality and kind in ``nonfinite_counts``
+(summed over worker processes; ``nonfinite_by_file`` names the files) and logged once per process; patches with an all-zero S1 or S2 image are counted in ``all_zero_patches`` and logged
 once per process; a file that cannot be read, has the wrong shape or holds undocumented label
 codes raises ``DataFileError`` naming the file.
 
@@ -28,17 +30,13 @@ the memory-mapped arrays instead of opening three or four files per sample. File
 be read when packing raise the same ``DataFileError`` (SEN12MS: substitute the next patch) when
 their item is loaded, so a packed set behaves like its source, broken files included.
 """
-import argparse
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NamedTuple
@@ -47,11 +45,9 @@ import numpy as np
 import rasterio
 import rasterio.errors
 import torch
-from PIL import Image
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from augment import keyed_generator
@@ -59,11 +55,12 @@ from losses import IGNORE
 
 logger = logging.getLogger(__name__)
 
-Transform = Callable[..., Tensor | tuple[Tensor, ...]]
-
-
 class DataFileError(ValueError):
     """A data file that cannot be read or has the wrong shape; the message names the file."""
+
+
+class CropError(ValueError):
+    """A crop larger than the data set's patches; the message names both sizes."""
 
 
 class _SharedCounter:
@@ -103,14 +100,12 @@ def seed_normalize(x: Tensor) -> Tensor:
 
 
 class _PairedDataset(Dataset):
-    """What all datasets share: epoch, per-item generator, per-modality transform, fault counting."""
+    """What all datasets share: epoch, per-item generator, fault counting."""
 
-    def __init__(self, transform: Transform | None, seed: int) -> None:
-        self.transform = transform
+    def __init__(self, seed: int) -> None:
         self.seed = seed
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._nan_pixels = _SharedCounter()
-        self._inf_pixels = _SharedCounter()
+        self._nonfinite = torch.zeros((0, 2, 3), dtype=torch.int64)  # sized by _init_counts
         self._all_zero_patches = _SharedCounter()
         self._nonfinite_logged = False
         self._all_zero_logged = False
@@ -123,16 +118,44 @@ class _PairedDataset(Dataset):
     def epoch(self) -> int:
         return int(self._epoch)
 
+    NONFINITE_KINDS = ("nan", "+inf", "-inf")
+
+    def _init_counts(self, n: int) -> None:
+        """Per item and modality (S1, S2), the non-finite values met, by kind: (n, 2, 3) int64 in
+        shared memory, so that DataLoader workers add to it and the main process reads it. Two
+        workers add to one cell only when they read the same item at the same moment (an item
+        repeated within an epoch): then a count may come out low."""
+        self._nonfinite = torch.zeros((n, 2, len(self.NONFINITE_KINDS)), dtype=torch.int64).share_memory_()
+
+    @property
+    def nonfinite_counts(self) -> Tensor:
+        """(items, 2, 3) int64: NaN, +inf and -inf values met so far in each item's S1 and S2
+        files (every read counted: a file read in three epochs counts three times)."""
+        return self._nonfinite
+
     @property
     def nonfinite_pixels(self) -> int:
-        """Non-finite values (NaN, +inf, -inf) replaced so far, over all modalities, bands and
+        """Non-finite values (NaN, +inf, -inf) met so far, over all modalities, bands and
         worker processes."""
-        return self._nan_pixels.value + self._inf_pixels.value
+        return int(self._nonfinite.sum())
 
     @property
     def nan_pixels(self) -> int:
         """The NaN values among ``nonfinite_pixels``."""
-        return self._nan_pixels.value
+        return int(self._nonfinite[..., 0].sum())
+
+    def _source_name(self, index: int, modality: int) -> str:
+        """The file of item ``index``'s S1 (modality 0) or S2 (1) image, for reports."""
+        raise NotImplementedError
+
+    def nonfinite_by_file(self, counts: Tensor | None = None) -> dict[str, dict[str, int]]:
+        """file -> {"nan", "+inf", "-inf"} for every file with a non-finite value met, from
+        ``counts`` (default ``nonfinite_counts``; pass the sum over torchrun ranks)."""
+        counts = self._nonfinite if counts is None else counts
+        found = {}
+        for index, modality in (counts.sum(-1) > 0).nonzero().tolist():
+            found[self._source_name(index, modality)] = dict(zip(self.NONFINITE_KINDS, counts[index, modality].tolist()))
+        return found
 
     @property
     def all_zero_patches(self) -> int:
@@ -143,15 +166,16 @@ class _PairedDataset(Dataset):
     def _generator(self, index: int) -> torch.Generator:
         return keyed_generator(self.seed, self.epoch, index)
 
-    def _count_nonfinite(self, x: Tensor, path: str | Path, replacement: str) -> Tensor:
-        """Mask (same shape as x) of the non-finite values of ``x`` read from ``path``, counted and
-        logged (the first time in this process)."""
+    def _count_nonfinite(self, x: Tensor, path: str | Path, replacement: str, index: int, modality: int) -> Tensor:
+        """Mask (same shape as x) of the non-finite values of ``x``, item ``index``'s S1
+        (``modality`` 0) or S2 (1) read from ``path``: counted by kind, and logged the first time
+        in this process."""
         nonfinite = ~torch.isfinite(x)
         count = int(nonfinite.sum())
         if count:
             nan = int(torch.isnan(x).sum())
-            self._nan_pixels.add(nan)
-            self._inf_pixels.add(count - nan)
+            positive = int((x == float("inf")).sum())
+            self._nonfinite[index, modality] += torch.tensor([nan, positive, count - nan - positive])
             if not self._nonfinite_logged:
                 self._nonfinite_logged = True
                 logger.warning(
@@ -173,11 +197,6 @@ class _PairedDataset(Dataset):
                     "counted in %s.all_zero_patches without more messages",
                     zero[0], type(self).__name__,
                 )
-
-    def _apply_transform(self, item: dict[str, Any], generator: torch.Generator) -> None:
-        if self.transform is not None:
-            item["s1"] = self.transform(item["s1"], generator=generator)
-            item["s2"] = self.transform(item["s2"], generator=generator)
 
 
 def _log_summary(name: str, kept: int, total: int, skipped: dict[str, int], detail: str = "") -> None:
@@ -247,6 +266,13 @@ class _PackedSplit:
     def __init__(self, root: Path, entry: dict[str, Any]) -> None:
         self.root = root
         self.specs: dict[str, dict[str, Any]] = entry["arrays"]
+        # The index lists one id (folder, scene and patch) per row of every array: an edited index
+        # would silently pair items with other rows, or leave rows out.
+        listed = {key: len(entry[key]) for key in ("ids", "folders", "scene", "patch") if key in entry}
+        rows = {column: spec["shape"][0] for column, spec in self.specs.items()}
+        if len(set(listed.values()) | set(rows.values())) > 1:
+            raise DataFileError(f"{root / PACK_INDEX}: the index lists {listed} rows but the arrays hold {rows}: the "
+                                f"index was edited or the pack is damaged; pack again into an empty folder")
         self.unreadable = {
             column: {int(row): message for row, message in rows.items()} for column, rows in entry["unreadable"].items()
         }
@@ -302,9 +328,7 @@ def _meterml_layout(root: Path) -> str:
         "  train_dataset.geojson   (or train_dataset.json; likewise val_, test_)",
         "  train_images_1/<id>/sentinel-1.npy           72 x 72 x 2",
         "                      sentinel-2-10m.npy       72 x 72 x 4",
-        "                      sentinel-2-20m.npy       36 x 36 x 6",
-        "                      sentinel-2-60m.npy       12 x 12 x 3",
-        "                      naip.png",
+        "                      (sentinel-2-20m.npy, sentinel-2-60m.npy, naip.png: not read)",
         "  train_images_2/  train_images_3/  val_images/  test_images/",
         _pack_hint("meterml"),
     ])
@@ -397,37 +421,19 @@ def _as_bands(array: np.ndarray) -> Tensor:
 _METERML_ARRAYS = {
     "sentinel-1.npy": ("s1", (72, 72, 2)),
     "sentinel-2-10m.npy": ("s2_10m", (72, 72, 4)),
-    "sentinel-2-20m.npy": ("s2_20m", (36, 36, 6)),
-    "sentinel-2-60m.npy": ("s2_60m", (12, 12, 3)),
 }
-
-
-def _load_naip(path: Path) -> Tensor:
-    """``naip.png`` as float32 (4, H, W) in [0, 1]: R, G, B and NIR (stored as the alpha channel)."""
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except OSError as error:
-        raise DataFileError(f"cannot read {path}: {error}") from error
-    if array.ndim != 3 or array.shape[2] != 4:
-        raise DataFileError(f"{path}: expected 4 bands (RGB + NIR as alpha), found shape {array.shape}")
-    return torch.from_numpy(array.transpose(2, 0, 1).astype(np.float32) / 255)
 
 
 class MeterMLDataset(_PairedDataset):
     """METER-ML image sets (Zhu et al. 2022): S1 and S2 at 10 m, 72 x 72 px, methane source classes.
 
-    Item: ``"s1"`` (2, 72, 72) VV, VH; ``"s2"`` (4, 72, 72) B2, B3, B4, B8, or with
-    ``s2_bands="all"`` (13, 72, 72) B1, B2, B3, B4, B5, B6, B7, B8, B8A, B9, B10, B11, B12 (the
-    band order of DFC2020 / SEN12MS; the 20 m and 60 m bands upsampled bilinearly); ``"label"``
-    the 7-class seed index (a compound ``Type`` takes its first name), or with
-    ``label_scheme="multilabel"`` the 6-facility multi-hot vector; ``"multilabel"`` (6,) float32
-    over ``FACILITIES`` (zeros for a negative); ``"id"`` the image folder's name; with
-    ``naip=True``, ``"naip"`` (4, H, W) in [0, 1] (not transformed).
+    Item: ``"s1"`` (2, 72, 72) VV, VH; ``"s2"`` (4, 72, 72) B2, B3, B4, B8; ``"label"`` the
+    7-class seed index (a compound ``Type`` takes its first name); ``"multilabel"`` (6,) float32
+    over ``FACILITIES`` (zeros for a negative), the target of the METER-ML paper's own
+    multi-label task; ``"id"`` the image folder's name.
 
-    ``normalize="seed"``: per-channel standardisation with the seed's constants of the raw values;
-    the nine 20 m / 60 m bands have no published constants and are standardised per patch and
-    channel instead (over the finite values). Non-finite values (NaN, +-inf) become 0 after
+    ``normalize="seed"``: per-channel standardisation with the seed's constants of the raw values.
+    Non-finite values (NaN, +-inf) become 0 after
     normalisation (the channel mean under standardisation), counted in ``nonfinite_pixels``.
     ``normalize="none"``: raw values. An all-zero ``sentinel-1.npy`` or ``sentinel-2-10m.npy`` is
     kept and counted in ``all_zero_patches``.
@@ -447,7 +453,7 @@ class MeterMLDataset(_PairedDataset):
         exclude_negatives: drop the Negative samples (``Negative`` and ``Roundabout``), counted
             in ``skipped``.
         strict: raise when a feature's image folder is missing, instead of skipping it.
-        seed: seed of the per-item generator passed to ``transform``.
+        seed: kept for the interface of the other data sets (METER-ML items draw nothing).
         repeated: ``"keep"`` every entry of a folder listed several times (the original), or
             ``"first"`` only its first entry.
     """
@@ -459,8 +465,6 @@ class MeterMLDataset(_PairedDataset):
     S1_STD = (290.2874, 280.4149)
     S2_MEAN = (1025.2214, 1138.3673, 1194.6796, 2637.0828)
     S2_STD = (724.7973, 545.1207, 514.9276, 1051.9325)
-    # Position of each standard-order band in cat([10 m, 20 m, 60 m]) = B2 B3 B4 B8 | B5 B6 B7 B8A B11 B12 | B1 B9 B10.
-    _S2_ALL_ORDER = [10, 0, 1, 2, 4, 5, 6, 3, 7, 11, 12, 8, 9]
 
     def __init__(
         self,
@@ -469,39 +473,25 @@ class MeterMLDataset(_PairedDataset):
         geojson: str | Path | None = None,
         *,
         exclude_negatives: bool = False,
-        label_scheme: Literal["seed", "multilabel"] = "seed",
         normalize: Literal["seed", "none"] = "seed",
-        s2_bands: Literal["10m", "all"] = "10m",
-        naip: bool = False,
-        transform: Transform | None = None,
         seed: int = 0,
         strict: bool = False,
         repeated: Literal["keep", "first"] = "keep",
     ) -> None:
-        super().__init__(transform, seed)
+        super().__init__(seed)
         for name, value, allowed in [
             ("split", split, ("train", "val", "test")),
             ("repeated", repeated, ("keep", "first")),
-            ("label_scheme", label_scheme, ("seed", "multilabel")),
             ("normalize", normalize, ("seed", "none")),
-            ("s2_bands", s2_bands, ("10m", "all")),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         self.root = Path(root)
         self.split = split
-        self.label_scheme = label_scheme
         self.normalize = normalize
-        self.s2_bands = s2_bands
-        self.naip = naip
         if not self.root.is_dir():
             raise FileNotFoundError(f"METER-ML root {self.root} does not exist; expected:\n{_meterml_layout(self.root)}")
         index = packed_index(self.root, "meterml")
-        if index is not None and naip:
-            raise ValueError(
-                f"{self.root} is a packed METER-ML set, which holds no naip.png images (about 2 MB each): "
-                f"read them from the original root ({index['source_root']}) or pass naip=False"
-            )
         self.metadata = self._find_metadata(split, geojson)
         folders, types = self._read_features(self.metadata)
         total = len(folders)
@@ -580,6 +570,7 @@ class MeterMLDataset(_PairedDataset):
         if not self._folders:
             raise ValueError(f"{self.metadata}: no sample left of {total} features (skipped: {self.skipped})")
         detail = "".join(f"; {text}" for text in details)
+        self._init_counts(len(self._folders))
         _log_summary(f"MeterMLDataset({self.split})", len(self._folders), total, self.skipped, detail)
         if details and not any(self.skipped.values()):
             logger.warning("MeterMLDataset(%s): %d samples%s", self.split, len(self._folders), detail)
@@ -648,6 +639,13 @@ class MeterMLDataset(_PairedDataset):
     def __len__(self) -> int:
         return len(self._folders)
 
+    def _source_name(self, index: int, modality: int) -> str:
+        file = ("sentinel-1.npy", "sentinel-2-10m.npy")[modality]
+        if self._packed is None:
+            return str(self._folders[index] / file)
+        packed, row = self._packed[index]
+        return packed.name(_METERML_ARRAYS[file][0], row, f"{self._folders[index].name}/{file}")
+
     def _raw(self, index: int, file: str) -> tuple[np.ndarray, str | Path]:
         """The array (height, width, bands) of ``file`` (e.g. ``"sentinel-1.npy"``) of sample
         ``index`` as stored, from its folder or packed (a read-only view), and its name for messages."""
@@ -666,7 +664,7 @@ class MeterMLDataset(_PairedDataset):
         per-patch standardisation over the finite values), and its name when it held only zeros."""
         raw, name = self._raw(index, file)
         x = _as_bands(raw)
-        nonfinite = self._count_nonfinite(x, name, "0 after normalisation")
+        nonfinite = self._count_nonfinite(x, name, "0 after normalisation", index, int(file != "sentinel-1.npy"))
         all_zero = not bool(x.any())
         if self.normalize == "seed":
             if mean is None:
@@ -684,22 +682,14 @@ class MeterMLDataset(_PairedDataset):
         s1, s1_zero = self._read(index, "sentinel-1.npy", self.S1_MEAN, self.S1_STD)
         s2, s2_zero = self._read(index, "sentinel-2-10m.npy", self.S2_MEAN, self.S2_STD)
         self._count_all_zero([name for name in (s1_zero, s2_zero) if name is not None])
-        if self.s2_bands == "all":
-            s2_20m, _ = self._read(index, "sentinel-2-20m.npy", None, None)
-            s2_60m, _ = self._read(index, "sentinel-2-60m.npy", None, None)
-            upsample = [TF.resize(x, [72, 72], interpolation=TF.InterpolationMode.BILINEAR) for x in (s2_20m, s2_60m)]
-            s2 = torch.cat([s2, *upsample])[self._S2_ALL_ORDER]
         multilabel = self.multilabels[index].clone()
         item: dict[str, Any] = {
             "s1": s1,
             "s2": s2,
-            "label": int(self.labels[index]) if self.label_scheme == "seed" else multilabel.clone(),
+            "label": int(self.labels[index]),
             "multilabel": multilabel,
             "id": folder.name,
         }
-        if self.naip:
-            item["naip"] = _load_naip(folder / "naip.png")
-        self._apply_transform(item, self._generator(index))
         return item
 
 
@@ -885,11 +875,10 @@ class _PatchDataset(_PairedDataset):
         train: bool,
         normalize: str,
         return_label_map: bool,
-        transform: Transform | None,
         seed: int,
         offset_seed: int | None,
     ) -> None:
-        super().__init__(transform, seed)
+        super().__init__(seed)
         if crop is not None and crop <= 0:
             raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
         if normalize not in ("seed", "none"):
@@ -928,26 +917,30 @@ class _PatchDataset(_PairedDataset):
                 root, bad, len(rows), root / PACK_INDEX,
             )
 
-    def _learn_patch_size(self) -> None:
-        """Without a crop, items are whole patches that a DataLoader stacks: take their
-        (height, width) from the first S1 file (one open; packed: the array shape), so that
-        another size names its file. An unreadable file is passed over here (its item reports
-        it); ten in a row raise."""
-        if self.crop is None:
-            if self._packed is not None:
-                self._patch_size = tuple(self._packed.specs["s1"]["shape"][-2:])
-                self._patch_size_source = self._packed.root / self._packed.specs["s1"]["file"]
-                return
+    def _learn_patch_size(self, root: Path) -> None:
+        """Take the patches' (height, width) from the first S1 file (one open; packed: the array
+        shape): whole patches, which a DataLoader stacks, must all have it, and a crop must fit
+        it (``CropError`` otherwise, before any item is read). An unreadable file is passed over
+        here (its item reports it); ten in a row raise."""
+        if self._packed is not None:
+            self._patch_size = tuple(self._packed.specs["s1"]["shape"][-2:])
+            self._patch_size_source = self._packed.root / self._packed.specs["s1"]["file"]
+        else:
+            last_error = None
             with rasterio.Env(**_GDAL_OPTIONS):
                 for paths in self._files[:10]:
                     try:
                         with _open_tif(paths["s1"], 2) as src:
                             self._patch_size = (src.height, src.width)
                             self._patch_size_source = paths["s1"]
-                            return
+                            break
                     except DataFileError as error:
                         last_error = error
-            raise DataFileError(f"none of the first S1 files gives the patch size; the last: {last_error}")
+            if self._patch_size is None:
+                raise DataFileError(f"none of the first S1 files gives the patch size; the last: {last_error}")
+        if self.crop is not None and self.crop > min(self._patch_size):
+            height, width = self._patch_size
+            raise CropError(f"a crop of {self.crop} px does not fit the {height} x {width} px patches of {root}")
 
     def _window(self, index: int, height: int, width: int, generator: torch.Generator, path: str | Path) -> Window:
         """The crop window of patch ``index`` (``height`` x ``width`` px): the whole patch without
@@ -973,18 +966,29 @@ class _PatchDataset(_PairedDataset):
             top, left = (height - self.crop) // 2, (width - self.crop) // 2
         return Window(left, top, self.crop, self.crop)
 
-    def _prepared(self, raw: np.ndarray, path: str | Path, s1: bool) -> Tensor:
-        """(bands, h, w) float32 of a window read from ``path``: non-finite values -> 0 (dB for
-        S1), then with ``normalize="seed"`` S1 clipped to [-25, 0] dB + 25 and S2 to [0, 10000].
-        The per-channel maximum division is left to ``seed_normalize``, after any transform."""
+    def _prepared(self, raw: np.ndarray, path: str | Path, s1: bool, index: int) -> Tensor:
+        """(bands, h, w) float32 of a window read from ``path``, non-finite values counted. With
+        ``normalize="seed"``: NaN -> 0 dB (S1) or 0, then S1 clipped to [-25, 0] dB + 25 and S2 to
+        [0, 10000], which takes -inf and +inf to the ends of the range, as the original's
+        ``np.clip``. With ``normalize="none"``: every non-finite value -> 0. The per-channel
+        maximum division is left to ``seed_normalize``."""
         # Always a copy: packed windows are read-only views of the memory map.
         x = torch.from_numpy(np.array(raw, dtype=np.float32))
         # A finite sum rules out NaN and +-inf in one vectorised pass, cheaper than the mask.
         if np.issubdtype(raw.dtype, np.floating) and not torch.isfinite(x.sum()):
-            x.masked_fill_(self._count_nonfinite(x, path, "0 dB" if s1 else "0"), 0.0)
+            clipped = self.normalize == "seed"
+            nonfinite = self._count_nonfinite(x, path, ("NaN by 0 dB, +-inf clipped to 0 / -25 dB" if s1 else
+                                                        "NaN by 0, +-inf clipped") if clipped else "0", index, int(not s1))
+            x.masked_fill_(torch.isnan(x) if clipped else nonfinite, 0.0)
         if self.normalize == "none":
             return x
         return x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
+
+    def _source_name(self, index: int, modality: int) -> str:
+        name = ("s1", "s2")[modality]
+        if self._packed is None:
+            return str(self._files[index][name])
+        return self._packed.name(name, self._rows[index], f"patch {self.patch_ids[index]}")
 
     def _read_windows(
         self, index: int, generator: torch.Generator
@@ -1024,8 +1028,8 @@ class _PatchDataset(_PairedDataset):
         label map (h, w) uint8 of one crop window."""
         s1_raw, s2_raw, label_raw, names = self._read_windows(index, generator)
         label_map = _class_map(label_raw, names["label"], self._labels)
-        s1 = self._prepared(s1_raw, names["s1"], s1=True)
-        s2 = self._prepared(s2_raw, names["s2"], s1=False)
+        s1 = self._prepared(s1_raw, names["s1"], True, index)
+        s2 = self._prepared(s2_raw, names["s2"], False, index)
         # Judged before clipping: clipped S1 is 25 where the file holds 0 dB.
         zero = [names[m] for m, x in (("s1", s1_raw), ("s2", s2_raw)) if not x.any()]
         self._count_all_zero(zero)
@@ -1040,14 +1044,8 @@ class _PatchDataset(_PairedDataset):
         }
         if self.return_label_map:
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
-        self._apply_transform(item, generator)
         if self.normalize == "seed":
-            for modality in ("s1", "s2"):
-                views = item[modality]
-                item[modality] = (
-                    tuple(seed_normalize(view) for view in views) if isinstance(views, (tuple, list))
-                    else seed_normalize(views)
-                )
+            item["s1"], item["s2"] = seed_normalize(s1), seed_normalize(s2)
         return item
 
     def patch_labels(self) -> Tensor:
@@ -1100,18 +1098,18 @@ class DFC2020Dataset(_PatchDataset):
     8-class label of the crop window (ignore pixels count; 255 when they win); ``"multilabel"``
     (8,) the classes covering at least 10 % of the window's pixels; ``"id"`` the patch number N
     of ``_p{N}.tif``; with ``return_label_map``, ``"label_map"`` (H, W) int64, 0-7 or 255 (not
-    transformed). ``crop=None``: the whole patch (every patch must have the size of the first);
+    augmented). ``crop=None``: the whole patch (every patch must have the size of the first);
     ``crop=224``: a 224 x 224 window, random per (seed, epoch, index) when ``train``, else
     centred, or with ``offset_seed`` at a random offset drawn once per patch number (the same
     windows in every evaluation, epoch and run, whatever the DataLoader order or worker). S1, S2
     and labels share the window; only the window is read from disk.
 
     ``normalize="seed"`` (what the released DualResNet50 checkpoints were trained with, per crop):
-    S1 non-finite -> 0 dB (NaN -> 0 is what ``np.nan_to_num`` gives in the public SEN12MS
-    loaders), clip to [-25, 0] dB, + 25; S2 clip to [0, 10000]; ``transform`` (if any) on this
-    clipped crop; then every channel of the crop, or of each returned view, divided by its own
-    maximum (+ 1e-5) (``seed_normalize``). ``normalize="none"``: S1 in dB (non-finite -> 0 dB)
-    and S2 raw, as float32, transformed as they are.
+    S1 NaN -> 0 dB (what ``np.nan_to_num`` gives in the public SEN12MS loaders), clip to
+    [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's ``np.clip``), + 25; S2 clip to
+    [0, 10000]; then every channel of the crop divided by its own maximum (+ 1e-5)
+    (``seed_normalize``). ``normalize="none"``: S1 in dB and S2 raw, as float32, non-finite
+    values -> 0 (for looking at the data).
 
     Label maps: ``dfc`` files may hold codes 0-10 and 255, ``lc`` band 1 IGBP codes 1-17 with 0
     and 255 accepted as no data (ignore); other codes, or a non-integer dtype, raise
@@ -1138,12 +1136,11 @@ class DFC2020Dataset(_PatchDataset):
         label_source: Literal["dfc", "lc"] = "dfc",
         normalize: Literal["seed", "none"] = "seed",
         return_label_map: bool = False,
-        transform: Transform | None = None,
         seed: int = 0,
         strict: bool = False,
         offset_seed: int | None = None,
     ) -> None:
-        super().__init__(crop, train, normalize, return_label_map, transform, seed, offset_seed)
+        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
         if split not in _DFC_FOLDERS:
             raise ValueError(f"split must be one of {tuple(_DFC_FOLDERS)}, got {split!r}")
         if label_source not in ("dfc", "lc"):
@@ -1183,7 +1180,8 @@ class DFC2020Dataset(_PatchDataset):
             raise ValueError(
                 f"DFC2020 split {split!r} under {self.root / top} has no complete patch (skipped: {self.skipped})"
             )
-        self._learn_patch_size()
+        self._learn_patch_size(self.root)
+        self._init_counts(len(self.patch_ids))
         _log_summary(f"DFC2020Dataset({split})", len(self.patch_ids), total, self.skipped)
 
 
@@ -1271,11 +1269,10 @@ class SEN12MSDataset(_PatchDataset):
         *,
         normalize: Literal["seed", "none"] = "seed",
         return_label_map: bool = False,
-        transform: Transform | None = None,
         seed: int = 0,
         offset_seed: int | None = None,
     ) -> None:
-        super().__init__(crop, train, normalize, return_label_map, transform, seed, offset_seed)
+        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
         unknown = [season for season in seasons if season not in _SEN12MS_SEASONS]
         if unknown or not seasons:
             raise ValueError(f"seasons must be a non-empty subset of {tuple(_SEN12MS_SEASONS)}, got {tuple(seasons)}")
@@ -1322,7 +1319,8 @@ class SEN12MSDataset(_PatchDataset):
             raise ValueError(
                 f"SEN12MS under {self.root}, seasons {self.seasons}: no complete patch (skipped: {self.skipped})"
             )
-        self._learn_patch_size()
+        self._learn_patch_size(self.root)
+        self._init_counts(len(self.patch_ids))
         _log_summary(f"SEN12MSDataset({','.join(self.seasons)})", len(self.patch_ids), total, self.skipped)
 
     @property
@@ -1343,414 +1341,8 @@ class SEN12MSDataset(_PatchDataset):
         raise DataFileError(f"{self._MAX_SUBSTITUTES} consecutive SEN12MS patches from index {index} are unreadable")
 
 
-# ---------------------------------------------------------------------------------------------
-# Packing: python datasets.py pack {dfc2020,sen12ms,meterml} ROOT OUT
-
-
-class _Column(NamedTuple):
-    """One packed array, ``OUT/<split>/<name>.npy``: the shape of one row, the dtype, and the
-    band count of its GeoTIFF source files (0: .npy source files)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    tif_bands: int = 0
-
-
-class _SplitPlan(NamedTuple):
-    """One split to pack: its columns, the source files of every row (column -> path) and its
-    record for the index (ids, skip counts), to which packing adds arrays and unreadable files."""
-
-    columns: list[_Column]
-    sources: list[dict[str, str]]
-    record: dict[str, Any]
-
-
-# Band counts of the GeoTIFF columns. S1 is packed as float32, the dtype of the files: the loader
-# computes in float32, and float16 (about 0.01 dB steps between -25 and 0 dB) would change the
-# items, which must stay identical; a quantisation would also lose NaN / +-inf, which are counted.
-_TIF_BANDS = {"s1": 2, "s2": 13, "dfc": 1, "lc": 4}
-_TIF_LABELS = {"dfc": _DFC_LABELS, "lc": _IGBP_LABELS}
-
-
-def _patch_columns(sources: list[dict[str, str]], labels: Sequence[str], split: str) -> list[_Column]:
-    """Columns of a patch split, sized by its first readable S1 file: every patch of a packed
-    split has that size (a patch of another size is reported as unreadable)."""
-    for files in sources:
-        try:
-            with _open_tif(Path(files["s1"]), 2) as src:
-                size = (src.height, src.width)
-                break
-        except DataFileError:
-            continue
-    else:
-        raise DataFileError(f"split {split}: none of its {len(sources)} S1 files can be read, so nothing can be packed")
-    columns = [_Column("s1", (2, *size), "float32", 2), _Column("s2", (13, *size), "uint16", 13)]
-    return columns + [_Column(label, size, "uint8", _TIF_BANDS[label]) for label in labels]
-
-
-def _plan_dfc2020(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
-    """Both splits that exist, with dfc and lc labels where their folders exist. A row is a patch
-    complete for at least one label source; each source keeps its own rows and skip counts, as
-    ``DFC2020Dataset`` pairs them."""
-    layout = _dfc_layout(root)
-    plans: dict[str, _SplitPlan] = {}
-    absent: list[str] = []
-    for split, (top, _) in _DFC_FOLDERS.items():
-        if not (root / top).is_dir():
-            absent.append(f"split {split} ({root / top})")
-            continue
-        paired = {}
-        for label in ("dfc", "lc"):
-            folders = _dfc_folders(root, split, label)
-            if folders["label"].is_dir():
-                paired[label] = _pair_patches(folders, strict=False, layout=layout)
-            else:
-                absent.append(f"{label} labels of {split} ({folders['label']})")
-        if not paired:
-            raise FileNotFoundError(f"{root / top}: neither dfc nor lc label folder found; expected:\n{layout}")
-        files_of: dict[int, dict[str, str]] = {}
-        for label, (numbers, files, _, _) in paired.items():
-            for number, paths in zip(numbers, files):
-                files_of.setdefault(number, {"s1": str(paths["s1"]), "s2": str(paths["s2"])})[label] = str(paths["label"])
-        numbers = sorted(files_of)
-        row_of = {number: row for row, number in enumerate(numbers)}
-        sources = [files_of[number] for number in numbers]
-        record = {
-            "ids": numbers,
-            "label_sources": {
-                label: {"rows": [row_of[n] for n in found], "skipped": skipped, "patches_seen": seen}
-                for label, (found, _, skipped, seen) in paired.items()
-            },
-            "skipped": {f"{label} labels: {reason}": n for label, p in paired.items() for reason, n in p[2].items()},
-        }
-        if sources:
-            plans[split] = _SplitPlan(_patch_columns(sources, list(paired), split), sources, record)
-        else:
-            absent.append(f"split {split} (no complete patch)")
-    if not plans:
-        raise FileNotFoundError(f"no DFC2020 split with complete patches under {root}; expected:\n{layout}")
-    return plans, absent
-
-
-def _plan_sen12ms(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
-    """One split, "all", over ``seasons`` in the canonical season order, scenes and patch
-    numbers ascending (the order of ``SEN12MSDataset``); per row its season, scene and number."""
-    layout = _sen12ms_layout(root)
-    sources: list[dict[str, str]] = []
-    record: dict[str, Any] = {"season": [], "scene": [], "patch": [], "seasons": {}, "skipped": {}}
-    for season in _SEN12MS_SEASONS:
-        if season not in seasons:
-            continue
-        found = _sen12ms_season(root, season, layout)
-        start = len(sources)
-        sources += [{"s1": str(f["s1"]), "s2": str(f["s2"]), "lc": str(f["label"])} for f in found.files]
-        record["season"] += [season] * len(found.files)
-        record["scene"] += found.scenes
-        record["patch"] += found.numbers
-        record["seasons"][season] = {"rows": [start, len(sources)], "skipped": found.skipped, "patches_seen": found.seen}
-        for reason, count in found.skipped.items():
-            record["skipped"][f"{season}: {reason}"] = count
-    if not sources:
-        raise FileNotFoundError(f"no complete SEN12MS triplet under {root}; expected:\n{layout}")
-    absent = [f"season {season}" for season in _SEN12MS_SEASONS if season not in seasons]
-    return {"all": _SplitPlan(_patch_columns(sources, ["lc"], "all"), sources, record)}, absent
-
-
-def _npy_dtype(path: Path) -> np.dtype | None:
-    """The dtype in a .npy header (the data is not read), or None when the file cannot be opened."""
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False).dtype
-    except (OSError, ValueError, EOFError):
-        return None
-
-
-def _plan_meterml(root: Path, seasons: Sequence[str]) -> tuple[dict[str, _SplitPlan], list[str]]:
-    """Every split whose metadata exists: its image folders, resolved as ``MeterMLDataset``
-    resolves them, each once. Columns keep the files' dtype (their common type; wider than 4
-    bytes becomes float32, what the loader computes in anyway)."""
-    plans: dict[str, _SplitPlan] = {}
-    absent: list[str] = []
-    for split in ("train", "val", "test"):
-        metadata = next((p for p in (root / f"{split}_dataset.geojson", root / f"{split}_dataset.json") if p.is_file()), None)
-        if metadata is None:
-            absent.append(f"split {split} (no {split}_dataset.geojson or .json)")
-            continue
-        written, _ = MeterMLDataset._read_features(metadata)
-        resolved = _resolve_image_folders(root, written)
-        folders = list(dict.fromkeys(path.relative_to(root).as_posix() for path in resolved if path is not None))
-        missing = sum(path is None for path in resolved)
-        columns = []
-        for file, (column, shape) in _METERML_ARRAYS.items():
-            found = {dtype for folder in folders if (dtype := _npy_dtype(root / folder / file)) is not None}
-            numeric = [dtype for dtype in found if np.issubdtype(dtype, np.number)]
-            dtype = np.result_type(*numeric) if numeric else np.dtype(np.float32)
-            columns.append(_Column(column, shape, str(dtype if dtype.itemsize <= 4 else np.dtype(np.float32))))
-        sources = [{column: str(root / folder / file) for file, (column, _) in _METERML_ARRAYS.items()} for folder in folders]
-        record = {
-            "metadata": metadata.name,
-            "folders": folders,
-            "features": len(written),
-            "skipped": {"image folder missing": missing} if missing else {},
-        }
-        plans[split] = _SplitPlan(columns, sources, record)
-    if not plans:
-        raise FileNotFoundError(f"no METER-ML metadata under {root}; expected:\n{_meterml_layout(root)}")
-    return plans, absent
-
-
-_PLANNERS = {"dfc2020": _plan_dfc2020, "sen12ms": _plan_sen12ms, "meterml": _plan_meterml}
-
-
-def _pack_value(column: _Column, path: Path) -> np.ndarray:
-    """One row of ``column`` read from its source file, in the column's dtype and shape.
-
-    Raises ``DataFileError`` naming the file: unreadable, wrong band count, size or shape, an S2
-    that uint16 cannot hold, a label map that is not integer codes 0-255. Documented-code checks
-    of label maps are left to the loader (``_class_map``), per window as for GeoTIFFs.
-    """
-    if not column.tif_bands:
-        return _read_npy(path, column.shape).astype(column.dtype)
-    size = column.shape[-2:]
-    with _open_tif(path, column.tif_bands) as src:
-        if (src.height, src.width) != size:
-            raise DataFileError(
-                f"{path}: patch of {src.height} x {src.width} px; the packed split holds {size[0]} x {size[1]} px "
-                f"patches (the size of its first readable S1 file)"
-            )
-        data = src.read(1) if column.name in _TIF_LABELS else src.read()
-    if column.name == "s1":
-        return data.astype(np.float32)
-    if column.name == "s2":
-        if not np.can_cast(data.dtype, np.uint16, "safe"):
-            raise DataFileError(f"{path}: expected uint16 S2 reflectance x 10000, found dtype {data.dtype}")
-        return data.astype(np.uint16)
-    if data.dtype.kind not in "ui" or (data.size and (int(data.min()) < 0 or int(data.max()) > 255)):
-        _class_map(data, path, _TIF_LABELS[column.name])  # raises the loader's own message
-    return data.astype(np.uint8)
-
-
-_FAULT_KINDS = (
-    ("cannot read", "unreadable file"),
-    ("bands", "wrong band count"),
-    ("label codes", "undocumented label codes"),
-    ("dtype", "wrong dtype"),
-    (" px", "wrong size"),
-    ("shape", "wrong shape"),
-)
-
-
-def _fault_kind(message: str) -> str:
-    return next((kind for key, kind in _FAULT_KINDS if key in message), "other")
-
-
-def _write_json(path: Path, content: dict[str, Any]) -> None:
-    """Replace ``path`` atomically: a reader (or a later run after a kill) sees the old or the new file."""
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as file:
-        json.dump(content, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-
-
-def _pack_split(
-    out: Path, split: str, plan: _SplitPlan, state: dict[str, Any], progress: Path, checkpoint_every: int
-) -> None:
-    """Fill the arrays of ``split`` from row ``state["splits"][split]["done"]`` on, recording the
-    files that cannot be read; every ``checkpoint_every`` rows the arrays are flushed to disk and
-    then the progress marker saved, so that a killed run resumes at the last checkpoint."""
-    split_state = state["splits"].setdefault(split, {"done": 0, "unreadable": {}})
-    done, rows = split_state["done"], len(plan.sources)
-    (out / split).mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {}
-    for column in plan.columns:
-        path = out / split / f"{column.name}.npy"
-        shape = (rows, *column.shape)
-        if done:
-            arrays[column.name] = np.load(path, mmap_mode="r+")
-            if arrays[column.name].shape != shape or str(arrays[column.name].dtype) != column.dtype:
-                raise DataFileError(f"{path}: an unfinished pack left another shape or dtype; delete {out} and pack again")
-        else:
-            arrays[column.name] = np.lib.format.open_memmap(path, mode="w+", dtype=column.dtype, shape=shape)
-    unreadable: dict[str, dict[str, str]] = split_state["unreadable"]
-    with tqdm(total=rows, initial=done, desc=f"pack {split}", unit="patch", disable=None) as bar:
-        for row in range(done, rows):
-            for column in plan.columns:
-                path = plan.sources[row].get(column.name)
-                if path is None:  # a DFC2020 patch without a file of this label source
-                    continue
-                try:
-                    arrays[column.name][row] = _pack_value(column, Path(path))
-                except DataFileError as error:
-                    # Zeros rather than what a killed run may have left: a resumed pack equals an uninterrupted one.
-                    arrays[column.name][row] = 0
-                    unreadable.setdefault(column.name, {})[str(row)] = str(error)
-                    logger.warning("not packed: %s", error)
-            bar.update()
-            if (row + 1) % checkpoint_every == 0 or row + 1 == rows:
-                for array in arrays.values():
-                    array.flush()
-                split_state["done"] = row + 1
-                _write_json(progress, state)
-
-
-def _check_pack(out: Path, plans: dict[str, _SplitPlan], splits: dict[str, Any]) -> dict[str, Any]:
-    """Reopen every packed array (shape and dtype as the index says) and count per split what
-    was packed, what could not be read and why, and what was skipped before packing and why."""
-    check: dict[str, Any] = {}
-    for split, plan in plans.items():
-        entry = splits[split]
-        for column, spec in entry["arrays"].items():
-            array = np.load(out / spec["file"], mmap_mode="r")
-            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-                raise DataFileError(f"{out / spec['file']}: holds {array.shape} {array.dtype}, expected {spec}")
-        bad_rows = set().union(*(rows.keys() for rows in entry["unreadable"].values()))
-        reasons = Counter(
-            f"{column}: {_fault_kind(message)}" for column, rows in entry["unreadable"].items() for message in rows.values()
-        )
-        check[split] = {
-            "rows": len(plan.sources),
-            "packed": len(plan.sources) - len(bad_rows),
-            "with unreadable files": len(bad_rows),
-            "unreadable files by reason": dict(reasons),
-            "skipped before packing": plan.record["skipped"],
-        }
-    return check
-
-
-def pack(
-    dataset: Literal["dfc2020", "sen12ms", "meterml"],
-    root: str | Path,
-    out: str | Path,
-    *,
-    seasons: Sequence[str] = tuple(_SEN12MS_SEASONS),
-    checkpoint_every: int = 256,
-) -> dict[str, Any]:
-    """Pack the data set in ``root`` into ``out`` once, for fast reading; returns the index.
-
-    Per split (DFC2020: ``validation``, ``test``; SEN12MS: ``all``, the ``seasons`` in one set;
-    METER-ML: ``train``, ``val``, ``test``; those present) one .npy array per column, rows
-    first, in ``out/<split>/``: ``s1`` (N, 2, H, W) float32 dB, ``s2`` (N, 13, H, W) uint16,
-    ``dfc`` / ``lc`` (N, H, W) uint8 raw codes (lc: band 1, IGBP); METER-ML ``s1``, ``s2_10m``,
-    ``s2_20m``, ``s2_60m`` (N, h, w, bands) as stored (naip.png is not packed). ``out/index.json``
-    holds the format version, source root, ids, array shapes and dtypes, the files that could
-    not be read (row -> message), what was skipped before packing and why, and the final check's
-    counts. METER-ML metadata files are copied beside it.
-
-    Resumable: a run that is killed leaves ``out/.pack_progress.json``; the same command resumes
-    at the last checkpoint (every ``checkpoint_every`` rows). ``index.json`` is written last, in
-    one atomic step, so a folder with an index is a complete pack. A complete ``out`` is left as
-    it is. Unreadable files are logged, counted and recorded, never silently dropped; their
-    rows stay (zeros) so that loading them raises the error their file gave.
-    """
-    if dataset not in _PLANNERS:
-        raise ValueError(f"dataset must be one of {_PACK_DATASETS}, got {dataset!r}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive number of rows, got {checkpoint_every}")
-    unknown = [season for season in seasons if season not in _SEN12MS_SEASONS]
-    if unknown or not seasons:
-        raise ValueError(f"seasons must be a non-empty subset of {tuple(_SEN12MS_SEASONS)}, got {tuple(seasons)}")
-    root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{dataset} root {root} does not exist")
-    if packed_index(root) is not None:
-        raise ValueError(f"{root} is already a packed data set ({root / PACK_INDEX})")
-    existing = packed_index(out, dataset) if (out / PACK_INDEX).is_file() else None
-    if existing is not None:
-        logger.info("%s is already a complete pack of %s; nothing to do", out, existing["source_root"])
-        return existing
-    progress = out / _PACK_PROGRESS
-    if out.is_dir() and not progress.is_file() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and holds no unfinished pack: choose a new or empty folder")
-    started = time.perf_counter()
-    plans, absent = _PLANNERS[dataset](root, seasons)
-    plan_text = json.dumps(
-        {name: {"columns": plan.columns, "sources": plan.sources} for name, plan in plans.items()}, sort_keys=True
-    )
-    state: dict[str, Any] = {"plan": hashlib.sha256(plan_text.encode()).hexdigest(), "splits": {}}
-    if progress.is_file():
-        previous = json.loads(progress.read_text())
-        if previous.get("plan") != state["plan"]:
-            raise FileExistsError(
-                f"{out} holds an unfinished pack of other files (the source changed since, or another ROOT); "
-                f"delete {out} or choose another OUT"
-            )
-        state = previous
-        logger.info("resuming the unfinished pack in %s", out)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(progress, state)
-    for name in absent:
-        logger.warning("%s: not found, not packed: %s", root, name)
-    splits: dict[str, Any] = {}
-    with rasterio.Env(**_GDAL_OPTIONS):
-        for name, plan in plans.items():
-            _pack_split(out, name, plan, state, progress, checkpoint_every)
-            rows = len(plan.sources)
-            splits[name] = {
-                **plan.record,
-                "rows": rows,
-                "arrays": {
-                    c.name: {"file": f"{name}/{c.name}.npy", "shape": [rows, *c.shape], "dtype": c.dtype}
-                    for c in plan.columns
-                },
-                "unreadable": state["splits"][name]["unreadable"],
-            }
-    check = _check_pack(out, plans, splits)
-    for name, counts in check.items():
-        report = logger.warning if counts["with unreadable files"] or any(counts["skipped before packing"].values()) else logger.info
-        report(
-            "packed %s %s: %d of %d rows complete; rows with unreadable files: %d %s; skipped before packing: %s",
-            dataset, name, counts["packed"], counts["rows"], counts["with unreadable files"],
-            counts["unreadable files by reason"], counts["skipped before packing"] or "none",
-        )
-    if dataset == "meterml":
-        for plan in plans.values():
-            shutil.copyfile(root / plan.record["metadata"], out / plan.record["metadata"])
-    index = {
-        "format": PACK_FORMAT,
-        "version": PACK_VERSION,
-        "dataset": dataset,
-        "source_root": str(root.resolve()),
-        "absent": absent,
-        "splits": splits,
-        "check": check,
-        "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds_of_last_run": round(time.perf_counter() - started, 3),
-    }
-    _write_json(out / PACK_INDEX, index)
-    progress.unlink()
-    return index
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python datasets.py pack {dfc2020,sen12ms,meterml} ROOT OUT``."""
-    parser = argparse.ArgumentParser(prog="datasets.py", description="Tools for the data sets of this project.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    pack_parser = commands.add_parser(
-        "pack",
-        help="copy a data set once into memory-mappable .npy arrays (resumable: rerun after a kill)",
-        description=pack.__doc__.split("\n\n")[0],
-    )
-    pack_parser.add_argument("dataset", choices=_PACK_DATASETS)
-    pack_parser.add_argument("root", type=Path, help="the data set as distributed")
-    pack_parser.add_argument("out", type=Path, help="new or empty folder, or an unfinished pack to resume")
-    pack_parser.add_argument(
-        "--seasons", nargs="+", choices=tuple(_SEN12MS_SEASONS), default=tuple(_SEN12MS_SEASONS),
-        help="SEN12MS seasons to pack; default all four",
-    )
-    pack_parser.add_argument(
-        "--checkpoint-every", type=int, default=256, metavar="ROWS", help="rows between progress checkpoints; default 256"
-    )
-    args = parser.parse_args(argv)
-    if args.checkpoint_every < 1:
-        parser.error(f"--checkpoint-every must be a positive number of rows, got {args.checkpoint_every}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        pack(args.dataset, args.root, args.out, seasons=args.seasons, checkpoint_every=args.checkpoint_every)
-    except (OSError, ValueError) as error:
-        parser.exit(1, f"datasets.py pack: error: {error}\n")
-
-
 if __name__ == "__main__":
+    # `python datasets.py pack ...` (the documented command) runs the packer of pack.py.
+    from pack import main
+
     sys.exit(main())

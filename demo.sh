@@ -35,8 +35,8 @@ per_seed() {
 }
 
 step "writing synthetic METER-ML and DFC2020 sets"
-$PYTHON synthetic_data.py meterml "$OUT/data/meter-ml" --n 160 --val-fraction 0.4 --seed 0
-$PYTHON synthetic_data.py dfc2020 "$OUT/data/dfc2020" --n 128 --n-test 64 --size 96 --seed 0
+$PYTHON synthetic_data.py meterml "$OUT/data/meter-ml" --n 160 --val_fraction 0.4 --seed 0
+$PYTHON synthetic_data.py dfc2020 "$OUT/data/dfc2020" --n 128 --n_test 64 --size 96 --seed 0
 
 step "pre-training a shared-trunk SmallAlexNet on S1 + S2 pairs (NT-Xent)"
 $PYTHON meterml_pretrain.py --data_root "$OUT/data/meter-ml" --model shared --use_pairs \

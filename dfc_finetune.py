@@ -17,46 +17,51 @@ batch-norm running statistics that evaluation uses: that is all SupCon changes t
 """
 import argparse
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
+from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import engine
-from augment import dfc_augment
-from datasets import DFC2020Dataset, balanced_indices, seed_normalize
+import flags
+import metrics
+import process
+from augment import Views, dfc_augment
+from datasets import CropError, DFC2020Dataset, balanced_indices, seed_normalize
+from engine import train_one_epoch
 from losses import SupConCELoss
 from models import RESNETS, DualResNet, MultiModalNet, count_trainable, freeze_all_but, load_checkpoint, param_groups
+from rundir import RunDir, default_run_path
 
 log = logging.getLogger("dfc_finetune")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", type=Path, default=Path("data/dfc2020"),
-                   help="folder holding ROIs0000_validation and ROIs0000_test, or a packed copy (default data/dfc2020)")
-    p.add_argument("--model_path", default=None, help="pre-trained dual ResNet in the released layout (default: random initialisation)")
-    p.add_argument("--arch", choices=RESNETS, default="resnet50", help="backbone (default resnet50, as the released checkpoints)")
-    p.add_argument("--finetune", action="store_true", help="train the whole network (default: the classifier only)")
-    p.add_argument("--frozen_bn_eval", action="store_true",
-                   help="without --finetune, keep the frozen backbone's batch norm in eval mode (a fixed encoder); "
-                        "the original left it in training mode")
-    p.add_argument("--degrees", type=engine.non_negative, default=20.0, help="largest rotation of the SupCon view, degrees (default 20)")
-    p.add_argument("--balanced_class", nargs="?", const="copies", choices=["copies", "weighted"], default=None,
+    p = flags.parser(__doc__)
+    g = flags.add_data_args(p, root="data/dfc2020", what="folder holding ROIs0000_validation and ROIs0000_test, or a packed copy")
+    g.add_argument("--crop", type=flags.positive_int, default=224, help="training crop, px (default 224)")
+    g.add_argument("--eval_crop", type=flags.non_negative_int, default=224,
+                   help="evaluation window, px, labelled by its majority class (default 224, as the original; 0: whole patches)")
+    g.add_argument("--eval_offset_seed", type=flags.seed_int, default=0,
+                   help="seed of the evaluation windows' offsets, drawn once per patch (default 0)")
+    g.add_argument("--train_split", choices=["validation", "test"], default="validation", help="DFC2020 split to train on (default validation)")
+    g.add_argument("--eval_split", choices=["validation", "test"], default="test", help="DFC2020 split to evaluate on (default test)")
+    g.add_argument("--allow_same_split", action="store_true", help="allow training and evaluating on the same split")
+    g.add_argument("--balanced_class", nargs="?", const="copies", choices=["copies", "weighted"], default=None,
                    help="oversample small classes: copies (the flag alone) repeats every patch by its class's "
                         "number of copies, the original's list (datasets.balanced_indices); weighted draws "
                         "with replacement weighted by 1 / class frequency")
-    p.add_argument("--weight_decay", type=engine.non_negative, default=1e-3, help="Adam weight decay (default 1e-3)")
-    p.add_argument("--crop", type=engine.positive_int, default=224, help="training crop, px (default 224)")
-    p.add_argument("--eval_crop", type=engine.non_negative_int, default=224,
-                   help="evaluation window, px, labelled by its majority class (default 224, as the original; 0: whole patches)")
-    p.add_argument("--eval_offset_seed", type=engine.seed_int, default=0,
-                   help="seed of the evaluation windows' offsets, drawn once per patch (default 0)")
-    p.add_argument("--train_split", choices=["validation", "test"], default="validation", help="DFC2020 split to train on (default validation)")
-    p.add_argument("--eval_split", choices=["validation", "test"], default="test", help="DFC2020 split to evaluate on (default test)")
-    p.add_argument("--allow_same_split", action="store_true", help="allow training and evaluating on the same split")
-    engine.add_supervised_args(p, head_lr=3e-6, eval_dense_after=150)
-    engine.add_common_args(p, epochs=201, batch_size=32, lr=1e-5)
+    g = flags.add_model_args(p, archs=RESNETS, arch="resnet50")
+    flags.add_finetune_flag(g, default=False)
+    g.add_argument("--frozen_bn_eval", action="store_true",
+                   help="without --finetune, keep the frozen backbone's batch norm in eval mode (a fixed encoder); "
+                        "the original left it in training mode")
+    g = flags.add_method_args(p, head_lr=3e-6)
+    g.add_argument("--degrees", type=flags.non_negative, default=20.0, help="largest rotation of the SupCon view, degrees (default 20)")
+    flags.add_augment_args(g, default=None)
+    flags.add_optimizer_args(g, weight_decay=1e-3, momentum=False)
+    flags.add_eval_args(p, dense_after=150)
+    flags.add_run_args(p, epochs=201, batch_size=32, lr=1e-5)
     return p
 
 
@@ -75,63 +80,100 @@ def config_name(args: argparse.Namespace) -> str:
     return f"{'fine-tuned' if args.finetune else 'frozen'} {'SupCon+CE' if args.use_sup_con else 'CE'}"
 
 
-@record
-def main(argv=None) -> dict:
-    parser = build_parser()
-    args = engine.resolve_args(parser, argv)
-    check_args(parser, args)
-    args.name = args.name or config_name(args)
-    ctx = engine.setup(args)
+def training_items(args: argparse.Namespace, train_set: DFC2020Dataset) -> tuple[list[int], Tensor | None]:
+    """The patches an epoch draws from (--data_ratio, --balanced_class copies) and, for
+    --balanced_class weighted, their draw weights."""
+    indices = process.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
+    if not args.balanced_class:
+        return indices, None
+    labels = train_set.patch_labels()[indices]
+    if args.balanced_class == "copies":
+        return [indices[i] for i in balanced_indices(labels).tolist()], None
+    return indices, 1.0 / torch.bincount(labels)[labels].float()
 
-    train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
-    eval_set = DFC2020Dataset(args.data_root, args.eval_split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed)
-    net = DualResNet(args.arch, num_classes=len(eval_set.classes))
-    if args.model_path is not None:
+
+def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int) -> tuple[DualResNet, MultiModalNet]:
+    """The dual ResNet (weights from --model_path; only the classifier trains without
+    --finetune) and the method's forward pass over it, on the device."""
+    net = DualResNet(args.arch, num_classes=num_classes)
+    if args.model_path not in (None, "random"):
         load_checkpoint(net, args.model_path)
     if not args.finetune:
         freeze_all_but(net, net.fc)
-    run = engine.RunDir(args.save_path or engine.default_run_path("dfc_finetune"), args, ctx)
+    model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
+    return net, process.wrap(model, ctx, args)
 
-    indices = engine.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
-    weights = None
-    if args.balanced_class:
-        labels = train_set.patch_labels()[indices]
-        if args.balanced_class == "copies":
-            indices = [indices[i] for i in balanced_indices(labels).tolist()]
-        else:
-            weights = 1.0 / torch.bincount(labels)[labels].float()
-    loader = engine.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
-    eval_loader = engine.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
-    log.info("%s: %d training patches, %d evaluation patches; %d trainable parameters",
+
+def build_optimizer(args: argparse.Namespace, net: DualResNet) -> torch.optim.Adam:
+    # Frozen backbone: the original trains the classifier at the base rate; fine-tuning gives it its own.
+    groups = param_groups(net, net.fc, args.lr, args.head_lr if args.finetune else args.lr, args.weight_decay)
+    return torch.optim.Adam(groups, betas=(0.9, 0.999))
+
+
+def build_loss(args: argparse.Namespace, ctx: process.Context) -> SupConCELoss:
+    return SupConCELoss(temperature=args.temperature, ce_weight=args.ce_weight, sup_weight=args.sup_weight,
+                        use_supcon=args.use_sup_con, cross_modal=True, gather_distributed=ctx.world > 1)
+
+
+def build_views(args: argparse.Namespace, ctx: process.Context) -> Views:
+    """Originals, and with SupCon the original's augmented view, each seed-normalised after it."""
+    augment = dfc_augment(args.degrees, args.augment_impl) if args.use_sup_con else None
+    return Views(["s1", "s2"], augment, ctx, args.seed, renormalize=seed_normalize)
+
+
+def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: process.Context) -> Callable:
+    """The training step: the batch's views on the device, the forward pass, the loss terms."""
+
+    def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
+        originals, augmented = views.with_augmented(batch, epoch, i)
+        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
+        with ctx.autocast():
+            out = model(originals, augmented)
+        return criterion(out["features"], out["logits"], labels)
+
+    return step
+
+
+@record
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = flags.resolve(parser, argv)
+    check_args(parser, args)
+    args.name = args.name or config_name(args)
+    ctx = process.setup(args)
+
+    try:
+        train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
+        eval_set = DFC2020Dataset(args.data_root, args.eval_split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed)
+    except CropError as error:
+        parser.error(f"{error} (--crop {args.crop}, --eval_crop {args.eval_crop})")
+    indices, weights = training_items(args, train_set)
+    loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
+    eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
+
+    net, model = build_model(args, ctx, len(eval_set.classes))
+    criterion = build_loss(args, ctx)
+    optimizer = build_optimizer(args, net)
+    views = build_views(args, ctx)
+    step = make_step(views, model, criterion, ctx)
+    log.info("%s: %d training patches an epoch, %d evaluation patches; %d trainable parameters",
              args.name, len(loader.dataset), len(eval_set), count_trainable(net))
     if args.use_sup_con and not args.finetune:
         log.info("--use_sup_con with the backbones frozen (no --finetune), as the original's recorded run: SupCon "
                  "trains no parameter; it changes the run only through the batch-norm running statistics that the "
                  "joint (augmented, original) pass updates, which evaluation uses")
 
-    views = engine.Views(["s1", "s2"], dfc_augment(args.degrees, args.augment_impl) if args.use_sup_con else None, ctx, args.seed,
-                         renormalize=seed_normalize)
-    model = engine.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from),
-                        ctx, args)
-    # Frozen backbone: the original trains the classifier at the base rate; fine-tuning gives it its own.
-    optimizer = torch.optim.Adam(param_groups(net, net.fc, args.lr, args.head_lr if args.finetune else args.lr, args.weight_decay),
-                                 betas=(0.9, 0.999))
-    criterion = SupConCELoss(temperature=args.temperature, ce_weight=args.ce_weight, sup_weight=args.sup_weight,
-                             use_supcon=args.use_sup_con, cross_modal=True, gather_distributed=ctx.world > 1)
-
-    def step(batch: dict, epoch: int, i: int) -> dict:
-        originals, augmented = views(batch, epoch, i)
-        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
-        with ctx.autocast():
-            out = model(originals, augmented)
-        return criterion(out["features"], out["logits"], labels)
-
-    def evaluate() -> dict:
-        return engine.evaluate(model, eval_loader, views, ctx, eval_set.classes)
-
-    task = engine.Task(step, {"state_dict": net}, evaluate, engine.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after),
-                       checkpoint={"arch": args.arch}, dataset="DFC2020", frozen_bn_eval=args.finetune or args.frozen_bn_eval)
-    return engine.fit(model, optimizer, loader, task, run, ctx, args)
+    eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
+    with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, script="dfc_finetune", dataset="DFC2020",
+                modules={"state_dict": net}, optimizer=optimizer, extra={"arch": args.arch}, select="AA",
+                steps_per_epoch=len(loader)) as run:
+        for epoch in range(run.start, args.epochs):
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+                                  frozen_bn_eval=args.finetune or args.frozen_bn_eval, run_path=run.path)
+            if epoch in eval_epochs:
+                row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
+            run.end_epoch(epoch, row)
+        return run.finish(process.environment(ctx), data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}))
 
 
 if __name__ == "__main__":

@@ -28,15 +28,16 @@
 #   FAST      1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
 #             numerics or step (README, "Differences") [0: float32 and the original's step]
 #   EXTRA     further flags for every run, e.g. "--balanced_class" or "--epochs 20" []
-#   PYTHON    interpreter [.venv/bin/python if it exists, else python]
+#   PYTHON    interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
-cd "$(dirname "$0")"
-DATA=${DATA:-data/dfc2020}
-WEIGHTS=${WEIGHTS:-checkpoints/DualResnet50.pth}
+# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
+HERE=$(cd "$(dirname "$0")" && pwd)
+DATA=${DATA:-$HERE/data/dfc2020}
+WEIGHTS=${WEIGHTS:-$HERE/checkpoints/DualResnet50.pth}
 SEEDS=${SEEDS:-0 1 2 3 4}
-OUT=${OUT:-runs/dfc2020}
-if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python || PYTHON=python; fi
+OUT=${OUT:-$HERE/runs/dfc2020}
+if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
 device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 weights=()
@@ -48,17 +49,17 @@ recorded=(--data_root "$DATA" "${weights[@]}" --epochs 201 --batch_size 32)
 supcon=(--use_sup_con --delta_sup 1.0 --delta_lin 1.0)
 
 for seed in $SEEDS; do
-  $PYTHON dfc_finetune.py "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+  $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
     --save_path "$OUT/frozen-ce-seed$seed" ${EXTRA:-}
-  $PYTHON dfc_finetune.py "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+  $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
     --save_path "$OUT/frozen-supcon-ce-seed$seed" ${EXTRA:-}
 done
 if [ "${VARIANTS:-1}" = 1 ]; then
   for seed in $SEEDS; do
-    $PYTHON dfc_finetune.py "${recorded[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" "${fast[@]}" \
+    $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" "${fast[@]}" \
       --save_path "$OUT/finetuned-ce-seed$seed" ${EXTRA:-}
-    $PYTHON dfc_finetune.py "${recorded[@]}" "${supcon[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" \
+    $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" "${supcon[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" \
       "${fast[@]}" --save_path "$OUT/finetuned-supcon-ce-seed$seed" ${EXTRA:-}
   done
 fi
-$PYTHON summarize.py "$OUT"
+$PYTHON "$HERE/summarize.py" "$OUT"

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datasets import DFC2020Dataset, MeterMLDataset, SEN12MSDataset
 from losses import IGNORE
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
+from rundir import read_json
 
 log = logging.getLogger("embed")
 
@@ -148,9 +149,10 @@ def tsne_points(z1: Tensor, z2: Tensor, seed: int = 0, perplexity: float = 30.0)
 # ----------------------------------------------------------------------------- the figure
 
 def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names: list[str], color_by: str,
-                title: str) -> None:
-    """Scatter of `points` (2N, 2): S1 rows first (circles), then S2 (triangles); colour by
-    `labels` (N,) class index (class_names) or by modality. Written as a PNG; no window."""
+                title: str) -> matplotlib.figure.Figure:
+    """Scatter of `points` (2N, 2): S1 rows first (filled circles), then S2 (triangles with a
+    dark edge); colour by `labels` (N,) class index (class_names) or by modality. Written as a PNG
+    at `path`, no window; returns the matplotlib Figure (closed), so what it draws can be inspected."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,18 +163,22 @@ def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names:
     palette = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(9.5, 6.5))
     handles = []
-    for i, (marker, name) in enumerate((("o", "S1 (SAR)"), ("^", "S2 (optical)"))):
+    # Markers of 36 pt² (about 6 pt across), two shapes with different edges, so that a point's
+    # modality reads at a glance even where the clouds overlap.
+    for i, (marker, name, edge) in enumerate((("o", "S1 (SAR)", 0.0), ("^", "S2 (optical)", 0.6))):
         xy = points[i * n:(i + 1) * n]
+        style = dict(s=36, marker=marker, alpha=0.75, linewidths=edge, edgecolors="black")
         if color_by == "modality":
-            ax.scatter(xy[:, 0], xy[:, 1], s=14, marker=marker, color=palette[i], alpha=0.7, linewidths=0)
-            handles.append(Line2D([], [], linestyle="", marker=marker, color=palette[i], label=name))
+            ax.scatter(xy[:, 0], xy[:, 1], color=palette[i], **style)
+            handles.append(Line2D([], [], linestyle="", marker=marker, markersize=7, color=palette[i],
+                                  markeredgecolor="black", markeredgewidth=edge, label=name))
             continue
         for c in np.unique(labels):
-            ax.scatter(xy[labels == c, 0], xy[labels == c, 1], s=14, marker=marker, color=palette[c % len(palette)],
-                       alpha=0.7, linewidths=0)
-        handles.append(Line2D([], [], linestyle="", marker=marker, color="dimgray", label=name))
+            ax.scatter(xy[labels == c, 0], xy[labels == c, 1], color=palette[c % len(palette)], **style)
+        handles.append(Line2D([], [], linestyle="", marker=marker, markersize=7, color="dimgray",
+                              markeredgecolor="black", markeredgewidth=edge, label=name))
     if color_by == "class":
-        handles += [Line2D([], [], linestyle="", marker="s", color=palette[c % len(palette)],
+        handles += [Line2D([], [], linestyle="", marker="s", markersize=7, color=palette[c % len(palette)],
                            label=f"{class_names[c]} ({int((labels == c).sum())})") for c in np.unique(labels)]
     ax.legend(handles=handles, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
               title="marker: modality" + (", colour: class (samples)" if color_by == "class" else ""))
@@ -182,8 +188,9 @@ def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names:
     ax.set_ylabel("t-SNE 2")
     ax.set_title(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- the run
@@ -203,23 +210,13 @@ class RunInfo:
     results: dict | None
 
 
-def run_kind(config: dict, results: dict | None) -> str:
-    """The run's kind (KINDS) from results.json's "dataset", else from the flags in config.json."""
-    dataset = (results or {}).get("dataset") or ""
-    if "SEN12MS" in dataset:
-        return "sen12ms_pretrain"
-    if dataset == "DFC2020":
-        return "dfc_finetune"
-    if dataset.startswith("METER-ML"):
-        return "meterml_pretrain" if "pre-training" in dataset else "meterml_finetune"
-    if "MODEL_WEIGHTS" in config:
-        return "meterml_finetune"
-    if "arch" in config:
-        return "dfc_finetune" if "eval_split" in config else "sen12ms_pretrain"
-    if "use_pairs" in config:
-        return "meterml_pretrain"
-    raise NotARunError(f"cannot tell which script wrote this run (results.json dataset {dataset!r}, "
-                       f"config flags {sorted(config)[:8]} ...)")
+def run_kind(config: dict) -> str:
+    """The run's kind (KINDS): the script that wrote it, as config.json records it."""
+    script = config.get("script")
+    if script not in KINDS:
+        raise NotARunError(f"config.json names no script of this project (script: {script!r}); runs of "
+                           f"{', '.join(KINDS)} record theirs")
+    return script
 
 
 def read_run(path: Path) -> RunInfo:
@@ -228,9 +225,9 @@ def read_run(path: Path) -> RunInfo:
     if not (path / "config.json").is_file():
         raise NotARunError(f"{path} is not a run folder: no config.json (run folders of meterml_finetune.py, "
                            f"dfc_finetune.py, meterml_pretrain.py or sen12ms_pretrain.py hold config.json and last.pt)")
-    config = json.loads((path / "config.json").read_text())
-    results = json.loads((path / "results.json").read_text()) if (path / "results.json").is_file() else None
-    kind = run_kind(config, results)
+    config = read_json(path / "config.json")
+    results = read_json(path / "results.json") if (path / "results.json").is_file() else None
+    kind = run_kind(config)
     dataset = (results or {}).get("dataset") or {"meterml_finetune": "METER-ML", "meterml_pretrain": "METER-ML pre-training",
                                                    "dfc_finetune": "DFC2020", "sen12ms_pretrain": "SEN12MS pre-training"}[kind]
     return RunInfo(path, kind, dataset, config, results)
@@ -258,7 +255,7 @@ def checkpoint_epoch(path: Path) -> int | None:
 def build_encoders(run: RunInfo, checkpoint: Path) -> dict[str, nn.Module]:
     """modality -> module mapping (B, C, H, W) to its projection (B, 128), weights loaded."""
     if run.kind in ("meterml_finetune", "meterml_pretrain"):
-        encoder = SharedNet() if run.config.get("model") == "shared" else DualEncoder()
+        encoder = SharedNet() if run.config.get("arch") == "shared" else DualEncoder()
         load_checkpoint(encoder, checkpoint)
         return {"s1": encoder, "s2": encoder}  # both pick the S1 or S2 path by the channel count
     net = DualResNet(run.config.get("arch", "resnet50"))
@@ -312,7 +309,7 @@ def encode(encoders: dict[str, nn.Module], loader: DataLoader, device: torch.dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder of one of the training scripts")
     p.add_argument("--data_root", type=Path, default=None, help="data to encode (default: the run's data_root)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/embedding)")

@@ -231,7 +231,7 @@ class NTXent(nn.Module):
         gather_distributed: contrast against the rows of every rank (see module docstring).
     """
 
-    def __init__(self, tau: float = 0.2, blocks: int = 4, gather_distributed: bool = False) -> None:
+    def __init__(self, *, tau: float = 0.2, blocks: int = 4, gather_distributed: bool = False) -> None:
         super().__init__()
         if blocks not in (2, 4):
             raise ValueError(f"blocks must be 2 or 4, got {blocks}")
@@ -271,7 +271,7 @@ class PairwiseNTXent(nn.Module):
         gather_distributed: contrast against the rows of every rank (see module docstring).
     """
 
-    def __init__(self, blocks: int = 4, tau: float = 0.2, gather_distributed: bool = False) -> None:
+    def __init__(self, *, blocks: int = 4, tau: float = 0.2, gather_distributed: bool = False) -> None:
         super().__init__()
         if blocks < 2:
             raise ValueError(f"blocks must be at least 2, got {blocks}")
@@ -336,8 +336,9 @@ class SupConCELoss(nn.Module):
     scenario), each the mean over the samples whose CE label is not IGNORE (0 when there is
     none in the batch; the trainer counts such batches).
     SupCon on L2-normalised features, temperature = base temperature, contrast mode "all":
-    ``cross_modal=True`` stacks the modalities along the batch axis (`multimodal_views`, S1
-    first, labels ``cat([y, y])``), so that S1 and S2 features of one class attract each other;
+    ``cross_modal=True`` stacks two modalities along the batch axis (`multimodal_views`, in the
+    order of ``features``, labels ``cat([y, y])``), so that S1 and S2 features of one class
+    attract each other;
     ``cross_modal=False`` computes one SupCon per modality and sums them (the original's `s1s2`
     and single-modality scenarios).
 
@@ -379,7 +380,7 @@ class SupConCELoss(nn.Module):
             normed = {m: F.normalize(f.to(_compute_dtype(f)), dim=-1) for m, f in features.items()}
             ids = supcon_labels(labels, rank=_world()[0] if self.supcon.gather_distributed else 0)
             if self.cross_modal and len(normed) == 2:
-                stacked, stacked_ids = multimodal_views(normed["s1"], normed["s2"], ids)
+                stacked, stacked_ids = multimodal_views(*normed.values(), ids)  # in the model's modality order
                 sup = self.supcon(stacked, stacked_ids)
             else:
                 sup = sum(self.supcon(f, ids) for f in normed.values())

@@ -1,11 +1,12 @@
 """Fine-tune (or linearly evaluate) SmallAlexNet encoders on METER-ML with CE and optional SupCon.
 
-    python meterml_finetune.py MODEL_WEIGHTS --data_root DATA [--scenario s1s2_fused] [--use_sup_con] [--use_augs]
+    python meterml_finetune.py --model_path WEIGHTS|random --data_root DATA [--scenario s1s2_fused] [--use_sup_con] [--augment]
+    python meterml_finetune.py WEIGHTS --data_root DATA ...      (the original's spelling)
 
 Scenarios: `s1`, `s2` (one modality, one linear head), `s1s2` (a head per modality, SupCon per
 modality, predictions by the mean of the two heads' probabilities) and `s1s2_fused` (one head on
 the concatenated S1 + S2 features, SupCon across both modalities: the method). CE reads the
-original images. SupCon reads one view per modality without --use_augs (the S1 and S2 features
+original images. SupCon reads one view per modality without --augment (the S1 and S2 features
 of a sample, and every other feature of its class, are its positives) and (augmented, original)
 views with it, both encoded in one joint pass (models.MultiModalNet). Trains on the `train`
 split, evaluates on `val`. The encoder in `last.pt` / `best.pt` ("state_dict") has the released
@@ -13,17 +14,21 @@ SmallAlexNet layout; the heads are under "heads".
 """
 import argparse
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import engine
-from augment import meterml_augment
+import flags
+import metrics
+import process
+from augment import Views, meterml_augment
 from datasets import MeterMLDataset, split_overlap
+from engine import train_one_epoch
 from losses import IGNORE, SupConCELoss
 from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, freeze_all_but, linear_head, load_checkpoint, param_groups
+from rundir import RunDir, default_run_path
 
 log = logging.getLogger("meterml_finetune")
 
@@ -31,43 +36,40 @@ MODALITIES = {"s1": ["s1"], "s2": ["s2"], "s1s2": ["s1", "s2"], "s1s2_fused": ["
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("MODEL_WEIGHTS", nargs="?", help="pre-trained encoder checkpoint (released SmallAlexNet layout), or 'random'")
-    p.add_argument("--data_root", type=Path, default=Path("data/meter-ml"), help="METER-ML root (default data/meter-ml)")
-    p.add_argument("--model", choices=["shared", "dual"], default="dual",
-                   help="shared trunk with modality stems, or one encoder per modality (default dual, as the original)")
-    p.add_argument("--scenario", choices=list(MODALITIES), default="s1s2_fused", help="modalities and heads (default s1s2_fused)")
-    p.add_argument("--eval_mode", choices=["linear", "finetune"], default="finetune",
-                   help="linear: frozen encoder (batch norm too), heads only; finetune: everything trains (default)")
-    p.add_argument("--use_augs", action="store_true",
-                   help="augmented views: random resized crop 72 px (scale 0.9-1.0) and flips, encoded jointly with the "
-                        "originals; SupCon reads both, CE the originals (as the original, also without SupCon)")
-    p.add_argument("--dont_include_negatives", action="store_true",
+    p = flags.parser(__doc__)
+    g = flags.add_data_args(p, root="data/meter-ml", what="METER-ML root")
+    g.add_argument("--exclude_negatives", "--dont_include_negatives", dest="exclude_negatives", action="store_true",
                    help="CE ignores the Negative class and the metrics leave it out; negatives stay in SupCon")
-    p.add_argument("--allow_split_overlap", action="store_true", help="allow image sets present in both train and val")
-    p.add_argument("--drop_repeated", action="store_true",
+    g.add_argument("--allow_split_overlap", action="store_true", help="allow image sets present in both train and val")
+    g.add_argument("--drop_repeated", action="store_true",
                    help="keep only the first entry of an image folder listed several times in the metadata "
                         "(default: every entry, as the original)")
-    p.add_argument("--momentum", type=engine.non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
-    p.add_argument("--weight_decay", type=engine.non_negative, default=0.0, help="SGD weight decay (default 0)")
-    engine.add_supervised_args(p, head_lr=None, eval_dense_after=79)
-    engine.add_common_args(p, epochs=121, batch_size=32, lr=0.01)
+    g = flags.add_model_args(p, archs=["dual", "shared"], arch="dual", original_spellings=True)
+    flags.add_finetune_flag(g, default=True, eval_mode_alias=True)
+    g.add_argument("--scenario", choices=list(MODALITIES), default="s1s2_fused", help="modalities and heads (default s1s2_fused)")
+    g = flags.add_method_args(p, head_lr=None)
+    flags.add_augment_args(g, default=False, use_augs=True,
+                           what="augmented views: random resized crop 72 px (scale 0.9-1.0) and flips, encoded jointly "
+                                "with the originals; SupCon reads both, CE the originals (as the original, also without SupCon)")
+    flags.add_optimizer_args(g, weight_decay=0.0, momentum=True)
+    flags.add_eval_args(p, dense_after=79)
+    flags.add_run_args(p, epochs=121, batch_size=32, lr=0.01)
     return p
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.MODEL_WEIGHTS is None:
-        p.error("MODEL_WEIGHTS is required: a checkpoint path, or 'random' for a randomly initialised encoder")
-    if args.use_sup_con and args.eval_mode == "linear":
-        p.error("--use_sup_con with --eval_mode linear: the encoder is frozen, so SupCon can change nothing "
-                "(it has no parameters of its own). Use --eval_mode finetune, or drop --use_sup_con.")
+    if args.model_path is None:
+        p.error("--model_path (or the positional MODEL_WEIGHTS) is required: a checkpoint path, or 'random' for a "
+                "randomly initialised encoder")
+    if args.use_sup_con and not args.finetune:
+        p.error("--use_sup_con with a frozen encoder (--no-finetune, --eval_mode linear): SupCon can change nothing "
+                "(it has no parameters of its own, and the encoder's batch norm is fixed). Use --finetune, or drop "
+                "--use_sup_con.")
 
 
-def build_encoder(args: argparse.Namespace) -> nn.Module:
-    encoder = SharedNet() if args.model == "shared" else DualEncoder()
-    if args.MODEL_WEIGHTS != "random":
-        load_checkpoint(encoder, args.MODEL_WEIGHTS)
-    return encoder
+def config_name(args: argparse.Namespace) -> str:
+    loss = "SupCon+CE" if args.use_sup_con else "CE"
+    return f"{args.scenario} {loss}" + (" aug" if args.augment else "")
 
 
 def route(encoder: nn.Module, modality: str) -> nn.Module:
@@ -84,20 +86,58 @@ def build_heads(scenario: str, num_classes: int, feat_dim: int = 128) -> nn.Modu
     return nn.ModuleDict({m: linear_head(feat_dim, num_classes) for m in MODALITIES[scenario]})
 
 
-def config_name(args: argparse.Namespace) -> str:
-    loss = "SupCon+CE" if args.use_sup_con else "CE"
-    return args.name or f"{args.scenario} {loss}" + (" aug" if args.use_augs else "")
+def build_model(args: argparse.Namespace, ctx: process.Context) -> tuple[nn.Module, nn.ModuleDict, MultiModalNet]:
+    """The encoder (weights from --model_path), the heads of the scenario, and the method's
+    forward pass over them, on the device; with --no-finetune only the heads train."""
+    encoder = SharedNet() if args.arch == "shared" else DualEncoder()
+    if args.model_path != "random":
+        load_checkpoint(encoder, args.model_path)
+    heads = build_heads(args.scenario, len(MeterMLDataset.classes))
+    modalities = MODALITIES[args.scenario]
+    fused = args.scenario == "s1s2_fused"
+    net = MultiModalNet({m: route(encoder, m) for m in modalities}, fused_head=heads["fused"] if fused else None,
+                        modality_heads=None if fused else dict(heads), ce_from=args.ce_from)
+    if not args.finetune:
+        freeze_all_but(net, heads)
+    # A forward pass never uses every stem of a SharedNet, so DDP must tolerate unused parameters.
+    return encoder, heads, process.wrap(net, ctx, args, find_unused=True)
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module, heads: nn.ModuleDict) -> torch.optim.SGD:
+    groups = param_groups(model, heads, args.lr, args.head_lr or args.lr, args.weight_decay)
+    return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def build_loss(args: argparse.Namespace, ctx: process.Context) -> SupConCELoss:
+    return SupConCELoss(temperature=args.temperature, ce_weight=args.ce_weight, sup_weight=args.sup_weight,
+                        use_supcon=args.use_sup_con, cross_modal=args.scenario == "s1s2_fused",
+                        gather_distributed=ctx.world > 1)
+
+
+def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: process.Context,
+              exclude_negatives: bool) -> Callable:
+    """The training step: the batch's views on the device, the forward pass, the loss terms (CE
+    without the Negative class when it is excluded; SupCon keeps it)."""
+
+    def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
+        originals, augmented = views.with_augmented(batch, epoch, i)
+        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
+        ce_labels = torch.where(labels == MeterMLDataset.NEGATIVE, IGNORE, labels) if exclude_negatives else labels
+        with ctx.autocast():
+            out = model(originals, augmented)
+        return criterion(out["features"], out["logits"], labels, ce_labels)
+
+    return step
 
 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = engine.resolve_args(parser, argv)
+    args = flags.resolve(parser, argv)
     check_args(parser, args)
-    args.name = config_name(args)
-    ctx = engine.setup(args)
+    args.name = args.name or config_name(args)
+    ctx = process.setup(args)
 
-    modalities = MODALITIES[args.scenario]
     repeated = "first" if args.drop_repeated else "keep"
     train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated)
     val_set = MeterMLDataset(args.data_root, "val", repeated=repeated)
@@ -105,47 +145,30 @@ def main(argv=None) -> dict:
     if overlap and not args.allow_split_overlap:
         raise ValueError(f"{len(overlap)} image sets are in both the train and the val split of {args.data_root}, e.g. "
                          f"{overlap[:5]}: the evaluation would measure training data. Fix the metadata, or pass --allow_split_overlap")
-    encoder = build_encoder(args)
-    heads = build_heads(args.scenario, len(MeterMLDataset.classes))
-    fused = args.scenario == "s1s2_fused"
-    net = MultiModalNet({m: route(encoder, m) for m in modalities}, fused_head=heads["fused"] if fused else None,
-                        modality_heads=None if fused else dict(heads), ce_from=args.ce_from)
-    if args.eval_mode == "linear":
-        freeze_all_but(net, heads)
-    run = engine.RunDir(args.save_path or engine.default_run_path("meterml_finetune"), args, ctx)
+    indices = process.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
+    loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices)
+    val_loader = process.make_loader(val_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
 
-    subset = engine.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
-    loader = engine.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=subset)
-    val_loader = engine.make_loader(val_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
+    encoder, heads, model = build_model(args, ctx)
+    criterion = build_loss(args, ctx)
+    optimizer = build_optimizer(args, model, heads)
+    views = Views(MODALITIES[args.scenario], meterml_augment(72, args.augment_impl) if args.augment else None, ctx, args.seed)
+    step = make_step(views, model, criterion, ctx, args.exclude_negatives)
+    ignore = (IGNORE, MeterMLDataset.NEGATIVE) if args.exclude_negatives else (IGNORE,)
     log.info("%s: %d training samples, %d validation samples; %d trainable parameters",
-             args.name, len(loader.dataset), len(val_set), count_trainable(net))
+             args.name, len(loader.dataset), len(val_set), count_trainable(model))
 
-    views = engine.Views(modalities, meterml_augment(72, args.augment_impl) if args.use_augs else None, ctx, args.seed)
-    # A forward pass never uses every stem of a SharedNet, so DDP must tolerate unused parameters.
-    model = engine.wrap(net, ctx, args, find_unused=True)
-    optimizer = torch.optim.SGD(param_groups(net, heads, args.lr, args.head_lr or args.lr, args.weight_decay), lr=args.lr,
-                                momentum=args.momentum, weight_decay=args.weight_decay)
-    criterion = SupConCELoss(temperature=args.temperature, ce_weight=args.ce_weight, sup_weight=args.sup_weight,
-                             use_supcon=args.use_sup_con, cross_modal=fused, gather_distributed=ctx.world > 1)
-    negative = MeterMLDataset.NEGATIVE
-    ignore = (IGNORE, negative) if args.dont_include_negatives else (IGNORE,)
-
-    def step(batch: dict, epoch: int, i: int) -> dict:
-        originals, augmented = views(batch, epoch, i)
-        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
-        ce_labels = torch.where(labels == negative, IGNORE, labels) if args.dont_include_negatives else labels
-        with ctx.autocast():
-            out = model(originals, augmented)
-        return criterion(out["features"], out["logits"], labels, ce_labels)
-
-    def evaluate() -> dict:
-        return engine.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes, ignore)
-
-    task = engine.Task(step, {"state_dict": encoder, "heads": heads}, evaluate,
-                       engine.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after), dataset="METER-ML",
-                       # the original's running best: the overall accuracy (without negatives when they are excluded)
-                       select="OA")
-    return engine.fit(model, optimizer, loader, task, run, ctx, args)
+    eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
+    # select: the original's running best, the overall accuracy (without negatives when they are excluded)
+    with RunDir(args.save_path or default_run_path("meterml_finetune"), args, ctx, script="meterml_finetune",
+                dataset="METER-ML", modules={"state_dict": encoder, "heads": heads}, optimizer=optimizer, select="OA",
+                steps_per_epoch=len(loader)) as run:
+        for epoch in range(run.start, args.epochs):
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board, run_path=run.path)
+            if epoch in eval_epochs:
+                row |= run.evaluated(epoch, metrics.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes, ignore))
+            run.end_epoch(epoch, row)
+        return run.finish(process.environment(ctx), data=run.data_report({"train": train_set, "val": val_set}))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,16 @@
 #   FAST          1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
 #                 numerics or step (README, "Differences") [0]
 #   EXTRA         further flags for every run, e.g. "--epochs 10" []
-#   PYTHON        interpreter [.venv/bin/python if it exists, else python]
+#   PYTHON        interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
-cd "$(dirname "$0")"
-DATA=${DATA:-data/meter-ml}
-WEIGHTS=${WEIGHTS:-checkpoints/SmallAlexNet.pth}
+# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
+HERE=$(cd "$(dirname "$0")" && pwd)
+DATA=${DATA:-$HERE/data/meter-ml}
+WEIGHTS=${WEIGHTS:-$HERE/checkpoints/SmallAlexNet.pth}
 SEEDS=${SEEDS:-0 1 2 3 4}
-OUT=${OUT:-runs/meterml}
-if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python || PYTHON=python; fi
+OUT=${OUT:-$HERE/runs/meterml}
+if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
 device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 fast=()
@@ -43,15 +44,15 @@ recorded=("$WEIGHTS" --data_root "$DATA" --eval_mode finetune --scenario s1s2_fu
 supcon=(--use_sup_con --sup_delta 1.0 --cross_delta 1.0)
 
 for seed in $SEEDS; do
-  $PYTHON meterml_finetune.py "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+  $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
     --save_path "$OUT/ce-seed$seed" ${EXTRA:-}
-  $PYTHON meterml_finetune.py "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
+  $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
     --save_path "$OUT/supcon-ce-seed$seed" ${EXTRA:-}
 done
 if [ "${VARIANTS:-1}" = 1 ]; then
   for seed in $SEEDS; do
-    $PYTHON meterml_finetune.py "${recorded[@]}" "${supcon[@]}" --use_augs --seed "$seed" "${device[@]}" "${fast[@]}" \
+    $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" "${supcon[@]}" --use_augs --seed "$seed" "${device[@]}" "${fast[@]}" \
       --save_path "$OUT/supcon-ce-aug-seed$seed" ${EXTRA:-}
   done
 fi
-$PYTHON summarize.py "$OUT"
+$PYTHON "$HERE/summarize.py" "$OUT"

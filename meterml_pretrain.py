@@ -1,6 +1,6 @@
 """Self-supervised NT-Xent (SimCLR) pre-training of SmallAlexNet encoders on METER-ML S1 / S2.
 
-    python meterml_pretrain.py --data_root DATA [--scenario s1s2] [--model dual] [--use_pairs]
+    python meterml_pretrain.py --data_root DATA [--scenario s1s2] [--arch dual] [--use_pairs]
 
 What is a positive pair:
 - default: an image and its augmented view (the original's `RandomAugmentations`;
@@ -8,46 +8,49 @@ What is a positive pair:
   modalities, S1 and S2 batches are independent shuffles (different locations), NT-Xent with 4
   blocks, pairs (S1', S1) and (S2', S2);
 - `--use_pairs`: the S1 and S2 images of one location are positives of each other too
-  (PairwiseNTXent over 4 blocks; with `--no_augs`, NT-Xent over the 2 blocks S1, S2).
+  (PairwiseNTXent over 4 blocks; with `--no-augment`, NT-Xent over the 2 blocks S1, S2).
 `--use_negative_labels`: Negative-class images only act as negatives. The encoder is saved in the
 released SmallAlexNet layout (`encoder.pth`, and `state_dict` of every checkpoint).
 """
+
 import argparse
 import logging
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
+from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import Dataset
 
-import engine
-from augment import key_seed, meterml_augment
+import flags
+import process
+from augment import Views, key_seed, meterml_augment
 from datasets import MeterMLDataset
+from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent
 from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, save_checkpoint
+from rundir import RunDir, default_run_path
 
 log = logging.getLogger("meterml_pretrain")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", type=Path, default=Path("data/meter-ml"), help="METER-ML root (default data/meter-ml)")
-    p.add_argument("--scenario", choices=["s1s2", "s1", "s2"], default="s1s2", help="modalities to pre-train on (default s1s2)")
-    p.add_argument("--model", choices=["shared", "dual"], default="dual",
-                   help="shared trunk with modality stems, or one encoder per modality (default dual)")
-    p.add_argument("--use_pairs", action="store_true", help="S1 and S2 of one location are positives of each other")
-    p.add_argument("--no_augs", action="store_true", help="no augmentation (needs --use_pairs: the pairs are then the only positives)")
-    p.add_argument("--use_negative_labels", action="store_true", help="Negative-class images act only as negatives")
-    p.add_argument("--exclude_negatives", action="store_true", help="leave the Negative-class images out")
-    p.add_argument("--two_augmented_views", action="store_true",
+    p = flags.parser(__doc__)
+    g = flags.add_data_args(p, root="data/meter-ml", what="METER-ML root")
+    g.add_argument("--exclude_negatives", action="store_true", help="leave the Negative-class images out")
+    g.add_argument("--use_negative_labels", action="store_true", help="Negative-class images act only as negatives")
+    g = flags.add_model_args(p, archs=["dual", "shared"], arch="dual", weights=False, original_spellings=True)
+    g.add_argument("--scenario", choices=["s1s2", "s1", "s2"], default="s1s2", help="modalities to pre-train on (default s1s2)")
+    g = p.add_argument_group("method")
+    g.add_argument("--use_pairs", action="store_true", help="S1 and S2 of one location are positives of each other")
+    flags.add_augment_args(g, default=True, no_augs=True,
+                           what="positive pairs of an image and its augmented view (--no-augment needs --use_pairs: the "
+                                "S1-S2 pairs are then the only positives)")
+    g.add_argument("--two_augmented_views", action="store_true",
                    help="positive pairs of two augmented views (default: augmented and original, as the original)")
-    engine.add_subset_args(p)
-    engine.add_augment_impl_arg(p)
-    p.add_argument("--temperature", "--tau", dest="temperature", type=engine.positive, default=0.2,
-                   help="NT-Xent temperature (default 0.2)")
-    p.add_argument("--momentum", type=engine.non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
-    p.add_argument("--weight_decay", type=engine.non_negative, default=0.0, help="SGD weight decay (default 0)")
-    engine.add_common_args(p, epochs=200, batch_size=200, lr=0.01)
+    flags.add_temperature_arg(g, 0.2, "NT-Xent temperature")
+    flags.add_optimizer_args(g, weight_decay=0.0, momentum=True)
+    flags.add_run_args(p, epochs=200, batch_size=200, lr=0.01)
     return p
 
 
@@ -56,13 +59,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     both = args.scenario == "s1s2"
     if args.use_pairs and not both:
         p.error(f"--use_pairs pairs S1 with S2 images, but --scenario {args.scenario} reads one modality only")
-    if args.no_augs and not args.use_pairs:
-        p.error("--no_augs without --use_pairs leaves no positive pair: every image would only be compared with "
+    if not args.augment and not args.use_pairs:
+        p.error("--no-augment without --use_pairs leaves no positive pair: every image would only be compared with "
                 "copies of itself. Keep the augmentations, or add --use_pairs (with --scenario s1s2).")
     if args.use_negative_labels and args.exclude_negatives:
         p.error("--use_negative_labels flags Negative images that --exclude_negatives removes; choose one")
-    if args.two_augmented_views and args.no_augs:
-        p.error("--two_augmented_views with --no_augs: there is nothing to augment; choose one")
+    if args.two_augmented_views and not args.augment:
+        p.error("--two_augmented_views with --no-augment: there is nothing to augment; choose one")
 
 
 class IndependentModalities(Dataset):
@@ -88,38 +91,27 @@ class IndependentModalities(Dataset):
         return {"s1": first["s1"], "s2": second["s2"], "label": first["label"], "label_s2": second["label"], "id": first["id"]}
 
 
-@record
-def main(argv=None) -> dict:
-    parser = build_parser()
-    args = engine.resolve_args(parser, argv)
-    check_args(parser, args)
-    ctx = engine.setup(args)
+def build_loss(args: argparse.Namespace, ctx: process.Context, blocks: int) -> nn.Module:
+    """NT-Xent over `blocks` blocks; PairwiseNTXent when S1-S2 pairs join the augmented pairs."""
+    if args.use_pairs and blocks == 4:
+        return PairwiseNTXent(blocks=blocks, tau=args.temperature, gather_distributed=ctx.world > 1)
+    return NTXent(tau=args.temperature, blocks=blocks, gather_distributed=ctx.world > 1)
 
-    modalities = ["s1", "s2"] if args.scenario == "s1s2" else [args.scenario]
-    dataset = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed)
-    if args.scenario == "s1s2" and not args.use_pairs:
-        dataset = IndependentModalities(dataset, args.seed)
-    encoder = SharedNet() if args.model == "shared" else DualEncoder()
-    run = engine.RunDir(args.save_path or engine.default_run_path("meterml_pretrain"), args, ctx)
 
-    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
-    loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset)
-    views = engine.Views(modalities, None if args.no_augs else meterml_augment(72, args.augment_impl), ctx, args.seed,
-                         second="augmented" if args.two_augmented_views else "original")
-    log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
-    # Each view in a pass of its own, as the original pre-training.
-    model = engine.wrap(MultiModalNet({m: encoder for m in modalities}, joint=False), ctx, args, find_unused=True)
-    optimizer = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    blocks = len(modalities) * (1 if args.no_augs else 2)
-    pairwise = args.use_pairs and blocks == 4
-    loss_fn = (PairwiseNTXent(blocks, args.temperature, gather_distributed=ctx.world > 1) if pairwise
-               else NTXent(args.temperature, blocks, gather_distributed=ctx.world > 1))
+def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss_fn: nn.Module, ctx: process.Context,
+              modalities: list[str], blocks: int) -> Callable:
+    """The training step: the views (augmented and original, or two augmented), a pass per view,
+    NT-Xent on the features laid out block-major (each modality's views in turn)."""
 
-    def step(batch: dict, epoch: int, i: int) -> dict:
-        originals, augmented = views(batch, epoch, i)
+    def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
+        if args.two_augmented_views:  # view 0 the first augmented view, view 1 the second (in the original's place)
+            first, second = views.two_augmented(batch, epoch, i)
+            pair = (second, first)
+        else:
+            pair = views.with_augmented(batch, epoch, i)  # (originals, augmented or None)
         with ctx.autocast():
-            features = model(originals, augmented)["features"]  # modality -> (B, views, 128)
-        z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])  # block-major
+            features = model(*pair)["features"]  # modality -> (B, views, 128), view 0 augmented
+        z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])
         negatives = None
         if args.use_negative_labels:
             labels = [batch["label"]] + ([batch.get("label_s2", batch["label"])] if len(modalities) == 2 else [])
@@ -127,11 +119,41 @@ def main(argv=None) -> dict:
             negatives = torch.cat(per_block)
         return {"loss": loss_fn(z, negatives)}
 
-    task = engine.Task(step, {"state_dict": encoder}, dataset="METER-ML pre-training")
-    results = engine.fit(model, optimizer, loader, task, run, ctx, args)
-    if ctx.is_main:
-        save_checkpoint(encoder, run.path / "encoder.pth")
-    return results
+    return step
+
+
+@record
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = flags.resolve(parser, argv)
+    check_args(parser, args)
+    ctx = process.setup(args)
+
+    modalities = ["s1", "s2"] if args.scenario == "s1s2" else [args.scenario]
+    meter = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed)
+    dataset = IndependentModalities(meter, args.seed) if args.scenario == "s1s2" and not args.use_pairs else meter
+    indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
+    loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices)
+
+    encoder = SharedNet() if args.arch == "shared" else DualEncoder()
+    # Each view in a pass of its own, as the original pre-training; a pass never uses every stem.
+    model = process.wrap(MultiModalNet({m: encoder for m in modalities}, encode_views="apart"), ctx, args, find_unused=True)
+    blocks = len(modalities) * (2 if args.augment else 1)
+    loss_fn = build_loss(args, ctx, blocks)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    views = Views(modalities, meterml_augment(72, args.augment_impl) if args.augment else None, ctx, args.seed)
+    step = make_step(args, views, model, loss_fn, ctx, modalities, blocks)
+    log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
+
+    with RunDir(args.save_path or default_run_path("meterml_pretrain"), args, ctx, script="meterml_pretrain",
+                dataset="METER-ML pre-training", modules={"state_dict": encoder}, optimizer=optimizer,
+                steps_per_epoch=len(loader)) as run:
+        for epoch in range(run.start, args.epochs):
+            run.end_epoch(epoch, train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+                                                 run_path=run.path))
+        if ctx.is_main:
+            save_checkpoint(encoder, run.path / "encoder.pth")
+        return run.finish(process.environment(ctx), data=run.data_report({"train": meter}))
 
 
 if __name__ == "__main__":

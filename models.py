@@ -240,8 +240,8 @@ class MultiModalNet(nn.Module):
     Without augmentation (and in evaluation) every modality is encoded once, (B, 1, D), and the
     heads read those features: SupCon then has one view per modality.
 
-    ``joint=False`` (pre-training): each view is encoded in a pass of its own, as the original
-    pre-training does; there are no heads.
+    ``encode_views="apart"`` (pre-training): each view is encoded in a pass of its own, as the
+    original pre-training does; there are no heads.
 
     The module owns no parameters of its own: encoders and heads are the modules that
     checkpoints save in their released layouts; this wrapper only routes views through them in
@@ -255,24 +255,27 @@ class MultiModalNet(nn.Module):
         modality_heads: modality -> classifier (B, D) -> (B, K), one head per modality; logits
             named by modality. At most one of ``fused_head`` and ``modality_heads``.
         ce_from: "separate" or "joint" (above).
-        joint: encode the two views in one pass (fine-tuning) or one pass each (pre-training).
+        encode_views: "together", the two views in one pass (fine-tuning), or "apart", a pass
+            each (pre-training).
     """
 
     def __init__(self, encoders: dict[str, nn.Module], *, fused_head: nn.Module | None = None,
                  modality_heads: dict[str, nn.Module] | None = None, ce_from: str = "separate",
-                 joint: bool = True) -> None:
+                 encode_views: str = "together") -> None:
         super().__init__()
         if fused_head is not None and modality_heads is not None:
             raise ValueError("give a fused head or per-modality heads, not both")
         if ce_from not in ("separate", "joint"):
             raise ValueError(f"ce_from must be 'separate' or 'joint', got {ce_from!r}")
+        if encode_views not in ("together", "apart"):
+            raise ValueError(f"encode_views must be 'together' or 'apart', got {encode_views!r}")
         unique = list({id(e): e for e in encoders.values()}.values())
         self.encoders = nn.ModuleList(unique)
         self.route = {m: next(i for i, u in enumerate(unique) if u is e) for m, e in encoders.items()}
         self.fused_head = fused_head
         self.modality_heads = nn.ModuleDict(modality_heads or {})
         self.ce_from = ce_from
-        self.joint = joint
+        self.encode_views = encode_views
 
     @property
     def fused(self) -> bool:
@@ -287,7 +290,7 @@ class MultiModalNet(nn.Module):
         if augmented is None:
             z = self.encode(modality, original)
             return z[:, None], z
-        if not self.joint:
+        if self.encode_views == "apart":
             z_orig = self.encode(modality, original)
             return torch.stack([self.encode(modality, augmented), z_orig], dim=1), z_orig
         both = self.encode(modality, torch.cat([augmented, original]))
@@ -354,6 +357,15 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
+def unpickling_problem(error: pickle.UnpicklingError) -> tuple[str | None, str]:
+    """What torch.load(weights_only=True) refused: the pickled global a file needs (a Python
+    object; None when the bytes are no pickle at all) and the unpickler's own words."""
+    text = str(error)
+    needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+    return (needs.group(1) if needs else None), (detail.group(1) if detail else text[:200])
+
+
 def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -367,7 +379,8 @@ def load_checkpoint(
     One gap is expected: the pre-trained dual ResNet-50 has no classifier, so loading it into a
     `DualResNet` reports fc.weight and fc.bias missing and leaves `fc` as initialised. Any other
     missing or unexpected key raises a ValueError naming the first ones (unless strict=False);
-    a shape mismatch always raises, naming the keys with both shapes.
+    a shape mismatch always raises, naming the keys with both shapes; a tensor holding NaN or inf
+    raises, naming it.
     """
     model = _unwrap(model)
     path = Path(path)
@@ -378,10 +391,11 @@ def load_checkpoint(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        needs, detail = unpickling_problem(err)
+        if needs is None:
+            raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail})") from err
         raise ValueError(
-            f"{path} holds pickled Python objects besides tensors"
-            + (f" ({needs.group(1)})" if needs else "")
+            f"{path} holds pickled Python objects besides tensors ({needs})"
             + ", and torch.load(weights_only=True) runs no code from a file. If you trust it,"
             " load it once with torch.load(path, weights_only=False) and re-save its state dict:"
             " torch.save(model.state_dict(), path) for a pickled model, or"
@@ -422,6 +436,10 @@ def load_checkpoint(
             f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys
         ))
 
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ValueError(f"{path}: non-finite values (NaN or inf) in {len(nonfinite)} tensors: {_first(nonfinite)}; "
+                         f"the weights are damaged (a diverged run?)")
     model.load_state_dict(state, strict=False)
     logger.info(
         "Loaded %s into %s (%d tensors)%s%s",

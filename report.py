@@ -1,13 +1,17 @@
 """The report of `summarize.py --report OUT`: OUT/report.md with PNG figures beside it.
 
-Per data set: both tables of summarize.py; per-class accuracy of each configuration as grouped
-bars with the sample std over seeds as error bars (optionally the paper's values as markers);
-learning curves (every loss term, AA and OA; mean over seeds, shaded min-max over seeds); a
-row-normalised confusion matrix per configuration (counts summed over seeds, last evaluation);
-where runs hold embed.py's embedding/tsne.png and embedding.json, their t-SNE pictures side by
-side (one seed per configuration, copied beside report.md) above a table of their kNN numbers.
-The figures draw what summarize.py's bars_of, curves_of, confusion_of compute; embeddings_of
-picks the pictures.
+Per data set: the tables of summarize.py; per-class accuracy of each configuration as grouped
+bars with the sample std over seeds as error bars and each class's sample count (optionally the
+paper's values as markers); learning curves (every loss term, AA and OA; mean over seeds, shaded
+min-max over seeds); a row-normalised confusion matrix per configuration (counts summed over
+seeds, last evaluation); where runs hold embed.py's embedding/tsne.png and embedding.json, their
+t-SNE pictures side by side (one seed per configuration, copied beside report.md) above a table of
+their kNN numbers; then the computed interpretation.
+
+Everything shown arrives as plain data (summarize.report_data): this module computes nothing
+from run folders and does not import summarize. The figure functions return the matplotlib
+Figure, so that what they draw can be inspected; `save` writes it. report.md starts with MARKER;
+a report.md without it was not written here and is never replaced.
 """
 import math
 import re
@@ -18,9 +22,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-import summarize  # noqa: E402
+# The first line of every report.md written here: a report.md without it is the user's.
+MARKER = "<!-- written by summarize.py --report -->"
+DPI = 120
+# One marker, line style and fill per configuration, so that curves that coincide stay apart.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
 
 # The paper's results on real data (per-class accuracy, AA, OA in %), for comparison markers.
 # CE first, so that each method keeps its marker in both figures.
@@ -46,80 +56,130 @@ PUBLISHED = {
 LOSS_LABELS = {"train_loss": "total training loss", "train_ce": "cross-entropy", "train_supcon": "SupCon"}
 
 
+class NotOurReportError(FileExistsError):
+    """OUT/report.md exists and was not written by this tool."""
+
+
+def ours_to_replace(out: Path) -> bool:
+    """Whether OUT/report.md exists and was written here (and may be replaced); False when absent.
+
+    Raises NotOurReportError when it exists without MARKER as its first line.
+    """
+    path = Path(out) / "report.md"
+    if not path.exists():
+        return False
+    with open(path, errors="replace") as f:
+        if f.readline().rstrip("\n") != MARKER:
+            raise NotOurReportError(f"{path} exists and was not written by summarize.py --report, so it is not "
+                                    f"replaced: give another OUT folder, or move that file away")
+    return True
+
+
 def slug(text: str) -> str:
     """A file-name-safe form of `text`."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "x"
 
 
-def per_class_figure(path: Path, dataset: str, groups: list, published: bool = False) -> None:
-    """Grouped bars: per class, AA and OA, a bar per configuration (mean over seeds of the last
-    evaluation), error bars the sample std over seeds; the paper's values as markers if asked."""
-    bars = summarize.bars_of(groups, "last")
-    rows, width = bars["rows"], 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 5), 4.5))
-    for i, label in enumerate(bars["labels"]):
-        x = [r + (i - (len(groups) - 1) / 2) * width for r in range(len(rows))]
-        errors = [0.0 if math.isnan(s) else s for s in bars["std"][i]]
-        ax.bar(x, bars["mean"][i], width, yerr=errors, capsize=3, label=label)
+def save(fig: Figure, path: Path) -> None:
+    """Write `fig` as a PNG, cropped to what it draws (nothing drawn is cut off), and free it."""
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def count_text(n: list[int] | None) -> str:
+    """'n=52', or 'n=50–52' where evaluations counted the class differently; '' when unknown."""
+    if n is None:
+        return ""
+    return f"n={n[0]}" if n[0] == n[1] else f"n={n[0]}–{n[1]}"
+
+
+def per_class_figure(dataset: str, bars: dict, published: bool = False) -> Figure:
+    """Grouped bars of summarize.bars_of: per class, AA and OA, a bar per configuration (mean over
+    seeds), error bars the sample std over seeds; under each class its samples in one evaluation;
+    the paper's values as markers if asked. The y axis (%) reaches above every error bar."""
+    rows, labels = bars["rows"], bars["labels"]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 3), 4.8), layout="constrained")
+    tops = [100.0]
+    for i, label in enumerate(labels):
+        x = [r + (i - (len(labels) - 1) / 2) * width for r in range(len(rows))]
+        means = bars["mean"][i]
+        stds = [0.0 if math.isnan(d) else d for d in bars["std"][i]]
+        # an accuracy is never below 0: the lower error bar stops at the axis
+        lower = [0.0 if math.isnan(m) else min(d, m) for m, d in zip(means, stds)]
+        ax.bar(x, means, width, yerr=[lower, stds], capsize=3, label=label)
+        tops += [m + d for m, d in zip(means, stds) if not math.isnan(m)]
     if published:
         for k, (method, values) in enumerate(PUBLISHED.get(dataset, {}).items()):
             points = [(r, values[row]) for r, row in enumerate(rows) if row in values]
             ax.scatter([r + (k - 0.5) * 0.2 for r, _ in points], [v for _, v in points], marker="D*"[k % 2],
                        s=40, color="black" if k == 0 else "dimgray", zorder=3, label=f"published {method} (paper, real data)")
-    ax.set_xticks(range(len(rows)), rows, rotation=30, ha="right")
+    n = bars.get("n") or [None] * len(rows)
+    ax.set_xticks(range(len(rows)), [f"{row}\n({count_text(c)})" if c else row for row, c in zip(rows, n)],
+                  rotation=30, ha="right", rotation_mode="anchor")
     ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title(f"{dataset}: per-class accuracy, AA and OA at the last epoch\n(bars: mean over seeds, error bars: sample std)")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: the bars fill the axes
+    ax.set_ylim(0, max(tops) + 5)
+    ax.set_title(f"{dataset}: per-class accuracy, AA and OA at the last epoch\n"
+                 "(bars: mean over seeds, error bars: sample std; n: samples of the class in one evaluation)")
+    fig.legend(fontsize="small", loc="outside right upper")  # outside: the bars fill the axes
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def curves_figure(path: Path, dataset: str, groups: list) -> bool:
+def curve_quantities(curves: list[dict]) -> list[str]:
+    """The quantities with at least one finite value in some configuration: loss terms in the
+    order first met, then AA and OA."""
+    met = dict.fromkeys(q for c in curves for q, curve in c["curves"].items()
+                        if any(math.isfinite(v) for v in curve["mean"]))
+    return [q for q in met if q not in ("AA", "OA")] + [q for q in ("AA", "OA") if q in met]
+
+
+def curves_figure(dataset: str, curves: list[dict]) -> Figure | None:
     """A panel per quantity (loss terms, AA, OA) against the epoch, configurations overlaid:
-    mean over seeds, shaded min-max over seeds. False (nothing written) without metrics.jsonl."""
-    curves = [summarize.curves_of(g.runs) for g in groups]
-    met = dict.fromkeys(q for c in curves for q in c)
-    quantities = [q for q in met if q not in ("AA", "OA")] + [q for q in ("AA", "OA") if q in met]  # losses first
+    mean over seeds with a marker per configuration (a single epoch is a visible point), shaded
+    min-max over seeds; one legend below the panels. `curves`: a {"label", "curves"
+    (summarize.curves_of)} per configuration. None when no quantity has a value."""
+    quantities = curve_quantities(curves)
     if not quantities:
-        return False
+        return None
     cols = min(3, len(quantities))
     nrows = math.ceil(len(quantities) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows + 0.8), squeeze=False, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, quantity in zip(axes.flat, quantities):
-        for i, (group, curve) in enumerate(zip(groups, curves)):
-            if quantity not in curve:
+        for i, config in enumerate(curves):
+            if quantity not in config["curves"]:
                 continue
-            c, color = curve[quantity], colors[i % len(colors)]
-            sparse = quantity in ("AA", "OA")  # evaluated every few epochs: show the points
-            ax.plot(c["epoch"], c["mean"], color=color, marker="o" if sparse else None, markersize=3, label=group.label)
+            c, color = config["curves"][quantity], colors[i % len(colors)]
+            ax.plot(c["epoch"], c["mean"], color=color, marker=MARKERS[i % len(MARKERS)],
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], markersize=5,
+                    markerfacecolor="none" if i % 2 else color,  # hollow and filled markers stay apart when on top
+                    markevery=max(1, len(c["epoch"]) // 15), label=config["label"])
             ax.fill_between(c["epoch"], c["min"], c["max"], color=color, alpha=0.2, linewidth=0)
         ax.set_title(LOSS_LABELS.get(quantity, quantity))
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, even for one epoch
         ax.set_ylabel("accuracy (%)" if quantity in ("AA", "OA") else "loss (mean over batches)")
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(quantities):]:
         ax.set_visible(False)
     legend = {}  # one entry per configuration, whichever panels it appears in
-    for ax in axes.flat:
+    for ax in axes.flat[:len(quantities)]:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize="small")
+    # as many columns as labels of the longest length fit across the figure (about 12 small characters an inch)
+    longest = max(map(len, legend))
+    ncol = max(1, min(len(legend), int(4.5 * cols * 12 // (longest + 6))))
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=ncol, fontsize="small")
     fig.suptitle(f"{dataset}: learning curves (line: mean over seeds, band: min-max over seeds)")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
-def confusion_figure(path: Path, dataset: str, label: str, confusion: dict) -> None:
-    """Row-normalised confusion matrix (% of each true class), the values written in the cells."""
+def confusion_figure(dataset: str, label: str, confusion: dict) -> Figure:
+    """Row-normalised confusion matrix (% of each true class), the values written in the cells,
+    each true class with its samples (summed over seeds)."""
     classes, percent = confusion["classes"], confusion["percent"]
     k = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 * k + 2.5, 0.8 * k + 2))
+    fig, ax = plt.subplots(figsize=(1.0 * k + 3, 0.8 * k + 2), layout="constrained")
     image = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100)
     for i in range(k):
         for j in range(k):
@@ -127,21 +187,19 @@ def confusion_figure(path: Path, dataset: str, label: str, confusion: dict) -> N
             text = "–" if math.isnan(value) else f"{value:.0f}"
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if not math.isnan(value) and value > 60 else "black")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), [f"{c} (n={sum(row)})" for c, row in zip(classes, confusion["counts"])])
     ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    ax.set_ylabel("true class (samples over all seeds)")
     total = sum(map(sum, confusion["counts"]))
     ax.set_title(f"{dataset}: {label}\nlast evaluation, {confusion['seeds']} seeds, {total} samples")
     fig.colorbar(image, ax=ax, label="% of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[str]:
-    """Markdown lines showing embeddings_of's t-SNE pictures side by side, copied into `out`
-    under unique names, and a table of their kNN accuracies and S1-S2 cosines (a row per
+    """Markdown lines showing summarize.embeddings_of's t-SNE pictures side by side, copied into
+    `out` under unique names, and a table of their kNN accuracies and S1-S2 cosines (a row per
     configuration)."""
     names = []
     for e in embeddings:
@@ -172,47 +230,57 @@ def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[s
     return lines + [""]
 
 
-def write_report(out: Path, datasets: dict, notes: list[str], published: bool = False, sources=(),
-                 select: str | None = None) -> Path:
-    """Write OUT/report.md and its figures; returns the path of report.md."""
+def write_report(out: Path, sections: dict[str, dict], notes: list[str], published: bool = False,
+                 sources=()) -> Path:
+    """Write OUT/report.md (MARKER its first line) and its figures; returns the path of report.md.
+
+    `sections`: data set -> summarize.report_data's plain data. Refuses (NotOurReportError) to
+    replace a report.md that was not written here, before writing anything.
+    """
     out = Path(out)
+    ours_to_replace(out)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(notes)
     body = []
-    for dataset, groups in datasets.items():
-        body += [f"## {dataset}", "", summarize.tables_of(dataset, groups, select)]
+    for dataset, section in sections.items():
+        body += [f"## {dataset}", "", section["tables"]]
 
         name = f"per_class_{slug(dataset)}.png"
-        per_class_figure(out / name, dataset, groups, published)
+        save(per_class_figure(dataset, section["bars"], published), out / name)
         body += [f"![{dataset}: per-class accuracy]({name})", "",
                  "Per-class accuracy, AA and OA at the last epoch: bars are the mean over seeds, error bars the "
-                 "sample standard deviation over seeds (none for a single seed)."
+                 "sample standard deviation over seeds (none for a single seed); n under each class: its samples "
+                 "in one evaluation."
                  + (" Markers: the paper's published values on the real data." if published else ""), ""]
 
         name = f"curves_{slug(dataset)}.png"
-        if curves_figure(out / name, dataset, groups):
+        figure = curves_figure(dataset, section["curves"])
+        if figure is not None:
+            save(figure, out / name)
             body += [f"![{dataset}: learning curves]({name})", "",
                      "Learning curves: every loss term per epoch and AA / OA at each evaluation; "
                      "the line is the mean over seeds, the shaded band spans the minimum to the maximum over seeds.", ""]
         else:
             notes.append(f"{dataset}: no learning curves, the runs have no metrics.jsonl.")
 
-        for i, group in enumerate(groups):
-            confusion = summarize.confusion_of(group.runs, "last")
+        for i, config in enumerate(section["confusions"]):
+            label, confusion = config["label"], config["confusion"]
             if confusion is None:
-                notes.append(f"{dataset}: no confusion matrix for '{group.label}', its results.json does not record one.")
+                notes.append(f"{dataset}: no confusion matrix for '{label}', its results.json does not record one.")
                 continue
-            name = f"confusion_{slug(dataset)}_{i + 1}_{slug(group.label)}.png"
-            confusion_figure(out / name, dataset, group.label, confusion)
-            body += [f"![{dataset}: confusion matrix of {group.label}]({name})", "",
-                     f"Confusion matrix of {group.label} at the last evaluation: counts summed over "
-                     f"{confusion['seeds']} seeds, each row in % of its true class ('–': no sample of that class).", ""]
+            name = f"confusion_{slug(dataset)}_{i + 1}_{slug(label)}.png"
+            save(confusion_figure(dataset, label, confusion), out / name)
+            body += [f"![{dataset}: confusion matrix of {label}]({name})", "",
+                     f"Confusion matrix of {label} at the last evaluation: counts summed over "
+                     f"{confusion['seeds']} seeds, each row in % of its true class ('–': no sample of that class); "
+                     f"n: the class's samples over all seeds.", ""]
 
-        embeddings = summarize.embeddings_of(groups)
-        if embeddings:
-            body += embedding_section(out, dataset, embeddings)
+        if section["embeddings"]:
+            body += embedding_section(out, dataset, section["embeddings"])
+        if section["interpretation"]:
+            body += [section["interpretation"]]
 
-    head = ["# Results report", "",
+    head = [MARKER, "# Results report", "",
             "Written by `summarize.py --report` from: " + ", ".join(f"`{s}`" for s in sources) + ".", ""]
     head += [f"> Note: {n}" for n in notes] + ([""] if notes else [])
     (out / "report.md").write_text("\n".join(head + body))

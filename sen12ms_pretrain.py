@@ -19,23 +19,27 @@ last (--snapshot_every), as the original, each the backbones in the released lay
 fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
 original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
 """
+
 import argparse
 import logging
 import math
 import os
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import engine
-from augment import Augment, RandomFlipRotation, RandomResizedCrop
-from datasets import SEN12MSDataset, seed_normalize
+import flags
+import process
+from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
+from datasets import CropError, SEN12MSDataset, seed_normalize
+from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import RESNETS, DualResNet, MultiModalNet, count_trainable
+from rundir import RunDir, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")
 
@@ -44,35 +48,35 @@ SCHEDULES = ("original", "cosine", "constant")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_root", type=Path, default=Path("data/sen12ms"),
-                   help="folder holding the four season folders ROIs1158_spring ..., or a packed copy (datasets.py pack; default data/sen12ms)")
-    p.add_argument("--seasons", nargs="+", choices=SEASONS, default=list(SEASONS), help="seasons to read (default: all four)")
-    p.add_argument("--arch", choices=RESNETS, default="resnet50", help="backbone (default resnet50, as the released checkpoint)")
-    p.add_argument("--crop", type=engine.positive_int, default=128, help="random crop of each patch, px (default 128)")
-    p.add_argument("--temperature", "--tau", dest="temperature", type=engine.positive, default=0.07,
-                   help="NT-Xent (or SupCon) temperature (default 0.07)")
-    p.add_argument("--weight_decay", type=engine.non_negative, default=1e-4, help="Adam weight decay (default 1e-4)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="original",
+    p = flags.parser(__doc__)
+    g = flags.add_data_args(p, root="data/sen12ms",
+                            what="folder holding the four season folders ROIs1158_spring ..., or a packed copy (datasets.py pack)")
+    g.add_argument("--seasons", nargs="+", choices=SEASONS, default=list(SEASONS), help="seasons to read (default: all four)")
+    g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
+    g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the original)")
+    g = p.add_argument_group("method")
+    flags.add_temperature_arg(g, 0.07, "NT-Xent (or SupCon) temperature")
+    flags.add_augment_args(g, default=False,
+                           what="two augmented views per modality (random resized crop, scale 0.2-1, flips, rotation up "
+                                "to 20 degrees, one bilinear resampling), each seed-normalised: four views, all of one "
+                                "patch positives (PairwiseNTXent)")
+    g.add_argument("--supervised_lc", action="store_true",
+                   help="SupCon across modalities with the patch's majority land-cover class (8 DFC classes from "
+                        "the lc band 1) as label; unlabelled patches (255) are classes of their own")
+    flags.add_optimizer_args(g, weight_decay=1e-4, momentum=False)
+    g.add_argument("--schedule", choices=SCHEDULES, default="original",
                    help="learning rate per epoch: original (constant through --warmup_epochs, then the original's "
                         "cosine whose period is the steps of one epoch), cosine (linear warm-up over --warmup_epochs, "
                         "then a half cosine to 0 at the last epoch), constant (default original)")
-    p.add_argument("--warmup_epochs", type=engine.non_negative_int, default=10,
+    g.add_argument("--warmup_epochs", type=flags.non_negative_int, default=10,
                    help="epochs before the cosine of --schedule starts (default 10)")
-    engine.add_subset_args(p)
-    p.add_argument("--snapshot_every", type=engine.positive_int, default=25,
+    g.add_argument("--snapshot_every", type=flags.positive_int, default=25,
                    help="also write the weights after every 0-based epoch that is a multiple of N, and after the last, "
                         "as checkpoint-epoch<E>.pth (default 25, as the original: epoch0, epoch25, ..., epoch200; "
                         "the original's DFC2020 fine-tuning read epoch100)")
-    p.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the original)")
-    p.add_argument("--augment", action="store_true",
-                   help="two augmented views per modality (random resized crop, scale 0.2-1, flips, rotation up to "
-                        "20 degrees), each seed-normalised: four views, all of one patch positives (PairwiseNTXent)")
-    p.add_argument("--supervised_lc", action="store_true",
-                   help="SupCon across modalities with the patch's majority land-cover class (8 DFC classes from "
-                        "the lc band 1) as label; unlabelled patches (255) are classes of their own")
-    engine.add_common_args(p, epochs=201, batch_size=200, lr=3e-5)
+    flags.add_run_args(p, epochs=201, batch_size=200, lr=3e-5)
     return p
 
 
@@ -102,45 +106,28 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"(--epochs {args.epochs})")
 
 
-@record
-def main(argv=None) -> dict:
-    parser = build_parser()
-    args = engine.resolve_args(parser, argv)
-    check_args(parser, args)
-    ctx = engine.setup(args)
-    if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
-        parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
-
-    dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
-    dataset[0]  # one item read now: a crop larger than the patches, or unreadable data, stop here
-    subset = engine.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
-    loader = engine.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=subset, drop_last=True)
-    net = DualResNet(args.arch)
-    # What the checkpoints hold: the two backbones with their projection heads, no classifier.
-    backbones = nn.ModuleDict({"backbone1": net.backbone1, "backbone2": net.backbone2})
-    augment = Augment(RandomResizedCrop(args.crop, scale=(0.2, 1.0)), RandomFlipRotation(20.0)) if args.augment else None
-    views = engine.Views(["s1", "s2"], augment, ctx, args.seed, renormalize=seed_normalize, second="augmented")
-    # With --augment, one pass per modality over both views (batch norm sees 2B images).
-    model = engine.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}), ctx, args, sync_bn=args.sync_bn)
-    optimizer = torch.optim.Adam(backbones.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+def build_loss(args: argparse.Namespace, ctx: process.Context) -> nn.Module:
     gather = ctx.world > 1
     if args.supervised_lc:
-        loss_fn = SupConLoss(args.temperature, "all", args.temperature, gather_distributed=gather)
-    elif args.augment:
-        loss_fn = PairwiseNTXent(4, args.temperature, gather_distributed=gather)
-    else:
-        loss_fn = NTXent(args.temperature, 2, gather_distributed=gather)
-    run = engine.RunDir(args.save_path or engine.default_run_path("sen12ms_pretrain"), args, ctx)
-    log.info("%d patches (%s), %d per epoch; %d trainable parameters", len(dataset), ", ".join(args.seasons),
-             len(loader.dataset), count_trainable(backbones))
+        return SupConLoss(args.temperature, "all", args.temperature, gather_distributed=gather)
+    if args.augment:
+        return PairwiseNTXent(blocks=4, tau=args.temperature, gather_distributed=gather)
+    return NTXent(tau=args.temperature, blocks=2, gather_distributed=gather)
 
-    def step(batch: dict, epoch: int, i: int) -> dict:
-        if i == 0:  # the schedule is a function of the epoch: a resumed run gets the same rates
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch, args.lr, args.schedule, args.warmup_epochs, args.epochs, len(loader))
-        originals, augmented = views(batch, epoch, i)
+
+def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss_fn: nn.Module,
+              ctx: process.Context) -> Callable:
+    """The training step: the crops (or two augmented views of them) on the device, one pass
+    per modality, the cross-modal loss."""
+
+    def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
+        if args.augment:  # view 0 the first augmented view, view 1 the second
+            first, second = views.two_augmented(batch, epoch, i)
+            pair = (second, first)
+        else:
+            pair = (views.originals(batch), None)
         with ctx.autocast():
-            features = model(originals, augmented)["features"]  # "s1", "s2" -> (B, V, 128), V = 1 or 2
+            features = model(*pair)["features"]  # "s1", "s2" -> (B, V, 128), V = 1 or 2
         if args.supervised_lc:
             ids = supcon_labels(batch["label"].to(ctx.device), rank=ctx.rank)
             stacked, stacked_ids = multimodal_views(*(F.normalize(features[m].float(), dim=-1) for m in ("s1", "s2")), ids)
@@ -149,25 +136,68 @@ def main(argv=None) -> dict:
         z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])
         return {"loss": loss_fn(z)}
 
-    task = engine.Task(step, {"state_dict": backbones}, checkpoint={"arch": args.arch}, dataset="SEN12MS pre-training",
-                       snapshot_every=args.snapshot_every)
-    results = engine.fit(model, optimizer, loader, task, run, ctx, args)
+    return step
 
-    # Counted in every process and its loader workers; the original skipped each batch holding a NaN.
-    counts = torch.tensor([dataset.nan_pixels, dataset.nonfinite_pixels - dataset.nan_pixels, dataset.unreadable,
-                           dataset.all_zero_patches], device=ctx.device)
-    if ctx.world > 1:
-        dist.all_reduce(counts)
-    data = dict(zip(["nan_pixels_replaced", "inf_pixels_replaced", "unreadable_patches_substituted", "all_zero_patches"],
-                    counts.tolist()))
-    log.info("data problems met in this run: %s", data)
-    if ctx.is_main:
-        final = run.path / engine.snapshot_name(args.epochs - 1)
-        (run.path / "checkpoint.pth").unlink(missing_ok=True)
-        os.link(final, run.path / "checkpoint.pth")  # the final weights under a fixed name, no second copy
-        results["data"] = data
-        run.write_results(results)
-    return results
+
+def snapshot_name(epoch: int) -> str:
+    """The file of the weights after 0-based `epoch`, as the original names them (epoch0, epoch25, ...)."""
+    return f"checkpoint-epoch{epoch}.pth"
+
+
+@record
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = flags.resolve(parser, argv)
+    check_args(parser, args)
+    ctx = process.setup(args)
+    if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
+        parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
+
+    try:
+        dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
+    except CropError as error:
+        parser.error(f"{error} (--crop {args.crop})")
+    dataset[0]  # one item read now: unreadable data stops here
+    indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
+    # The original drops the last partial batch of every epoch.
+    loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices, drop_last=True)
+
+    net = DualResNet(args.arch)
+    # What the checkpoints hold: the two backbones with their projection heads, no classifier.
+    backbones = nn.ModuleDict({"backbone1": net.backbone1, "backbone2": net.backbone2})
+    # With --augment, one pass per modality over both views (batch norm sees 2B images).
+    model = process.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}), ctx, args, sync_bn=args.sync_bn)
+    loss_fn = build_loss(args, ctx)
+    optimizer = torch.optim.Adam(backbones.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    augment = Augment(RandomResizedCrop(args.crop, scale=(0.2, 1.0)), RandomFlipRotation(20.0)) if args.augment else None
+    views = Views(["s1", "s2"], augment, ctx, args.seed, renormalize=seed_normalize)
+    step = make_step(args, views, model, loss_fn, ctx)
+    log.info("%d patches (%s), %d per epoch; %d trainable parameters", len(dataset), ", ".join(args.seasons),
+             len(loader.dataset), count_trainable(backbones))
+
+    with RunDir(args.save_path or default_run_path("sen12ms_pretrain"), args, ctx, script="sen12ms_pretrain",
+                dataset="SEN12MS pre-training", modules={"state_dict": backbones}, optimizer=optimizer,
+                extra={"arch": args.arch}, steps_per_epoch=len(loader)) as run:
+        for epoch in range(run.start, args.epochs):
+            # the schedule is a function of the epoch: a resumed run gets the same rates
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(epoch, args.lr, args.schedule, args.warmup_epochs, args.epochs, len(loader))
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board, run_path=run.path)
+            if epoch % args.snapshot_every == 0 or epoch == args.epochs - 1:
+                run.save_weights(snapshot_name(epoch), epoch)
+            run.end_epoch(epoch, row)
+
+        # Counted in every process and its loader workers; the original skipped each batch holding a NaN.
+        data = run.data_report({"train": dataset})
+        counts = torch.tensor([dataset.unreadable, dataset.all_zero_patches], device=ctx.device)
+        if ctx.world > 1:
+            dist.all_reduce(counts)
+        data.update(zip(["unreadable_patches_substituted", "all_zero_patches"], counts.tolist()))
+        log.info("data problems met in this run: %s", data)
+        if ctx.is_main and run.start < args.epochs:
+            (run.path / "checkpoint.pth").unlink(missing_ok=True)
+            os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
+        return run.finish(process.environment(ctx), data=data)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@
 #   DEVICE    cuda, cuda:1, cpu [cuda if available]
 #   FAST      1: --amp (bf16 autocast; NOT the original's float32) [0]
 #   EXTRA     further flags, e.g. "--resume runs/...", "--epochs 20" []
-#   PYTHON    interpreter [.venv/bin/python if it exists, else python]
+#   PYTHON    interpreter [the repository's .venv/bin/python if it exists, else python]
 #
 # The same on 8 GPUs of one machine: 8 x 25 = the published batch of 200; the loss contrasts the
 # global batch (add --sync_bn for batch norm over it too; the original normalised per GPU batch):
@@ -28,15 +28,16 @@
 #     --lr 3e-5 --weight_decay 1e-4 --temperature 0.07 --seed 42 --save_path "$OUT"
 # Rank 0 (on the machine that gets it) writes the run folder; --resume needs it there.
 set -euo pipefail
-cd "$(dirname "$0")"
-DATA=${DATA:-data/sen12ms}
-OUT=${OUT:-runs/sen12ms/pretrain-resnet50}
-if [ -z "${PYTHON:-}" ]; then [ -x .venv/bin/python ] && PYTHON=.venv/bin/python || PYTHON=python; fi
+# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
+HERE=$(cd "$(dirname "$0")" && pwd)
+DATA=${DATA:-$HERE/data/sen12ms}
+OUT=${OUT:-$HERE/runs/sen12ms/pretrain-resnet50}
+if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
 device=()
 [ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 fast=()
 [ "${FAST:-0}" = 1 ] && fast=(--amp)
 
-$PYTHON sen12ms_pretrain.py --data_root "$DATA" --arch resnet50 --crop 128 --batch_size 200 --epochs 201 \
+$PYTHON "$HERE/sen12ms_pretrain.py" --data_root "$DATA" --arch resnet50 --crop 128 --batch_size 200 --epochs 201 \
   --lr 3e-5 --weight_decay 1e-4 --temperature 0.07 --schedule original --warmup_epochs 10 --seed 42 \
   "${device[@]}" "${fast[@]}" --save_path "$OUT" ${EXTRA:-}

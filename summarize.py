@@ -2,21 +2,28 @@
 
     python summarize.py RUNS... [--report OUT [--published]]
 
-RUNS are run folders, results.json files, or folders holding runs (searched recursively).
+RUNS are run folders, results.json files, or folders holding runs (searched recursively). Run
+folders with a config.json but no results.json (still running, or killed) are left out, each
+named in a note.
 Runs are grouped by data set and by configuration: every flag of the run except the seed, the
-paths and the hardware-only flags (NOT_CONFIGURATION). Per data set, two markdown tables are
-printed, never mixed:
+run folder and the flags that change only outputs or hardware (NOT_CONFIGURATION); runs on
+different data roots or weights are different configurations. Per data set, two markdown
+tables are printed, never mixed:
   - last epoch: the last evaluation of each run ("last" in results.json), the reported result;
   - best epoch, selected on the evaluation split, as the original reported
-    ("best_selected_on_eval_split"; optimistic: the epoch was chosen on the split it is scored on).
+    ("best_selected_on_eval_split"; optimistic: the epoch was chosen on the split it is scored on);
+    left out, with a line saying so, when every run's best evaluation is its last one.
 A row per class, then AA and OA; a column per configuration, each cell the mean ± sample
 standard deviation over the configuration's seeds, in percent. Columns keep the order in which
 configurations are first met. Configurations that share a name but differ in some flag get those
 flags in their column label, and a note says so.
 
 --report OUT also writes OUT/report.md with PNG figures beside it (see report.py), with the t-SNE
-pictures of runs that embed.py has embedded. Only then is matplotlib imported, so the tables
-work where matplotlib is missing.
+pictures of runs that embed.py has embedded and a computed interpretation (paired differences
+per seed, embeddings whose modalities do not align). Everything the report shows is computed
+here (report_data) and handed to report.py as plain data. Only then is matplotlib imported, so
+the tables work where matplotlib is missing. A report.md in OUT that this tool did not write is
+never overwritten.
 """
 import argparse
 import json
@@ -27,14 +34,21 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-# Flags that do not change what a run computes, only which seed it draws, where it reads and
-# writes, or on which hardware and how fast it runs. Runs that differ only in these are seeds of
-# one configuration; every other flag (lr, temperature, name, ...) tells configurations apart.
+# Flags that do not change what a run computes, only which seed it draws, where it writes, what
+# it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
+# runs. Runs that differ only in these are seeds of one configuration; every other flag (lr,
+# temperature, name, data_root, model_path, ...) tells configurations apart: runs on other data or
+# from other weights are other configurations. "script" is here because the data set already tells
+# the scripts apart.
 NOT_CONFIGURATION = frozenset({
     "seed",
-    "save_path", "data_root", "model_path", "MODEL_WEIGHTS", "resume",
+    "save_path", "resume", "overwrite", "script",
+    "keep_last", "tensorboard", "save_best", "progress",
     "device", "workers", "amp", "channels_last", "compile", "augment_on", "eval_batch_size",
 })
+# Path flags that config.json records resolved to absolute paths (rundir.py), while results.json
+# keeps them as typed: read from config.json, one data root typed two ways is one configuration.
+PATH_FLAGS = ("data_root", "model_path")
 
 # The two tables, from the two evaluations results.json keeps: (field, title).
 TABLES = (
@@ -116,8 +130,28 @@ def find_results(paths: list[Path]) -> list[Path]:
     return list(found)
 
 
+def find_unfinished(paths: list[Path]) -> list[Path]:
+    """Run folders at or below the folders of `paths` that hold a config.json but no results.json
+    (still running, or killed), in order, each once."""
+    found: dict[Path, None] = {}
+    for path in paths:
+        if path.is_dir() and not (path / "results.json").is_file():
+            found.update(dict.fromkeys(c.parent for c in sorted(path.rglob("config.json"))
+                                       if not (c.parent / "results.json").is_file()))
+    return list(found)
+
+
+def read_json(file: Path) -> dict:
+    """A JSON file of a run folder (results.json, config.json); a damaged one is named."""
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
 def load_run(file: Path) -> Run:
-    """The run whose results.json is `file`, with the metrics.jsonl beside it."""
+    """The run whose results.json is `file`, with the metrics.jsonl beside it; its path flags
+    (PATH_FLAGS) as config.json beside it resolved them."""
     metrics_file = file.parent / "metrics.jsonl"
     metrics = []
     if metrics_file.is_file():
@@ -127,7 +161,12 @@ def load_run(file: Path) -> Run:
                     metrics.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{metrics_file}:{number}: not a JSON record ({e})") from None
-    return Run(file.parent, json.loads(file.read_text()), metrics)
+    results = read_json(file)
+    config_file = file.parent / "config.json"
+    if isinstance(results.get("config"), dict) and config_file.is_file():
+        resolved = read_json(config_file)
+        results["config"].update({k: resolved[k] for k in PATH_FLAGS if k in resolved and k in results["config"]})
+    return Run(file.parent, results, metrics)
 
 
 def configuration(config: dict) -> dict:
@@ -294,14 +333,32 @@ def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def best_is_last(groups: list[Group]) -> bool:
+    """Every run's best evaluation is its last one (same epoch), so the best-epoch table would
+    repeat the last-epoch table."""
+    for run in (r for g in groups for r in g.runs):
+        last, best = run.results.get("last"), run.results.get("best_selected_on_eval_split")
+        if not best or not last:
+            return False
+        # results.json written before evaluations recorded their epoch: the same evaluation is equal
+        if best != last and (best.get("epoch") is None or best.get("epoch") != last.get("epoch")):
+            return False
+    return True
+
+
 def tables_of(dataset: str, groups: list[Group], select: str | None = None) -> str:
-    """Both tables of a data set, last epoch first; the second names its selection criterion."""
+    """Both tables of a data set, last epoch first; the second names its selection criterion.
+    Where it would repeat the first (best_is_last), a line says so instead."""
     criterion = criterion_of(dataset, select)
-    return "\n".join(table(dataset, groups, f, title.format(criterion=criterion)) for f, title in TABLES)
+    (last_field, last_title), (best_field, best_title) = TABLES
+    last = table(dataset, groups, last_field, last_title)
+    if best_is_last(groups):
+        return f"{last}\nBest epoch by {criterion} = last epoch for every run: one table.\n"
+    return f"{last}\n{table(dataset, groups, best_field, best_title.format(criterion=criterion))}"
 
 
 def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | None = None) -> str:
-    """The tool's printed output: notes, then both tables per data set."""
+    """The tool's printed output: notes, then the tables of each data set."""
     out = [f"> Note: {n}" for n in notes] + ([""] if notes else [])
     out += [tables_of(dataset, groups, select) for dataset, groups in datasets.items()]
     return "\n".join(out)
@@ -309,13 +366,28 @@ def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | N
 
 # ----------------------------------------------------------------------------- figure data
 
+def class_counts(evaluation: dict) -> dict[str, int]:
+    """Samples of each true class in one evaluation: the row sums of its confusion matrix
+    ({} for results written before the engine recorded one)."""
+    if "confusion" not in evaluation or "classes" not in evaluation:
+        return {}
+    return {c: sum(row) for c, row in zip(evaluation["classes"], evaluation["confusion"])}
+
+
 def bars_of(groups: list[Group], field: str = "last") -> dict:
-    """What the per-class bar figure draws: rows (classes, AA, OA) and per configuration the
-    mean and sample std over seeds of each row (nan where undefined)."""
+    """What the per-class bar figure draws: rows (classes, AA, OA), per configuration the mean
+    and sample std over seeds of each row (nan where undefined), and per row "n": the
+    [fewest, most] samples of the class in one evaluation over all seeds and configurations
+    (None for AA, OA and classes no evaluation counted)."""
     rows = rows_of(groups, field)
     stats = [[mean_std(values[i]) for _, values in rows] for i in range(len(groups))]
+    counts = [class_counts(e) for g in groups for e in evaluations(g, field)]
+    n = []
+    for name, _ in rows:
+        seen = [c[name] for c in counts if name in c]
+        n.append([min(seen), max(seen)] if seen and name not in ("AA", "OA") else None)
     return {"rows": [name for name, _ in rows], "labels": [g.label for g in groups],
-            "mean": [[m for m, _ in s] for s in stats], "std": [[d for _, d in s] for s in stats]}
+            "mean": [[m for m, _ in s] for s in stats], "std": [[d for _, d in s] for s in stats], "n": n}
 
 
 def curves_of(runs: list[Run]) -> dict[str, dict[str, list]]:
@@ -392,16 +464,140 @@ def embeddings_of(groups: list[Group]) -> list[dict]:
     common = set.intersection(*(set(by_seed) for _, _, by_seed in found)) if found else set()
     rows = []
     for i, g, by_seed in found:
-        seed = min(common or by_seed, key=lambda s: (s is None, s or 0))  # a run without a seed last
+        seed = min(common or by_seed, key=seed_order)
         rows.append({**by_seed[seed], "label": g.label, "seed": seed, "group": i})
     return rows
+
+
+def seed_order(seed) -> tuple:
+    """Sort key of seeds: ascending, a run without a seed last."""
+    return seed is None, seed or 0
+
+
+# ----------------------------------------------------------------------------- interpretation
+
+# The configurations compared seed by seed: (flag, value A, value B), each difference A − B,
+# between configurations equal in every other flag but the name (a configuration's name follows
+# its flags). Fused S1+S2 against each single modality (METER-ML's --scenario), SupCon+CE against CE.
+CONTRASTS = (("scenario", "s1s2_fused", "s1"), ("scenario", "s1s2_fused", "s2"), ("use_sup_con", True, False))
+# A run's S1 and S2 features count as not aligned when their mean cosine is at most this above
+# that of random pairs (cosine units).
+ALIGNMENT_MARGIN = 0.01
+# Cross-modal kNN accuracy this many points (%) below the within-modality one is reported.
+KNN_GAP = 10.0
+
+
+def last_aa_by_seed(group: Group) -> dict:
+    """seed -> AA (%) of the last evaluation (the mean where a seed ran twice)."""
+    by_seed: dict = {}
+    for run in group.runs:
+        if run.results["last"].get("AA") is not None:
+            by_seed.setdefault(run.seed, []).append(run.results["last"]["AA"])
+    return {seed: statistics.mean(values) for seed, values in by_seed.items()}
+
+
+def paired_differences(groups: list[Group]) -> list[dict]:
+    """Per seed, the AA difference between configurations that differ in one flag of CONTRASTS.
+
+    Returns [{"flag", "a", "b" (labels), "seeds", "differences" (AA of A − AA of B at the last
+    evaluation, percentage points, per seed both ran, ascending seeds), "mean", "std" (sample
+    std; nan for fewer than 2), "n"}] in the order of CONTRASTS, then of `groups`.
+    """
+    found = []
+    for flag, value_a, value_b in CONTRASTS:
+        def rest(g: Group) -> str:
+            return json.dumps({k: v for k, v in g.flags.items() if k not in (flag, "name")}, sort_keys=True, default=str)
+
+        for a in (g for g in groups if g.flags.get(flag) == value_a):
+            for b in (g for g in groups if g.flags.get(flag) == value_b and rest(g) == rest(a)):
+                aa_a, aa_b = last_aa_by_seed(a), last_aa_by_seed(b)
+                seeds = sorted(set(aa_a) & set(aa_b), key=seed_order)
+                differences = [aa_a[s] - aa_b[s] for s in seeds]
+                mean, std = mean_std(differences)
+                found.append({"flag": flag, "a": a.label, "b": b.label, "seeds": seeds, "differences": differences,
+                              "mean": mean, "std": std, "n": len(seeds)})
+    return found
+
+
+def embedding_findings(embeddings: list[dict]) -> list[str]:
+    """Plain sentences on embeddings_of's rows whose S1 and S2 features do not align (paired
+    cosine at most ALIGNMENT_MARGIN above random pairs) or whose cross-modal kNN accuracy is more
+    than KNN_GAP points below the within-modality one."""
+    lines = []
+    for e in embeddings:
+        cos, knn = e["pair_cosine"], e["knn_accuracy"]
+        if cos["paired"] <= cos["random"] + ALIGNMENT_MARGIN:
+            lines.append(f"In {e['label']} (seed {e['seed']}) the S1 and S2 features of one sample are no closer "
+                         f"(cosine {cos['paired']:.2f}) than those of random pairs ({cos['random']:.2f}; margin "
+                         f"{ALIGNMENT_MARGIN}): the two encoders do not align the modalities. That is expected where no "
+                         f"loss pairs a sample's S1 and S2 features (CE alone); where SupCon had cross-modal "
+                         f"positives, it may mean they had little effect.")
+        within = (knn["s1"] + knn["s2"]) / 2
+        across = (knn["s1_to_s2"] + knn["s2_to_s1"]) / 2
+        if within - across > KNN_GAP:
+            lines.append(f"In {e['label']} (seed {e['seed']}) kNN accuracy across modalities (S1→S2 "
+                         f"{knn['s1_to_s2']:.1f}%, S2→S1 {knn['s2_to_s1']:.1f}%) is {within - across:.1f} points "
+                         f"below that within a modality (S1 {knn['s1']:.1f}%, S2 {knn['s2']:.1f}%): the classes may "
+                         f"be separated within each modality while the two modalities occupy different regions of "
+                         f"the feature space.")
+    return lines
+
+
+def signed(value: float) -> str:
+    """A difference with its sign, 2 decimals ('–' for nan)."""
+    return "–" if math.isnan(value) else f"{value:+.2f}"
+
+
+def interpretation_of(dataset: str, groups: list[Group]) -> str:
+    """The report's computed interpretation of a data set (markdown; "" when there is nothing to
+    say): the paired_differences table, and embedding_findings on the embeddings shown."""
+    differences = paired_differences(groups)
+    embeddings = embeddings_of(groups)
+    if not differences and not embeddings:
+        return ""
+    out = [f"### {dataset}: interpretation", ""]
+    if differences:
+        out += ["Paired differences of AA at the last evaluation (percentage points, A − B), seed by seed over the "
+                "seeds both configurations ran; A and B are equal in every flag but the one named (and the name). "
+                "std: sample standard deviation of the differences.",
+                "",
+                "| A | B | differs in | per seed (seed: A − B) | mean | std | n |",
+                "|---|---|---|---|---:|---:|---:|"]
+        for d in differences:
+            per_seed = "; ".join(f"{s}: {signed(v)}" for s, v in zip(d["seeds"], d["differences"])) or "no seed in common"
+            std = "–" if math.isnan(d["std"]) else f"{d['std']:.2f}"
+            out.append(f"| {d['a']} | {d['b']} | {d['flag']} | {per_seed} | {signed(d['mean'])} | {std} | {d['n']} |")
+        out.append("")
+    if embeddings:
+        findings = embedding_findings(embeddings)
+        out += [f"- {line}" for line in findings] or [
+            f"Embeddings: in every configuration shown the S1 and S2 features of one sample are closer than those of "
+            f"random pairs (by more than {ALIGNMENT_MARGIN} in cosine), and kNN accuracy across modalities is within "
+            f"{KNN_GAP:.0f} points of that within a modality."]
+        out.append("")
+    return "\n".join(out)
+
+
+def report_data(datasets: dict[str, list[Group]], select: str | None = None) -> dict[str, dict]:
+    """Everything report.write_report shows, per data set, as plain data: "tables" (markdown, as
+    printed), "bars" (bars_of, last evaluation), "curves" and "confusions" (a {"label", "curves"
+    | "confusion"} per configuration: curves_of, confusion_of of the last evaluation, None
+    without one), "embeddings" (embeddings_of) and "interpretation" (markdown, maybe "")."""
+    return {dataset: {"tables": tables_of(dataset, groups, select),
+                      "bars": bars_of(groups, "last"),
+                      "curves": [{"label": g.label, "curves": curves_of(g.runs)} for g in groups],
+                      "confusions": [{"label": g.label, "confusion": confusion_of(g.runs, "last")} for g in groups],
+                      "embeddings": embeddings_of(groups),
+                      "interpretation": interpretation_of(dataset, groups)}
+            for dataset, groups in datasets.items()}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", type=Path, nargs="+", help="run folders, results.json files, or folders holding runs")
     p.add_argument("--report", type=Path, metavar="OUT",
-                   help="also write OUT/report.md with the tables and PNG figures (needs matplotlib)")
+                   help="also write OUT/report.md with the tables and PNG figures (needs matplotlib); a report.md "
+                        "there that this tool did not write is never replaced")
     p.add_argument("--published", action="store_true",
                    help="with --report: mark the paper's published values in the per-class figure "
                         "(off by default: they come from real data, the demo's is synthetic)")
@@ -411,21 +607,32 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.published and args.report is None:
         p.error("--published needs --report")
+    replacing = False
+    if args.report is not None:
+        try:
+            import report  # matplotlib only when a report is asked for
+        except ImportError as e:
+            p.error(f"--report needs matplotlib ({e})")
+        try:
+            replacing = report.ours_to_replace(args.report)
+        except report.NotOurReportError as e:
+            p.error(str(e))
     try:
         files = find_results(args.paths)
     except FileNotFoundError as e:
         p.error(str(e))
+    left_out = [f"left out: {folder} has no results.json (unfinished or killed)." for folder in find_unfinished(args.paths)]
     try:
         datasets, notes = summarize([load_run(f) for f in files], args.select)
     except ValueError as e:
-        sys.exit(f"summarize.py: {e}")
+        sys.exit("\n".join([f"summarize.py: {e}", *left_out]))
+    notes = left_out + notes
     print(markdown(datasets, notes, args.select))
     if args.report is not None:
-        import report  # matplotlib only when a report is asked for
-
-        written = report.write_report(args.report, datasets, notes, published=args.published, sources=args.paths,
-                                      select=args.select)
-        print(f"wrote {written}", file=sys.stderr)
+        written = report.write_report(args.report, report_data(datasets, args.select), notes,
+                                      published=args.published, sources=args.paths)
+        print(f"{'replaced' if replacing else 'wrote'} {written}"
+              + (" (written earlier by summarize.py --report)" if replacing else ""), file=sys.stderr)
 
 
 if __name__ == "__main__":

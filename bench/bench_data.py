@@ -3,9 +3,8 @@
 All three loaders read the same synthetic DFC2020 validation split (written by synthetic_data.py
 into a temporary folder; the packed loader reads it after ``datasets.pack``, from the page cache as
 the GeoTIFFs are), take 224 x 224 training crops and return the seed-normalised S1 / S2 crops
-with the majority and multi-label targets; "two views" adds the SupCon view of each modality
-(flips and a rotation up to 20 degrees), normalised after its augmentation. Torch runs on one
-thread, as in a DataLoader worker.
+with the majority and multi-label targets (the scripts augment on the device, so a loader item is
+one view). Torch runs on one thread, as in a DataLoader worker.
 
 Usage: python bench/bench_data.py [--patches 64] [--repeats 3]
 Also prints how long packing the patches took.
@@ -23,12 +22,11 @@ import rasterio
 import torch
 from rasterio.windows import Window
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import augment  # noqa: E402
 import datasets  # noqa: E402
+import pack  # noqa: E402
 import synthetic_data  # noqa: E402
 
 CROP = 224
@@ -40,19 +38,13 @@ DFC_TO_CLASS[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
 
 class NaiveDFC2020(Dataset):
     """The straightforward loader, in the original code's order: opens all four GeoTIFFs of a
-    patch, reads the crop window of each, clips, augments with torchvision's per-image transforms,
-    then divides every channel of each image by its maximum in a Python loop."""
+    patch, reads the crop window of each, clips, then divides every channel of each image by its
+    maximum in a Python loop."""
 
-    def __init__(self, root: Path, two_views: bool) -> None:
+    def __init__(self, root: Path) -> None:
         folder = root / "ROIs0000_validation"
         self.patches = sorted(int(p.stem.split("_p")[1]) for p in (folder / "s1_validation").iterdir())
         self.folder = folder
-        self.two_views = two_views
-        self.augment = v2.Compose([
-            v2.RandomHorizontalFlip(),
-            v2.RandomVerticalFlip(),
-            v2.RandomRotation(20, interpolation=v2.InterpolationMode.BILINEAR),
-        ])
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -84,9 +76,6 @@ class NaiveDFC2020(Dataset):
             "multilabel": torch.from_numpy(counts[:8] >= 0.1 * label_map.size).float(),
             "id": patch,
         }
-        if self.two_views:
-            item["s1"] = (self._normalise(self.augment(s1)), item["s1"])
-            item["s2"] = (self._normalise(self.augment(s2)), item["s2"])
         return item
 
 
@@ -104,7 +93,7 @@ def samples_per_second(dataset: Dataset, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--patches", type=int, default=64, help="256 x 256 patches to write and read")
     parser.add_argument("--repeats", type=int, default=3, help="passes per loader; the median is reported")
     args = parser.parse_args()
@@ -118,30 +107,21 @@ def main() -> None:
         root = synthetic_data.write_dfc2020(Path(tmp) / "dfc", n_validation=args.patches, n_test=0, seed=0, size=PATCH)
         packed = Path(tmp) / "packed"
         started = time.perf_counter()
-        datasets.pack("dfc2020", root, packed)
+        pack.pack("dfc2020", root, packed)
         pack_seconds = time.perf_counter() - started
-        loaders = {}
-        for views, transform in [("one view", None), ("two views", augment.TwoViews(augment.dfc_augment()))]:
-            loaders[views] = (
-                NaiveDFC2020(root, two_views=transform is not None),
-                datasets.DFC2020Dataset(root, crop=CROP, train=True, transform=transform),
-                datasets.DFC2020Dataset(packed, crop=CROP, train=True, transform=transform),
-            )
-        for loader in (loader for trio in loaders.values() for loader in trio):  # warm the page cache and the imports
+        trio = (NaiveDFC2020(root), datasets.DFC2020Dataset(root, crop=CROP, train=True),
+                datasets.DFC2020Dataset(packed, crop=CROP, train=True))
+        for loader in trio:  # warm the page cache and the imports
             loader[0]
-        rows = [(views, *(samples_per_second(loader, args.repeats) for loader in trio)) for views, trio in loaders.items()]
+        naive_rate, tif_rate, packed_rate = (samples_per_second(loader, args.repeats) for loader in trio)
 
     print(f"DFC2020, {args.patches} synthetic patches of {PATCH} px, {CROP} px training crops, one process, 1 torch thread")
-    print(f"packing them (datasets.pack, all four files of each patch): {pack_seconds:.2f} s, "
+    print(f"packing them (pack.pack, all four files of each patch): {pack_seconds:.2f} s, "
           f"{1000 * pack_seconds / args.patches:.1f} s per 1,000 patches")
     print()
-    print("| sampling | naive loader (samples/s) | DFC2020Dataset, GeoTIFF | DFC2020Dataset, packed | GeoTIFF / naive | packed / naive |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for views, naive_rate, tif_rate, packed_rate in rows:
-        print(
-            f"| {views} | {naive_rate:.0f} | {tif_rate:.0f} | {packed_rate:.0f} | "
-            f"{tif_rate / naive_rate:.1f}x | {packed_rate / naive_rate:.1f}x |"
-        )
+    print("| naive loader (samples/s) | DFC2020Dataset, GeoTIFF | DFC2020Dataset, packed | GeoTIFF / naive | packed / naive |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    print(f"| {naive_rate:.0f} | {tif_rate:.0f} | {packed_rate:.0f} | {tif_rate / naive_rate:.1f}x | {packed_rate / naive_rate:.1f}x |")
 
 
 if __name__ == "__main__":

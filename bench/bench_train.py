@@ -1,8 +1,9 @@
 """Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation, four configurations (float32 and bf16 side by side).
 
-The objects are the ones dfc_finetune.py builds: models.DualResNet inside models.MultiModalNet,
-losses.SupConCELoss, engine.Views (batched flips + rotation on the device, seed_normalize per view),
-Adam over models.param_groups.
+The objects and the step are dfc_finetune.py's own: its parser (every hyper-parameter at the
+script's default), build_model, build_loss, build_optimizer, build_views and make_step (views,
+then models.MultiModalNet, then losses.SupConCELoss), followed by what engine.train_one_epoch does
+with the loss (non-finite check, zero_grad, backward, optimizer.step).
 
     original  the original's arithmetic: float32, NCHW, --ce_from separate (per modality one encoder
               pass over cat([augmented, original]) for SupCon and a second over the originals for CE:
@@ -15,11 +16,11 @@ Adam over models.param_groups.
 Measurements, in this order; each figure is printed as one line the moment it is measured, so a run
 stopped by a time limit keeps every figure it took:
 
-    step      the training step of engine.fit (views, forward, loss, non-finite check, backward,
-              Adam) on a fixed batch already on the device: the model alone
+    step      the training step (views, forward, loss, non-finite check, backward, Adam) on a fixed
+              batch already on the device: the model alone
     eval      model.eval(), no gradients, originals only, batch --eval_batch_size, predictions
-              copied to the host as engine.evaluate does (fast evaluates as default does)
-    loader    the training step fed by engine.make_loader (--workers, pinned memory on CUDA) over
+              copied to the host as metrics.evaluate does (fast evaluates as bf16 does)
+    loader    the training step fed by process.make_loader (--workers, pinned memory on CUDA) over
               synthetic DFC2020 GeoTIFFs: random crops read from disk, seed-normalised
     compile   the fast step under torch.compile (compilation is in the warm-up)
 
@@ -49,12 +50,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import engine  # noqa: E402
+import dfc_finetune  # noqa: E402
+import flags  # noqa: E402
+import metrics  # noqa: E402
+import process  # noqa: E402
 import synthetic_data  # noqa: E402
-from augment import dfc_augment  # noqa: E402
-from datasets import DFC2020Dataset, seed_normalize  # noqa: E402
-from losses import SupConCELoss  # noqa: E402
-from models import DualResNet, MultiModalNet, param_groups  # noqa: E402
+from augment import Views  # noqa: E402
+from datasets import DFC2020Dataset  # noqa: E402
 
 # name -> (--ce_from, bf16 autocast, channels_last where CUDA)
 CONFIGS = {"original": ("separate", False, False), "default": ("separate", False, True), "bf16": ("separate", True, True),
@@ -82,27 +84,27 @@ class Figure:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU: every default below takes its --tiny value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--arch", default=None, help="backbone (default resnet50; --tiny resnet18)")
-    p.add_argument("--crop", type=engine.positive_int, default=None,
+    p.add_argument("--crop", type=flags.positive_int, default=None,
                    help="training crop and evaluation input, px (default 224, as dfc_finetune.py; --tiny 32)")
-    p.add_argument("--batch_size", type=engine.positive_int, default=None, help="training batch (default 128; --tiny 4)")
-    p.add_argument("--eval_batch_size", type=engine.positive_int, default=None, help="evaluation batch (default 128; --tiny 8)")
-    p.add_argument("--warmup", type=engine.positive_int, default=None,
+    p.add_argument("--batch_size", type=flags.positive_int, default=None, help="training batch (default 128; --tiny 4)")
+    p.add_argument("--eval_batch_size", type=flags.positive_int, default=None, help="evaluation batch (default 128; --tiny 8)")
+    p.add_argument("--warmup", type=flags.positive_int, default=None,
                    help="untimed warm-up steps at most, see --warmup_s (default 3; --tiny 1)")
-    p.add_argument("--warmup_s", type=engine.positive, default=20.0,
+    p.add_argument("--warmup_s", type=flags.positive, default=20.0,
                    help="stop the warm-up after the step that passes this many seconds (default 20)")
-    p.add_argument("--steps", type=engine.positive_int, default=None, help="timed steps per measurement (default 10; --tiny 2)")
-    p.add_argument("--workers", type=engine.non_negative_int, default=None,
+    p.add_argument("--steps", type=flags.positive_int, default=None, help="timed steps per measurement (default 10; --tiny 2)")
+    p.add_argument("--workers", type=flags.non_negative_int, default=None,
                    help="DataLoader workers of the loader measurements (default: CPU count, at most 16; --tiny 1)")
     p.add_argument("--data_root", type=Path, default=None,
                    help="DFC2020 root whose validation split feeds the loader (default: synthetic patches in a temporary folder)")
-    p.add_argument("--patches", type=engine.positive_int, default=None,
+    p.add_argument("--patches", type=flags.positive_int, default=None,
                    help="synthetic patches written without --data_root; the loader cycles over them (default 64; --tiny 8)")
-    p.add_argument("--patch_size", type=engine.positive_int, default=None, help="side of the synthetic patches, px (default 256; --tiny 40)")
+    p.add_argument("--patch_size", type=flags.positive_int, default=None, help="side of the synthetic patches, px (default 256; --tiny 40)")
     p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="configurations (default: all four)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
                    help="measurements, run in the order step, eval, loader, compile (default: all on CUDA; without compile on CPU)")
@@ -162,39 +164,37 @@ def release(device: torch.device) -> None:
 class Setup:
     """dfc_finetune.py's objects for one configuration."""
 
-    ctx: engine.Context
+    ctx: process.Context
     model: torch.nn.Module
-    views: engine.Views
+    views: Views
     step: Callable[[dict, int, int], None]
 
 
 def build(config: str, args: argparse.Namespace, *, compiled: bool = False) -> Setup:
+    """dfc_finetune.py's objects for `--finetune --use_sup_con` and the configuration's flags."""
     ce_from, amp, channels_last = CONFIGS[config]
     cuda = args.device.type == "cuda"
-    ctx = engine.Context(device=args.device, amp=amp and cuda, channels_last=channels_last and cuda,
-                         workers=args.workers, pin_memory=cuda)
+    argv = ["--finetune", "--use_sup_con", "--arch", args.arch, "--crop", str(args.crop), "--ce_from", ce_from,
+            "--batch_size", str(args.batch_size), *(["--compile"] if compiled else [])]
+    script_args = dfc_finetune.build_parser().parse_args(argv)
+    ctx = process.Context(device=args.device, amp=amp and cuda, channels_last=channels_last and cuda,
+                          workers=args.workers, pin_memory=cuda)
     torch.manual_seed(0)
-    net = DualResNet(args.arch)
-    model = engine.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=ce_from),
-                        ctx, argparse.Namespace(compile=compiled))
-    optimizer = torch.optim.Adam(param_groups(net, net.fc, 1e-5, 3e-6, 1e-3), betas=(0.9, 0.999))
-    criterion = SupConCELoss(temperature=0.07)
-    views = engine.Views(["s1", "s2"], dfc_augment(), ctx, 0, renormalize=seed_normalize)
+    net, model = dfc_finetune.build_model(script_args, ctx, num_classes=8)
+    optimizer = dfc_finetune.build_optimizer(script_args, net)
+    views = dfc_finetune.build_views(script_args, ctx)
+    step = dfc_finetune.make_step(views, model, dfc_finetune.build_loss(script_args, ctx), ctx)
 
-    def step(batch: dict, epoch: int, i: int) -> None:
-        """dfc_finetune.py's step and what engine.fit does with its loss."""
-        originals, augmented = views(batch, epoch, i)
-        labels = batch["label"].to(ctx.device, non_blocking=ctx.pin_memory)
-        with ctx.autocast():
-            out = model(originals, augmented)
-        loss = criterion(out["features"], out["logits"], labels)["loss"]
+    def train_step(batch: dict, epoch: int, i: int) -> None:
+        """The script's step and what engine.train_one_epoch does with its loss."""
+        loss = step(batch, epoch, i)["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{config}: non-finite loss {loss.item()}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return Setup(ctx, model, views, step)
+    return Setup(ctx, model, views, train_step)
 
 
 def random_batch(batch_size: int, size: int, device: torch.device) -> dict:
@@ -240,7 +240,7 @@ def measure_loader(config: str, args: argparse.Namespace, root: Path) -> tuple[f
     dataset = DFC2020Dataset(root, "validation", crop=args.crop, train=True, seed=0)
     # One epoch long enough for every step, cycling over the patches: the pipeline never drains.
     positions = [i % len(dataset) for i in range(args.batch_size * (args.warmup + args.steps))]
-    loader = engine.make_loader(dataset, args.batch_size, setup.ctx, argparse.Namespace(seed=0), train=True, indices=positions)
+    loader = process.make_loader(dataset, args.batch_size, setup.ctx, argparse.Namespace(seed=0), train=True, indices=positions)
     return timed(setup.step, ((batch, 0, i) for i, batch in enumerate(loader)), args)
 
 
@@ -252,7 +252,7 @@ def measure_eval(config: str, args: argparse.Namespace) -> tuple[float, float]:
     def run(batch: dict, epoch: int, i: int) -> None:
         with setup.ctx.autocast():
             out = setup.model(setup.views.originals(batch))
-        engine.predict(out["logits"]).cpu()
+        metrics.predict(out["logits"]).cpu()
 
     return timed(run, repeated(random_batch(args.eval_batch_size, args.crop, args.device)), args)
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     args = resolve(build_parser(), argv)
     logging.getLogger("datasets").setLevel(logging.ERROR)  # the synthetic patches hold NaN pixels on purpose
     if args.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as engine.setup
+        torch.backends.cudnn.benchmark = True  # as process.setup
     name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
     print(f"bench_train: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"dual {args.arch}, {args.crop} px, warm-up <= {args.warmup} steps / {args.warmup_s:g} s, {args.steps} timed steps",

@@ -21,7 +21,7 @@ RUNS="$OUT/runs"
 rm -rf "$OUT"  # the data writer adds to existing folders, and run folders are refused when full: start clean
 mkdir -p "$RUNS/logs"
 start=$(date +%s)
-$PYTHON synthetic_data.py dfc2020 "$DATA" --n 128 --n-test 64 --size 96 --seed 0
+$PYTHON synthetic_data.py dfc2020 "$DATA" --n 128 --n_test 64 --size 96 --seed 0
 
 run() {  # ce_from seed
   OMP_NUM_THREADS=1 $PYTHON dfc_finetune.py --data_root "$DATA" --arch resnet18 --finetune --use_sup_con \

@@ -33,8 +33,8 @@ esac
 
 if [ "$TINY" = 1 ]; then
   BUDGET=240  # seconds for everything; the benchmark gets what the stages before it left
-  DFC_DATA=(--n 8 --n-test 4 --size 40)
-  METER_DATA=(--n 20 --val-fraction 0.4)
+  DFC_DATA=(--n 8 --n_test 4 --size 40)
+  METER_DATA=(--n 20 --val_fraction 0.4)
   COMMON=(--device cpu --workers 0 --epochs 1 --eval_every 1 --batch_size 4)
   DFC=(--arch resnet18 --crop 32 --eval_crop 32)
   METER=(--model shared)  # half the parameters of the dual SmallAlexNet (140 M): shorter steps and checkpoints
@@ -46,8 +46,8 @@ if [ "$TINY" = 1 ]; then
   CAP_DATA=30; CAP_DFC=60; CAP_METER=60; CAP_PRETRAIN=60; CAP_SEN12MS=60; CAP_PACKED=60
 else
   BUDGET=350
-  DFC_DATA=(--n 64 --n-test 32 --size 256)
-  METER_DATA=(--n 400 --val-fraction 0.2)
+  DFC_DATA=(--n 64 --n_test 32 --size 256)
+  METER_DATA=(--n 400 --val_fraction 0.2)
   COMMON=(--epochs 2 --eval_every 1 --batch_size 32)
   DFC=(--arch resnet50 --crop 224 --eval_crop 224)
   METER=(--model dual)
@@ -91,7 +91,7 @@ stage() {
 
 # last_epoch NAME: the script's last epoch line (loss, samples/s, metrics), as a line of its own.
 last_epoch() {
-  grep "engine INFO epoch" "$TMP/logs/$1.log" | tail -n 1 | sed "s/^.*engine INFO /gpu_check: $1 last epoch: /" || true
+  grep "rundir INFO epoch" "$TMP/logs/$1.log" | tail -n 1 | sed "s/^.*rundir INFO /gpu_check: $1 last epoch: /" || true
 }
 
 echo "gpu_check: $(date -Is) on $(hostname), $([ "$TINY" = 1 ] && echo "--tiny (CPU, toy sizes)" || echo "published sizes"), budget $BUDGET s"

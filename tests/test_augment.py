@@ -6,6 +6,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import augment
+import process
+from augment import Views
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -38,24 +40,7 @@ def test_random_flip_draws_per_sample():
     assert torch.all(flipped | kept) and 10 < int(flipped.sum()) < 54
 
 
-def test_rot90_matches_torch_per_sample():
-    x = torch.rand(4, 3, 8, 8)
-    k = torch.tensor([0, 1, 2, 3])
-    out = augment.rot90(x, k)
-    for i in range(4):
-        assert torch.equal(out[i], torch.rot90(x[i], i, dims=(-2, -1)))
-    with pytest.raises(ValueError, match="square"):
-        augment.rot90(torch.rand(1, 1, 4, 6), torch.tensor([1]))
-
-
-def test_random_rot90_draws_every_quarter_turn():
-    x = torch.arange(16.0).view(1, 1, 4, 4).expand(40, -1, -1, -1)
-    out = augment.RandomRot90()(x, generator=_gen(1))
-    turns = {k for o in out for k in range(4) if torch.equal(o, torch.rot90(x[0], k, dims=(-2, -1)))}
-    assert turns == {0, 1, 2, 3}
-
-
-def test_rotate_90_degrees_equals_rot90():
+def test_rotate_90_degrees_is_a_quarter_turn():
     x = torch.rand(2, 5, 16, 16)
     out = augment.rotate(x, torch.tensor([90.0, -90.0]))
     torch.testing.assert_close(out[0], torch.rot90(x[0], 1, dims=(-2, -1)), atol=1e-5, rtol=0)
@@ -113,15 +98,6 @@ def test_random_flip_rotation_uses_its_drawn_params():
     angles, flip_h, flip_v = op.get_params(6, _gen(3))
     assert torch.all(angles.abs() <= 20.0) and angles.unique().numel() == 6
     torch.testing.assert_close(op(x, generator=_gen(3)), augment.rotate(x, angles, flip_h, flip_v))
-
-
-def test_random_rotation_angles_in_range_and_zero_degrees_is_identity():
-    op = augment.RandomRotation(20.0)
-    angles = op.get_params(1000, _gen(0))
-    assert angles.min() >= -20.0 and angles.max() <= 20.0 and angles.min() < -19.0 and angles.max() > 19.0
-    x = torch.rand(2, 3, 12, 12)
-    torch.testing.assert_close(augment.RandomRotation(0.0)(x, generator=_gen(0)), x, atol=1e-6, rtol=0)
-    torch.testing.assert_close(op(x, generator=_gen(5)), augment.rotate(x, op.get_params(2, _gen(5))))
 
 
 def test_resized_crop_full_box_is_identity():
@@ -199,19 +175,11 @@ def test_dfc_augment_draws_per_sample_and_keeps_shape():
     assert aug(torch.rand(1, 16, 16)).shape == (1, 16, 16)
 
 
-def test_two_views_returns_augmented_then_original():
-    aug = augment.dfc_augment()
-    x = torch.rand(2, 24, 24)
-    view0, view1 = augment.TwoViews(aug)(x, generator=_gen(2))
-    assert view1 is x
-    assert torch.equal(view0, aug(x, generator=_gen(2)))
-
-
 def test_bad_inputs():
     with pytest.raises(ValueError, match="got shape"):
         augment.RandomHorizontalFlip()(torch.rand(8, 8))
     with pytest.raises(TypeError, match="floating-point"):
-        augment.RandomRotation(10.0)(torch.zeros(2, 8, 8, dtype=torch.uint8))
+        augment.RandomFlipRotation(10.0)(torch.zeros(2, 8, 8, dtype=torch.uint8))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -304,3 +272,27 @@ def test_fused_recipes_stay_one_flag_away_and_differ_in_pixels():
     assert fused.shape == original.shape and not torch.equal(fused, original)
     with pytest.raises(ValueError, match="impl"):
         augment.meterml_augment(impl="bilinear")
+
+
+# --------------------------------------------------------------------------- the views of a batch
+
+def test_views_augment_on_the_device_renormalise_and_keep_the_format():
+    ctx = process.Context(torch.device("cpu"), channels_last=True)
+    flip = lambda x, generator=None: x.flip(-1).contiguous() * 2  # noqa: E731  (NCHW out, as grid_sample)
+    x = torch.arange(16.0).view(2, 2, 2, 2)
+    originals, augmented = Views(["s1"], flip, ctx, seed=0, renormalize=lambda v: v / 4).with_augmented({"s1": x}, 0, 0)
+    assert torch.equal(originals["s1"], x) and torch.equal(augmented["s1"], x.flip(-1) / 2)
+    assert augmented["s1"].is_contiguous(memory_format=torch.channels_last)
+    originals, augmented = Views(["s1"], None, ctx, seed=0).with_augmented({"s1": x}, 0, 0)
+    assert augmented is None and torch.equal(originals["s1"], x)
+    first, second = Views(["s1"], flip, ctx, seed=0).two_augmented({"s1": x}, 0, 0)
+    assert torch.equal(first["s1"], second["s1"]) and torch.equal(first["s1"], 2 * x.flip(-1))
+
+
+def test_views_draw_the_same_augmentation_for_the_same_key():
+    from augment import dfc_augment
+    ctx = process.Context(torch.device("cpu"))
+    x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    views = Views(["s1"], dfc_augment(), ctx, seed=5)
+    a, b, c = (views.with_augmented({"s1": x}, epoch, step)[1]["s1"] for epoch, step in ((1, 2), (1, 2), (1, 3)))
+    assert torch.equal(a, b) and not torch.equal(a, c)

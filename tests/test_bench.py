@@ -7,9 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "sen12ms_pretrain.py", "packed_loader", "bench_train.py")
-# What bench_train.py measures on CPU (compile is GPU-only by default; fast evaluates as default).
-FIGURES = [("step", c) for c in ("original", "default", "fast")] + [("eval", "original"), ("eval", "default")] \
-    + [("loader", c) for c in ("original", "default", "fast")]
+# What bench_train.py measures on CPU (compile is GPU-only by default; fast evaluates as bf16).
+CONFIGS = ("original", "default", "bf16", "fast")
+FIGURES = [("step", c) for c in CONFIGS] + [("eval", c) for c in CONFIGS[:3]] + [("loader", c) for c in CONFIGS]
 FIGURE_LINE = re.compile(r"^(step|eval|loader|compile) (\w+) batch=(\d+) (\d+)px [^:]*: "
                          r"([\d.]+) samples/s, peak ([\d.]+) (GiB|MiB RSS), warm-up ([\d.]+) s$")
 

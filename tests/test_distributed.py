@@ -103,7 +103,7 @@ def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "results.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "config.json", "data_report.json", "last.pt", "metrics.jsonl", "results.json"]
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     results = json.loads((run / "results.json").read_text())
     # The 5 test patches are split 3 + 3 over the ranks (one repeated as padding) and gathered back once each.

@@ -107,18 +107,27 @@ def test_tsne_points_are_s1_then_s2_and_keep_the_clusters():
     assert embed.knn_accuracy(flat, both, flat, both, k=3, leave_one_out=True) == 100.0  # clusters survive in 2-D
 
 
-@pytest.mark.parametrize("config, results, kind", [
-    ({"MODEL_WEIGHTS": "random", "model": "shared", "scenario": "s1"}, {"dataset": "METER-ML"}, "meterml_finetune"),
-    ({"MODEL_WEIGHTS": "random"}, None, "meterml_finetune"),
-    ({"use_pairs": True, "model": "dual"}, {"dataset": "METER-ML pre-training"}, "meterml_pretrain"),
-    ({"use_pairs": False}, None, "meterml_pretrain"),
-    ({"arch": "resnet18", "eval_split": "test"}, {"dataset": "DFC2020"}, "dfc_finetune"),
-    ({"arch": "resnet18", "eval_split": "test"}, None, "dfc_finetune"),
-    ({"arch": "resnet50"}, {"dataset": "SEN12MS pre-training"}, "sen12ms_pretrain"),
-    ({"arch": "resnet50", "crop": 224}, None, "sen12ms_pretrain"),
-])
-def test_run_kind_from_results_or_flags(config, results, kind):
-    assert embed.run_kind(config, results) == kind
+@pytest.mark.parametrize("color_by", ["class", "modality"])
+def test_tsne_modalities_are_large_markers_of_two_shapes(tmp_path, color_by):
+    labels = torch.arange(3).repeat_interleave(4).numpy()  # 12 samples, 3 classes
+    points = torch.randn(24, 2, generator=torch.Generator().manual_seed(0)).numpy()
+    fig = embed.tsne_figure(tmp_path / "tsne.png", points, labels, ["a", "b", "c"], color_by, "title")
+    assert (tmp_path / "tsne.png").read_bytes()[:8] == PNG_SIGNATURE
+    collections = fig.axes[0].collections
+    assert all(size >= 30 for c in collections for size in c.get_sizes())
+    shapes = {}  # marker outline (its vertices) -> points drawn with it
+    for c in collections:
+        key = c.get_paths()[0].vertices.round(3).tobytes()
+        shapes[key] = shapes.get(key, 0) + len(c.get_offsets())
+    assert sorted(shapes.values()) == [12, 12]  # two shapes: the 12 S1 points and the 12 S2 points
+
+
+def test_run_kind_is_the_script_recorded_in_config_json():
+    for script in embed.KINDS:
+        assert embed.run_kind({"script": script, "arch": "resnet18"}) == script
+    for config in ({"arch": "resnet18", "eval_split": "test"}, {"script": "train.py"}):
+        with pytest.raises(embed.NotARunError, match="names no script of this project"):
+            embed.run_kind(config)
 
 
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
@@ -129,7 +138,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"lr": 0.1}))
     with pytest.raises(SystemExit):
         embed.main([str(tmp_path)])
-    assert "cannot tell which script wrote this run" in capsys.readouterr().err
+    assert "names no script of this project" in capsys.readouterr().err
 
 
 def check_outputs(out, info, total):
@@ -204,7 +213,7 @@ def test_embed_pretraining_runs(dfc_root, tmp_path):
     meter = write_meterml(tmp_path / "meter", n=20, seed=0)
     pre = tmp_path / "meterml_pre"
     pre.mkdir()
-    (pre / "config.json").write_text(json.dumps({"model": "shared", "use_pairs": True, "data_root": str(meter), "seed": 0}))
+    (pre / "config.json").write_text(json.dumps({"script": "meterml_pretrain", "arch": "shared", "use_pairs": True, "data_root": str(meter), "seed": 0}))
     torch.save(SharedNet().state_dict(), pre / "encoder.pth")
     info = embed.main([str(pre)])
     check_outputs(pre / "embedding", info, 4)
@@ -214,6 +223,6 @@ def test_embed_pretraining_runs(dfc_root, tmp_path):
 def test_a_run_without_its_checkpoint_says_so(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"arch": "resnet18", "eval_split": "test"}))
+    (run / "config.json").write_text(json.dumps({"script": "dfc_finetune", "arch": "resnet18", "eval_split": "test"}))
     with pytest.raises(FileNotFoundError, match="last.pt not found .*checkpoints in the run folder: none"):
         embed.main([str(run)])

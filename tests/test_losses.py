@@ -157,7 +157,7 @@ def test_ntxent_two_blocks_by_hand():
     assert row0 == pytest.approx(-math.log(4.9530 / (1 + 4.9530 + 3.3201)), abs=1e-4)  # e^1.6, e^1.2 = 0.6271
     expected = hand_ntxent(TOY_2, {0: [2], 1: [3], 2: [0], 3: [1]}, tau)
     assert hand_ntxent(TOY_2, {0: [2]}, tau, anchors=[0]) == pytest.approx(row0)
-    assert NTXent(tau, blocks=2)(torch.tensor(TOY_2)).item() == pytest.approx(expected, abs=1e-6)
+    assert NTXent(tau=tau, blocks=2)(torch.tensor(TOY_2)).item() == pytest.approx(expected, abs=1e-6)
     assert PairwiseNTXent(blocks=2, tau=tau)(torch.tensor(TOY_2)).item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -166,7 +166,7 @@ def test_ntxent_four_blocks_pairs_by_hand():
     # b = 2, blocks (0, 1) and (2, 3) paired: row r of block i is index 2 * i + r.
     pairs = {0: [2], 1: [3], 2: [0], 3: [1], 4: [6], 5: [7], 6: [4], 7: [5]}
     expected = hand_ntxent(TOY_4, pairs, tau)
-    assert NTXent(tau, blocks=4)(torch.tensor(TOY_4)).item() == pytest.approx(expected, abs=1e-5)
+    assert NTXent(tau=tau, blocks=4)(torch.tensor(TOY_4)).item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_pairwise_ntxent_four_blocks_by_hand():
@@ -198,7 +198,7 @@ def test_negatives_average_over_all_rows_as_the_original():
     tau = 0.2
     negatives = torch.tensor([False, True] * 4)  # row 1 of every block is a Negative-class sample
     z = F.normalize(torch.tensor(TOY_4), dim=1).requires_grad_()
-    loss = NTXent(tau, blocks=4)(z, negatives=negatives)
+    loss = NTXent(tau=tau, blocks=4)(z, negatives=negatives)
     assert loss.item() == pytest.approx(original_ntxent(z.detach(), negatives, 4, tau).item(), abs=1e-5)
     # The unflagged rows by hand, the flagged ones with the original's constant log(N - 1 + e).
     kept = [0, 2, 4, 6]
@@ -206,14 +206,14 @@ def test_negatives_average_over_all_rows_as_the_original():
     assert loss.item() == pytest.approx(by_hand, abs=1e-5)
     loss.backward()
     assert z.grad[1].abs().sum() > 0  # flagged rows still shape the denominators
-    pairwise = PairwiseNTXent(4, tau)(z.detach(), negatives=negatives)
+    pairwise = PairwiseNTXent(blocks=4, tau=tau)(z.detach(), negatives=negatives)
     assert pairwise.item() == pytest.approx(original_ntxent(z.detach(), negatives, 4, tau, pairwise=True).item(), abs=1e-5)
-    assert NTXent(tau, blocks=4)(z.detach()).item() == pytest.approx(original_ntxent(z.detach(), torch.zeros(8, dtype=torch.bool), 4, tau).item(), abs=1e-5)
+    assert NTXent(tau=tau, blocks=4)(z.detach()).item() == pytest.approx(original_ntxent(z.detach(), torch.zeros(8, dtype=torch.bool), 4, tau).item(), abs=1e-5)
 
 
 def test_all_negative_batch_gives_the_constant_and_no_gradient():
     z = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    loss = NTXent(0.2, 4)(z, negatives=torch.ones(8, dtype=torch.bool))
+    loss = NTXent(tau=0.2, blocks=4)(z, negatives=torch.ones(8, dtype=torch.bool))
     loss.backward()
     assert loss.item() == pytest.approx(math.log(7 + math.e)) and torch.all(z.grad == 0)
 

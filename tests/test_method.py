@@ -204,7 +204,7 @@ def test_modules_run_once_per_pass():
         MultiModalNet({"s1": enc}, modality_heads={"s1": head}, ce_from=ce_from).train()({"s1": x}, {"s1": x.flip(-1)})
         assert len(calls) == expected
     calls.clear()
-    MultiModalNet({"s1": enc}, joint=False).train()({"s1": x}, {"s1": x.flip(-1)})
+    MultiModalNet({"s1": enc}, encode_views="apart").train()({"s1": x}, {"s1": x.flip(-1)})
     assert len(calls) == 2  # pre-training: one pass per view
     calls.clear()
     MultiModalNet({"s1": enc}, modality_heads={"s1": head}).eval()({"s1": x})

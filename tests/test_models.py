@@ -408,3 +408,16 @@ def test_initialisation_follows_the_original():
     assert stem.abs().max().item() <= 1 / 6 and stem.abs().max().item() > 0.15 and abs(stem.std().item() - 1 / 6 / 3**0.5) < 0.01
     head = linear_head(256, 7)
     assert abs(head.weight.std().item() - 0.01) < 0.001 and torch.equal(head.bias, torch.zeros(7))
+
+
+def test_checkpoints_with_non_finite_weights_or_random_bytes_are_named(tmp_path):
+    net = SharedNet()
+    state = net.state_dict()
+    state["encoder.blocks.1.0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\) in 1 tensors: encoder.blocks.1.0.weight"):
+        load_checkpoint(SharedNet(), tmp_path / "nan.pth")
+    (tmp_path / "random.pth").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint, or is damaged") as error:
+        load_checkpoint(SharedNet(), tmp_path / "random.pth")
+    assert "weights_only=False" not in str(error.value)  # no advice to load it unsafely

@@ -3,6 +3,7 @@ tensor, those of the data set it was packed from; packing resumes after a kill, 
 files and refuses folders it cannot use."""
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import rasterio
 import torch
 
-import augment
+import pack
 import datasets
 import synthetic_data
 from test_datasets import _write_tif
@@ -57,7 +58,7 @@ def dfc(tmp_path_factory) -> tuple[Path, Path]:
     zero = root / "ROIs0000_validation" / "s2_validation" / f"ROIs0000_validation_s2_0_p{number}.tif"
     _write_tif(zero, np.zeros((13, 32, 32), np.uint16))
     out = root.parent / "packed"
-    datasets.pack("dfc2020", root, out)
+    pack.pack("dfc2020", root, out)
     return root, out
 
 
@@ -71,7 +72,6 @@ def sen12ms(tmp_path) -> Path:
     [
         {"return_label_map": True},
         {"crop": 24, "train": True, "seed": 7},
-        {"crop": 24, "train": True, "seed": 7, "transform": augment.TwoViews(augment.dfc_augment())},
         {"crop": 20},
         {"crop": 20, "offset_seed": 3, "return_label_map": True},
         {"crop": 16, "train": True, "label_source": "lc", "normalize": "none"},
@@ -119,7 +119,7 @@ def test_dfc2020_packed_sets_pickle_without_their_arrays(dfc):
 
 def test_sen12ms_packed_items_equal_the_geotiff_items(sen12ms, tmp_path):
     out = tmp_path / "packed"
-    index = datasets.pack("sen12ms", sen12ms, out)
+    index = pack.pack("sen12ms", sen12ms, out)
     entry = index["splits"]["all"]
     assert entry["season"] == ["spring"] * 3 + ["summer"] * 3 + ["fall"] * 3 + ["winter"] * 3
     for options in [
@@ -139,7 +139,7 @@ def test_sen12ms_broken_file_is_skipped_counted_and_behaves_as_in_the_source(sen
     broken = sen12ms / season / f"s2_{scene}" / f"{season}_s2_{scene}_{patch}.tif"
     broken.write_bytes(b"broken")
     with caplog.at_level(logging.WARNING, logger="datasets"):
-        index = datasets.pack("sen12ms", sen12ms, tmp_path / "packed")
+        index = pack.pack("sen12ms", sen12ms, tmp_path / "packed")
     assert index["check"]["all"] == {
         "rows": 12, "packed": 11, "with unreadable files": 1,
         "unreadable files by reason": {"s2: unreadable file": 1}, "skipped before packing": {},
@@ -164,7 +164,7 @@ def test_meterml_packed_items_equal_the_npy_items(tmp_path):
     for file in missing.iterdir():
         file.unlink()
     missing.rmdir()
-    index = datasets.pack("meterml", root, tmp_path / "packed")
+    index = pack.pack("meterml", root, tmp_path / "packed")
     assert set(index["splits"]) == {"train", "val"} and index["check"]["train"]["skipped before packing"] == {
         "image folder missing": 1
     }
@@ -172,8 +172,7 @@ def test_meterml_packed_items_equal_the_npy_items(tmp_path):
     assert index["splits"]["val"]["arrays"]["s2_10m"]["dtype"] == "uint16"
     for split, options in [
         ("train", {}),
-        ("train", {"label_scheme": "multilabel", "s2_bands": "all"}),
-        ("train", {"normalize": "none", "transform": augment.TwoViews(augment.meterml_augment()), "seed": 4}),
+        ("train", {"normalize": "none", "repeated": "first"}),
         ("val", {"exclude_negatives": True}),
     ]:
         original = datasets.MeterMLDataset(root, split, **options)
@@ -183,14 +182,12 @@ def test_meterml_packed_items_equal_the_npy_items(tmp_path):
     probe = datasets.MeterMLDataset(tmp_path / "packed")
     probe[probe.ids.index("site_000001")]
     assert probe.nan_pixels == int((np.arange(72 * 72 * 2) % 97 == 0).sum())  # the NaN survive packing
-    with pytest.raises(ValueError, match="naip"):
-        datasets.MeterMLDataset(tmp_path / "packed", naip=True)
 
 
 def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one(sen12ms, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
-    datasets.pack("sen12ms", sen12ms, whole, checkpoint_every=2)
-    read = datasets._pack_value
+    pack.pack("sen12ms", sen12ms, whole, checkpoint_every=2)
+    read = pack._pack_value
     calls: list[str] = []
 
     def killed_in_row_5(column, path):
@@ -200,9 +197,9 @@ def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one
         return read(column, path)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(datasets, "_pack_value", killed_in_row_5)
+    monkeypatch.setattr(pack, "_pack_value", killed_in_row_5)
     with pytest.raises(KeyboardInterrupt):
-        datasets.pack("sen12ms", sen12ms, out, checkpoint_every=2)
+        pack.pack("sen12ms", sen12ms, out, checkpoint_every=2)
     assert not (out / "index.json").exists() and (out / ".pack_progress.json").exists()
     with pytest.raises(datasets.DataFileError, match="unfinished pack"):
         datasets.SEN12MSDataset(out)
@@ -212,8 +209,8 @@ def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one
         return read(column, path)
 
     calls.clear()
-    monkeypatch.setattr(datasets, "_pack_value", counted)
-    index = datasets.pack("sen12ms", sen12ms, out, checkpoint_every=2)
+    monkeypatch.setattr(pack, "_pack_value", counted)
+    index = pack.pack("sen12ms", sen12ms, out, checkpoint_every=2)
     assert len(calls) == (12 - 4) * 3  # resumed at the checkpoint after row 3
     assert not (out / ".pack_progress.json").exists()
     for column in ("s1", "s2", "lc"):
@@ -223,20 +220,20 @@ def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one
         index.pop(varying), expected.pop(varying)
     assert index == expected
     calls.clear()
-    assert datasets.pack("sen12ms", sen12ms, out)["splits"] == expected["splits"] and not calls  # complete: left alone
+    assert pack.pack("sen12ms", sen12ms, out)["splits"] == expected["splits"] and not calls  # complete: left alone
 
 
 def test_pack_refuses_folders_it_cannot_use(sen12ms, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
-        datasets.pack("sen12ms", sen12ms, tmp_path / "busy")
+        pack.pack("sen12ms", sen12ms, tmp_path / "busy")
     with pytest.raises(FileNotFoundError, match="no scene folders"):
-        datasets.pack("sen12ms", tmp_path / "busy", tmp_path / "out")
+        pack.pack("sen12ms", tmp_path / "busy", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / ".pack_progress.json").write_text(json.dumps({"plan": "another source", "splits": {}}))
     with pytest.raises(FileExistsError, match="unfinished pack of other files"):
-        datasets.pack("sen12ms", sen12ms, tmp_path / "out")
+        pack.pack("sen12ms", sen12ms, tmp_path / "out")
 
 
 def test_neither_a_data_set_nor_a_pack_is_a_clear_error(tmp_path, dfc):
@@ -268,3 +265,21 @@ def test_command_line_packs_and_reports(tmp_path):
     command[-2] = str(tmp_path / "nothing")
     failed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert failed.returncode == 1 and f"{tmp_path / 'nothing'} does not exist" in failed.stderr
+
+
+def test_an_edited_index_and_a_changed_source_are_refused(tmp_path):
+    root = synthetic_data.write_dfc2020(tmp_path / "dfc", n_validation=4, n_test=2, seed=3, size=16)
+    out = tmp_path / "packed"
+    pack.pack("dfc2020", root, out)
+    index = json.loads((out / "index.json").read_text())
+    edited = json.loads(json.dumps(index))
+    edited["splits"]["validation"]["ids"] = edited["splits"]["validation"]["ids"][:-1]  # one row left out
+    (out / "index.json").write_text(json.dumps(edited))
+    with pytest.raises(datasets.DataFileError, match="the index lists .* rows but the arrays hold"):
+        datasets.DFC2020Dataset(out)
+    (out / "index.json").write_text(json.dumps(index))
+    assert len(datasets.DFC2020Dataset(out)) == len(index["splits"]["validation"]["ids"])
+    changed = sorted((root / "ROIs0000_validation" / "s2_validation").glob("*.tif"))[0]
+    os.utime(changed, ns=(0, 0))  # the file changed since it was packed
+    with pytest.raises(FileExistsError, match="1 of its source files changed since it was packed"):
+        pack.pack("dfc2020", root, out)

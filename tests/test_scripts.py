@@ -1,10 +1,13 @@
 """End-to-end runs of the three scripts on tiny synthetic data (CPU, a few steps each)."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import torch
 
 import dfc_finetune
@@ -14,6 +17,7 @@ import meterml_pretrain
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
 from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
+from rundir import RunFolderError
 from synthetic_data import write_dfc2020, write_meterml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +72,7 @@ def reevaluate(run, root, scenario, model):
 def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     run = tmp_path / "run"
     results = meterml_finetune.main(["random", "--data_root", str(meter_root), "--save_path", str(run), *FAST, *flags])
-    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json"}
+    assert {p.name for p in run.iterdir()} == {"config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "data_report.json"}
     scenario = flags[flags.index("--scenario") + 1]
     model = "shared" if "shared" in flags else "dual"
     truth, pred = reevaluate(run, meter_root, scenario, model)
@@ -174,7 +178,7 @@ def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path, cap
     (meterml_pretrain, ["--scenario", "s1", "--use_pairs"], "one modality"),
     (meterml_pretrain, ["--use_negative_labels", "--exclude_negatives"], "choose one"),
     (meterml_finetune, ["random", "--use_sup_con", "--eval_mode", "linear"], "frozen"),
-    (meterml_finetune, [], "MODEL_WEIGHTS is required"),
+    (meterml_finetune, [], "MODEL_WEIGHTS) is required"),
     (dfc_finetune, ["--use_sup_con", "--frozen_bn_eval"], "would change nothing"),
     (dfc_finetune, ["--eval_split", "validation"], "--allow_same_split"),
     (meterml_pretrain, ["--no_augs", "--use_pairs", "--two_augmented_views"], "nothing to augment"),
@@ -249,7 +253,7 @@ def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, t
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
     meterml_finetune.main(argv)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    with pytest.raises(engine.RunFolderError, match="holds a run"):
+    with pytest.raises(RunFolderError, match="holds a run"):
         meterml_finetune.main([*argv, "--lr", "0.5"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
     results = meterml_finetune.main([*argv, "--lr", "0.5", "--overwrite"])
@@ -286,10 +290,11 @@ def test_an_epoch_without_any_ce_target_is_an_error(dfc_root, tmp_path, monkeypa
                            "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
 
 
-def recorded_commands(script, **env):
+def recorded_commands(script, cwd=None, **env):
+    """The commands a recorded shell script runs, with the script's path as its name."""
     done = subprocess.run(["bash", str(REPO / script)], env={**os.environ, "PYTHON": "echo", "SEEDS": "3", **env},
-                          capture_output=True, text=True, check=True)
-    return [line.split() for line in done.stdout.splitlines()]
+                          capture_output=True, text=True, check=True, cwd=cwd)
+    return [[Path(words[0]).name, *words[1:]] for words in (line.split() for line in done.stdout.splitlines())]
 
 
 def test_recorded_meterml_experiment_is_the_originals():
@@ -298,12 +303,12 @@ def test_recorded_meterml_experiment_is_the_originals():
     parse = meterml_finetune.build_parser().parse_args
     ce_args, sup_args, aug_args = parse(ce[1:]), parse(supcon[1:]), parse(augmented[1:])
     for args in (ce_args, sup_args, aug_args):  # the original's command line, then its defaults
-        assert (args.MODEL_WEIGHTS, args.model, args.scenario, args.eval_mode) == ("w.pth", "dual", "s1s2_fused", "finetune")
-        assert args.dont_include_negatives and (args.epochs, args.batch_size, args.lr, args.seed) == (121, 32, 0.01, 3)
+        assert (args.model_path, args.arch, args.scenario, args.finetune) == ("w.pth", "dual", "s1s2_fused", True)
+        assert args.exclude_negatives and (args.epochs, args.batch_size, args.lr, args.seed) == (121, 32, 0.01, 3)
         assert (args.data_ratio, args.subset, args.ce_from, args.eval_dense_after) == (1.0, "first", "separate", 79)
         assert not args.amp and args.augment_impl == "torchvision" and not args.drop_repeated
     assert not ce_args.use_sup_con and sup_args.use_sup_con and (sup_args.sup_weight, sup_args.ce_weight) == (1.0, 1.0)
-    assert not sup_args.use_augs and aug_args.use_augs and aug_args.use_sup_con  # the recorded run first, the variant after
+    assert not sup_args.augment and aug_args.augment and aug_args.use_sup_con  # the recorded run first, the variant after
     assert len(recorded_commands("meterml_finetune.sh", VARIANTS="0")) == 3
     fast = [parse(c[1:]) for c in recorded_commands("meterml_finetune.sh", FAST="1")[:3]]
     assert all(a.amp and a.ce_from == "joint" for a in fast)
@@ -337,3 +342,51 @@ def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):
         meterml_finetune.main(argv)
     assert not (tmp_path / "run").exists()
     assert meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]["n"] == 8
+
+
+def test_overwrite_checks_everything_before_it_deletes(meter_root, tmp_path):
+    run = tmp_path / "run"
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(run)]
+    meterml_finetune.main(argv)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        meterml_finetune.main([*argv, "--overwrite", "--model_path", str(tmp_path / "missing.pth")][1:])
+    with pytest.raises(ValueError, match="keeps int"):
+        meterml_finetune.main([*argv, "--overwrite", "--data_ratio", "0.01"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"} == before
+
+
+@pytest.mark.parametrize("flags", [["--crop", "96"], ["--crop", "32", "--eval_crop", "80"]])
+def test_a_crop_larger_than_the_patches_is_one_sentence_before_the_run_folder(dfc_root, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(tmp_path / "run"), *flags])
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert re.search(r"a crop of (96|80) px does not fit the 64 x 64 px patches of", err) and "Traceback" not in err
+
+
+def test_non_finite_pixels_are_reported_per_file_and_in_results(tmp_path):
+    root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=4, seed=1, size=32)
+    files = sorted((root / "ROIs0000_validation" / "s1_validation").glob("*.tif"))[:4]
+    for k, path in enumerate(files):
+        with rasterio.open(path, "r+") as src:
+            band = src.read(1)
+            band[0, : k + 1] = [np.nan, np.inf, -np.inf, np.inf][: k + 1]
+            src.write(band, 1)
+    results = dfc_finetune.main(["--data_root", str(root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18",
+                                 "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())["nonfinite_values"]["validation"]
+    for k, path in enumerate(files):
+        assert path.name in "".join(report)  # every file named
+    written = sum(1 for k in range(4) for v in [np.nan, np.inf, -np.inf, np.inf][: k + 1] if np.isinf(v))
+    totals = results["data"]["nonfinite_values"]["validation"]
+    assert totals["files"] >= 4 and totals["+inf"] + totals["-inf"] >= written
+
+
+def test_recorded_scripts_read_relative_paths_from_the_callers_folder(tmp_path):
+    commands = recorded_commands("dfc_finetune.sh", cwd=tmp_path, DATA="mydata", OUT="myruns", WEIGHTS="w.pth", VARIANTS="0")
+    args = dfc_finetune.build_parser().parse_args(commands[0][1:])
+    assert (str(args.data_root), args.model_path, str(args.save_path)) == ("mydata", "w.pth", "myruns/frozen-ce-seed3")
+    done = subprocess.run(["bash", str(REPO / "dfc_finetune.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "echo", "SEEDS": "3"})
+    assert str(REPO / "dfc_finetune.py") in done.stdout  # the script by its absolute path, run from the caller's folder

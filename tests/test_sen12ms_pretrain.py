@@ -3,6 +3,7 @@ checkpoint layout that dfc_finetune.py starts from, resume after a kill, the fla
 import argparse
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfc_finetune
-import engine
+import flags
+import process
 import sen12ms_pretrain
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
@@ -68,7 +70,7 @@ def original_info_nce(features, batch_size, tau):
 def test_cross_modal_ntxent_is_the_original_info_nce(b):
     g = torch.Generator().manual_seed(b)
     z1, z2 = torch.randn(b, 128, generator=g, dtype=torch.float64), torch.randn(b, 128, generator=g, dtype=torch.float64)
-    ours = NTXent(0.07, blocks=2)(torch.cat([z1, z2])).item()
+    ours = NTXent(tau=0.07, blocks=2)(torch.cat([z1, z2])).item()
     assert ours == pytest.approx(naive_cross_modal_ntxent(z1, z2, 0.07), rel=1e-10)
     assert ours == pytest.approx(original_info_nce(torch.cat([z1, z2]), b, 0.07).item(), rel=1e-10)
 
@@ -110,7 +112,7 @@ def test_original_schedule_is_what_the_original_scheduler_gives():
 def test_checkpoint_is_the_released_layout_and_dfc_finetune_starts_from_it(sen12ms_root, tmp_path):
     run = tmp_path / "pre"
     results = sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY])
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "last.pt",
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "data_report.json", "last.pt",
                                                      "metrics.jsonl", "results.json"]
     assert os.path.samefile(run / "checkpoint.pth", run / "checkpoint-epoch0.pth")  # the last snapshot, not a copy
     checkpoint = torch.load(run / "checkpoint.pth", weights_only=True)
@@ -120,9 +122,9 @@ def test_checkpoint_is_the_released_layout_and_dfc_finetune_starts_from_it(sen12
     last = torch.load(run / "last.pt", weights_only=False)["state_dict"]
     assert all(torch.equal(v, last[k]) for k, v in checkpoint["state_dict"].items()) and last.keys() == checkpoint["state_dict"].keys()
     assert load_checkpoint(DualResNet("resnet18"), run / "checkpoint.pth") == (["fc.weight", "fc.bias"], [])
-    assert results["data"]["nan_pixels_replaced"] > 0  # the synthetic S1 holds NaN, as SEN12MS does
+    assert results["data"]["nonfinite_values"]["train"]["nan"] > 0  # the synthetic S1 holds NaN, as SEN12MS does
 
-    engine.seed_everything(0)
+    process.seed_everything(0)
     initial = DualResNet("resnet18").state_dict()  # the run's initialisation (seed 0)
     weight = "backbone2.conv1.weight"
     assert not torch.equal(initial[weight], checkpoint["state_dict"][weight])  # pre-training moved it
@@ -193,17 +195,17 @@ def test_impossible_flags_are_refused_before_data_is_read(tmp_path, capsys, flag
 def test_wrap_sync_bn_converts_in_place_before_ddp(monkeypatch):
     """What DDP receives under torchrun with sync_bn (DDP itself is stubbed: on CPU it refuses SyncBatchNorm)."""
     handed = {}
-    monkeypatch.setattr(engine.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: handed.setdefault("model", model))
+    monkeypatch.setattr(process.nn.parallel, "DistributedDataParallel", lambda model, **kwargs: handed.setdefault("model", model))
     net = DualResNet("resnet18")
     params, keys = [id(p) for p in net.parameters()], list(net.state_dict())
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2})
-    ctx = engine.Context(device=torch.device("cpu"), rank=0, world=2)
-    assert engine.wrap(model, ctx, argparse.Namespace(compile=False), sync_bn=True) is model is handed["model"]
+    ctx = process.Context(device=torch.device("cpu"), rank=0, world=2)
+    assert process.wrap(model, ctx, argparse.Namespace(compile=False), sync_bn=True) is model is handed["model"]
     norms = [type(m) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms == [nn.SyncBatchNorm] * (2 * 20)  # resnet18: 20 batch norms per backbone, in the checkpointed modules
     assert [id(p) for p in net.parameters()] == params and list(net.state_dict()) == keys
     single = MultiModalNet({"s1": DualResNet("resnet18").backbone1})
-    engine.wrap(single, engine.Context(device=torch.device("cpu")), argparse.Namespace(compile=False), sync_bn=True)
+    process.wrap(single, process.Context(device=torch.device("cpu")), argparse.Namespace(compile=False), sync_bn=True)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in single.modules())  # one process: nothing to synchronise
 
 
@@ -220,18 +222,18 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp
     assert refused.returncode != 0 and "--sync_bn on cpu" in refused.stderr and not run.exists()
     done = _torchrun(tmp_path, *argv)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "last.pt",
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "data_report.json", "last.pt",
                                                      "metrics.jsonl", "results.json"]
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1]
     assert load_checkpoint(DualResNet("resnet18"), run / "checkpoint.pth") == (["fc.weight", "fc.bias"], [])
     results = json.loads((run / "results.json").read_text())
-    assert results["environment"]["world"] == 2 and results["data"]["nan_pixels_replaced"] > 0
+    assert results["environment"]["world"] == 2 and results["data"]["nonfinite_values"]["train"]["nan"] > 0
 
 
 def test_shell_script_runs_the_published_recipe(tmp_path):
     env = {**os.environ, "PYTHON": "echo", "DATA": "/sen12ms", "OUT": str(tmp_path / "run"), "DEVICE": "cuda:1", "EXTRA": "--no-amp"}
     printed = subprocess.run(["bash", str(REPO / "sen12ms_pretrain.sh")], capture_output=True, text=True, env=env, check=True).stdout.split()
-    assert printed[0] == "sen12ms_pretrain.py"
+    assert printed[0] == str(REPO / "sen12ms_pretrain.py")
     args = sen12ms_pretrain.build_parser().parse_args(printed[1:])
     defaults = sen12ms_pretrain.build_parser().parse_args([])
     published = {"arch": "resnet50", "crop": 128, "batch_size": 200, "epochs": 201, "lr": 3e-5, "weight_decay": 1e-4,
@@ -239,3 +241,27 @@ def test_shell_script_runs_the_published_recipe(tmp_path):
     assert {k: getattr(args, k) for k in published} == published == {k: getattr(defaults, k) for k in published}
     assert (args.seed, str(args.data_root), args.device, args.amp) == (42, "/sen12ms", "cuda:1", False)
     assert not (args.augment or args.supervised_lc or args.sync_bn)
+
+
+def test_the_documented_resume_of_the_recorded_script_parses(tmp_path):
+    """`EXTRA="--resume RUN" bash sen12ms_pretrain.sh`: the script's own flags, unchanged, are accepted."""
+    env = {**os.environ, "PYTHON": "echo", "OUT": str(tmp_path / "run")}
+    recorded = subprocess.run(["bash", str(REPO / "sen12ms_pretrain.sh")], env=env, capture_output=True, text=True,
+                              check=True).stdout.split()[1:]
+    parser = sen12ms_pretrain.build_parser()
+    (tmp_path / "run").mkdir()
+    saved = {**flags.as_json(parser.parse_args(recorded)), "script": "sen12ms_pretrain"}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    resumed = subprocess.run(["bash", str(REPO / "sen12ms_pretrain.sh")], capture_output=True, text=True, check=True,
+                             env={**env, "EXTRA": f"--resume {tmp_path / 'run'}"}).stdout.split()[1:]
+    args = flags.resolve(parser, resumed)
+    assert args.resume == tmp_path / "run" and (args.epochs, args.batch_size, args.arch) == (201, 200, "resnet50")
+
+
+def test_a_crop_larger_than_the_patches_is_named_not_called_unreadable(sen12ms_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--crop", "999", "--device", "cpu",
+                               "--save_path", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and re.search(r"a crop of 999 px does not fit the \d+ x \d+ px patches", err)
+    assert "unreadable" not in err and not (tmp_path / "run").exists()

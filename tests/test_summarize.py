@@ -1,4 +1,4 @@
-"""summarize.py and report.py on tiny fake run folders in the run folder format of engine.py."""
+"""summarize.py and report.py on tiny fake run folders in the run folder format of rundir.py."""
 import json
 import math
 import random
@@ -77,7 +77,9 @@ def test_grouping_splits_differing_flags_and_keeps_seeds_together(tmp_path, caps
     write_run(tmp_path / "ce0", "CE", 0, e)
     write_run(tmp_path / "ce1", "CE", 1, e, device="cuda", workers=8, amp=True)  # hardware only: same group
     write_run(tmp_path / "t0", "CE", 0, e, temperature=0.5)
-    write_run(tmp_path / "t1", "CE", 1, e, temperature=0.5, data_root="/elsewhere")
+    # outputs and bookkeeping only: same group
+    write_run(tmp_path / "t1", "CE", 1, e, temperature=0.5, script="dfc_finetune", keep_last="weights", tensorboard=True,
+              save_best=False, progress=False, overwrite=True)
     write_run(tmp_path / "s0", "SupCon+CE", 0, e)
     groups = summarize.group_runs(runs_in(tmp_path))["DFC2020"]
     # columns in the order first met (folders are read in sorted order)
@@ -145,7 +147,9 @@ def test_report_writes_valid_pngs_that_report_md_references(tmp_path):
     text = (out / "report.md").read_text()
     for png in pngs:
         assert f"]({png.name})" in text
-    assert "last epoch" in text and "best epoch by AA, selected on the evaluation split" in text
+    # the fake metrics hold no per-class records: the best evaluation is results.json's, the last one
+    assert text.startswith("<!-- written by summarize.py --report -->\n")
+    assert "### DFC2020: last epoch" in text and "Best epoch by AA = last epoch for every run: one table." in text
 
 
 def test_missing_paths_give_a_clear_error(tmp_path, capsys):
@@ -177,18 +181,20 @@ def test_runs_without_confusion_or_metrics_still_report(tmp_path):
     assert summarize.confusion_of(runs[1:]) is None and summarize.curves_of(runs[1:]) == {}
     summarize.main([str(tmp_path / "runs"), "--report", str(tmp_path / "report")])
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "no confusion matrix for 'CE (head_lr=None, lr=unset, temperature=unset)'" in text
+    assert "no confusion matrix for 'CE (data_root=unset, head_lr=None, lr=unset, temperature=unset)'" in text
     assert (tmp_path / "report" / "per_class_DFC2020.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
-def write_embedding(folder, s1, s2, picture, color_by="class"):
-    """embed.py's output in a run folder: embedding.json with the given kNN accuracies, and tsne.png."""
+def write_embedding(folder, s1, s2, picture, color_by="class", paired=0.8, random=0.125, across=None):
+    """embed.py's output in a run folder: embedding.json with the given kNN accuracies (across
+    modalities half the within ones unless `across` gives both) and pair cosines, and tsne.png."""
     (folder / "embedding").mkdir()
     (folder / "embedding" / "tsne.png").write_bytes(PNG_SIGNATURE + picture)
+    s1_to_s2, s2_to_s1 = across or (s1 / 2, s2 / 2)
     info = {"kind": "dfc_finetune", "checkpoint": "last.pt", "epoch": 3, "split": "test", "n": 6, "ignored": 0, "k": 5,
             "color_by": color_by,
-            "knn_accuracy": {"s1": s1, "s2": s2, "s1_to_s2": s1 / 2, "s2_to_s1": s2 / 2},
-            "pair_cosine": {"paired": 0.8, "random": 0.125, "seed": 0}}
+            "knn_accuracy": {"s1": s1, "s2": s2, "s1_to_s2": s1_to_s2, "s2_to_s1": s2_to_s1},
+            "pair_cosine": {"paired": paired, "random": random, "seed": 0}}
     (folder / "embedding" / "embedding.json").write_text(json.dumps(info))
 
 
@@ -240,7 +246,8 @@ def test_best_is_selected_as_the_original_per_data_set(tmp_path, capsys):
         write_run(tmp_path / dataset / "r0", "CE", 0, late, best=late, dataset=dataset, metrics=[early, late])
     summarize.main([str(tmp_path)])
     out = capsys.readouterr().out
-    assert "### METER-ML: best epoch by OA" in out and "### DFC2020: best epoch by AA" in out
+    assert "### METER-ML: best epoch by OA" in out  # epoch 1, not the last
+    assert "### DFC2020: best epoch by AA" not in out and "Best epoch by AA = last epoch for every run: one table." in out
     runs = runs_in(tmp_path)
     chosen = {r.dataset: summarize.best_evaluation(r, summarize.criterion_of(r.dataset))["epoch"] for r in runs}
     assert chosen == {"METER-ML": 1, "DFC2020": 2}
@@ -249,3 +256,199 @@ def test_best_is_selected_as_the_original_per_data_set(tmp_path, capsys):
     tie = [evaluation(1, {"Forest": 1.0, "Water": 1.0}, 50.0, 50.0), evaluation(2, {"Forest": 1.0, "Water": 1.0}, 50.0, 50.0)]
     write_run(tmp_path / "tie", "CE", 0, tie[1], metrics=tie)
     assert summarize.best_evaluation(summarize.load_run(tmp_path / "tie" / "results.json"), "AA")["epoch"] == 1  # the first
+
+
+# ----------------------------------------------------------------------------- report.py alone
+
+def test_report_module_does_not_import_summarize():
+    """report.py draws plain data from summarize.report_data: no import cycle."""
+    code = "import sys, report; assert 'summarize' not in sys.modules, 'report imported summarize'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_report_never_replaces_a_report_md_the_user_wrote(tmp_path, capsys):
+    write_run(tmp_path / "runs" / "r0", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("# my notes\n")
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([str(tmp_path / "runs"), "--report", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'report.md'} exists and was not written by summarize.py --report" in err
+    assert (out / "report.md").read_text() == "# my notes\n"
+    assert list(out.iterdir()) == [out / "report.md"]  # refused before any figure was written
+
+    (out / "report.md").unlink()
+    summarize.main([str(tmp_path / "runs"), "--report", str(out)])
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().err
+    summarize.main([str(tmp_path / "runs"), "--report", str(out)])  # its own earlier report: replaced, and said so
+    assert f"replaced {out / 'report.md'} (written earlier by summarize.py --report)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_unfinished_runs_are_named_in_the_notes(tmp_path, capsys):
+    write_run(tmp_path / "done", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
+    for name in ("killed", "running"):
+        (tmp_path / "sub" / name).mkdir(parents=True)
+        (tmp_path / "sub" / name / "config.json").write_text(json.dumps({"name": "CE", "seed": 1}))
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ("killed", "running"):
+        assert f"> Note: left out: {tmp_path / 'sub' / name} has no results.json (unfinished or killed)." in out
+    assert out.count("left out:") == 2 and "| Forest | 60.00 |" in out
+    assert summarize.find_unfinished([tmp_path / "done", tmp_path / "sub" / "killed"]) == [tmp_path / "sub" / "killed"]
+    with pytest.raises(SystemExit) as exit_:  # nothing finished: the error names the unfinished runs
+        summarize.main([str(tmp_path / "sub")])
+    assert f"left out: {tmp_path / 'sub' / 'killed'} has no results.json" in str(exit_.value.code)
+
+
+def test_runs_on_different_data_roots_are_different_configurations(tmp_path, capsys):
+    e = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
+    write_run(tmp_path / "a0", "CE", 0, e, data_root="/data/dfc_a")
+    write_run(tmp_path / "b0", "CE", 0, e, data_root="/data/dfc_b")
+    # a seed that typed /data/dfc_a relatively: results.json keeps it as typed, config.json resolved it
+    write_run(tmp_path / "a1", "CE", 1, e, data_root="/data/dfc_a")
+    results = json.loads((tmp_path / "a1" / "results.json").read_text())
+    results["config"]["data_root"] = "dfc_a"
+    (tmp_path / "a1" / "results.json").write_text(json.dumps(results))
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| class | CE (data_root=/data/dfc_a) | CE (data_root=/data/dfc_b) |" in out
+    assert "| n (seeds) | 2 | 1 |" in out
+    assert "> Note: DFC2020: 2 configurations named 'CE' differ in data_root;" in out
+
+
+def test_best_table_only_where_it_differs_from_the_last(tmp_path, capsys):
+    first = evaluation(1, {"Forest": 50.0, "Water": 50.0}, 50.0, 50.0)
+    second = evaluation(2, {"Forest": 70.0, "Water": 90.0}, 80.0, 75.0)
+    for seed in (0, 1):  # DFC2020: the last evaluation is the best by AA for every run
+        write_run(tmp_path / "dfc" / f"r{seed}", "CE", seed, second, metrics=[first, second])
+    write_run(tmp_path / "meter" / "r0", "CE", 0, second, dataset="METER-ML", metrics=[first, second])
+    third = evaluation(3, {"Forest": 60.0, "Water": 60.0}, 60.0, 60.0)  # METER-ML r1: best by OA at epoch 2, last at 3
+    write_run(tmp_path / "meter" / "r1", "CE", 1, third, dataset="METER-ML", metrics=[first, second, third])
+    summarize.main([str(tmp_path), "--report", str(tmp_path / "report")])
+    out = capsys.readouterr().out
+    text = (tmp_path / "report" / "report.md").read_text()
+    for shown in (out, text):
+        assert shown.count("### DFC2020:") == 1 and "Best epoch by AA = last epoch for every run: one table." in shown
+        assert "### METER-ML: best epoch by OA" in shown and "Best epoch by OA" not in shown
+
+
+# ----------------------------------------------------------------------------- figures
+
+def figure_runs(tmp_path, labels_long=False):
+    """Three configurations whose runs stopped after epoch 1 (one loss point, one evaluation);
+    two of them with identical curves; a SupCon term that is NaN (no data to draw)."""
+    suffix = "_with_a_rather_long_configuration_label" * labels_long
+    for i, name in enumerate(("CE", "SupCon+CE", "SupCon+CE aug")):
+        loss = 0.7 if i < 2 else 0.5
+        write_run(tmp_path / f"r{i}", name + suffix, 0, evaluation(1, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0),
+                  metrics=[{"epoch": 1, "train_loss": loss, "train_supcon": float("nan"), "AA": 80.0, "OA": 70.0}])
+    datasets, _ = summarize.summarize(runs_in(tmp_path))
+    return summarize.report_data(datasets)["DFC2020"]
+
+
+def inside(inner, outer):
+    """Box `inner` lies within box `outer` (display pixels, half a pixel of rounding allowed)."""
+    return (inner.x0 >= outer.x0 - 0.5 and inner.y0 >= outer.y0 - 0.5
+            and inner.x1 <= outer.x1 + 0.5 and inner.y1 <= outer.y1 + 0.5)
+
+
+def test_curves_mark_single_points_use_integer_epochs_and_keep_the_legend_inside(tmp_path):
+    import report
+
+    section = figure_runs(tmp_path, labels_long=True)
+    fig = report.curves_figure("DFC2020", section["curves"])
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["total training loss", "AA", "OA"]  # no panel for the NaN-only SupCon term
+    for ax in axes:
+        lines = ax.get_lines()
+        assert len(lines) == 3 and all(len(line.get_xdata()) == 1 and line.get_marker() not in ("None", "", None)
+                                       for line in lines)
+        # the two identical curves still differ in marker, line style and fill
+        styles = {(line.get_marker(), line.get_linestyle(), line.get_markerfacecolor() == "none") for line in lines}
+        assert len(styles) == 3
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks == [1.0]
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert len(legend.get_texts()) == 3
+    assert inside(box, fig.bbox)
+    assert not any(box.overlaps(ax.get_window_extent(renderer)) for ax in axes)
+    report.save(fig, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_per_class_bars_reach_above_the_error_bars_and_name_sample_counts(tmp_path):
+    import report
+
+    matrices = ([[3, 1], [0, 6]], [[4, 0], [1, 5]])  # Forest 4 samples, Water 6, in each seed
+    for seed, (forest, water) in enumerate(((94.0, 98.0), (100.0, 86.0))):
+        write_run(tmp_path / f"r{seed}", "CE", seed,
+                  evaluation(1, {"Forest": forest, "Water": water}, (forest + water) / 2, 90.0, confusion=matrices[seed]))
+    datasets, _ = summarize.summarize(runs_in(tmp_path))
+    bars = summarize.report_data(datasets)["DFC2020"]["bars"]
+    assert bars["n"] == [[4, 4], [6, 6], None, None]
+    fig = report.per_class_figure("DFC2020", bars)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Forest\n(n=4)", "Water\n(n=6)", "AA", "OA"]
+    water = bars["mean"][0][1] + bars["std"][0][1]  # 92 + 8.49
+    assert water > 100 and ax.get_ylim()[0] == 0 and ax.get_ylim()[1] > water
+    fig.canvas.draw()
+    assert inside(fig.legends[0].get_window_extent(fig.canvas.get_renderer()), fig.bbox)
+    report.save(fig, tmp_path / "bars.png")
+
+
+def test_confusion_rows_name_their_sample_counts(tmp_path):
+    import report
+
+    confusion = summarize.confusion_of(fake_confusion_runs(tmp_path))
+    fig = report.confusion_figure("DFC2020", "CE", confusion)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "Forest (n=8)", "Water (n=10)", "Barren (n=4)", "Wetlands (n=0)"]
+    report.save(fig, tmp_path / "confusion.png")
+
+
+# ----------------------------------------------------------------------------- interpretation
+
+def test_interpretation_pairs_seeds_and_flags_unaligned_embeddings(tmp_path):
+    def aa_run(folder, name, seed, aa, **flags):
+        write_run(tmp_path / folder, name, seed, evaluation(1, {"Forest": aa, "Water": aa}, aa, aa),
+                  dataset="METER-ML", **flags)
+
+    for seed in (0, 1, 2):
+        aa_run(f"fused_sup{seed}", "s1s2_fused SupCon+CE", seed, 70.0 + 2 * seed, scenario="s1s2_fused", use_sup_con=True)
+        aa_run(f"fused_ce{seed}", "s1s2_fused CE", seed, 66.0 + seed, scenario="s1s2_fused", use_sup_con=False)
+    for seed in (0, 1):  # seed 2 missing: paired over seeds 0 and 1
+        aa_run(f"s1_sup{seed}", "s1 SupCon+CE", seed, 60.0, scenario="s1", use_sup_con=True)
+    # differs in scenario AND augment: never compared with the fused runs
+    aa_run("s2_aug0", "s2 SupCon+CE aug", 0, 10.0, scenario="s2", use_sup_con=True, augment=True)
+    # paired 0.008 above random: within the margin of 0.01, flagged
+    write_embedding(tmp_path / "fused_sup0", 80.0, 70.0, b"x", paired=0.86, random=0.852, across=(50.0, 52.0))
+    write_embedding(tmp_path / "fused_ce0", 80.0, 70.0, b"y", paired=0.9, random=0.1, across=(78.0, 69.0))
+
+    groups = summarize.summarize(runs_in(tmp_path))[0]["METER-ML"]
+    found = [(d["flag"], d["a"], d["b"], d["seeds"], d["differences"], d["n"]) for d in summarize.paired_differences(groups)]
+    assert found == [("scenario", "s1s2_fused SupCon+CE", "s1 SupCon+CE", [0, 1], [10.0, 12.0], 2),
+                     ("use_sup_con", "s1s2_fused SupCon+CE", "s1s2_fused CE", [0, 1, 2], [4.0, 5.0, 6.0], 3)]
+
+    text = summarize.interpretation_of("METER-ML", groups)
+    assert "### METER-ML: interpretation" in text
+    assert "| s1s2_fused SupCon+CE | s1 SupCon+CE | scenario | 0: +10.00; 1: +12.00 | +11.00 | 1.41 | 2 |" in text
+    assert "| s1s2_fused SupCon+CE | s1s2_fused CE | use_sup_con | 0: +4.00; 1: +5.00; 2: +6.00 | +5.00 | 1.00 | 3 |" in text
+    assert "s2 SupCon+CE aug" not in text
+    assert ("In s1s2_fused SupCon+CE (seed 0) the S1 and S2 features of one sample are no closer (cosine 0.86) than "
+            "those of random pairs (0.85; margin 0.01): the two encoders do not align the modalities.") in text
+    assert ("In s1s2_fused SupCon+CE (seed 0) kNN accuracy across modalities (S1→S2 50.0%, S2→S1 52.0%) is 24.0 points "
+            "below that within a modality (S1 80.0%, S2 70.0%)") in text
+    assert "In s1s2_fused CE" not in text  # aligned (0.9 vs 0.1), and kNN across within 1.5 points
+
+    summarize.main([str(tmp_path), "--report", str(tmp_path / "report")])
+    assert text in (tmp_path / "report" / "report.md").read_text()

@@ -1,0 +1,316 @@
+"""The process: where and how a script runs, and how it reads its data.
+
+- The device plan: `plan_context` decides, as a pure function of the flags, the environment and
+  what the machine offers, every CUDA-dependent choice (device and its index, torchrun ranks,
+  NCCL / gloo, bf16 autocast, memory format, loader workers, pinned memory); `setup` applies it.
+- `wrap`: the model on the device, in its memory format, under DDP, compiled if asked.
+- Loading: `make_loader` over `EpochKeyed` items in the order of an `EpochSampler`.
+
+Randomness is keyed, not streamed: the sample order of epoch e comes from (seed, e), a sample's
+crop from (seed, e, index), a batch's augmentation from (seed, e, step, rank). A run resumed from
+the checkpoint of epoch e therefore replays exactly what an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from augment import key_seed
+
+log = logging.getLogger("process")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process runs and how: every CUDA-dependent decision, made by `plan_context`."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None  # torch.distributed backend, None for a single process
+    amp: bool = False
+    channels_last: bool = False
+    workers: int = 0
+    pin_memory: bool = False
+    progress: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def to_device(self, x: Tensor) -> Tensor:
+        """Move an image batch (B, C, H, W) to the device in the chosen memory format.
+
+        non_blocking: from pinned memory the copy overlaps with compute; the stream orders it
+        before any kernel that reads the result, and nothing reads it on the host."""
+        return self.memory_format(x.to(self.device, non_blocking=self.pin_memory))
+
+    def memory_format(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+class DeviceError(ValueError):
+    """A --device that this machine or this torchrun job cannot give."""
+
+
+def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_available: bool, device_count: int,
+                 cpu_count: int, stderr_is_terminal: bool = False) -> Context:
+    """Decide device, ranks, backend, numeric options and loader settings. Pure: no CUDA call.
+
+    - Device: `--device` or cuda when available. A CUDA device without an index means the
+      current device: cuda:LOCAL_RANK under torchrun, cuda:0 otherwise (torch.cuda.set_device
+      refuses an index-less device). An explicit index is kept in a single process and refused
+      under torchrun with several processes (each process takes cuda:LOCAL_RANK).
+    - Backend: NCCL on CUDA, gloo on CPU, none for one process.
+    - amp: off unless asked (float32, as the original); channels_last: on with CUDA unless a flag
+      says otherwise (a memory layout: the same float32 arithmetic).
+    - workers: `--workers`, or CPU count / processes per node (at most 8) with CUDA, 1 on CPU;
+      pinned memory only with CUDA.
+    """
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    requested = args.device or ("cuda" if cuda_available else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as error:
+        raise DeviceError(f"--device {requested!r}: {error}") from None
+    if device.type == "cuda":
+        if not cuda_available or device_count == 0:
+            raise DeviceError(f"--device {requested}: this PyTorch sees no CUDA device "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
+        if world > 1:
+            if device.index is not None:
+                raise DeviceError(f"--device {requested} under torchrun: each of the {world} processes takes "
+                                  f"cuda:LOCAL_RANK; pass --device cuda (or set CUDA_VISIBLE_DEVICES)")
+            device = torch.device("cuda", local_rank)
+        elif device.index is None:
+            device = torch.device("cuda", 0)
+        if device.index >= device_count:
+            raise DeviceError(f"--device {requested} resolves to {device}, but only {device_count} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        raise DeviceError(f"--device {requested!r}: expected cpu, cuda or cuda:N")
+    cuda = device.type == "cuda"
+    workers = args.workers
+    if workers is None:
+        workers = min(8, max(1, cpu_count // max(1, local_world))) if cuda else 1
+    progress = stderr_is_terminal if args.progress is None else args.progress
+    return Context(device=device, rank=rank, world=world, local_rank=local_rank,
+                   backend=("nccl" if cuda else "gloo") if world > 1 else None,
+                   amp=bool(args.amp),
+                   channels_last=cuda if args.channels_last is None else args.channels_last,
+                   workers=workers, pin_memory=cuda, progress=progress and rank == 0)
+
+
+def setup(args: argparse.Namespace) -> Context:
+    """Logging, the context of `plan_context` applied (CUDA device, process group), seeds."""
+    rank = int(os.environ.get("RANK", "0"))
+    if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
+        raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
+    # Under torchrun every rank reads data: only rank 0 reports data warnings, the others only errors.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    ctx = plan_context(args, os.environ, torch.cuda.is_available(), torch.cuda.device_count(), os.cpu_count() or 1,
+                       sys.stderr.isatty())
+    if ctx.device.type == "cuda":
+        torch.cuda.set_device(ctx.device)
+        torch.backends.cudnn.benchmark = True  # fixed training shapes; evaluation adds one or two more
+    if ctx.backend is not None and not dist.is_initialized():
+        dist.init_process_group(ctx.backend, device_id=ctx.device if ctx.device.type == "cuda" else None)
+    if ctx.amp and ctx.device.type != "cuda":
+        log.warning("--amp on %s: bf16 autocast on CPU is slow and only useful for debugging", ctx.device)
+    seed_everything(args.seed)
+    return ctx
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unused: bool = False,
+         sync_bn: bool = False) -> nn.Module:
+    """Device, memory format, DDP under torchrun, and torch.compile if asked.
+
+    sync_bn: under torchrun, batch norm normalises with the statistics of the global batch
+    (every BatchNorm becomes a SyncBatchNorm, in place: the submodules that checkpoints save keep
+    their parameters, buffers and state-dict keys). CUDA only: DDP refuses SyncBatchNorm on CPU,
+    so scripts refuse sync_bn on CPU before they start.
+    """
+    if sync_bn and ctx.world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(ctx.device)
+    if ctx.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if ctx.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                                    find_unused_parameters=find_unused)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(ctx: Context) -> dict:
+    """What actually ran: versions, device, numeric options, host, commit."""
+    return {"device": str(ctx.device), "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu",
+            "world": ctx.world, "amp": ctx.amp, "channels_last": ctx.channels_last, "workers": ctx.workers,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "host": socket.gethostname(), "git_commit": _git_commit()}
+
+
+# ----------------------------------------------------------------------------- data
+
+class EpochSampler(Sampler):
+    """Epoch-seeded sample order, sharded over torchrun ranks; optional weighted draws.
+
+    Yields `(index, epoch)` keys for `EpochKeyed`, so that the dataset in a persistent worker
+    knows the epoch without being told from the main process.
+
+    Args:
+        n: data set size.
+        seed: run seed.
+        rank, world: this process and the number of processes.
+        shuffle: a fresh permutation every epoch (training); False keeps the order (evaluation).
+        weights: (n,) draw probabilities for class-balanced oversampling (with replacement).
+        drop_last: drop the tail that does not fill a batch of `batch_size` on every rank.
+        batch_size: per-process batch size.
+        drop_single: without drop_last, leave out the one sample that would form a last batch
+            of its own (the last of this epoch's order).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, *, shuffle: bool = True,
+                 weights: Tensor | None = None, drop_last: bool = False, batch_size: int = 1,
+                 drop_single: bool = False) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.shuffle, self.weights, self.epoch = shuffle, weights, 0
+        if drop_last:
+            per_rank = n // world
+            self.per_rank = per_rank - per_rank % batch_size
+        else:
+            per_rank = math.ceil(n / world)
+            self.per_rank = per_rank - (drop_single and batch_size > 1 and per_rank % batch_size == 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(key_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        elif self.shuffle:
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        # Evaluation pads by repeating the first indices so every rank has as many samples;
+        # `evaluate` drops the repeats again.
+        order = torch.cat([order, order[: self.per_rank * self.world - self.n]]) if self.per_rank * self.world > self.n else order
+        for index in order[self.rank: self.per_rank * self.world: self.world].tolist():
+            yield index, self.epoch
+
+
+class EpochKeyed(Dataset):
+    """Fetches items of a data set with `set_epoch` by `(index, epoch)` keys.
+
+    Args:
+        dataset: the data set.
+        indices: optional positions -> indices into `dataset` (a subset for --data_ratio, items
+            repeated for --balanced_class).
+    """
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int] | None = None) -> None:
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        position, epoch = key
+        self.dataset.set_epoch(epoch)
+        item = self.dataset[self.indices[position]]
+        item["index"] = position
+        return item
+
+
+def subset_indices(n: int, ratio: float, how: str = "first", seed: int = 0) -> list[int]:
+    """The indices a run trains on, in ascending order: int(ratio * n) of them.
+
+    how="first": the first int(ratio * n) items, as the original (its `LimitedDataset` keeps
+    them, also when it shuffles); how="random": a fixed random subset drawn from `seed`.
+    """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"--data_ratio must be in (0, 1], got {ratio}")
+    if how not in ("first", "random"):
+        raise ValueError(f"--subset must be 'first' or 'random', got {how!r}")
+    keep = int(ratio * n)
+    if keep == 0:
+        raise ValueError(f"--data_ratio {ratio} of {n} samples keeps int({ratio} * {n}) = 0 of them; raise --data_ratio")
+    if how == "first":
+        return list(range(keep))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.Namespace, *, train: bool,
+                indices: Sequence[int] | None = None, weights: Tensor | None = None,
+                drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader over `dataset` (or its `indices`) with an EpochSampler.
+
+    Training keeps the last partial batch, as the original (the DataLoader default), except
+    under torchrun, where every rank must take the same number of equal steps (gathered losses),
+    so the tail is dropped; `drop_last=True` drops it always (SEN12MS pre-training, as its
+    original). A last batch of ONE sample is left out (logged): batch norm cannot normalise a
+    single value per channel in training mode. Workers and pinning follow the context.
+    """
+    keyed = EpochKeyed(dataset, indices)
+    drop = (train and ctx.world > 1) if drop_last is None else drop_last
+    sampler = EpochSampler(len(keyed), args.seed, ctx.rank, ctx.world, shuffle=train, weights=weights,
+                           drop_last=drop, batch_size=batch_size, drop_single=train)
+    if train and len(sampler) == 0:
+        raise ValueError(f"{len(keyed)} training samples give no batch of {batch_size} on {ctx.world} process(es)"
+                         f"{' (the tail is dropped)' if drop else ''}; lower --batch_size")
+    if train and ctx.is_main:
+        left_out = len(keyed) - len(sampler) * ctx.world
+        if drop and left_out > 0:
+            log.info("training: %d samples an epoch in batches of %d per process; the last %d of each epoch's order "
+                     "are dropped so that every process takes the same steps", len(keyed) - left_out, batch_size, left_out)
+        elif not drop and len(sampler) < len(keyed):
+            log.warning("training: %d samples in batches of %d would leave a last batch of ONE sample, which batch norm "
+                        "cannot normalise in training mode: each epoch leaves out the last sample of its order "
+                        "(a different one each epoch)", len(keyed), batch_size)
+    return DataLoader(keyed, batch_size=batch_size, sampler=sampler, num_workers=ctx.workers,
+                      pin_memory=ctx.pin_memory, persistent_workers=ctx.workers > 0,
+                      prefetch_factor=4 if ctx.workers > 0 else None)

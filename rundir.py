@@ -1,0 +1,409 @@
+"""The run folder: lock, config, metrics, checkpoints, resume, results.
+
+A run folder holds what one run writes (OUTPUTS lists all of it, the files of embed.py and of the
+pre-training scripts included):
+
+    config.json      every flag with what was resolved, and the script that wrote it
+    metrics.jsonl    a record per epoch: loss terms, samples/s, seconds, learning rate; at
+                     evaluations the per-class accuracy, AA, OA, counts and the confusion matrix
+    last.pt          everything to resume: the networks in their released layout, optimiser,
+                     RNG, the best and the last evaluation
+    best.pt          the weights of the best evaluation (--save_best)
+    results.json     the last and the best evaluation, the config, what ran, wall time
+    run.lock         the lock of the process that writes the folder
+
+A folder that holds a run is refused unless --resume (continue it) or --overwrite (its outputs are
+removed first, and only those). Only rank 0 writes; checkpoints and JSON files go through a
+temporary file and a rename, so a kill during a write leaves the previous file intact.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from flags import as_json
+from models import atomic_save, unpickling_problem
+
+log = logging.getLogger("rundir")
+
+# Everything the project writes into a run folder: files, file patterns, folders. --overwrite
+# removes these and nothing else.
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "data_report.json",
+                "encoder.pth", "checkpoint.pth")
+OUTPUT_PATTERNS = ("checkpoint-epoch*.pth", "*.tmp")
+OUTPUT_FOLDERS = ("tensorboard", "embedding")
+# A folder holding one of these holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be used as asked (holds a run, locked, damaged files)."""
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder; a damaged one is named."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunFolderError(f"{path} is not valid JSON (truncated or edited? {error})") from None
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write JSON through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(content, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def outputs(folder: Path) -> list[Path]:
+    """The project's outputs present in `folder`."""
+    found = [folder / name for name in (*OUTPUT_FILES, *OUTPUT_FOLDERS) if (folder / name).exists()]
+    return found + [p for pattern in OUTPUT_PATTERNS for p in sorted(folder.glob(pattern))]
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint the project wrote (last.pt, best.pt), read with weights_only=True: a file
+    holding pickled objects runs no code; a damaged or foreign file is named."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        needs, detail = unpickling_problem(error)
+        if needs is not None:
+            raise RunFolderError(f"{path} holds a pickled Python object ({needs}); the project never writes one, and "
+                                 f"loading it could run code: it is not loaded") from None
+        raise RunFolderError(f"{path} is not a PyTorch checkpoint, or is damaged ({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise RunFolderError(f"{path} is not a PyTorch checkpoint, or is truncated ({type(error).__name__}: "
+                             f"{str(error)[:200]})") from None
+
+
+class RunLock:
+    """`RUN/run.lock`, an exclusive lock (flock) held for the life of a run. The kernel releases it
+    when the process ends, killed or not, so a lock is never stale; the file names the holder
+    (pid, host, start) for the message a second writer gets, and is removed when the run ends."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "run.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
+                os.close(fd)
+                raise RunFolderError(f"{self.path.parent} is in use ({holder}); wait for it, or use another --save_path") from None
+            # A holder that ended between our open and our flock removed the file we locked: lock
+            # the file that is there now instead.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked: no writer can have it yet
+            os.close(self.fd)
+            self.fd = None
+
+
+def capture_rng() -> dict:
+    """Torch RNG states (training draws from keyed generators; these cover anything else)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def default_run_path(script: str) -> Path:
+    return Path("runs") / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunDir:
+    """The folder of one run, opened for writing: refused, overwritten or resumed as the flags say.
+
+    Use as a context manager (the lock is released on exit). After construction, `start` is the
+    first epoch to train (0, or where a resumed run stopped), `best` and `last` the evaluations so
+    far.
+
+    Args:
+        path: the folder.
+        args: the resolved flags (epochs, resume, overwrite, save_best, keep_last, tensorboard).
+        ctx: the process context (`process.Context`).
+        script: the script's name, recorded in config.json; --resume refuses a run of another script.
+        dataset: the data set name of results.json, for summarize.py.
+        modules: checkpoint key -> module. "state_dict" holds the network in its released layout
+            (so that `models.load_checkpoint` reads our checkpoints); further keys hold what that
+            layout lacks (the METER-ML heads).
+        optimizer: resumed with the modules.
+        extra: further checkpoint entries (e.g. {"arch": "resnet50"}).
+        select: the metric that picks the best evaluation ("AA" or "OA").
+        steps_per_epoch: the x axis of TensorBoard's per-step scalars, to drop those a resumed
+            run replays.
+    """
+
+    def __init__(self, path: Path, args: argparse.Namespace, ctx, *, script: str, dataset: str,
+                 modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, extra: dict | None = None,
+                 select: str = "AA", steps_per_epoch: int = 1) -> None:
+        self.path, self.args, self.ctx = Path(path), args, ctx
+        self.script, self.dataset, self.modules, self.optimizer = script, dataset, modules, optimizer
+        self.extra, self.select = extra or {}, select
+        self.lock = RunLock(self.path)
+        self.started = time.time()
+        self.start, self.best, self.last = 0, None, None
+        self.timings: list[float] = []
+        self.board = None
+        if ctx.is_main:
+            self._open()
+        if args.resume is not None:
+            try:
+                self._resume()
+            except BaseException:
+                self.close()
+                raise
+        if getattr(args, "tensorboard", False) and ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency, checked in process.setup
+
+            self.board = SummaryWriter(str(self.path / "tensorboard"), purge_step=self.start * steps_per_epoch)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+        self.lock.release()
+
+    # ------------------------------------------------------------------------- opening
+
+    def _open(self) -> None:
+        args = self.args
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"--save_path {self.path} is a file, not a folder")
+        existing = [p for p in outputs(self.path) if p.name in RUN_FILES] if self.path.is_dir() else []
+        if existing and not (args.resume or args.overwrite):
+            hint = f"pass --resume {self.path} to continue it, " if (self.path / "last.pt").exists() else ""
+            raise RunFolderError(f"{self.path} holds a run ({', '.join(p.name for p in existing)}); {hint}--overwrite "
+                                 f"to start it over, or choose another --save_path")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            if args.overwrite:
+                for found in outputs(self.path):
+                    shutil.rmtree(found) if found.is_dir() else found.unlink()
+            if args.resume is None:
+                write_json(self.path / "config.json", self._config())
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _config(self) -> dict:
+        """config.json: every flag (paths absolute, so that tools work from any folder), what was
+        resolved for this machine, and the script."""
+        config = {k: v for k, v in as_json(self.args).items() if k not in ("resume", "overwrite")}
+        for key in ("data_root", "save_path", "model_path"):
+            if config.get(key) not in (None, "random"):
+                config[key] = str(Path(config[key]).resolve())
+        ctx = self.ctx
+        config.update({"script": self.script, "device": str(ctx.device), "amp": ctx.amp,
+                       "channels_last": ctx.channels_last, "workers": ctx.workers})
+        return config
+
+    def _resume(self) -> None:
+        config = read_json(self.path / "config.json")
+        if config.get("script", self.script) != self.script:
+            raise RunFolderError(f"{self.path} is a run of {config['script']}, not of {self.script}: resume it with "
+                                 f"{config['script']}")
+        last = self.path / "last.pt"
+        if not last.exists():
+            log.warning("%s has no last.pt (killed before its first epoch ended): starting the run from the beginning", self.path)
+            self._keep_metrics_before(1)
+            return
+        state = load_state(last)
+        done = state["epoch"]
+        if self.args.epochs < done:
+            raise RunFolderError(f"{self.path} has trained {done} epochs; --epochs {self.args.epochs} would not continue "
+                                 f"it (pass --epochs above {done} to extend it)")
+        if self.args.epochs > done and "optimizer" not in state:
+            raise RunFolderError(f"{last} holds the weights only (--keep_last weights): the run cannot be extended")
+        damaged = [f"{key}.{name}" for key in self.modules for name, v in state[key].items()
+                   if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if damaged:
+            raise RunFolderError(f"{last}: non-finite values (NaN or inf) in {', '.join(damaged[:5])}"
+                                 f"{' ...' if len(damaged) > 5 else ''}; resuming would train on damaged weights")
+        for key, module in self.modules.items():
+            module.load_state_dict(state[key])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            restore_rng(state["rng"])
+        self.start, self.best, self.last = done, state["best"], state["last_eval"]
+        self._keep_metrics_before(done + 1)
+        if done == self.args.epochs:
+            log.info("%s is finished (%d epochs): nothing to do, nothing changed; pass a larger --epochs to extend it",
+                     self.path, done)
+        else:
+            log.info("resumed %s after epoch %d of %d", self.path, done, self.args.epochs)
+
+    def _keep_metrics_before(self, epoch: int) -> None:
+        """Forget metric records from `epoch` on (written before a kill, replayed now), and a
+        last line cut short by a kill."""
+        file = self.path / "metrics.jsonl"
+        if not (self.ctx.is_main and file.exists()):
+            return
+        lines = [line for line in file.read_text().splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: record %d is cut short (killed while writing it?): dropped", file, number)
+                continue
+            if record["epoch"] < epoch:
+                kept.append(line)
+        if len(kept) < len(lines):
+            file.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------------- during the run
+
+    def checkpoint(self, epoch: int, *, resumable: bool) -> dict:
+        """The networks in their released layout ("epoch", "state_dict", ...), the evaluations,
+        and, if `resumable`, the optimiser and RNG states."""
+        state = {"epoch": epoch, **self.extra}
+        state.update({key: module.state_dict() for key, module in self.modules.items()})
+        state.update({"best": self.best, "last_eval": self.last})
+        if resumable:
+            state.update({"optimizer": self.optimizer.state_dict(), "rng": capture_rng()})
+        return state
+
+    def save(self, name: str, state: dict) -> None:
+        if self.ctx.is_main:
+            target = self.path / name
+            try:
+                atomic_save(state, target)
+            except (OSError, RuntimeError) as error:
+                if isinstance(error, OSError) and error.errno != errno.ENOSPC and "unexpected pos" not in str(error):
+                    raise
+                if isinstance(error, RuntimeError) and "unexpected pos" not in str(error) and "No space" not in str(error):
+                    raise
+                kept = f"the previous {name} is intact" if target.exists() else f"no {name} was written"
+                raise RunFolderError(f"no space left writing {target}; {kept}") from None
+
+    def save_weights(self, name: str, epoch: int) -> None:
+        """The network alone in its released layout, {"epoch": 0-based `epoch`, ..., "state_dict"}
+        (the original's periodic checkpoints)."""
+        weights = {k: v.cpu() for k, v in self.modules["state_dict"].state_dict().items()}
+        self.save(name, {"epoch": epoch, **self.extra, "state_dict": weights})
+
+    def evaluated(self, epoch: int, evaluation: dict) -> dict:
+        """Record the evaluation after 0-based `epoch`: the last one, and the best by `select`
+        (the first of equal ones), saved as best.pt. Returns its entries for metrics.jsonl."""
+        self.last = {"epoch": epoch + 1, **evaluation}
+        score = self.last[self.select]
+        if score is not None and (self.best is None or score > self.best[self.select]):
+            self.best = self.last
+            if self.args.save_best:
+                self.save("best.pt", self.checkpoint(epoch + 1, resumable=False))
+        return {k: self.last[k] for k in ("AA", "OA", "per_class", "n", "ignored", "classes", "confusion")}
+
+    def end_epoch(self, epoch: int, record: dict) -> None:
+        """After 0-based `epoch`: its line in the log, its record in metrics.jsonl, last.pt."""
+        self.timings.append(record["epoch_s"])
+        left = (self.args.epochs - epoch - 1) * sum(self.timings[-3:]) / len(self.timings[-3:])
+        line = (f"epoch {epoch + 1}/{self.args.epochs}: loss {record['train_loss']:.4f}, {record['samples_per_s']:.0f} "
+                f"samples/s, {record['epoch_s']:.1f} s, about {datetime.timedelta(seconds=round(left))} left")
+        if "AA" in record:
+            line += (f"; AA {_pct(record['AA'])}, OA {_pct(record['OA'])} on {record['n']} samples "
+                     f"({record['ignored']} ignored)")
+        log.info(line)
+        if self.board is not None:
+            for key in ("train_loss", "train_ce", "train_supcon", "samples_per_s", "lr", "AA", "OA"):
+                if record.get(key) is not None:
+                    self.board.add_scalar(f"epoch/{key}", record[key], epoch + 1)
+            self.board.flush()
+        if self.ctx.is_main:
+            with open(self.path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, **record}) + "\n")
+        self.save("last.pt", self.checkpoint(epoch + 1, resumable=True))
+
+    # ------------------------------------------------------------------------- the end
+
+    def data_report(self, splits: dict) -> dict:
+        """The non-finite values the run met in each split's files (`splits`: name -> a data set
+        of datasets.py), summed over torchrun ranks: per file in data_report.json, one log line
+        per split, and the totals, returned for results.json."""
+        totals, files = {}, {}
+        for name, dataset in splits.items():
+            counts = dataset.nonfinite_counts.clone()
+            if self.ctx.world > 1:
+                counts = counts.to(self.ctx.device)
+                dist.all_reduce(counts)
+                counts = counts.cpu()
+            files[name] = dataset.nonfinite_by_file(counts)
+            totals[name] = {"files": len(files[name]), **dict(zip(dataset.NONFINITE_KINDS, counts.sum((0, 1)).tolist()))}
+            if files[name]:
+                log.warning("%s split: %d NaN, %d +inf, %d -inf values replaced in %d files (every read counted; per "
+                            "file in %s)", name, totals[name]["nan"], totals[name]["+inf"], totals[name]["-inf"],
+                            len(files[name]), self.path / "data_report.json")
+        if self.ctx.is_main:
+            write_json(self.path / "data_report.json", {"nonfinite_values": files})
+        return {"nonfinite_values": totals}
+
+    def finish(self, environment: dict, **extra) -> dict:
+        """results.json: the last and the best evaluation, the config, what ran. A resumed run
+        that had nothing left to train changes nothing and returns its saved results."""
+        results_file = self.path / "results.json"
+        if self.start == self.args.epochs and results_file.exists():
+            return read_json(results_file)
+        results = {"dataset": self.dataset, "name": getattr(self.args, "name", None), "script": self.script,
+                   "config": as_json(self.args), "last": self.last, "best_selected_on_eval_split": self.best,
+                   "select": self.select, "environment": environment,
+                   "started": datetime.datetime.fromtimestamp(self.started).astimezone().isoformat(timespec="seconds"),
+                   "finished": _now(), "wall_s": time.time() - self.started, **extra,
+                   "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, chosen on "
+                           "the evaluation split itself (as the original reported its best evaluation): optimistic"}
+        if self.ctx.is_main:
+            write_json(results_file, results)
+            if getattr(self.args, "keep_last", "full") == "weights":
+                self.save("last.pt", self.checkpoint(self.args.epochs, resumable=False))
+        return results
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,205 @@
+"""The run folder: refusal, overwrite, the lock, resume, damaged files."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import process
+from rundir import RunDir, RunFolderError
+
+CPU = process.Context(torch.device("cpu"))
+
+
+def run_args(**flags):
+    return argparse.Namespace(**{"resume": None, "overwrite": False, "seed": 0, "epochs": 2, "save_best": True,
+                                 "keep_last": "full", **flags})
+
+
+def open_run(path, script="test_script", **flags):
+    net = torch.nn.Linear(2, 2)
+    return RunDir(path, run_args(**flags), CPU, script=script, dataset="test", modules={"state_dict": net},
+                  optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+
+
+def one_epoch(run, epoch=0):
+    run.end_epoch(epoch, {"train_loss": 1.0, "samples_per_s": 1.0, "epoch_s": 1.0, "lr": 0.1})
+
+
+def test_run_folder_refuses_a_run_unless_resume_or_overwrite(tmp_path):
+    with open_run(tmp_path / "run", lr=0.1) as run:
+        one_epoch(run)
+    with pytest.raises(RunFolderError, match="holds a run .*--resume .*--overwrite"):
+        open_run(tmp_path / "run", lr=0.2)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.1  # untouched
+    open_run(tmp_path / "run", lr=0.3, overwrite=True).close()
+    assert not (tmp_path / "run" / "last.pt").exists()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["lr"] == 0.3 and config["script"] == "test_script"
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_run_lock_refuses_a_second_writer_while_the_first_lives(tmp_path):
+    first = open_run(tmp_path / "run")
+    with pytest.raises(RunFolderError, match=f"in use \\(pid {os.getpid()} on"):
+        open_run(tmp_path / "run", resume=tmp_path / "run")
+    first.close()
+    open_run(tmp_path / "run", resume=tmp_path / "run").close()  # released: the next writer gets it
+
+
+def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_still_locks(tmp_path):
+    """The old race: a lock file created empty and filled afterwards looked stale in between.
+    With flock the kernel decides: a holder that has not written its name yet still holds the
+    lock, and a killed holder (kill -9) holds nothing."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "run.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # holds the lock, has written nothing into it
+        with pytest.raises(RunFolderError, match="in use \\(a process that has not written its name yet\\)"):
+            open_run(folder)
+        holder.kill()
+        holder.wait()
+        open_run(folder).close()  # kill -9 released it: no stale lock to take over
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
+    with open_run(tmp_path / "run") as run:
+        one_epoch(run)
+    last = tmp_path / "run" / "last.pt"
+    last.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
+        open_run(tmp_path / "run", resume=tmp_path / "run")
+    last.write_bytes(os.urandom(256))
+    with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
+        open_run(tmp_path / "run", resume=tmp_path / "run")
+
+
+def test_overwrite_removes_what_the_project_wrote_and_nothing_else(tmp_path):
+    folder = tmp_path / "run"
+    with open_run(folder) as run:
+        one_epoch(run)
+    for name in ("encoder.pth", "checkpoint-epoch0.pth", "checkpoint.pth", "data_report.json"):
+        (folder / name).write_bytes(b"old output")
+    for sub in ("embedding", "tensorboard"):
+        (folder / sub).mkdir()
+        (folder / sub / "old.png").write_bytes(b"old")
+    (folder / "eval").mkdir()
+    (folder / "eval" / "my_notes.txt").write_text("mine")  # no code of the project writes these
+    (folder / "README.txt").write_text("mine")
+    open_run(folder, overwrite=True).close()
+    assert sorted(p.name for p in folder.iterdir()) == ["README.txt", "config.json", "eval"]
+    assert (folder / "eval" / "my_notes.txt").read_text() == "mine"
+
+
+def test_a_file_as_save_path_and_damaged_config_are_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="--save_path .*file is a file, not a folder"):
+        open_run(tmp_path / "file")
+    with open_run(tmp_path / "run") as run:
+        one_epoch(run)
+    (tmp_path / "run" / "config.json").write_text('{"lr": 0.1, "epo')  # cut short
+    with pytest.raises(RunFolderError, match="config.json is not valid JSON"):
+        open_run(tmp_path / "run", resume=tmp_path / "run")
+
+
+def test_resume_refuses_another_scripts_run(tmp_path):
+    with open_run(tmp_path / "run", script="meterml_finetune") as run:
+        one_epoch(run)
+    with pytest.raises(RunFolderError, match="is a run of meterml_finetune, not of meterml_pretrain"):
+        open_run(tmp_path / "run", script="meterml_pretrain", resume=tmp_path / "run")
+
+
+def test_resume_with_fewer_epochs_is_refused_and_a_finished_run_is_left_alone(tmp_path, caplog):
+    folder = tmp_path / "run"
+    with open_run(folder, epochs=2) as run:
+        one_epoch(run, 0)
+        one_epoch(run, 1)
+        run.finish({"device": "cpu"})
+    results = (folder / "results.json").read_bytes()
+    metrics = (folder / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunFolderError, match="has trained 2 epochs; --epochs 1 would not continue it"):
+        open_run(folder, epochs=1, resume=folder)
+    with caplog.at_level("INFO", logger="rundir"):
+        with open_run(folder, epochs=2, resume=folder) as run:
+            assert run.start == 2
+            assert run.finish({"device": "other"}) == json.loads(results)
+    assert "is finished (2 epochs): nothing to do" in caplog.text
+    assert (folder / "results.json").read_bytes() == results and (folder / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_with_a_message(tmp_path, caplog):
+    folder = tmp_path / "run"
+    with open_run(folder, epochs=3) as run:
+        one_epoch(run, 0)
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # killed while writing epoch 2's record
+    with caplog.at_level("WARNING", logger="rundir"):
+        with open_run(folder, epochs=3, resume=folder) as run:
+            assert run.start == 1
+            one_epoch(run, 1)
+    assert "record 2 is cut short" in caplog.text
+    assert [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+    with open_run(tmp_path / "run", epochs=3) as run:
+        one_epoch(run, 0)
+        before = (tmp_path / "run" / "last.pt").read_bytes()
+
+        def full_disk(obj, f, *args, **kwargs):
+            with open(f, "wb") as out:
+                out.write(b"PK partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4096")
+
+        monkeypatch.setattr(torch, "save", full_disk)
+        with pytest.raises(RunFolderError, match="no space left writing .*last.pt; the previous last.pt is intact"):
+            one_epoch(run, 1)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before and not list((tmp_path / "run").glob("*.tmp"))
+
+
+class Payload:
+    """A pickled object that would run code when unpickled with weights_only=False."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_resume_loads_with_weights_only_and_refuses_pickled_objects(tmp_path):
+    folder = tmp_path / "run"
+    with open_run(folder) as run:
+        one_epoch(run)
+    state = torch.load(folder / "last.pt", weights_only=True)
+    torch.save({**state, "payload": Payload()}, folder / "last.pt")
+    with pytest.raises(RunFolderError, match="holds a pickled Python object .*could run code"):
+        open_run(folder, resume=folder)
+
+
+def test_resume_refuses_non_finite_weights_naming_the_tensor(tmp_path):
+    folder = tmp_path / "run"
+    with open_run(folder) as run:
+        one_epoch(run)
+    state = torch.load(folder / "last.pt", weights_only=True)
+    state["state_dict"]["weight"][0, 0] = float("nan")
+    torch.save(state, folder / "last.pt")
+    with pytest.raises(RunFolderError, match="non-finite values .* in state_dict.weight"):
+        open_run(folder, resume=folder)
+
+
+def test_keep_last_weights_shrinks_last_pt_once_finished(tmp_path):
+    folder = tmp_path / "run"
+    with open_run(folder, epochs=1, keep_last="weights") as run:
+        one_epoch(run, 0)
+        assert "optimizer" in torch.load(folder / "last.pt", weights_only=True)  # resumable while it runs
+        run.finish({"device": "cpu"})
+    assert "optimizer" not in torch.load(folder / "last.pt", weights_only=True)
+    with pytest.raises(RunFolderError, match="holds the weights only .*cannot be extended"):
+        open_run(folder, epochs=2, resume=folder)
