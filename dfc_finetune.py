@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flag combinations that cannot run or would change nothing; name the run."""
     if args.use_sup_con and not args.finetune and args.frozen_bn_eval:
         p.error("--use_sup_con with a frozen backbone and --frozen_bn_eval: SupCon trains no parameter and, with batch "
                 "norm in eval mode, moves no running statistic either, so it would change nothing. Drop "
@@ -73,6 +74,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
+    args.name = args.name or config_name(args)
 
 
 def config_name(args: argparse.Namespace) -> str:
@@ -137,10 +139,7 @@ def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = flags.resolve(parser, argv)
-    check_args(parser, args)
-    args.name = args.name or config_name(args)
-    ctx = process.setup(args)
+    args, ctx = process.start(parser, argv, check_args)
 
     try:
         train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)

@@ -4,7 +4,7 @@
 # 224 px window of each test patch (5,128); Adam lr 1e-5, weight decay 1e-3, batch 32, 201 epochs,
 # evaluation when the 0-based epoch is a multiple of 10 or above 150 (and after the last).
 #
-# In this order, one run each per seed:
+# In this order, each configuration for every seed before the next:
 #   1. the original's recorded invocation (its dfc_finetune.sh: --use_sup_con --delta_sup 1.0
 #      --delta_lin 1.0 --epochs 201 --batch_size 32, no --finetune), and its CE baseline: the
 #      backbones frozen (in training mode, as the original), only the classifier trains, at 1e-5.
@@ -31,15 +31,10 @@
 #   PYTHON    interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
-# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
-HERE=$(cd "$(dirname "$0")" && pwd)
+source "$(dirname "$0")/recorded.sh"
 DATA=${DATA:-$HERE/data/dfc2020}
 WEIGHTS=${WEIGHTS:-$HERE/checkpoints/DualResnet50.pth}
-SEEDS=${SEEDS:-0 1 2 3 4}
 OUT=${OUT:-$HERE/runs/dfc2020}
-if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
-device=()
-[ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 weights=()
 [ "$WEIGHTS" != random ] && weights=(--model_path "$WEIGHTS")
 fast=()
@@ -48,18 +43,10 @@ fast=()
 recorded=(--data_root "$DATA" "${weights[@]}" --epochs 201 --batch_size 32)
 supcon=(--use_sup_con --delta_sup 1.0 --delta_lin 1.0)
 
-for seed in $SEEDS; do
-  $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
-    --save_path "$OUT/frozen-ce-seed$seed" ${EXTRA:-}
-  $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
-    --save_path "$OUT/frozen-supcon-ce-seed$seed" ${EXTRA:-}
-done
+runs dfc_finetune.py frozen-ce
+runs dfc_finetune.py frozen-supcon-ce "${supcon[@]}"
 if [ "${VARIANTS:-1}" = 1 ]; then
-  for seed in $SEEDS; do
-    $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" "${fast[@]}" \
-      --save_path "$OUT/finetuned-ce-seed$seed" ${EXTRA:-}
-    $PYTHON "$HERE/dfc_finetune.py" "${recorded[@]}" "${supcon[@]}" --finetune --classifier_lr 3e-6 --seed "$seed" "${device[@]}" \
-      "${fast[@]}" --save_path "$OUT/finetuned-supcon-ce-seed$seed" ${EXTRA:-}
-  done
+  runs dfc_finetune.py finetuned-ce --finetune --classifier_lr 3e-6
+  runs dfc_finetune.py finetuned-supcon-ce "${supcon[@]}" --finetune --classifier_lr 3e-6
 fi
 $PYTHON "$HERE/summarize.py" "$OUT"

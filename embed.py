@@ -37,6 +37,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ from datasets import DFC2020Dataset, MeterMLDataset, SEN12MSDataset
 from losses import IGNORE
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import read_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger("embed")
 
@@ -149,7 +153,7 @@ def tsne_points(z1: Tensor, z2: Tensor, seed: int = 0, perplexity: float = 30.0)
 # ----------------------------------------------------------------------------- the figure
 
 def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names: list[str], color_by: str,
-                title: str) -> matplotlib.figure.Figure:
+                title: str) -> Figure:
     """Scatter of `points` (2N, 2): S1 rows first (filled circles), then S2 (triangles with a
     dark edge); colour by `labels` (N,) class index (class_names) or by modality. Written as a PNG
     at `path`, no window; returns the matplotlib Figure (closed), so what it draws can be inspected."""

@@ -212,7 +212,34 @@ def _mean_over_rows(per_anchor: Tensor, valid: Tensor, n_rows: int) -> Tensor:
     return torch.where(valid, per_anchor, per_anchor.new_tensor(constant)).mean()
 
 
-class NTXent(nn.Module):
+class _NTXentLoss(nn.Module):
+    """What the two NT-Xent forms share: the block layout, the temperature, the gathering."""
+
+    def __init__(self, *, tau: float, blocks: int, gather_distributed: bool) -> None:
+        super().__init__()
+        self.tau = tau
+        self.blocks = blocks
+        self.gather_distributed = gather_distributed
+
+    def forward(self, z: Tensor, negatives: Tensor | None = None) -> Tensor:
+        """
+        Args:
+            z: (b * blocks, D) features, block-major.
+            negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
+        Returns:
+            Scalar float32 loss.
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
+            per_anchor, valid = self._per_anchor(x)
+            return _mean_over_rows(per_anchor, valid, x.every.shape[0] * x.every.shape[1])
+
+    def _per_anchor(self, x: _Blocks) -> tuple[Tensor, Tensor]:
+        """Each anchor's loss (A,), and whether it counts as computed (A,) bool."""
+        raise NotImplementedError
+
+
+class NTXent(_NTXentLoss):
     """NT-Xent (SimCLR) loss on `blocks` blocks of paired views, cosine similarity.
 
     `z` holds `blocks` blocks of b rows; row k of block i and row k of its paired block are
@@ -232,30 +259,17 @@ class NTXent(nn.Module):
     """
 
     def __init__(self, *, tau: float = 0.2, blocks: int = 4, gather_distributed: bool = False) -> None:
-        super().__init__()
         if blocks not in (2, 4):
             raise ValueError(f"blocks must be 2 or 4, got {blocks}")
-        self.tau = tau
-        self.blocks = blocks
-        self.gather_distributed = gather_distributed
+        super().__init__(tau=tau, blocks=blocks, gather_distributed=gather_distributed)
 
-    def forward(self, z: Tensor, negatives: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            z: (b * blocks, D) features, block-major.
-            negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
-        Returns:
-            Scalar float32 loss.
-        """
-        with torch.autocast(z.device.type, enabled=False):
-            x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
-            partner = (torch.arange(self.blocks, device=z.device) ^ 1)[x.block]  # 0 <-> 1, 2 <-> 3
-            per_anchor = x.lse - (x.anchors * x.every[partner, x.sample]).sum(1) / self.tau
-            valid = ~x.local_neg.reshape(-1) & ~x.every_neg[partner, x.sample]
-            return _mean_over_rows(per_anchor, valid, x.every.shape[0] * x.every.shape[1])
+    def _per_anchor(self, x: _Blocks) -> tuple[Tensor, Tensor]:
+        partner = (torch.arange(self.blocks, device=x.block.device) ^ 1)[x.block]  # 0 <-> 1, 2 <-> 3
+        per_anchor = x.lse - (x.anchors * x.every[partner, x.sample]).sum(1) / self.tau
+        return per_anchor, ~x.local_neg.reshape(-1) & ~x.every_neg[partner, x.sample]
 
 
-class PairwiseNTXent(nn.Module):
+class PairwiseNTXent(_NTXentLoss):
     """NT-Xent where row k of EVERY other block is a positive of row k (multi-positive form).
 
     For anchor i with positives P(i) (row k of the other blocks, unflagged)::
@@ -272,31 +286,17 @@ class PairwiseNTXent(nn.Module):
     """
 
     def __init__(self, *, blocks: int = 4, tau: float = 0.2, gather_distributed: bool = False) -> None:
-        super().__init__()
         if blocks < 2:
             raise ValueError(f"blocks must be at least 2, got {blocks}")
-        self.blocks = blocks
-        self.tau = tau
-        self.gather_distributed = gather_distributed
+        super().__init__(tau=tau, blocks=blocks, gather_distributed=gather_distributed)
 
-    def forward(self, z: Tensor, negatives: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            z: (b * blocks, D) features, block-major.
-            negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
-        Returns:
-            Scalar float32 loss.
-        """
-        with torch.autocast(z.device.type, enabled=False):
-            x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
-            kept = (~x.every_neg).to(x.anchors.dtype)  # (blocks, G)
-            kept_sum = (x.every * kept[..., None]).sum(0)[x.sample]  # (A, D), the anchor itself included
-            anchor_kept = (~x.local_neg.reshape(-1)).to(x.anchors.dtype)
-            count = kept.sum(0)[x.sample] - anchor_kept
-            positive_logits = ((x.anchors * kept_sum).sum(1) - anchor_kept * (x.anchors * x.anchors).sum(1)) / self.tau
-            valid = (anchor_kept > 0) & (count > 0)
-            per_anchor = x.lse - positive_logits / count.clamp(min=1)
-            return _mean_over_rows(per_anchor, valid, x.every.shape[0] * x.every.shape[1])
+    def _per_anchor(self, x: _Blocks) -> tuple[Tensor, Tensor]:
+        kept = (~x.every_neg).to(x.anchors.dtype)  # (blocks, G)
+        kept_sum = (x.every * kept[..., None]).sum(0)[x.sample]  # (A, D), the anchor itself included
+        anchor_kept = (~x.local_neg.reshape(-1)).to(x.anchors.dtype)
+        count = kept.sum(0)[x.sample] - anchor_kept
+        positive_logits = ((x.anchors * kept_sum).sum(1) - anchor_kept * (x.anchors * x.anchors).sum(1)) / self.tau
+        return x.lse - positive_logits / count.clamp(min=1), (anchor_kept > 0) & (count > 0)
 
 
 def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

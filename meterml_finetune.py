@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flag combinations that cannot run or would change nothing; name the run."""
     if args.model_path is None:
         p.error("--model_path (or the positional MODEL_WEIGHTS) is required: a checkpoint path, or 'random' for a "
                 "randomly initialised encoder")
@@ -65,6 +66,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--use_sup_con with a frozen encoder (--no-finetune, --eval_mode linear): SupCon can change nothing "
                 "(it has no parameters of its own, and the encoder's batch norm is fixed). Use --finetune, or drop "
                 "--use_sup_con.")
+    args.name = args.name or config_name(args)
 
 
 def config_name(args: argparse.Namespace) -> str:
@@ -133,10 +135,7 @@ def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = flags.resolve(parser, argv)
-    check_args(parser, args)
-    args.name = args.name or config_name(args)
-    ctx = process.setup(args)
+    args, ctx = process.start(parser, argv, check_args)
 
     repeated = "first" if args.drop_repeated else "keep"
     train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated)

@@ -4,7 +4,7 @@
 # evaluation when the 0-based epoch is a multiple of 10 or above 79 (and after the last).
 # Table III's "average" is the mean over the six facility classes (AA).
 #
-# In this order, one run each per seed:
+# In this order, each configuration for every seed before the next:
 #   1. the original's recorded invocation (its meterml_finetune.sh: --eval_mode finetune --scenario
 #      s1s2_fused --dont_include_negatives --model dual --n_epochs 121 --use_sup_con --sup_delta 1.
 #      --cross_delta 1. --data_ratio 1. --batch_size 32): SupCon+CE WITHOUT augmentation (one view
@@ -27,15 +27,10 @@
 #   PYTHON        interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail
-# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
-HERE=$(cd "$(dirname "$0")" && pwd)
+source "$(dirname "$0")/recorded.sh"
 DATA=${DATA:-$HERE/data/meter-ml}
 WEIGHTS=${WEIGHTS:-$HERE/checkpoints/SmallAlexNet.pth}
-SEEDS=${SEEDS:-0 1 2 3 4}
 OUT=${OUT:-$HERE/runs/meterml}
-if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
-device=()
-[ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 fast=()
 [ "${FAST:-0}" = 1 ] && fast=(--amp --ce_from joint)
 # The original's command line (its --seed 10 becomes each of SEEDS).
@@ -43,16 +38,9 @@ recorded=("$WEIGHTS" --data_root "$DATA" --eval_mode finetune --scenario s1s2_fu
           --n_epochs 121 --data_ratio 1.0 --batch_size 32)
 supcon=(--use_sup_con --sup_delta 1.0 --cross_delta 1.0)
 
-for seed in $SEEDS; do
-  $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
-    --save_path "$OUT/ce-seed$seed" ${EXTRA:-}
-  $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" "${supcon[@]}" --seed "$seed" "${device[@]}" "${fast[@]}" \
-    --save_path "$OUT/supcon-ce-seed$seed" ${EXTRA:-}
-done
+runs meterml_finetune.py ce
+runs meterml_finetune.py supcon-ce "${supcon[@]}"
 if [ "${VARIANTS:-1}" = 1 ]; then
-  for seed in $SEEDS; do
-    $PYTHON "$HERE/meterml_finetune.py" "${recorded[@]}" "${supcon[@]}" --use_augs --seed "$seed" "${device[@]}" "${fast[@]}" \
-      --save_path "$OUT/supcon-ce-aug-seed$seed" ${EXTRA:-}
-  done
+  runs meterml_finetune.py supcon-ce-aug "${supcon[@]}" --use_augs
 fi
 $PYTHON "$HERE/summarize.py" "$OUT"

@@ -125,9 +125,7 @@ def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = flags.resolve(parser, argv)
-    check_args(parser, args)
-    ctx = process.setup(args)
+    args, ctx = process.start(parser, argv, check_args)
 
     modalities = ["s1", "s2"] if args.scenario == "s1s2" else [args.scenario]
     meter = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed)

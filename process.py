@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+import flags
 from augment import key_seed
 
 log = logging.getLogger("process")
@@ -143,6 +144,14 @@ def setup(args: argparse.Namespace) -> Context:
         log.warning("--amp on %s: bf16 autocast on CPU is slow and only useful for debugging", ctx.device)
     seed_everything(args.seed)
     return ctx
+
+
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, check) -> tuple[argparse.Namespace, Context]:
+    """A script's start: its flags (`flags.resolve`, then the script's `check(parser, args)`),
+    then `setup`."""
+    args = flags.resolve(parser, argv)
+    check(parser, args)
+    return args, setup(args)
 
 
 def seed_everything(seed: int) -> None:

@@ -147,9 +147,7 @@ def snapshot_name(epoch: int) -> str:
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = flags.resolve(parser, argv)
-    check_args(parser, args)
-    ctx = process.setup(args)
+    args, ctx = process.start(parser, argv, check_args)
     if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 

@@ -28,13 +28,9 @@
 #     --lr 3e-5 --weight_decay 1e-4 --temperature 0.07 --seed 42 --save_path "$OUT"
 # Rank 0 (on the machine that gets it) writes the run folder; --resume needs it there.
 set -euo pipefail
-# Relative paths (DATA, OUT, WEIGHTS, paths in EXTRA) are read from the folder the script is called from.
-HERE=$(cd "$(dirname "$0")" && pwd)
+source "$(dirname "$0")/recorded.sh"
 DATA=${DATA:-$HERE/data/sen12ms}
 OUT=${OUT:-$HERE/runs/sen12ms/pretrain-resnet50}
-if [ -z "${PYTHON:-}" ]; then [ -x "$HERE/.venv/bin/python" ] && PYTHON="$HERE/.venv/bin/python" || PYTHON=python; fi
-device=()
-[ -n "${DEVICE:-}" ] && device=(--device "$DEVICE")
 fast=()
 [ "${FAST:-0}" = 1 ] && fast=(--amp)
 

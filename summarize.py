@@ -593,7 +593,7 @@ def report_data(datasets: dict[str, list[Group]], select: str | None = None) -> 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("paths", type=Path, nargs="+", help="run folders, results.json files, or folders holding runs")
     p.add_argument("--report", type=Path, metavar="OUT",
                    help="also write OUT/report.md with the tables and PNG figures (needs matplotlib); a report.md "
