@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: test bench demo clean
 
-# Synthetic data, pre-training, fine-tuning on both benchmarks, results tables (a few minutes on CPU).
+# Synthetic data, pre-training, fine-tuning on both benchmarks, embeddings, results tables and report (4-5 minutes on 2 cores).
 demo: $(VENV)/.installed
 	PYTHON=$(PY) bash demo.sh
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# Tests in parallel processes (pytest-xdist), one torch thread each: about 3.5 minutes on 2 cores.
+# Tests in parallel processes (pytest-xdist), one torch thread each: 4-8 minutes on 2 cores, by the machine.
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 tests
 

@@ -401,7 +401,7 @@ def load_checkpoint(
             " torch.save(model.state_dict(), path) for a pickled model, or"
             " torch.save(checkpoint['state_dict'], path) for a training checkpoint."
         ) from err
-    except (RuntimeError, EOFError, OSError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code
         raise ValueError(f"checkpoint {path} is not a readable PyTorch file (truncated, or another format): "
                          f"{type(err).__name__}: {str(err)[:200]}") from err
 

@@ -368,7 +368,7 @@ def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | N
 
 def class_counts(evaluation: dict) -> dict[str, int]:
     """Samples of each true class in one evaluation: the row sums of its confusion matrix
-    ({} for results written before the engine recorded one)."""
+    ({} for results written before runs recorded one)."""
     if "confusion" not in evaluation or "classes" not in evaluation:
         return {}
     return {c: sum(row) for c, row in zip(evaluation["classes"], evaluation["confusion"])}
@@ -426,7 +426,7 @@ def confusion_of(runs: list[Run], field: str = "last") -> dict | None:
 
     Returns {"classes", "counts" (K x K ints, rows true class), "percent" (each row in % of its
     true class; nan for a class without samples), "seeds"}, or None when an evaluation lacks a
-    confusion matrix (results written before the engine recorded one).
+    confusion matrix (results written before runs recorded one).
     """
     evals = [r.results[field] for r in runs if r.results.get(field)]
     if not evals or any("confusion" not in e or "classes" not in e for e in evals):

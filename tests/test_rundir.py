@@ -2,8 +2,10 @@
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,9 +80,10 @@ def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
     last.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
         open_run(tmp_path / "run", resume=tmp_path / "run")
-    last.write_bytes(os.urandom(256))
-    with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
-        open_run(tmp_path / "run", resume=tmp_path / "run")
+    for seed in range(30):  # torch's unpickler fails on random bytes in many ways: each one is named
+        last.write_bytes(random.Random(seed).randbytes(256))
+        with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
+            open_run(tmp_path / "run", resume=tmp_path / "run")
 
 
 def test_overwrite_removes_what_the_project_wrote_and_nothing_else(tmp_path):
@@ -203,3 +206,14 @@ def test_keep_last_weights_shrinks_last_pt_once_finished(tmp_path):
     assert "optimizer" not in torch.load(folder / "last.pt", weights_only=True)
     with pytest.raises(RunFolderError, match="holds the weights only .*cannot be extended"):
         open_run(folder, epochs=2, resume=folder)
+
+
+def test_no_resume_hint_without_a_checkpoint_and_absolute_paths_in_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open_run(Path("run"), data_root="data", model_path="weights.pth", save_path=Path("run")).close()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["data_root"], config["model_path"], config["save_path"]) == (
+        str(tmp_path / "data"), str(tmp_path / "weights.pth"), str(tmp_path / "run"))  # tools work from any folder
+    with pytest.raises(RunFolderError) as error:  # killed before its first epoch ended: nothing to resume
+        open_run(Path("run"))
+    assert "--resume" not in str(error.value) and "--overwrite" in str(error.value)

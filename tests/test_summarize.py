@@ -452,3 +452,11 @@ def test_interpretation_pairs_seeds_and_flags_unaligned_embeddings(tmp_path):
 
     summarize.main([str(tmp_path), "--report", str(tmp_path / "report")])
     assert text in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_truncated_results_json_is_named(tmp_path, capsys):
+    write_run(tmp_path / "r0", "CE", 0, evaluation(1, {"Forest": 50.0, "Water": 70.0}, 60.0, 65.0))
+    (tmp_path / "r0" / "results.json").write_text('{"dataset": "DFC2020", "las')  # killed while writing
+    with pytest.raises(SystemExit) as exit_info:
+        summarize.main([str(tmp_path)])
+    assert f"{tmp_path / 'r0' / 'results.json'}: not valid JSON" in str(exit_info.value)

@@ -195,3 +195,11 @@ def test_sen12ms_lc_class_is_the_class_of_s1_and_s2_together(tmp_path):
     # Patches mix their dominant class with blobs of others: less separable than METER-ML's uniform images.
     assert s1_acc < 0.5 and s2_acc < 0.5
     assert fused_acc > 0.6 and fused_acc > max(s1_acc, s2_acc) + 0.2, (s1_acc, s2_acc, fused_acc)
+
+
+@pytest.mark.parametrize("spelling", ["--n_test", "--n-test"])  # underscores as every script; hyphens kept as aliases
+def test_cli_flag_spellings(tmp_path, spelling):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(REPO / "synthetic_data.py"), "dfc2020", str(out), "--n", "2", spelling, "1",
+                    "--size", "16", "--seed", "3"], check=True, cwd=tmp_path)
+    assert len(list((out / "ROIs0000_test" / "s1_0").glob("*.tif"))) == 1
