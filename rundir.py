@@ -318,9 +318,10 @@ class RunDir:
             try:
                 atomic_save(state, target)
             except (OSError, RuntimeError) as error:
-                if isinstance(error, OSError) and error.errno != errno.ENOSPC and "unexpected pos" not in str(error):
-                    raise
-                if isinstance(error, RuntimeError) and "unexpected pos" not in str(error) and "No space" not in str(error):
+                # torch.save reports a full disk as OSError ENOSPC or as a RuntimeError of its zip writer
+                full = getattr(error, "errno", None) == errno.ENOSPC or any(
+                    text in str(error) for text in ("unexpected pos", "No space"))
+                if not full:
                     raise
                 kept = f"the previous {name} is intact" if target.exists() else f"no {name} was written"
                 raise RunFolderError(f"no space left writing {target}; {kept}") from None
