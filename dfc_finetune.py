@@ -27,7 +27,7 @@ import flags
 import metrics
 import process
 from augment import Views, dfc_augment
-from datasets import CropError, DFC2020Dataset, balanced_indices, seed_normalize
+from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
 from engine import train_one_epoch
 from losses import SupConCELoss
 from models import RESNETS, DualResNet, MultiModalNet, count_trainable, freeze_all_but, load_checkpoint, param_groups
@@ -38,14 +38,16 @@ log = logging.getLogger("dfc_finetune")
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
-    g = flags.add_data_args(p, root="data/dfc2020", what="folder holding ROIs0000_validation and ROIs0000_test, or a packed copy")
+    g = flags.add_data_args(p, root="data/dfc2020", what="folder holding ROIs0000_validation and ROIs0000_test, a "
+                            "manifest CSV of your own pairs (docs/data.md), or a packed copy of either")
     g.add_argument("--crop", type=flags.positive_int, default=224, help="training crop, px (default 224)")
     g.add_argument("--eval_crop", type=flags.non_negative_int, default=224,
                    help="evaluation window, px, labelled by its majority class (default 224, as the original; 0: whole patches)")
     g.add_argument("--eval_offset_seed", type=flags.seed_int, default=0,
                    help="seed of the evaluation windows' offsets, drawn once per patch (default 0)")
-    g.add_argument("--train_split", choices=["validation", "test"], default="validation", help="DFC2020 split to train on (default validation)")
-    g.add_argument("--eval_split", choices=["validation", "test"], default="test", help="DFC2020 split to evaluate on (default test)")
+    g.add_argument("--train_split", default="validation",
+                   help="split to train on: DFC2020 validation or test, or a manifest's split column (default validation)")
+    g.add_argument("--eval_split", default="test", help="split to evaluate on, as --train_split (default test)")
     g.add_argument("--allow_same_split", action="store_true", help="allow training and evaluating on the same split")
     g.add_argument("--balanced_class", nargs="?", const="copies", choices=["copies", "weighted"], default=None,
                    help="oversample small classes: copies (the flag alone) repeats every patch by its class's "
@@ -82,7 +84,7 @@ def config_name(args: argparse.Namespace) -> str:
     return f"{'fine-tuned' if args.finetune else 'frozen'} {'SupCon+CE' if args.use_sup_con else 'CE'}"
 
 
-def training_items(args: argparse.Namespace, train_set: DFC2020Dataset) -> tuple[list[int], Tensor | None]:
+def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[list[int], Tensor | None]:
     """The patches an epoch draws from (--data_ratio, --balanced_class copies) and, for
     --balanced_class weighted, their draw weights."""
     indices = process.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
@@ -94,10 +96,12 @@ def training_items(args: argparse.Namespace, train_set: DFC2020Dataset) -> tuple
     return indices, 1.0 / torch.bincount(labels)[labels].float()
 
 
-def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int) -> tuple[DualResNet, MultiModalNet]:
+def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
+                bands: dict[str, int] | None = None) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet (weights from --model_path; only the classifier trains without
     --finetune) and the method's forward pass over it, on the device."""
-    net = DualResNet(args.arch, num_classes=num_classes)
+    bands = bands or {"s1": 2, "s2": 13}
+    net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands["s1"], s2_channels=bands["s2"])
     if args.model_path not in (None, "random"):
         load_checkpoint(net, args.model_path)
     if not args.finetune:
@@ -142,15 +146,27 @@ def main(argv=None) -> dict:
     args, ctx = process.start(parser, argv, check_args)
 
     try:
-        train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
-        eval_set = DFC2020Dataset(args.data_root, args.eval_split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed)
+        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
+        eval_set = patch_dataset(args.data_root, args.eval_split, crop=args.eval_crop or None,
+                                 offset_seed=args.eval_offset_seed)
+        # Every label map read once: undocumented codes stop here, before the run folder exists.
+        found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
+                                                                       (args.eval_split, eval_set))}
     except CropError as error:
         parser.error(f"{error} (--crop {args.crop}, --eval_crop {args.eval_crop})")
+    except ValueError as error:  # an unknown split, a bad manifest row, undocumented label codes
+        parser.error(str(error))
+    for split, report in found.items():
+        if report["ignored_label_patches"]:
+            log.warning("%s split: %d of %d patches have an ignored majority label (no label, or a class outside "
+                        "%s: DFC2020 Savanna 3 and Snow/Ice 8); cross-entropy and the metrics skip them; pixels of "
+                        "ignored codes: %s", split, report["ignored_label_patches"], report["patches"],
+                        ", ".join(eval_set.classes), report.get("ignored_pixels_by_code", {}))
     indices, weights = training_items(args, train_set)
     loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
     eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
 
-    net, model = build_model(args, ctx, len(eval_set.classes))
+    net, model = build_model(args, ctx, len(eval_set.classes), train_set.bands)
     criterion = build_loss(args, ctx)
     optimizer = build_optimizer(args, net)
     views = build_views(args, ctx)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datasets import DFC2020Dataset, MeterMLDataset, SEN12MSDataset
+from datasets import SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
 from losses import IGNORE
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import read_json
@@ -57,7 +57,6 @@ log = logging.getLogger("embed")
 
 MODALITIES = ("s1", "s2")
 KINDS = ("meterml_finetune", "meterml_pretrain", "dfc_finetune", "sen12ms_pretrain")
-SEN12MS_SEASONS = ("spring", "summer", "fall", "winter")
 
 
 # ----------------------------------------------------------------------------- the numbers
@@ -282,12 +281,12 @@ def build_dataset(run: RunInfo, data_root: Path | None, split: str | None) -> tu
         split = split or c.get("eval_split") or "test"
         crop = c.get("eval_crop") or None
         offset_seed = c.get("eval_offset_seed") if crop else None
-        return DFC2020Dataset(root, split, crop=crop, offset_seed=offset_seed), split, root, "DFC2020"
+        return patch_dataset(root, split, crop=crop, offset_seed=offset_seed), split, root, "DFC2020"
     # SEN12MS pre-training: whole patches (global pooling takes any size) of DFC2020 or SEN12MS.
     if is_dfc_root(root):
         split = split or "test"
         return DFC2020Dataset(root, split), split, root, "DFC2020"
-    seasons = tuple(split.split(",")) if split else tuple(c.get("seasons") or SEN12MS_SEASONS)
+    seasons = tuple(split.split(",")) if split else tuple(c.get("seasons") or SEASONS)
     return SEN12MSDataset(root, seasons), ",".join(seasons), root, "SEN12MS"
 
 

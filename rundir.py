@@ -382,8 +382,9 @@ class RunDir:
                 log.warning("%s split: %d NaN, %d +inf, %d -inf values replaced in %d files (every read counted; per "
                             "file in %s)", name, totals[name]["nan"], totals[name]["+inf"], totals[name]["-inf"],
                             len(files[name]), self.path / "data_report.json")
+        labels = {name: d.label_summary for name, d in splits.items() if getattr(d, "label_summary", None)}
         if self.ctx.is_main:
-            write_json(self.path / "data_report.json", {"nonfinite_values": files})
+            write_json(self.path / "data_report.json", {"nonfinite_values": files, "labels": labels})
         return {"nonfinite_values": totals}
 
     def finish(self, environment: dict, **extra) -> dict:

@@ -35,7 +35,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 import flags
 import process
 from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
-from datasets import CropError, SEN12MSDataset, seed_normalize
+from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import RESNETS, DualResNet, MultiModalNet, count_trainable
@@ -43,15 +43,16 @@ from rundir import RunDir, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")
 
-SEASONS = ("spring", "summer", "fall", "winter")
 SCHEDULES = ("original", "cosine", "constant")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
     g = flags.add_data_args(p, root="data/sen12ms",
-                            what="folder holding the four season folders ROIs1158_spring ..., or a packed copy (datasets.py pack)")
-    g.add_argument("--seasons", nargs="+", choices=SEASONS, default=list(SEASONS), help="seasons to read (default: all four)")
+                            what="folder holding the four season folders ROIs1158_spring ..., a manifest CSV of your own "
+                            "pairs (every row, labels optional), or a packed copy of either (pack.py)")
+    g.add_argument("--seasons", nargs="+", choices=tuple(SEASONS), default=list(SEASONS),
+                   help="seasons to read (default: all four; not for a manifest)")
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
     g.add_argument("--sync_bn", action="store_true",
@@ -152,15 +153,21 @@ def main(argv=None) -> dict:
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 
     try:
-        dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
+        if is_manifest(args.data_root):
+            dataset = ManifestDataset(args.data_root, None, crop=args.crop, train=True, seed=args.seed,
+                                      require_labels=args.supervised_lc)
+        else:
+            dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
     except CropError as error:
         parser.error(f"{error} (--crop {args.crop})")
+    except ValueError as error:  # a bad manifest row
+        parser.error(str(error))
     dataset[0]  # one item read now: unreadable data stops here
     indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
     # The original drops the last partial batch of every epoch.
     loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices, drop_last=True)
 
-    net = DualResNet(args.arch)
+    net = DualResNet(args.arch, s1_channels=dataset.bands["s1"], s2_channels=dataset.bands["s2"])
     # What the checkpoints hold: the two backbones with their projection heads, no classifier.
     backbones = nn.ModuleDict({"backbone1": net.backbone1, "backbone2": net.backbone2})
     # With --augment, one pass per modality over both views (batch norm sees 2B images).

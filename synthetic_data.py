@@ -276,6 +276,35 @@ def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int 
     return root
 
 
+# Five classes of a researcher's own, drawn with the pixels of these DFC codes.
+MANIFEST_CLASSES = {"barley": 5, "forest": 1, "lake": 10, "scrub": 2, "town": 7}
+_L2A_BANDS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]  # the 13 L1C bands without B10 (index 10)
+
+
+def write_manifest(root: str | Path, n: int = 40, seed: int = 0, size: int = 32, *, val_fraction: float = 0.25) -> Path:
+    """Write ``n`` labelled pairs of ``size`` px and ``root/pairs.csv`` listing them; returns the CSV.
+
+    Five classes named as a researcher's own (``MANIFEST_CLASSES``), 12-band L2A-like S2 (no B10),
+    S1 in dB; the CSV's columns are ``id, split, s2, label, s1, notes`` (paths relative to it,
+    ``notes`` a column the readers ignore), splits ``train`` and ``val``."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 300])
+    names = sorted(MANIFEST_CLASSES)
+    rows = []
+    for i in range(n):
+        label = names[i % len(names)]
+        code = np.full((size, size), MANIFEST_CLASSES[label], dtype=np.int64)
+        s1, s2 = _pixels(rng, _S1_CODE[code], _S2_CODE[code])
+        crs, transform = _georeference(rng)
+        split = "val" if i >= round(n * (1 - val_fraction)) else "train"
+        for modality, array in (("s1", s1), ("s2", np.clip(s2[_L2A_BANDS], 0, 65535).astype(np.uint16))):
+            _write_tif(root / modality / f"pair{i:04d}.tif", array, crs, transform)
+        rows.append(f"pair{i:04d},{split},s2/pair{i:04d}.tif,{label},s1/pair{i:04d}.tif,drawn as DFC code {code[0, 0]}")
+    csv = root / "pairs.csv"
+    csv.write_text("id,split,s2,label,s1,notes\n" + "\n".join(rows) + "\n")
+    return csv
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="dataset", required=True)
@@ -295,6 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     sen12ms.add_argument("--n", type=int, default=25, help="patches PER SEASON; default 25")
     sen12ms.add_argument("--size", type=int, default=256, help="patch size in px; default 256 as the real data")
     sen12ms.add_argument("--seed", type=int, default=0)
+    manifest = commands.add_parser("manifest", help="your own pairs: 12-band S2, five named classes, pairs.csv",
+                                   allow_abbrev=False)
+    manifest.add_argument("out", type=Path)
+    manifest.add_argument("--n", type=int, default=40, help="pairs; default 40")
+    manifest.add_argument("--size", type=int, default=32, help="patch size in px; default 32")
+    manifest.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -302,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         write_meterml(args.out, args.n, args.seed, val_fraction=args.val_fraction)
     elif args.dataset == "dfc2020":
         write_dfc2020(args.out, args.n, args.n if args.n_test is None else args.n_test, args.seed, args.size)
+    elif args.dataset == "manifest":
+        write_manifest(args.out, args.n, args.seed, args.size)
     else:
         write_sen12ms(args.out, args.n, args.seed, args.size)
     logger.info("wrote a synthetic %s data set to %s", args.dataset, args.out)

@@ -9,7 +9,7 @@
 #      --use_sup_con, 224 px crops, batch 32, evaluation after each epoch), meterml_finetune.py
 #      (random init, --scenario s1s2_fused --use_augs --use_sup_con), meterml_pretrain.py --use_pairs,
 #      sen12ms_pretrain.py (ResNet-50, 128 px crops, batch 200); the DataLoader over the packed
-#      DFC2020 copy (datasets.py pack) with 16 workers;
+#      DFC2020 copy (pack.py) with 16 workers;
 #   4. bench/bench_train.py at 224 px, batch 128: original (float32 NCHW) vs default (float32) vs bf16 vs fast, model alone and with
 #      a 16-worker DataLoader, evaluation, torch.compile on and off; every figure is printed as it
 #      is measured.
@@ -123,8 +123,8 @@ stage sen12ms_pretrain.py "$CAP_SEN12MS" "${SEN12MS[*]}" bash -c \
 last_epoch sen12ms_pretrain.py
 
 # The packed DFC2020 copy feeding the default step through the DataLoader (figures printed live).
-stage packed_loader "$CAP_PACKED" "datasets.py pack dfc2020, then bench_train.py --parts loader --configs default ${PACKED[*]}" bash -c \
-  "'$PYTHON' datasets.py pack dfc2020 '$TMP/dfc2020' '$TMP/dfc2020-packed' && '$PYTHON' bench/bench_train.py --data_root '$TMP/dfc2020-packed' --parts loader --configs default ${PACKED[*]}"
+stage packed_loader "$CAP_PACKED" "pack.py dfc2020, then bench_train.py --parts loader --configs default ${PACKED[*]}" bash -c \
+  "'$PYTHON' pack.py dfc2020 '$TMP/dfc2020' '$TMP/dfc2020-packed' && '$PYTHON' bench/bench_train.py --data_root '$TMP/dfc2020-packed' --parts loader --configs default ${PACKED[*]}"
 grep -E "^loader " "$TMP/logs/packed_loader.log" | sed "s/^/gpu_check: packed data: /" || true
 
 # The benchmark prints its figures as it takes them: shown live, kept when it is stopped.

@@ -436,6 +436,29 @@ def test_dfc_label_rules_on_hand_made_maps(dfc):
     assert ds.patch_labels()[:2].tolist() == [0, 255]
 
 
+def test_label_report_counts_ignored_patches_and_pixels_by_code(dfc):
+    # A whole class of a relabelled data set in code 3 (Savanna) is ignored: the report says so.
+    ds = datasets.DFC2020Dataset(dfc)
+    first, second = ds.patch_ids[:2]
+    _write_tif(_dfc_path(dfc, "dfc", first), np.full((1, 32, 32), 3, np.uint8))
+    _write_tif(_dfc_path(dfc, "dfc", second), np.repeat(np.array([8, 0, 1], np.uint8), [500, 300, 224]).reshape(1, 32, 32))
+    raw = [_tif(_dfc_path(dfc, "dfc", n))[0] for n in ds.patch_ids]
+    expected_pixels = {str(code): int(sum((r == code).sum() for r in raw)) for code in (0, 3, 8, 255)}
+    report = datasets.DFC2020Dataset(dfc).label_report()
+    assert report["patches"] == 6
+    assert report["ignored_label_patches"] == sum(_naive_labels(r)[0] == 255 for r in raw) >= 2
+    assert report["ignored_pixels_by_code"] == {k: v for k, v in expected_pixels.items() if v}
+
+
+def test_label_report_finds_undocumented_codes_in_any_patch(dfc):
+    ds = datasets.DFC2020Dataset(dfc, "test")
+    labels = _tif(_dfc_path(dfc, "dfc", ds.patch_ids[-1], "test"))
+    labels[0, -1, -1] = 42
+    _write_tif(_dfc_path(dfc, "dfc", ds.patch_ids[-1], "test"), labels)
+    with pytest.raises(datasets.DataFileError, match=r"label codes outside DFC codes 1-10.*42: 1"):
+        datasets.DFC2020Dataset(dfc, "test", crop=8).label_report()
+
+
 def test_dfc_patch_labels_are_the_whole_patch_majorities(dfc):
     ds = datasets.DFC2020Dataset(dfc, "test", crop=8, train=True)
     whole = datasets.DFC2020Dataset(dfc, "test")

@@ -1,4 +1,4 @@
-"""Packed data sets (``python datasets.py pack``): the items of a packed folder equal, tensor for
+"""Packed data sets (``python pack.py DATASET ROOT OUT``): the items of a packed folder equal, tensor for
 tensor, those of the data set it was packed from; packing resumes after a kill, counts unreadable
 files and refuses folders it cannot use."""
 import json
@@ -90,7 +90,7 @@ def test_dfc2020_packed_items_equal_the_geotiff_items(dfc, split, options):
 def test_dfc2020_pack_layout_dtypes_and_raw_codes(dfc):
     root, out = dfc
     index = json.loads((out / "index.json").read_text())
-    assert index["version"] == datasets.PACK_VERSION and index["dataset"] == "dfc2020"
+    assert index["version"] == datasets.packed.VERSION and index["dataset"] == "dfc2020"
     assert index["source_root"] == str(root.resolve())
     validation = index["splits"]["validation"]
     assert {c: (s["shape"], s["dtype"]) for c, s in validation["arrays"].items()} == {
@@ -187,7 +187,7 @@ def test_meterml_packed_items_equal_the_npy_items(tmp_path):
 def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one(sen12ms, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     pack.pack("sen12ms", sen12ms, whole, checkpoint_every=2)
-    read = pack._pack_value
+    read = datasets.packed.pack_value
     calls: list[str] = []
 
     def killed_in_row_5(column, path):
@@ -197,7 +197,7 @@ def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one
         return read(column, path)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(pack, "_pack_value", killed_in_row_5)
+    monkeypatch.setattr(datasets.packed, "pack_value", killed_in_row_5)
     with pytest.raises(KeyboardInterrupt):
         pack.pack("sen12ms", sen12ms, out, checkpoint_every=2)
     assert not (out / "index.json").exists() and (out / ".pack_progress.json").exists()
@@ -209,7 +209,7 @@ def test_a_killed_pack_resumes_at_its_checkpoint_and_equals_an_uninterrupted_one
         return read(column, path)
 
     calls.clear()
-    monkeypatch.setattr(pack, "_pack_value", counted)
+    monkeypatch.setattr(datasets.packed, "pack_value", counted)
     index = pack.pack("sen12ms", sen12ms, out, checkpoint_every=2)
     assert len(calls) == (12 - 4) * 3  # resumed at the checkpoint after row 3
     assert not (out / ".pack_progress.json").exists()
@@ -240,11 +240,11 @@ def test_neither_a_data_set_nor_a_pack_is_a_clear_error(tmp_path, dfc):
     _, out = dfc
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=r"(?s)ROIs0000_validation.*or a folder written by `python datasets.py pack dfc2020"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)ROIs0000_validation.*or a folder written by `python pack.py dfc2020"):
         datasets.DFC2020Dataset(empty)
-    with pytest.raises(FileNotFoundError, match=r"(?s)ROIs1158_spring.*python datasets.py pack sen12ms"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)ROIs1158_spring.*python pack.py sen12ms"):
         datasets.SEN12MSDataset(empty)
-    with pytest.raises(FileNotFoundError, match=r"(?s)train_dataset.geojson.*python datasets.py pack meterml"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)train_dataset.geojson.*python pack.py meterml"):
         datasets.MeterMLDataset(empty)
     with pytest.raises(datasets.DataFileError, match="a packed dfc2020 data set, not sen12ms"):
         datasets.SEN12MSDataset(out)
@@ -255,7 +255,7 @@ def test_neither_a_data_set_nor_a_pack_is_a_clear_error(tmp_path, dfc):
 
 def test_command_line_packs_and_reports(tmp_path):
     root = synthetic_data.write_dfc2020(tmp_path / "dfc", n_validation=3, n_test=0, seed=4, size=16)
-    command = [sys.executable, str(REPO / "datasets.py"), "pack", "dfc2020", str(root), str(tmp_path / "out")]
+    command = [sys.executable, str(REPO / "pack.py"), "dfc2020", str(root), str(tmp_path / "out")]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "packed dfc2020 validation: 3 of 3 rows complete" in done.stderr
@@ -276,6 +276,11 @@ def test_an_edited_index_and_a_changed_source_are_refused(tmp_path):
     edited["splits"]["validation"]["ids"] = edited["splits"]["validation"]["ids"][:-1]  # one row left out
     (out / "index.json").write_text(json.dumps(edited))
     with pytest.raises(datasets.DataFileError, match="the index lists .* rows but the arrays hold"):
+        datasets.DFC2020Dataset(out)
+    edited = json.loads(json.dumps(index))
+    edited["splits"]["validation"]["label_sources"]["dfc"]["rows"].pop()  # the last patch of a split left out
+    (out / "index.json").write_text(json.dumps(edited))
+    with pytest.raises(datasets.DataFileError, match="lists 3 rows, but the pack holds 4 of 4: the index disagrees"):
         datasets.DFC2020Dataset(out)
     (out / "index.json").write_text(json.dumps(index))
     assert len(datasets.DFC2020Dataset(out)) == len(index["splits"]["validation"]["ids"])

@@ -390,3 +390,24 @@ def test_recorded_scripts_read_relative_paths_from_the_callers_folder(tmp_path):
     done = subprocess.run(["bash", str(REPO / "dfc_finetune.sh")], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": "echo", "SEEDS": "3"})
     assert str(REPO / "dfc_finetune.py") in done.stdout  # the script by its absolute path, run from the caller's folder
+
+
+def test_ignored_labels_are_counted_and_undocumented_codes_refused_before_the_run_folder(tmp_path, caplog, capsys):
+    root = write_dfc2020(tmp_path / "dfc", n_validation=6, n_test=3, seed=2, size=32)
+    labels = sorted((root / "ROIs0000_validation" / "dfc_validation").glob("*.tif"))
+    for path in labels[:2]:  # a class relabelled into code 3 (Savanna), which DFC2020's 8 classes ignore
+        with rasterio.open(path, "r+") as src:
+            src.write(np.full((32, 32), 3, np.uint8), 1)
+    argv = ["--data_root", str(root), "--arch", "resnet18", "--crop", "16", "--eval_crop", "0", "--workers", "0",
+            "--batch_size", "4", "--epochs", "1"]
+    dfc_finetune.main([*argv, "--save_path", str(tmp_path / "run")])
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())["labels"]["validation"]
+    assert report["ignored_label_patches"] >= 2 and report["ignored_pixels_by_code"]["3"] >= 2 * 32 * 32
+    assert re.search(r"validation split: \d+ of 6 patches have an ignored majority label", caplog.text)
+    test_label = sorted((root / "ROIs0000_test" / "dfc_0").glob("*.tif"))[-1]
+    with rasterio.open(test_label, "r+") as src:
+        src.write(np.full((32, 32), 42, np.uint8), 1)
+    with pytest.raises(SystemExit) as exit_info:
+        dfc_finetune.main([*argv, "--save_path", str(tmp_path / "run2")])
+    assert exit_info.value.code == 2 and not (tmp_path / "run2").exists()
+    assert "42: 1024" in capsys.readouterr().err

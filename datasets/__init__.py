@@ -1,0 +1,33 @@
+"""Paired Sentinel-1 / Sentinel-2 data sets: METER-ML, DFC2020, SEN12MS and manifests of your own.
+
+Each data set module states its layout and labels; ``sources`` reads GeoTIFF and .npy files,
+``packed`` the packed arrays (and writes them: ``python pack.py DATASET ROOT OUT``), ``patches``
+the windows, normalisation and labels that DFC2020, SEN12MS and manifests share. Every item is a
+dict with ``"s1"`` (C1, H, W) and ``"s2"`` (C2, H, W) float32 tensors, ``"label"``, a float32
+multi-hot ``"multilabel"`` and the sample's ``"id"``. Data faults are counted and reported, never
+silently absorbed (docs/data.md).
+"""
+from pathlib import Path
+
+from .base import IGNORE, CropError, DataFileError, balanced_indices
+from .dfc2020 import DFC2020Dataset
+from .labels import DFC_CLASSES
+from .manifest import ManifestDataset, is_manifest
+from .meterml import MeterMLDataset, split_overlap
+from .packed import packed_index
+from .patches import NORMALIZATIONS, PatchDataset, seed_normalize
+from .sen12ms import SEASONS, SEN12MSDataset
+
+__all__ = [
+    "IGNORE", "CropError", "DataFileError", "balanced_indices", "DFC2020Dataset", "DFC_CLASSES", "ManifestDataset",
+    "is_manifest", "MeterMLDataset", "split_overlap", "packed_index", "NORMALIZATIONS", "PatchDataset",
+    "seed_normalize", "SEASONS", "SEN12MSDataset", "patch_dataset",
+]
+
+
+def patch_dataset(root: str | Path, split: str | None, **kwargs) -> PatchDataset:
+    """A manifest's split when ``root`` is a CSV (or a packed one), else DFC2020's: the data sets
+    that the DFC2020 recipe trains on and ``predict.py`` reads."""
+    if is_manifest(root):
+        return ManifestDataset(root, split, **kwargs)
+    return DFC2020Dataset(root, split, **kwargs)

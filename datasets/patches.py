@@ -1,0 +1,196 @@
+"""Windows of S1 / S2 / label-map patches (DFC2020, SEN12MS, manifests) from any source.
+
+Every item: ``"s1"`` (C1, h, w) and ``"s2"`` (C2, h, w) float32, ``"label"`` the window's majority
+class (IGNORE when ignore pixels win), ``"multilabel"`` (classes,) the classes covering >= 10 % of
+the window, ``"id"``. The crop window is random per (seed, epoch, index) in training, else centred,
+or with ``offset_seed`` at a random offset drawn once per patch (the same windows in every
+evaluation and run). ``normalize="seed"`` is the recipe of the released DualResNet50 weights:
+S1 NaN -> 0 dB, clip [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's ``np.clip``) + 25,
+S2 clip [0, 10000], then each channel of the window divided by its own maximum (+ 1e-5).
+``normalize="none"``: S1 dB and raw S2 as float32, non-finite values -> 0.
+"""
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+from torch import Tensor
+from tqdm import tqdm
+
+from augment import keyed_generator
+
+from .base import IGNORE, CropError, DataFileError, PairedDataset, log_summary
+from .labels import DFC_CLASSES, LabelCodes, class_map, labels_of_map
+from .packed import INDEX
+
+logger = logging.getLogger("datasets")
+NORMALIZATIONS = ("seed", "none")
+
+
+def seed_normalize(x: Tensor) -> Tensor:
+    """Every channel of ``x`` (C, H, W) or (B, C, H, W), float, non-negative, divided by its
+    maximum over the image + 1e-5 (an all-zero channel stays 0): the last step of the seed
+    normalisation, on the image the network sees (the crop, or an augmented view)."""
+    if x.ndim not in (3, 4):
+        raise ValueError(f"seed_normalize expects an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"seed_normalize expects a floating-point tensor, got {x.dtype}")
+    return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
+def _divide_by_maxima(x: np.ndarray, maxima: np.ndarray) -> Tensor:
+    """``seed_normalize`` in place on a fresh float32 array whose channel maxima are known."""
+    t = torch.from_numpy(x)
+    return t.div_(torch.from_numpy(maxima.astype(np.float32)).view(-1, 1, 1).add_(1e-5))
+
+
+class PatchDataset(PairedDataset):
+    """The windows, normalisation and labels of patch data sets; subclasses give the layout.
+
+    A subclass sets ``source`` (``sources.TiffSource`` or ``packed.PackedSource`` with keys "s1",
+    "s2", "label"), ``patch_ids``, ``_offset_keys`` (non-negative ints naming each patch, for
+    ``offset_seed``), ``label_codes`` and ``classes``, then calls ``_finish``.
+    """
+
+    classes: list[str] = DFC_CLASSES
+    IGNORE = IGNORE
+    label_codes: LabelCodes
+    patch_ids: list[Any]
+    _offset_keys: list[tuple[int, ...]]
+    _keys = ("s1", "s2", "label")  # what the source holds per patch
+    bands = {"s1": 2, "s2": 13}
+
+    def __init__(self, crop: int | None, train: bool, normalize: str, return_label_map: bool, seed: int,
+                 offset_seed: int | None) -> None:
+        super().__init__(seed)
+        if crop is not None and crop <= 0:
+            raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if offset_seed is not None and (train or not isinstance(offset_seed, int) or offset_seed < 0):
+            raise ValueError(f"offset_seed must be None or a non-negative int, and only with train=False (training "
+                             f"windows are random per seed, epoch and index); got offset_seed={offset_seed!r}, train={train}")
+        self.crop, self.train, self.normalize = crop, train, normalize
+        self.return_label_map, self.offset_seed = return_label_map, offset_seed
+        self._majority: Tensor | None = None
+        self.label_summary: dict[str, Any] | None = None  # set by label_report
+
+    def __len__(self) -> int:
+        return len(self.patch_ids)
+
+    def _finish(self, root: Path, name: str, total: int, skipped: dict[str, int]) -> None:
+        """Check the crop against the patch size (``CropError`` before any item is read), log what
+        was skipped and how many packed rows hold a file that could not be packed."""
+        if not self.patch_ids:
+            raise ValueError(f"{name} under {root}: no complete patch (skipped: {skipped})")
+        self.skipped = skipped
+        self._patch_size, self._patch_size_source = self.source.patch_size()
+        if self.crop is not None and self.crop > min(self._patch_size):
+            height, width = self._patch_size
+            raise CropError(f"a crop of {self.crop} px does not fit the {height} x {width} px patches of {root}")
+        bad = self.source.unreadable(self._keys)
+        if bad:
+            logger.warning("%s: %d of %d patches had a file that could not be read when packed; loading them raises "
+                           "the packing-time error, as the files themselves would (messages in %s)",
+                           root, bad, len(self), root / INDEX)
+        self._init_counts(len(self.patch_ids))
+        log_summary(name, len(self.patch_ids), total, skipped)
+
+    def source_name(self, index: int, modality: int) -> str:
+        return self.source.name(index, ("s1", "s2")[modality])
+
+    def _window(self, index: int, generator: torch.Generator, height: int, width: int, path: str) -> Window:
+        if self.crop is None:
+            if (height, width) != self._patch_size:
+                raise DataFileError(f"{path}: patch of {height} x {width} px, but the data set's patches are "
+                                    f"{self._patch_size} px (height, width; from {self._patch_size_source}); whole "
+                                    "patches must share one size (or pass crop=)")
+            return Window(0, 0, width, height)
+        if self.crop > min(height, width):
+            raise DataFileError(f"{path}: patch of {height} x {width} px is smaller than crop={self.crop}")
+        if self.train or self.offset_seed is not None:
+            draws = generator if self.train else keyed_generator(self.offset_seed, *self._offset_keys[index])
+            # The original's np.random.randint(0, 256 - crop): offsets 0 .. size - crop - 1, never the last.
+            top = int(torch.randint(max(1, height - self.crop), (1,), generator=draws))
+            left = int(torch.randint(max(1, width - self.crop), (1,), generator=draws))
+        else:
+            top, left = (height - self.crop) // 2, (width - self.crop) // 2
+        return Window(left, top, self.crop, self.crop)
+
+    def _s1(self, raw: np.ndarray, name: str, index: int) -> Tensor:
+        """S1 (C, h, w) window in dB -> float32, normalised; non-finite values counted."""
+        x = np.array(raw, dtype=np.float32)
+        nan = None
+        if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
+            seed = self.normalize == "seed"
+            mask = self._count_nonfinite(torch.from_numpy(x), name, "NaN by 0 dB, +-inf clipped to 0 / -25 dB"
+                                         if seed else "0", index, 0).numpy()
+            nan = np.isnan(x) if seed else mask
+        if self.normalize == "none":
+            if nan is not None:
+                x[nan] = 0.0
+            return torch.from_numpy(x)
+        np.clip(x, -25.0, 0.0, out=x)
+        x += 25.0
+        if nan is not None:
+            x[nan] = 25.0  # NaN -> 0 dB before clipping
+        return _divide_by_maxima(x, x.max(axis=(1, 2)))
+
+    def _s2(self, raw: np.ndarray, name: str, index: int) -> Tensor:
+        """S2 (C, h, w) window (uint16 reflectance x 10000) -> float32, normalised."""
+        if raw.dtype.kind == "f":
+            x = np.array(raw, dtype=np.float32)
+            if not np.isfinite(x.sum()):
+                seed = self.normalize == "seed"
+                mask = self._count_nonfinite(torch.from_numpy(x), name, "NaN by 0, +-inf clipped" if seed else "0",
+                                             index, 1).numpy()
+                x[np.isnan(x) if seed else mask] = 0.0
+            if self.normalize == "none":
+                return torch.from_numpy(x)
+            np.clip(x, 0.0, 10000.0, out=x)
+            return _divide_by_maxima(x, x.max(axis=(1, 2)))
+        if self.normalize == "none":
+            return torch.from_numpy(raw.astype(np.float32))
+        clipped = np.clip(raw, 0, 10000)
+        return _divide_by_maxima(clipped.astype(np.float32), clipped.max(axis=(1, 2)))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w, path))
+        label_map = class_map(arrays["label"], names["label"], self.label_codes)
+        self._count_all_zero([names[m] for m in ("s1", "s2") if not arrays[m].any()])  # before clipping
+        label, multilabel = labels_of_map(label_map, len(self.classes))
+        item: dict[str, Any] = {
+            "s1": self._s1(arrays["s1"], names["s1"], index), "s2": self._s2(arrays["s2"], names["s2"], index),
+            "label": label, "multilabel": multilabel, "id": self.patch_ids[index],
+        }
+        if self.return_label_map:
+            item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
+        return item
+
+    def label_report(self) -> dict[str, Any]:
+        """Read every whole label map once: the majority labels (for ``patch_labels``), and how many
+        patches and pixels the labels leave out. Undocumented codes raise ``DataFileError`` here,
+        before a run starts."""
+        majority = torch.empty(len(self), dtype=torch.int64)
+        pixels: Counter[int] = Counter()
+        ignored_codes = self.label_codes.ignored
+        for i in tqdm(range(len(self)), desc="labels", leave=False, disable=None):
+            arrays, names = self.source.read(i, None, ("label",))
+            raw = arrays["label"]
+            label_map = class_map(raw, names["label"], self.label_codes)
+            majority[i] = labels_of_map(label_map, len(self.classes))[0]
+            codes = np.bincount(raw.ravel().astype(np.int64), minlength=256)
+            pixels.update({int(c): int(codes[c]) for c in ignored_codes if c < len(codes) and codes[c]})
+        self._majority = majority
+        self.label_summary = {"patches": len(self), "ignored_label_patches": int((majority == IGNORE).sum()),
+                              "ignored_pixels_by_code": {str(code): n for code, n in sorted(pixels.items())}}
+        return self.label_summary
+
+    def patch_labels(self) -> Tensor:
+        """Majority label (N,) int64 of every whole patch, e.g. for class-balanced sampling."""
+        if self._majority is None:
+            self.label_report()
+        return self._majority

@@ -1,0 +1,35 @@
+"""Files written whole or not at all, and JSON read with the damaged file named."""
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """The JSON content of ``path``; a damaged file raises ``error`` naming it and the cause."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as cause:
+        raise error(f"{path} is not valid JSON (truncated or edited? {cause})") from None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a temporary name unique to this process, fsync, then rename over
+    ``path``: a kill or a full disk leaves the previous file intact, and two writers never share
+    a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as file:
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, content: Any, indent: int | None = 2) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=indent)))
