@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from datasets import SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
-from losses import IGNORE
+import flags
+import process
+from datasets import IGNORE, SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import read_json
 
@@ -290,14 +291,6 @@ def build_dataset(run: RunInfo, data_root: Path | None, split: str | None) -> tu
     return SEN12MSDataset(root, seasons), ",".join(seasons), root, "SEN12MS"
 
 
-def subset(n: int, max_samples: int, seed: int) -> list[int]:
-    """All indices, or a seeded subset of `max_samples` of them in ascending order."""
-    if n <= max_samples:
-        return list(range(n))
-    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].tolist())
-
-
-@torch.no_grad()
 def encode(encoders: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """z1 (N, 128), z2 (N, 128) L2-normalised projections in eval mode, and labels (N,)."""
     for module in encoders.values():
@@ -319,15 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None,
                    help="split to encode (default: val for METER-ML, the run's eval_split for DFC2020, "
                         "the run's seasons for SEN12MS, e.g. spring,fall)")
-    p.add_argument("--max_samples", type=int, default=2000,
+    p.add_argument("--max_samples", type=flags.positive_int, default=2000,
                    help="encode at most this many samples, a seeded subset (default 2000: t-SNE of 4000 points)")
     p.add_argument("--color_by", choices=["class", "modality"], default="class", help="colour of the t-SNE points (default class)")
-    p.add_argument("--k", type=int, default=5, help="neighbours of the kNN accuracy (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the random pairs and t-SNE (default 0)")
+    p.add_argument("--k", type=flags.positive_int, default=5, help="neighbours of the kNN accuracy (default 5)")
+    p.add_argument("--seed", type=flags.seed_int, default=0, help="seed of the subset, the random pairs and t-SNE (default 0)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file in RUN_DIR (default last.pt; encoder.pth for a METER-ML pre-training)")
-    p.add_argument("--batch_size", type=int, default=64, help="encoding batch size (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--batch_size", type=flags.positive_int, default=64, help="encoding batch size (default 64)")
+    p.add_argument("--workers", type=flags.non_negative_int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     return p
 
@@ -336,11 +329,6 @@ def main(argv=None) -> dict:
     """Encode, compute, write tsne.png and embedding.json; returns what embedding.json holds."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("max_samples", "k", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.workers < 0:
-        parser.error(f"--workers must be at least 0, got {args.workers}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         run = read_run(args.run_dir)
@@ -350,7 +338,7 @@ def main(argv=None) -> dict:
     checkpoint = checkpoint_path(run, args.checkpoint)
     encoders = build_encoders(run, checkpoint)
     dataset, split, root, data_name = build_dataset(run, args.data_root, args.split)
-    indices = subset(len(dataset), args.max_samples, args.seed)
+    indices = process.subset(len(dataset), min(len(dataset), args.max_samples), "random", args.seed)
     loader = DataLoader(Subset(dataset, indices), batch_size=args.batch_size, num_workers=args.workers)
     z1, z2, labels = encode(encoders, loader, device)
 

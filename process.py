@@ -288,6 +288,11 @@ def subset_indices(n: int, ratio: float, how: str = "first", seed: int = 0) -> l
     keep = int(ratio * n)
     if keep == 0:
         raise ValueError(f"--data_ratio {ratio} of {n} samples keeps int({ratio} * {n}) = 0 of them; raise --data_ratio")
+    return subset(n, keep, how, seed)
+
+
+def subset(n: int, keep: int, how: str = "first", seed: int = 0) -> list[int]:
+    """``keep`` of ``range(n)`` in ascending order: the first ones, or a random draw from ``seed``."""
     if how == "first":
         return list(range(keep))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].tolist())

@@ -141,9 +141,9 @@ class PatchDataset(PairedDataset):
 
     def _s2(self, raw: np.ndarray, name: str, index: int) -> Tensor:
         """S2 (C, h, w) window (uint16 reflectance x 10000) -> float32, normalised."""
-        if raw.dtype.kind == "f":
+        if raw.dtype.kind != "u":
             x = np.array(raw, dtype=np.float32)
-            if not np.isfinite(x.sum()):
+            if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
                 seed = self.normalize == "seed"
                 mask = self._count_nonfinite(torch.from_numpy(x), name, "NaN by 0, +-inf clipped" if seed else "0",
                                              index, 1).numpy()
@@ -154,8 +154,12 @@ class PatchDataset(PairedDataset):
             return _divide_by_maxima(x, x.max(axis=(1, 2)))
         if self.normalize == "none":
             return torch.from_numpy(raw.astype(np.float32))
-        clipped = np.clip(raw, 0, 10000)
-        return _divide_by_maxima(clipped.astype(np.float32), clipped.max(axis=(1, 2)))
+        maxima = raw.max(axis=(1, 2))
+        x = raw.astype(np.float32)
+        if maxima.max() > 10000:  # a cloud above the L1C range: clip (unsigned: nothing below 0)
+            np.minimum(x, 10000.0, out=x)
+            maxima = np.minimum(maxima, 10000)
+        return _divide_by_maxima(x, maxima)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w, path))
