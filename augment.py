@@ -1,32 +1,6 @@
-"""Random augmentations for multi-band remote-sensing images, per sample or on a batch.
-
-Every op takes a floating-point tensor ``(C, H, W)`` or ``(B, C, H, W)`` with any number of bands
-(2 for Sentinel-1, 4 or 13 for Sentinel-2), on any device, and an optional ``torch.Generator``.
-On a batch every sample draws its own parameters, and the batch is processed in one vectorised
-call. Parameters are drawn on the generator's device (the CPU when no generator is given) and
-then moved to the data, so a seeded CPU generator gives the same augmentation on CPU and GPU.
-
-The functional ops (``hflip``, ``vflip``, ``rotate``, ``rotate_nearest``,
-``resized_crop``, ``resized_crop_antialias``) take a batch and explicit per-sample parameters; the
-``Random*`` modules draw the parameters and call them.
-
-Two implementations of the method's recipes (``meterml_augment``, ``dfc_augment``), chosen by
-``impl``:
-
-- ``"torchvision"`` (the default, the original's pixels): for the same drawn parameters, exactly
-  what the original's torchvision transforms give per sample (``tests/test_augment.py`` compares
-  with ``torchvision.transforms.v2.functional``). DFC2020: horizontal flip, rotation with
-  nearest-neighbour resampling and zero fill, vertical flip (``rotate_nearest``: one batched
-  ``grid_sample`` with per-sample angles on torchvision's sampling grid). METER-ML: flips, then the
-  random resized crop resized bilinearly with antialiasing (``resized_crop_antialias``: one
-  ``interpolate`` call per distinct box size).
-- ``"fused"``: one bilinear resampling per batch. DFC2020: flips folded into a bilinear rotation
-  (``RandomFlipRotation``); METER-ML: ``roi_align`` crops. The same parameter distributions, not
-  the same pixels: smoother views (bilinear instead of nearest-neighbour rotation).
-
-``Views`` makes the images of a training batch on the device: the originals, and augmented views
-from a generator keyed by (seed, epoch, step, rank).
-"""
+"""Random augmentations of (C, H, W) or (B, C, H, W) images, batched with per-sample parameters drawn on the generator's
+device (CPU by default), then moved: a seeded CPU generator augments alike anywhere. The recipes' ``impl="torchvision"``
+gives the original's torchvision pixels; ``"fused"``, one bilinear resampling per batch (docs/differences.md)."""
 import math
 
 import numpy as np
@@ -38,13 +12,11 @@ from torchvision.transforms.v2 import functional as TF
 
 
 def key_seed(*parts: int) -> int:
-    """A 63-bit seed from non-negative integers, e.g. (seed, epoch, index). Distinct keys give
-    independent streams (numpy's SeedSequence hashing), so neighbouring keys are unrelated."""
+    """63-bit seed from non-negative ints, e.g. (seed, epoch, index); SeedSequence hashing: independent streams."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def keyed_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch.Generator on ``device`` seeded with ``key_seed(*parts)``."""
     return torch.Generator(device).manual_seed(key_seed(*parts))
 
 
@@ -66,42 +38,33 @@ def _check_float(x: Tensor, op: str) -> None:
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> Tensor:
-    """Uniform draws in [low, high) on the generator's device (CPU by default)."""
     device = generator.device if generator is not None else torch.device("cpu")
     return torch.empty(shape, device=device).uniform_(low, high, generator=generator)
 
 
-# ---------------------------------------------------------------------------------------------
 # Functional ops: a batch (B, C, H, W) and one parameter per sample.
 
 
 def hflip(x: Tensor, mask: Tensor) -> Tensor:
-    """Mirror left-right the samples of ``x`` (B, C, H, W) where ``mask`` (B,) bool is True."""
+    """Mirror left-right the samples where ``mask`` (B,) bool is True."""
     return torch.where(mask.to(x.device).view(-1, 1, 1, 1), TF.horizontal_flip(x), x)
 
 
 def vflip(x: Tensor, mask: Tensor) -> Tensor:
-    """Mirror top-bottom the samples of ``x`` (B, C, H, W) where ``mask`` (B,) bool is True."""
+    """Mirror top-bottom the samples where ``mask`` (B,) bool is True."""
     return torch.where(mask.to(x.device).view(-1, 1, 1, 1), TF.vertical_flip(x), x)
 
 
 def rotate(x: Tensor, angles: Tensor, flip_h: Tensor | None = None, flip_v: Tensor | None = None) -> Tensor:
-    """Rotate sample i of ``x`` (B, C, H, W) by ``angles[i]`` degrees counter-clockwise.
-
-    Same convention as ``torchvision.transforms.v2.functional.rotate``: about the image centre,
-    bilinear, zero outside the image, output size unchanged. ``flip_h`` / ``flip_v`` (B,) bool
-    mirror the samples left-right / top-bottom first, folded into the same sampling grid
-    (mirroring maps pixel centres onto pixel centres, so it stays exact): flips and rotation
-    cost one ``grid_sample`` call.
-    """
+    """Rotate sample i by ``angles[i]`` degrees counter-clockwise as torchvision's ``rotate`` (about the centre,
+    bilinear, zero fill); ``flip_h`` / ``flip_v`` (B,) mirror first in the same grid, exactly (centres stay centres)."""
     _check_float(x, "rotate")
     batch, _, height, width = x.shape
     radians = torch.deg2rad(angles.to(device=x.device, dtype=x.dtype))
     cos, sin = torch.cos(radians), torch.sin(radians)
     sign_x = 1 - 2 * flip_h.to(device=x.device, dtype=x.dtype) if flip_h is not None else 1
     sign_y = 1 - 2 * flip_v.to(device=x.device, dtype=x.dtype) if flip_v is not None else 1
-    # affine_grid maps output to input positions in coordinates normalised to [-1, 1] per axis;
-    # the pixel-space rotation is rescaled by the aspect ratio so that it stays a rotation when H != W.
+    # affine_grid's coordinates are [-1, 1] per axis: rescaled by the aspect ratio, it stays a rotation when H != W.
     theta = torch.zeros(batch, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0] = sign_x * cos
     theta[:, 0, 1] = sign_x * -sin * height / width
@@ -112,14 +75,9 @@ def rotate(x: Tensor, angles: Tensor, flip_h: Tensor | None = None, flip_v: Tens
 
 
 def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Crop box i of sample i of ``x`` (B, C, H, W) and resize it to ``size``: (B, C, *size).
-
-    ``boxes`` (B, 4) holds (top, left, height, width) in pixels, as torchvision's
-    ``RandomResizedCrop.get_params``. Bilinear, one ``roi_align`` call for the batch; when a box
-    is larger than the output, every output pixel averages ceil(box / size)^2 bilinear samples
-    (anti-aliasing). Near the border of a box, the samples use the image pixels just outside it
-    rather than repeating the box's edge, so a full box at the input size is exactly the identity.
-    """
+    """Box i (B, 4) (top, left, height, width in pixels) of sample i, resized bilinearly to ``size`` by a ``roi_align``:
+    a box larger than the output averages ceil(box / size)^2 samples a pixel (anti-aliasing); samples near a box edge
+    read the pixels just outside it, so a full box at the input size is exactly the identity."""
     _check_float(x, "resized_crop")
     output_size = (size, size) if isinstance(size, int) else tuple(size)
     boxes = boxes.to(device=x.device, dtype=x.dtype)
@@ -130,20 +88,13 @@ def resized_crop(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tenso
 
 
 def rotate_nearest(x: Tensor, angles: Tensor) -> Tensor:
-    """Rotate sample i of ``x`` (B, C, H, W) by ``angles[i]`` degrees counter-clockwise, as
-    ``torchvision.transforms.v2.functional.rotate`` with nearest-neighbour resampling, zero fill,
-    no expansion, about the centre (what the original's ``RandomRotation`` gives).
-
-    One ``grid_sample`` for the batch, on torchvision's sampling grid: the inverse rotation matrix
-    computed in double precision from each angle as torchvision computes it, then cast to the
-    image dtype, applied to the same pixel-centre grid (``_affine_grid``). On CPU the output
-    equals torchvision's per-sample result bit for bit (``tests/test_augment.py``).
-    """
+    """torchvision's ``rotate`` (nearest, zero fill, no expansion, about the centre: the original's ``RandomRotation``)
+    as one ``grid_sample`` on torchvision's pixel-centre grid (``_affine_grid``) with its inverse matrix (-angle, double
+    precision, cast to the image dtype): on CPU bit for bit its per-sample result (``tests/test_augment.py``)."""
     _check_float(x, "rotate_nearest")
     batch, _, height, width = x.shape
     matrices = []
     for angle in angles.tolist():
-        # torchvision rotates by -angle through its inverse affine matrix (no shear, scale 1, centre 0).
         radians = math.radians(-angle)
         matrices.append([math.cos(radians), math.sin(radians), 0.0, -math.sin(radians), math.cos(radians), 0.0])
     theta = torch.tensor(matrices, dtype=x.dtype, device=x.device).view(batch, 2, 3)
@@ -157,13 +108,8 @@ def rotate_nearest(x: Tensor, angles: Tensor) -> Tensor:
 
 
 def resized_crop_antialias(x: Tensor, boxes: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Crop box i of sample i of ``x`` (B, C, H, W) and resize it to ``size`` as torchvision's
-    ``resized_crop`` (bilinear, antialiased, ``align_corners=False``): (B, C, *size).
-
-    ``boxes`` (B, 4) holds integer (top, left, height, width). Samples whose boxes share a size
-    are resized in one ``interpolate`` call; a box of the output size is copied unresized, as
-    torchvision does.
-    """
+    """torchvision's ``resized_crop`` (bilinear, antialiased) of integer boxes (B, 4) (top, left, height, width), one
+    ``interpolate`` per distinct box size; a box of the output size is copied unresized, as torchvision does."""
     _check_float(x, "resized_crop_antialias")
     output_size = (size, size) if isinstance(size, int) else tuple(size)
     out = x.new_empty(x.shape[0], x.shape[1], *output_size)
@@ -179,13 +125,10 @@ def resized_crop_antialias(x: Tensor, boxes: Tensor, size: int | tuple[int, int]
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # Random ops: modules called as op(x, generator=None) on (C, H, W) or (B, C, H, W).
 
 
 class RandomHorizontalFlip(nn.Module):
-    """Left-right mirror with probability ``p``, drawn per sample."""
-
     flip = staticmethod(hflip)
 
     def __init__(self, p: float = 0.5) -> None:
@@ -199,18 +142,12 @@ class RandomHorizontalFlip(nn.Module):
 
 
 class RandomVerticalFlip(RandomHorizontalFlip):
-    """Top-bottom mirror with probability ``p``, drawn per sample."""
-
     flip = staticmethod(vflip)
 
 
 class RandomFlipRotation(nn.Module):
-    """Horizontal and vertical flips (each with probability ``p``) then a rotation by an angle
-    uniform in [-degrees, degrees], per sample, in a single bilinear resampling (zero fill).
-
-    The same distribution as horizontal and vertical flips and a bilinear rotation in sequence, at
-    the cost of one ``grid_sample`` instead of three passes.
-    """
+    """Flips (each with probability ``p``), then a rotation uniform in [-degrees, degrees], per sample: the distribution
+    of the flips and a bilinear rotation in sequence, in one ``grid_sample`` (zero fill)."""
 
     def __init__(self, degrees: float, p: float = 0.5) -> None:
         super().__init__()
@@ -218,7 +155,6 @@ class RandomFlipRotation(nn.Module):
         self.p = p
 
     def get_params(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Angles in degrees (n,), horizontal and vertical flip masks (n,) bool."""
         flips = _uniform((2, n), 0.0, 1.0, generator) < self.p
         return _uniform((n,), -self.degrees, self.degrees, generator), flips[0], flips[1]
 
@@ -229,12 +165,8 @@ class RandomFlipRotation(nn.Module):
 
 
 class RandomResizedCrop(nn.Module):
-    """Crop a random box and resize it to ``size`` x ``size``, per sample.
-
-    The boxes follow torchvision's ``RandomResizedCrop``: area a fraction in ``scale`` of the
-    image, aspect ratio log-uniform in ``ratio``, integer pixels, up to 10 tries, then a centred
-    crop of the whole image clamped to ``ratio``. All samples' tries are drawn in one call.
-    """
+    """Boxes as torchvision's ``RandomResizedCrop`` (area fraction in ``scale``, aspect log-uniform in ``ratio``,
+    integer, 10 tries, then the centred crop clamped to ``ratio``), all samples' tries in one draw."""
 
     def __init__(
         self,
@@ -283,8 +215,6 @@ class RandomResizedCrop(nn.Module):
 
 
 class Augment(nn.Module):
-    """A sequence of random ops sharing one generator: ``aug(x, generator=None)``."""
-
     def __init__(self, *ops: nn.Module) -> None:
         super().__init__()
         self.ops = nn.ModuleList(ops)
@@ -296,9 +226,8 @@ class Augment(nn.Module):
 
 
 class DFCAugment(nn.Module):
-    """The original's DFC2020 SupCon view: ``RandomHorizontalFlip``, ``RandomRotation(degrees)``
-    (nearest-neighbour, zero fill), ``RandomVerticalFlip``, each flip with probability ``p``,
-    per sample and batched (``rotate_nearest``)."""
+    """The original's DFC2020 SupCon view: ``RandomHorizontalFlip``, ``RandomRotation(degrees)`` (nearest, zero fill),
+    ``RandomVerticalFlip``, each flip with probability ``p``."""
 
     def __init__(self, degrees: float = 20.0, p: float = 0.5) -> None:
         super().__init__()
@@ -306,7 +235,6 @@ class DFCAugment(nn.Module):
         self.p = p
 
     def get_params(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Horizontal flip masks (n,) bool, angles in degrees (n,), vertical flip masks (n,) bool."""
         flips = _uniform((2, n), 0.0, 1.0, generator) < self.p
         return flips[0], _uniform((n,), -self.degrees, self.degrees, generator), flips[1]
 
@@ -317,9 +245,8 @@ class DFCAugment(nn.Module):
 
 
 class MeterMLAugment(nn.Module):
-    """The original's METER-ML view (``RandomAugmentations``): ``Resize(size)``,
-    ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomResizedCrop(size, scale)``, per
-    sample and batched; the resizes bilinear with antialiasing (``resized_crop_antialias``)."""
+    """The original's METER-ML view (``RandomAugmentations``): ``Resize(size)``, ``RandomHorizontalFlip``,
+    ``RandomVerticalFlip``, ``RandomResizedCrop(size, scale)``; the resizes bilinear with antialiasing."""
 
     def __init__(self, size: int = 72, scale: tuple[float, float] = (0.9, 1.0), p: float = 0.5) -> None:
         super().__init__()
@@ -346,11 +273,7 @@ def _check_impl(impl: str) -> None:
 
 
 def meterml_augment(size: int = 72, impl: str = "torchvision") -> nn.Module:
-    """METER-ML recipe: flips and a random resized crop to ``size`` (scale 0.9-1.0).
-
-    ``impl="torchvision"``: the original's pixels (``MeterMLAugment``); ``"fused"``: ``roi_align``
-    crops, then flips (the same distributions, bilinear without antialiasing).
-    """
+    """The original's METER-ML views; ``"fused"``: ``roi_align`` crops, then flips (bilinear, no antialiasing)."""
     _check_impl(impl)
     if impl == "torchvision":
         return MeterMLAugment(size)
@@ -358,30 +281,15 @@ def meterml_augment(size: int = 72, impl: str = "torchvision") -> nn.Module:
 
 
 def dfc_augment(degrees: float = 20.0, impl: str = "torchvision") -> nn.Module:
-    """DFC2020 recipe: horizontal and vertical flips, rotation up to ``degrees``.
-
-    ``impl="torchvision"``: the original's pixels (``DFCAugment``: nearest-neighbour rotation,
-    zero fill); ``"fused"``: flips folded into one bilinear rotation (``RandomFlipRotation``).
-    """
+    """The original's DFC2020 views; ``"fused"``: flips folded into one bilinear rotation (nearest in the original)."""
     _check_impl(impl)
     return DFCAugment(degrees) if impl == "torchvision" else Augment(RandomFlipRotation(degrees))
 
 
 class Views:
-    """The images of a batch on the training device: the originals and augmented views of them.
-
-    Augmentation runs on whole batches on the device with per-sample parameters drawn from a CPU
-    generator keyed by (seed, epoch, step, rank): the same draws on any device, and a resumed run
-    replays them. `renormalize` (e.g. `datasets.seed_normalize`) is applied to every augmented
-    view, as the original normalises each view after its augmentation.
-
-    Args:
-        modalities: batch keys to read ("s1", "s2").
-        augment: a recipe (`dfc_augment`, `meterml_augment`, ...), or None for no augmentation.
-        ctx: the process context (`process.Context`): device, memory format, rank.
-        seed: run seed.
-        renormalize: per-view normalisation after augmentation, or None.
-    """
+    """A batch's originals and augmented views on the device, drawn from a CPU generator keyed by (seed, epoch, step,
+    rank): the same on any device, replayed on resume. `renormalize` (e.g. `datasets.seed_normalize`) follows every
+    augmented view, as the original normalises each view after its augmentation. `ctx`: a `process.Context`."""
 
     def __init__(self, modalities: list[str], augment: nn.Module | None, ctx, seed: int,
                  renormalize=None) -> None:

@@ -1,8 +1,4 @@
-"""One training epoch, shared by the four scripts: `train_one_epoch`.
-
-Each script defines its `step` (views, then model, then loss) and its epoch loop; this module
-runs the step over the loader with the optimiser, checks every loss, and measures the epoch.
-"""
+"""`train_one_epoch`, shared by the four scripts, each of which defines its `step` (views, model, loss) and epochs."""
 from __future__ import annotations
 
 import time
@@ -33,24 +29,12 @@ def _batch_ids(batch: dict) -> list:
 def train_one_epoch(step: Callable[[dict, int, int], dict[str, Tensor]], model: nn.Module, loader: DataLoader,
                     optimizer: torch.optim.Optimizer, ctx, epoch: int, epochs: int, *, frozen_bn_eval: bool = True,
                     board=None, run_path=None) -> dict:
-    """Train 0-based `epoch` of `epochs`: `step(batch, epoch, i)` gives the loss terms
-    ({"loss": total, ...}; "ce_samples", when present, counts the samples with a CE target),
-    then zero_grad, backward, optimizer.step.
-
-    Args:
-        ctx: the process context (`process.Context`): progress bars, number of processes.
-        frozen_bn_eval: keep the batch norm of frozen parameters in eval mode (a fixed encoder
-            for linear evaluation); False leaves it in training mode, as the original's frozen
-            DFC2020 backbone.
-        board: a TensorBoard SummaryWriter for per-step scalars, or None.
-        run_path: the run folder, named when a non-finite loss stops the run.
-    Returns:
-        the epoch's record: the mean of every loss term over its batches ("train_<term>"),
-        samples/s over all processes, seconds, the first parameter group's learning rate.
-    Raises:
-        NonFiniteLossError: a loss is NaN or infinite (names the batch's sample ids).
-        NoTargetError: no sample of the epoch had a cross-entropy target.
-    """
+    """0-based `epoch`: `step(batch, epoch, i)` -> {"loss": total, ...; "ce_samples": the samples with a CE target, if
+    counted}, then zero_grad, backward, optimizer.step. `frozen_bn_eval=False` leaves the batch norm of frozen
+    parameters in training mode, as the original's frozen DFC2020 backbone. `ctx` is a `process.Context`, `board` a
+    TensorBoard SummaryWriter or None, `run_path` the run folder named by NonFiniteLossError (with the batch's sample
+    ids). Returns the means of the loss terms per batch ("train_<term>"), samples/s over all processes, epoch seconds
+    and the first parameter group's lr."""
     loader.sampler.set_epoch(epoch)
     model.train()
     if frozen_bn_eval:

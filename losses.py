@@ -1,15 +1,6 @@
-"""Contrastive losses: supervised contrastive (SupCon) and the NT-Xent forms of pre-training.
-
-All losses compute in float32 whatever the input dtype (bf16 / fp16 features from autocast are
-upcast; float64 stays float64), never build a `(N, N)` mask, and can gather features from every rank of a
-torch.distributed job (`gather_distributed=True`) so that the loss sees the global batch.
-
-Distributed convention (as in SimCLR / MoCo v3 practice): each rank uses ITS OWN samples as
-anchors and the features of EVERY rank as the contrast set, and returns the mean over its own
-anchors. The mean of that value over ranks is the loss of the global batch, and DDP's gradient
-averaging then yields exactly the parameter gradients of the global-batch loss. All ranks must
-pass batches of the same size (drop the last incomplete batch, or use a DistributedSampler).
-"""
+"""SupCon and the NT-Xent forms of pre-training. They compute in float32 also under autocast (float64 stays float64,
+for gradcheck) and build no (N, N) mask; `gather_distributed` contrasts each rank's anchors with the features of every
+rank, which needs equal batch sizes on all ranks (docs/modules.md)."""
 from __future__ import annotations
 
 import math
@@ -25,26 +16,19 @@ IGNORE = 255  # label that cross-entropy and the metrics skip (unlabelled DFC202
 
 
 def _world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside an initialised process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half-precision and float32 inputs; float64 stays float64 (for gradcheck)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
 def _gather(x: Tensor) -> Tensor:
-    """Concatenate `x` from every rank along dim 0, in rank order; gradients flow back to each rank.
-
-    Integer and boolean tensors are gathered without autograd.
-    """
+    """`x` of every rank along dim 0 in rank order, differentiable when floating. Not the legacy
+    torch.distributed.nn.functional.all_gather: wrong gradients on gloo for the transposed layouts here (torch 2.14)."""
     if x.is_floating_point():
-        # The functional collective's backward is a reduce-scatter. The legacy
-        # torch.distributed.nn.functional.all_gather returned wrong gradients on gloo for the
-        # transposed layouts used here (torch 2.14; tests/test_distributed.py catches it).
         return dist_fc.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
@@ -52,40 +36,19 @@ def _gather(x: Tensor) -> Tensor:
 
 
 def _logsumexp_without_self(anchors: Tensor, contrast: Tensor, self_idx: Tensor, temperature: float) -> Tensor:
-    """log sum_{k != self} exp(a . c_k / T) for every anchor.
-
-    Args:
-        anchors: (A, D) float32.
-        contrast: (N, D) float32, containing every anchor at row `self_idx`.
-        self_idx: (A,) int64, the row of each anchor in `contrast`.
-    Returns:
-        (A,) float32.
-    """
+    """(A,) log sum_{k != self} exp(a . c_k / T) of anchors (A, D) against contrast (N, D), which holds anchor a at
+    row self_idx[a]. The self term is set to -inf in place: the (A, N) logits are the loss's only quadratic tensor."""
     logits = (anchors / temperature) @ contrast.T  # scaling the (A, D) side saves an (A, N) temporary
-    # The anchor's similarity with itself is excluded from the denominator (set to -inf in place:
-    # the (A, N) logits are the only quadratic tensor the loss holds).
     logits.scatter_(1, self_idx[:, None], float("-inf"))
     return torch.logsumexp(logits, dim=1)
 
 
 class SupConLoss(nn.Module):
-    """Supervised contrastive loss (Khosla et al. 2020), with the SimCLR loss as the unsupervised case.
-
-    For anchor i with positive set P(i) (all other views of samples sharing i's label, or as
-    `mask` says; never i itself) and contrast set A(i) (every view but i itself)::
-
-        loss_i = -(T / T_base) * 1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / T) / sum_{a in A(i)} exp(z_i.z_a / T) )
-
-    and the loss is the mean over anchors. An anchor without positives contributes 0 and still
-    counts in the mean, as in the public reference implementation (the loss never becomes NaN).
-    Features are used as given: L2-normalise them first (the method does).
-
-    Args:
-        temperature: T.
-        contrast_mode: "all" (every view is an anchor) or "one" (only view 0 is).
-        base_temperature: T_base; the loss is scaled by T / T_base.
-        gather_distributed: compute against the features of every rank (see module docstring).
-    """
+    """Supervised contrastive loss (Khosla et al. 2020); SimCLR when neither labels nor mask is given. Per anchor i,
+    loss_i = -(T / T_base) / |P(i)| * sum_{p in P(i)} log(exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T)), with P(i)
+    the other views of the samples sharing i's label (or as `mask` says), averaged over the anchors: every view, or
+    view 0 alone with contrast_mode "one". An anchor without positives adds 0 and still counts, as the public reference
+    implementation (never NaN). Features are used as given: L2-normalise them first."""
 
     def __init__(
         self,
@@ -103,17 +66,9 @@ class SupConLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, features: Tensor, labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            features: (B, V, ...) views of each sample; dims after V are flattened to D.
-            labels: (B,) class ids; samples with equal labels are positives. Exclusive with `mask`.
-            mask: (B, B) float/bool, mask[i, j] = 1 if sample j is a positive of anchor sample i
-                (need not be symmetric). Under `gather_distributed` with W ranks: (B, W * B), the
-                rows of this rank's samples against the global batch in rank order.
-                Neither labels nor mask: each sample is only its own positive (SimCLR).
-        Returns:
-            Scalar float32 loss.
-        """
+        """features (B, V, ...) flattened to (B, V, D); labels (B,), or mask (B, B) float/bool with mask[i, j] = 1 when
+        sample j is a positive of anchor i (need not be symmetric; (B, W * B) against the global batch in rank order
+        under `gather_distributed` with W ranks). Returns the scalar float32 loss."""
         if features.dim() < 3:
             raise ValueError(
                 f"features must be (batch, views, ...) with at least 3 dims, got shape {tuple(features.shape)}"
@@ -143,8 +98,7 @@ class SupConLoss(nn.Module):
             view = torch.arange(anchor_views, device=local.device).repeat_interleave(batch)
             lse = _logsumexp_without_self(anchors, contrast, view * total + sample, self.temperature)
 
-            # Sum of positive logits without a (N, N) mask: the contrast views of sample g summed,
-            # `view_sum[g]`, then per anchor the sum over its positive samples, minus its own term.
+            # Positive logits without an (N, N) mask: view sums per sample, summed over the positives, minus self.
             view_sum = every.sum(1)  # (G, D)
             if mask is None:
                 if labels is None:
@@ -182,7 +136,6 @@ class _Blocks(NamedTuple):
 
 
 def _ntxent_blocks(z: Tensor, blocks: int, negatives: Tensor | None, gather: bool, tau: float) -> _Blocks:
-    """Validate the NT-Xent input, gather it across ranks if asked, and compute the denominators."""
     if z.dim() != 2 or z.shape[0] % blocks:
         raise ValueError(f"z must be (b * {blocks}, D), got shape {tuple(z.shape)}")
     b = z.shape[0] // blocks
@@ -205,16 +158,13 @@ def _ntxent_blocks(z: Tensor, blocks: int, negatives: Tensor | None, gather: boo
 
 
 def _mean_over_rows(per_anchor: Tensor, valid: Tensor, n_rows: int) -> Tensor:
-    """Mean over ALL rows, as the original NT-Xent: a flagged row (or one without a positive)
-    counts with the constant loss log(n_rows - 1 + e) that the original's masked logits give it
-    (its similarities set to 0 and its own to 1); it carries no gradient."""
+    """Mean over ALL rows as the original NT-Xent: a flagged row (or one without a positive) counts with the constant
+    log(n_rows - 1 + e) that the original's masked logits give it (similarities 0, its own 1), without gradient."""
     constant = math.log(n_rows - 1 + math.e)
     return torch.where(valid, per_anchor, per_anchor.new_tensor(constant)).mean()
 
 
 class _NTXentLoss(nn.Module):
-    """What the two NT-Xent forms share: the block layout, the temperature, the gathering."""
-
     def __init__(self, *, tau: float, blocks: int, gather_distributed: bool) -> None:
         super().__init__()
         self.tau = tau
@@ -222,13 +172,7 @@ class _NTXentLoss(nn.Module):
         self.gather_distributed = gather_distributed
 
     def forward(self, z: Tensor, negatives: Tensor | None = None) -> Tensor:
-        """
-        Args:
-            z: (b * blocks, D) features, block-major.
-            negatives: optional (b * blocks,) bool, True for rows that act only as negatives.
-        Returns:
-            Scalar float32 loss.
-        """
+        """z (b * blocks, D) block-major; negatives (b * blocks,) bool marks rows that are only negatives."""
         with torch.autocast(z.device.type, enabled=False):
             x = _ntxent_blocks(z, self.blocks, negatives, self.gather_distributed, self.tau)
             per_anchor, valid = self._per_anchor(x)
@@ -240,23 +184,10 @@ class _NTXentLoss(nn.Module):
 
 
 class NTXent(_NTXentLoss):
-    """NT-Xent (SimCLR) loss on `blocks` blocks of paired views, cosine similarity.
-
-    `z` holds `blocks` blocks of b rows; row k of block i and row k of its paired block are
-    positives ((0, 1) for 2 blocks; (0, 1) and (2, 3) for 4). For each anchor row::
-
-        loss_i = -log( exp(cos(z_i, z_p) / tau) / sum_{k != i} exp(cos(z_i, z_k) / tau) )
-
-    averaged over all rows. Rows flagged in `negatives` (samples of the Negative class) are no
-    anchors and no positives: they appear in the denominators, and their own term is the
-    constant log(N - 1 + e) of the original (N rows in all), which keeps the original's mean
-    over all rows (the gradient of the unflagged rows is scaled by their share of the rows).
-
-    Args:
-        tau: temperature.
-        blocks: 2 or 4.
-        gather_distributed: contrast against the rows of every rank (see module docstring).
-    """
+    """NT-Xent (SimCLR), cosine similarity: row k of block i and of its paired block ((0, 1), (2, 3)) are positives,
+    loss_i = -log(exp(cos(z_i, z_p) / tau) / sum_{k != i} exp(cos(z_i, z_k) / tau)), averaged over all N rows. Rows
+    flagged in `negatives` (the Negative class) are no anchors or positives but stay in the denominators; each counts
+    with the original's constant log(N - 1 + e): its mean over all rows (the others' gradients scale by their share)."""
 
     def __init__(self, *, tau: float = 0.2, blocks: int = 4, gather_distributed: bool = False) -> None:
         if blocks not in (2, 4):
@@ -270,20 +201,8 @@ class NTXent(_NTXentLoss):
 
 
 class PairwiseNTXent(_NTXentLoss):
-    """NT-Xent where row k of EVERY other block is a positive of row k (multi-positive form).
-
-    For anchor i with positives P(i) (row k of the other blocks, unflagged)::
-
-        loss_i = -1/|P(i)| * sum_{p in P(i)} log( exp(cos(z_i, z_p) / tau) / sum_{k != i} exp(cos(z_i, z_k) / tau) )
-
-    averaged over all rows. With 2 blocks it equals `NTXent`. Flagged rows (`negatives`) appear
-    in the denominators and count with the constant of `NTXent`.
-
-    Args:
-        blocks: number of blocks (views) in `z`, at least 2.
-        tau: temperature.
-        gather_distributed: contrast against the rows of every rank (see module docstring).
-    """
+    """Multi-positive NT-Xent: row k of EVERY other block is a positive; loss_i is the mean of NTXent's term over the
+    unflagged positives P(i). Equals `NTXent` with 2 blocks; flagged rows are treated as there."""
 
     def __init__(self, *, blocks: int = 4, tau: float = 0.2, gather_distributed: bool = False) -> None:
         if blocks < 2:
@@ -300,17 +219,8 @@ class PairwiseNTXent(_NTXentLoss):
 
 
 def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Stack the two modalities along the batch axis for SupCon (S1 first).
-
-    S1 and S2 features of the same class then attract each other, across modalities too.
-
-    Args:
-        s1_views: (B, V, D) S1 features.
-        s2_views: (B, V, D) S2 features.
-        labels: (B,) class ids.
-    Returns:
-        features (2B, V, D) = cat([s1_views, s2_views]) and labels (2B,) = cat([labels, labels]).
-    """
+    """(B, V, D) S1 and S2 features, (B,) labels -> (2B, V, D) = cat([s1, s2]) and (2B,) = cat([labels, labels]):
+    in SupCon, S1 and S2 features of one class then attract each other, across modalities too."""
     if s1_views.dim() != 3 or s1_views.shape != s2_views.shape:
         raise ValueError(
             "s1_views and s2_views must both be (batch, views, dim) of equal shape, got "
@@ -322,34 +232,17 @@ def multimodal_views(s1_views: Tensor, s2_views: Tensor, labels: Tensor) -> tupl
 
 
 def supcon_labels(labels: Tensor, ignore: int = IGNORE, rank: int = 0) -> Tensor:
-    """SupCon labels (B,) from class labels (B,): every sample labelled `ignore` becomes a class
-    of its own (its positives are its own views), so unlabelled samples never attract each other.
-    `rank` keeps the ids of different ranks apart when the labels are gathered across ranks."""
+    """(B,) labels where each `ignore` sample is a class of its own (its positives are its own views), so unlabelled
+    samples never attract each other; `rank` keeps the ids of ranks apart when labels are gathered."""
     unique = -1 - rank * len(labels) - torch.arange(len(labels), device=labels.device)
     return torch.where(labels == ignore, unique, labels)
 
 
 class SupConCELoss(nn.Module):
-    """The method's loss: ``ce_weight * CE + sup_weight * SupCon``.
-
-    CE: summed over the heads (one fused head, or one per modality as the original's `s1s2`
-    scenario), each the mean over the samples whose CE label is not IGNORE (0 when there is
-    none in the batch; the trainer counts such batches).
-    SupCon on L2-normalised features, temperature = base temperature, contrast mode "all":
-    ``cross_modal=True`` stacks two modalities along the batch axis (`multimodal_views`, in the
-    order of ``features``, labels ``cat([y, y])``), so that S1 and S2 features of one class
-    attract each other;
-    ``cross_modal=False`` computes one SupCon per modality and sums them (the original's `s1s2`
-    and single-modality scenarios).
-
-    Args:
-        temperature: SupCon temperature and base temperature.
-        ce_weight, sup_weight: the loss weights (the original's delta_lin / cross_delta and
-            delta_sup / sup_delta).
-        use_supcon: False gives CE alone.
-        cross_modal: see above.
-        gather_distributed: SupCon over the features of every rank (see `SupConLoss`).
-    """
+    """``ce_weight * CE + sup_weight * SupCon``, the original's delta_lin / cross_delta and delta_sup / sup_delta. CE:
+    per head (one fused, or one per modality as the original's `s1s2`) the mean over non-IGNORE targets (0 if none),
+    summed. SupCon (T = T_base, mode "all") on L2-normalised features: `cross_modal` stacks two modalities in the order
+    of `features` (`multimodal_views`); else one SupCon per modality, summed (the original's `s1s2`, `s1`, `s2`)."""
 
     def __init__(self, *, temperature: float = 0.07, ce_weight: float = 1.0, sup_weight: float = 1.0,
                  use_supcon: bool = True, cross_modal: bool = True, gather_distributed: bool = False) -> None:
@@ -359,17 +252,8 @@ class SupConCELoss(nn.Module):
 
     def forward(self, features: dict[str, Tensor], logits: dict[str, Tensor], labels: Tensor,
                 ce_labels: Tensor | None = None) -> dict[str, Tensor]:
-        """
-        Args:
-            features: modality -> (B, V, D) features (normalised here).
-            logits: head -> (B, K).
-            labels: (B,) class ids for SupCon; IGNORE entries become classes of their own.
-            ce_labels: (B,) CE targets (default `labels`); IGNORE entries are skipped.
-        Returns:
-            {"loss", "ce", "supcon" (when used)}: scalar float32 tensors (float64 for float64
-            inputs), and "ce_samples": the
-            number of samples with a CE target (a float tensor, for the trainer's check).
-        """
+        """features {modality: (B, V, D)} (normalised here), logits {head: (B, K)}, labels (B,) (IGNORE: own class),
+        ce_labels (B,) (default `labels`; IGNORE skipped) -> scalars "loss", "ce", "supcon" if used, "ce_samples"."""
         targets = labels if ce_labels is None else ce_labels
         counted = (targets != IGNORE).sum()
         valid = counted.clamp(min=1)
