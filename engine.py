@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from losses import IGNORE
+from datasets import IGNORE
 from models import set_frozen_bn_eval
 
 

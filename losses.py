@@ -12,7 +12,7 @@ import torch.distributed._functional_collectives as dist_fc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = 255  # label that cross-entropy and the metrics skip (unlabelled DFC2020 / SEN12MS samples, excluded classes)
+from datasets.base import IGNORE  # the label that cross-entropy and the metrics skip
 
 
 def _world() -> tuple[int, int]:

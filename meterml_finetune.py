@@ -24,10 +24,19 @@ import flags
 import metrics
 import process
 from augment import Views, meterml_augment
-from datasets import MeterMLDataset, split_overlap
+from datasets import IGNORE, MeterMLDataset, split_overlap
 from engine import train_one_epoch
-from losses import IGNORE, SupConCELoss
-from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, freeze_all_but, linear_head, load_checkpoint, param_groups
+from losses import SupConCELoss
+from models import (
+    DualEncoder,
+    MultiModalNet,
+    SharedNet,
+    count_trainable,
+    freeze_all_but,
+    linear_head,
+    load_checkpoint,
+    param_groups,
+)
 from rundir import RunDir, default_run_path
 
 log = logging.getLogger("meterml_finetune")

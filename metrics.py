@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from losses import IGNORE
+from datasets import IGNORE
 
 
 def predict(logits: dict[str, Tensor]) -> Tensor:
