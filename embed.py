@@ -291,6 +291,7 @@ def build_dataset(run: RunInfo, data_root: Path | None, split: str | None) -> tu
     return SEN12MSDataset(root, seasons), ",".join(seasons), root, "SEN12MS"
 
 
+@torch.no_grad()
 def encode(encoders: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """z1 (N, 128), z2 (N, 128) L2-normalised projections in eval mode, and labels (N,)."""
     for module in encoders.values():
