@@ -99,6 +99,27 @@ def seed_normalize(x: Tensor) -> Tensor:
     return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
+# The input scaling of TorchGeo's SSL4EO-S12 ResNets (torchgeo/models/resnet.py): S1 VV, VH in dB.
+SSL4EO_S1_MEAN = (-12.59, -20.26)
+SSL4EO_S1_STD = (5.26, 5.91)
+SSL4EO_S2_SCALE = 10000.0
+
+
+def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """Scale S1 and S2 as TorchGeo's SSL4EO-S12 weights expect: S1 (2, H, W) or (B, 2, H, W) in dB
+    standardised per band, (dB - SSL4EO_S1_MEAN) / SSL4EO_S1_STD; S2 (C, H, W) or (B, C, H, W)
+    divided by 10000. No clipping. Non-finite values become 0 afterwards: the band mean for S1,
+    zero reflectance for S2. Float tensors, any device; the same shapes come back.
+    """
+    if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
+        raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), got {tuple(s1.shape)}")
+    shape = (len(SSL4EO_S1_MEAN), 1, 1)
+    mean = torch.tensor(SSL4EO_S1_MEAN, dtype=s1.dtype, device=s1.device).view(shape)
+    std = torch.tensor(SSL4EO_S1_STD, dtype=s1.dtype, device=s1.device).view(shape)
+    return (torch.nan_to_num((s1 - mean) / std, nan=0.0, posinf=0.0, neginf=0.0),
+            torch.nan_to_num(s2 / SSL4EO_S2_SCALE, nan=0.0, posinf=0.0, neginf=0.0))
+
+
 class _PairedDataset(Dataset):
     """What all datasets share: epoch, per-item generator, fault counting."""
 
@@ -881,8 +902,8 @@ class _PatchDataset(_PairedDataset):
         super().__init__(seed)
         if crop is not None and crop <= 0:
             raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
-        if normalize not in ("seed", "none"):
-            raise ValueError(f"normalize must be 'seed' or 'none', got {normalize!r}")
+        if normalize not in ("seed", "ssl4eo", "none"):
+            raise ValueError(f"normalize must be 'seed', 'ssl4eo' or 'none', got {normalize!r}")
         if offset_seed is not None and (train or not isinstance(offset_seed, int) or offset_seed < 0):
             raise ValueError(
                 f"offset_seed must be None or a non-negative int, and only with train=False (training "
@@ -970,17 +991,21 @@ class _PatchDataset(_PairedDataset):
         """(bands, h, w) float32 of a window read from ``path``, non-finite values counted. With
         ``normalize="seed"``: NaN -> 0 dB (S1) or 0, then S1 clipped to [-25, 0] dB + 25 and S2 to
         [0, 10000], which takes -inf and +inf to the ends of the range, as the original's
-        ``np.clip``. With ``normalize="none"``: every non-finite value -> 0. The per-channel
-        maximum division is left to ``seed_normalize``."""
+        ``np.clip``. With ``normalize="none"``: every non-finite value -> 0. With ``"ssl4eo"``:
+        values as stored, counted non-finite ones left to ``ssl4eo_normalize`` (-> 0 after
+        scaling). The per-channel maximum division is left to ``seed_normalize``."""
         # Always a copy: packed windows are read-only views of the memory map.
         x = torch.from_numpy(np.array(raw, dtype=np.float32))
         # A finite sum rules out NaN and +-inf in one vectorised pass, cheaper than the mask.
         if np.issubdtype(raw.dtype, np.floating) and not torch.isfinite(x.sum()):
             clipped = self.normalize == "seed"
+            kept = self.normalize == "ssl4eo"
             nonfinite = self._count_nonfinite(x, path, ("NaN by 0 dB, +-inf clipped to 0 / -25 dB" if s1 else
-                                                        "NaN by 0, +-inf clipped") if clipped else "0", index, int(not s1))
-            x.masked_fill_(torch.isnan(x) if clipped else nonfinite, 0.0)
-        if self.normalize == "none":
+                                                        "NaN by 0, +-inf clipped") if clipped else
+                                              "0 after SSL4EO scaling" if kept else "0", index, int(not s1))
+            if not kept:
+                x.masked_fill_(torch.isnan(x) if clipped else nonfinite, 0.0)
+        if self.normalize != "seed":
             return x
         return x.clamp_(-25.0, 0.0).add_(25.0) if s1 else x.clamp_(0.0, 10000.0)
 
@@ -1046,6 +1071,8 @@ class _PatchDataset(_PairedDataset):
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
         if self.normalize == "seed":
             item["s1"], item["s2"] = seed_normalize(s1), seed_normalize(s2)
+        elif self.normalize == "ssl4eo":
+            item["s1"], item["s2"] = ssl4eo_normalize(s1, s2)
         return item
 
     def patch_labels(self) -> Tensor:
