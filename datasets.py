@@ -112,7 +112,8 @@ def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
     zero reflectance for S2. Float tensors, any device; the same shapes come back.
     """
     if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
-        raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), got {tuple(s1.shape)}")
+        raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), "
+                         f"got {tuple(s1.shape)}")
     shape = (len(SSL4EO_S1_MEAN), 1, 1)
     mean = torch.tensor(SSL4EO_S1_MEAN, dtype=s1.dtype, device=s1.device).view(shape)
     std = torch.tensor(SSL4EO_S1_STD, dtype=s1.dtype, device=s1.device).view(shape)

@@ -469,6 +469,10 @@ def _check_finite(state: dict[str, Tensor], path: Path) -> None:
                          f"the weights are damaged (a diverged run?)")
 
 
+def _bands(n: int, modality: str = "") -> str:
+    return f"{n} {modality + ' ' if modality else ''}band{'' if n == 1 else 's'}"
+
+
 class BandCountError(ValueError):
     """A checkpoint's first layer takes another number of bands than the model built for the data."""
 
@@ -487,8 +491,8 @@ def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first
         if found[1] == wanted[1] or (found[0], *found[2:]) != (wanted[0], *wanted[2:]):
             continue
         if not fresh:
-            raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {found[1]} bands, but the data "
-                                 f"has {wanted[1]} {modality} bands")
+            raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {_bands(found[1])}, but the data "
+                                 f"has {_bands(wanted[1], modality)}")
         del state[key]
         dropped.append(key)
         logger.warning("%s: its %s first layer (%s) takes %d bands, the data has %d: that layer starts fresh",
@@ -562,7 +566,7 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
 
 
 def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
-                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> None:
+                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
     """Load single-modality ResNet state dicts into `net`'s S1 (`backbone1`) and S2 (`backbone2`) backbones.
 
     The files are in torchvision / timm key layout (`conv1.weight`, `bn1.*`, `layer1.0.*`, ...),
@@ -571,10 +575,13 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
     (`backbone*.fc`) and the classifier (`net.fc`) keep their initialisation. Missing batch-norm
     `num_batches_tracked` counters are allowed; any other missing or unexpected key, or shape
     mismatch, raises naming the file. A first layer for another band count raises
-    BandCountError, or with `fresh_first_conv` keeps its initialisation.
+    BandCountError, or with `fresh_first_conv` keeps its initialisation: returns the keys of
+    `net` that did ("backbone2.conv1.weight").
     """
     net = _unwrap(net)
-    for modality, path, backbone in (("S1", s1, net.backbone1), ("S2", s2, net.backbone2)):
+    kept = []
+    for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
+        backbone = net.get_submodule(prefix[:-1])
         if path is None:
             continue
         path = Path(path)
@@ -584,14 +591,15 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
             del state[k]
         expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
         fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv)
+        kept += [prefix + k for k in fresh]
         missing = [k for k in expected if k not in state and k not in fresh and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in expected]
         mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
                       for k, v in state.items() if k in expected and v.shape != expected[k].shape]
         problems = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
         if any(problems.values()):
-            raise ValueError(f"{path} is not a {net.arch} {modality} backbone in torchvision / timm layout: " + "; ".join(
-                f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys))
+            found = "; ".join(f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys)
+            raise ValueError(f"{path} is not a {net.arch} {modality} backbone in torchvision / timm layout: {found}")
         _check_finite(state, path)
         backbone.load_state_dict(state, strict=False)
         logger.info("Loaded %s into the %s backbone (%d tensors)%s; its projection head starts fresh", path, modality,
@@ -599,6 +607,7 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
     if s1 is not None or s2 is not None:
         logger.info("The classifier (fc) starts fresh%s", "" if s1 is not None and s2 is not None else
                     f"; the {'S2' if s1 is not None else 'S1'} backbone keeps its initialisation (no file given)")
+    return kept
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:

@@ -293,6 +293,15 @@ def subset_indices(n: int, ratio: float, how: str = "first", seed: int = 0) -> l
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].tolist())
 
 
+def band_counts(dataset: Dataset) -> tuple[int, int]:
+    """The (S1, S2) band counts of a paired data set: its `s1_channels` / `s2_channels` where it
+    has them, else the shapes of its first item (one read)."""
+    if hasattr(dataset, "s1_channels") and hasattr(dataset, "s2_channels"):
+        return int(dataset.s1_channels), int(dataset.s2_channels)
+    item = dataset[0]
+    return int(item["s1"].shape[0]), int(item["s2"].shape[0])
+
+
 def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.Namespace, *, train: bool,
                 indices: Sequence[int] | None = None, weights: Tensor | None = None,
                 drop_last: bool | None = None) -> DataLoader:

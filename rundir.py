@@ -238,7 +238,7 @@ class RunDir:
         """config.json: every flag (paths absolute, so that tools work from any folder), what was
         resolved for this machine, and the script."""
         config = {k: v for k, v in as_json(self.args).items() if k not in ("resume", "overwrite")}
-        for key in ("data_root", "save_path", "model_path"):
+        for key in ("data_root", "save_path", "model_path", "s1_backbone", "s2_backbone"):
             if config.get(key) not in (None, "random"):
                 config[key] = str(Path(config[key]).resolve())
         ctx = self.ctx
