@@ -106,11 +106,8 @@ SSL4EO_S2_SCALE = 10000.0
 
 
 def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-    """Scale S1 and S2 as TorchGeo's SSL4EO-S12 weights expect: S1 (2, H, W) or (B, 2, H, W) in dB
-    standardised per band, (dB - SSL4EO_S1_MEAN) / SSL4EO_S1_STD; S2 (C, H, W) or (B, C, H, W)
-    divided by 10000. No clipping. Non-finite values become 0 afterwards: the band mean for S1,
-    zero reflectance for S2. Float tensors, any device; the same shapes come back.
-    """
+    """S1 (2, H, W) or (B, 2, H, W) in dB standardised per band, S2 (C, H, W) or (B, C, H, W) / 10000, as
+    TorchGeo's SSL4EO-S12 weights expect; no clipping; non-finite values -> 0 after scaling (S1: the band mean)."""
     if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
         raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), "
                          f"got {tuple(s1.shape)}")

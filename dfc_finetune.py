@@ -15,10 +15,9 @@ Without --finetune (the original's recorded run) only the classifier trains; the
 stay in training mode, so with --use_sup_con the joint (augmented, original) pass still moves the
 batch-norm running statistics that evaluation uses: that is all SupCon changes there.
 
-Instead of --model_path, the backbones may start from single-modality weights (--backbones
-ssl4eo-moco, or --s1_backbone / --s2_backbone files), usually with --normalize ssl4eo
-(docs/backbones.md). The network takes the data's band counts; weights whose first layer differs
-are refused unless --fresh_first_conv.
+Instead of --model_path, the backbones may start from --backbones ssl4eo-moco or --s1_backbone /
+--s2_backbone files, with --normalize ssl4eo (docs/backbones.md); weights whose first layer does
+not fit the data's band counts are refused unless --fresh_first_conv.
 """
 import argparse
 import logging
@@ -105,9 +104,8 @@ def training_items(args: argparse.Namespace, train_set: DFC2020Dataset) -> tuple
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
                 bands: tuple[int, int]) -> tuple[DualResNet, MultiModalNet]:
-    """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone
-    flags; only the classifier trains without --finetune) and the method's forward pass over it,
-    on the device. Weights for other band counts raise BandCountError."""
+    """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
+    the classifier trains without --finetune) and the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
     fresh = []
     if args.model_path not in (None, "random"):

@@ -1,9 +1,8 @@
-"""Metrics and evaluation: per-class accuracy, AA, OA, kappa, macro F1, confusion matrices; the evaluation pass.
+"""Metrics and evaluation: per-class accuracy, AA, OA, confusion matrices; the evaluation pass.
 
 AA (average accuracy) is the mean of the per-class accuracies (recall of each class), OA
-(overall accuracy) the share of samples classified correctly, both in percent; Cohen's kappa is
-a fraction in [-1, 1], macro F1 in percent. Samples whose label is ignored (255, or the Negative
-class when excluded) count nowhere.
+(overall accuracy) the share of samples classified correctly, both in percent. Samples whose
+label is ignored (255, or the Negative class when excluded) count nowhere.
 """
 from __future__ import annotations
 
@@ -31,10 +30,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
                            ignore: Sequence[int] = (IGNORE,)) -> dict:
     """Per-class accuracy (recall), AA (their mean over classes present), OA, Cohen's kappa, macro F1.
 
-    Samples whose true label is in `ignore` count nowhere, and ignored classes get no column.
-    Over the counted samples, kappa is sklearn's `cohen_kappa_score`, macro F1 its
-    `f1_score(average="macro")` over the classes not ignored that are true or predicted at least
-    once (a class never predicted scores 0).
+    Samples whose true label is in `ignore` count nowhere, and ignored classes get no column. Kappa
+    and macro F1 are sklearn's; F1 averages the classes not ignored that are true or predicted.
     Returns:
         {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "kappa": fraction or None
          when undefined (one class everywhere), "macro_F1": %, "n": samples counted,

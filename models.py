@@ -479,10 +479,8 @@ class BandCountError(ValueError):
 
 def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first: dict[str, str],
                     path: Path, fresh: bool) -> list[str]:
-    """Compare the input bands of the first conv layers `first` (key -> modality) in `state` with
-    the model's (`expected`). A difference raises BandCountError naming `path` and both counts,
-    or with `fresh` drops that key from `state` (the layer keeps its initialisation); returns
-    the dropped keys. Other shape differences are left to the caller."""
+    """Input bands of the first convs `first` (key -> modality) in `state` against `expected`: a
+    difference raises BandCountError, or with `fresh` drops the key (returned). Other shapes: the caller's."""
     dropped = []
     for key, modality in first.items():
         if key not in state or key not in expected:
@@ -535,12 +533,8 @@ def _sha256(path: Path) -> str:
 
 
 def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Path]:
-    """The local S1 and S2 files ("s1", "s2" -> path) of the named weights of PRETRAINED_BACKBONES.
-
-    Downloaded once into torch hub's cache (`torch.hub.get_dir()`/checkpoints, where torchgeo
-    keeps them too) and checked against the SHA-256 prefix in their file name, the cached ones as
-    well: a fresh download that does not match is deleted and refused, a cached one is refused.
-    """
+    """"s1", "s2" -> the local files of PRETRAINED_BACKBONES[name], downloaded once into torch hub's cache
+    (as torchgeo does); every file checked against the SHA-256 prefix of its name, a bad download deleted."""
     if name not in PRETRAINED_BACKBONES:
         raise ValueError(f"unknown pre-trained backbones {name!r}; known: {', '.join(PRETRAINED_BACKBONES)}")
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -567,16 +561,11 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
 
 def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                           s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
-    """Load single-modality ResNet state dicts into `net`'s S1 (`backbone1`) and S2 (`backbone2`) backbones.
+    """Load ResNet state dicts in torchvision / timm layout (TorchGeo's SSL4EO-S12 weights) into `net`'s backbones.
 
-    The files are in torchvision / timm key layout (`conv1.weight`, `bn1.*`, `layer1.0.*`, ...),
-    as TorchGeo publishes its SSL4EO-S12 weights, bare or under "state_dict"; every tensor is
-    loaded as stored. A file's `fc.*` (a classifier of its own) is ignored: the projection heads
-    (`backbone*.fc`) and the classifier (`net.fc`) keep their initialisation. Missing batch-norm
-    `num_batches_tracked` counters are allowed; any other missing or unexpected key, or shape
-    mismatch, raises naming the file. A first layer for another band count raises
-    BandCountError, or with `fresh_first_conv` keeps its initialisation: returns the keys of
-    `net` that did ("backbone2.conv1.weight").
+    A file's `fc.*` is ignored: projection heads and classifier keep their initialisation; so may
+    `num_batches_tracked`. Other missing, unexpected or misshapen keys raise, naming the file.
+    Returns the first-layer keys that `fresh_first_conv` left fresh (else BandCountError).
     """
     net = _unwrap(net)
     kept = []

@@ -19,9 +19,8 @@ last (--snapshot_every), as the original, each the backbones in the released lay
 fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
 original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
 
---backbones ssl4eo-moco (or --s1_backbone / --s2_backbone files) continues from single-modality
-pre-trained backbones, usually with --normalize ssl4eo (docs/backbones.md); the network takes the
-data's band counts, and weights whose first layer differs are refused unless --fresh_first_conv.
+--backbones ssl4eo-moco (or --s1_backbone / --s2_backbone) continues from pre-trained backbones,
+with --normalize ssl4eo (docs/backbones.md); first layers for other band counts need --fresh_first_conv.
 """
 
 import argparse
@@ -115,8 +114,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
-    """The dual ResNet for the data's (S1, S2) `bands`, its backbones from the backbone flags if
-    given (BandCountError for weights of other band counts)."""
+    """The dual ResNet for the data's (S1, S2) `bands`, backbones from the backbone flags if given."""
     net = DualResNet(args.arch, s1_channels=bands[0], s2_channels=bands[1])
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones

@@ -18,8 +18,7 @@ them); a column per configuration, each cell the mean ± sample standard deviati
 configuration's seeds, in percent (kappa as a fraction). Columns keep the order in which
 configurations are first met. Configurations that share a name but differ in some flag get those
 flags in their column label, and a note says so. Configurations that differ in one flag of
-CONTRASTS are compared seed by seed: the AA differences with a paired t-test and a Wilcoxon
-signed-rank test, printed after the tables.
+CONTRASTS get their per-seed AA differences with paired tests (paired_test) after the tables.
 
 --report OUT also writes OUT/report.md with PNG figures beside it (see report.py), with the t-SNE
 pictures of runs that embed.py has embedded and a computed interpretation (paired differences
@@ -501,9 +500,8 @@ CONTRASTS = (("scenario", "s1s2_fused", "s1"), ("scenario", "s1s2_fused", "s2"),
 ALIGNMENT_MARGIN = 0.01
 # Cross-modal kNN accuracy this many points (%) below the within-modality one is reported.
 KNN_GAP = 10.0
-# The paired tests conclude from this many seeds on, at this level. Below 5 seeds the Wilcoxon test
-# cannot reach p < 0.05 at all (its smallest two-sided p is 2 / 2^n) and the t-test rests on an
-# unverifiable normality of a handful of differences.
+# The paired tests conclude from this many seeds on, at this level: below 5 the Wilcoxon p cannot
+# reach 0.05 (its least is 2 / 2^n), and the t-test's normality cannot be checked.
 MIN_SEEDS = 5
 ALPHA = 0.05
 
@@ -541,13 +539,10 @@ def paired_differences(groups: list[Group]) -> list[dict]:
 
 
 def paired_test(differences: list[float]) -> dict:
-    """Two-sided paired tests of per-seed differences A − B against 0, and what they allow one to say.
+    """Two-sided tests of per-seed differences A − B against 0: {"t_p", "wilcoxon_p" (nan: undefined), "conclusion"}.
 
-    The t-test (scipy.stats.ttest_1samp, i.e. ttest_rel on the pairs) decides: a difference of
-    AA over thousands of samples is close to normally distributed, and it keeps some power at 5-10
-    seeds, where the exact Wilcoxon signed-rank test (scipy.stats.wilcoxon, zero differences
-    dropped) is coarse; the Wilcoxon p is shown beside it as the check that assumes no normality.
-    Returns {"t_p", "wilcoxon_p" (nan where undefined), "conclusion"}.
+    The paired t-test decides (an AA difference over many samples is near normal, and the test has
+    power at 5-10 seeds, where the exact Wilcoxon is coarse); Wilcoxon's p is the check without normality.
     """
     n = len(differences)
     t_p = w_p = math.nan
