@@ -14,6 +14,10 @@ and S2 stacked along the batch (models.MultiModalNet, losses.SupConCELoss).
 Without --finetune (the original's recorded run) only the classifier trains; the frozen backbones
 stay in training mode, so with --use_sup_con the joint (augmented, original) pass still moves the
 batch-norm running statistics that evaluation uses: that is all SupCon changes there.
+
+Instead of --model_path, the backbones may start from --backbones ssl4eo-moco or --s1_backbone /
+--s2_backbone files, with --normalize ssl4eo (docs/backbones.md); weights whose first layer does
+not fit the data's band counts are refused unless --fresh_first_conv.
 """
 import argparse
 import logging
@@ -30,7 +34,8 @@ from augment import Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
 from engine import train_one_epoch
 from losses import SupConCELoss
-from models import RESNETS, DualResNet, MultiModalNet, count_trainable, freeze_all_but, load_checkpoint, param_groups
+from models import (RESNETS, BandCountError, DualResNet, MultiModalNet, count_trainable, freeze_all_but,
+                    load_backbone_weights, load_checkpoint, param_groups, pretrained_backbone_files)
 from rundir import RunDir, default_run_path
 
 log = logging.getLogger("dfc_finetune")
@@ -53,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="oversample small classes: copies (the flag alone) repeats every patch by its class's "
                         "number of copies, the original's list (datasets.balanced_indices); weighted draws "
                         "with replacement weighted by 1 / class frequency")
+    flags.add_normalize_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50")
+    flags.add_backbone_args(g)
     flags.add_finetune_flag(g, default=False)
     g.add_argument("--frozen_bn_eval", action="store_true",
                    help="without --finetune, keep the frozen backbone's batch norm in eval mode (a fixed encoder); "
@@ -76,6 +83,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
+    flags.check_backbone_args(p, args)
     args.name = args.name or config_name(args)
 
 
@@ -97,13 +105,26 @@ def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[l
 
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
-                bands: dict[str, int] | None = None) -> tuple[DualResNet, MultiModalNet]:
-    """The dual ResNet (weights from --model_path; only the classifier trains without
-    --finetune) and the method's forward pass over it, on the device."""
-    bands = bands or {"s1": 2, "s2": 13}
-    net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands["s1"], s2_channels=bands["s2"])
+                bands: tuple[int, int]) -> tuple[DualResNet, MultiModalNet]:
+    """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
+    the classifier trains without --finetune) and the method's forward pass over it, on the device."""
+    net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
+    fresh = []
     if args.model_path not in (None, "random"):
-        load_checkpoint(net, args.model_path)
+        missing, _ = load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+        fresh = [k for k in missing if k in ("backbone1.conv1.weight", "backbone2.conv1.weight")]
+    if args.backbones or args.s1_backbone or args.s2_backbone:
+        files = (pretrained_backbone_files(args.backbones) if args.backbones
+                 else {"s1": args.s1_backbone, "s2": args.s2_backbone})
+        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+    if args.backbones and args.normalize != "ssl4eo":
+        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
+                    "--normalize %s inputs", args.backbones, args.normalize)
+    if (args.backbones or args.s1_backbone or args.s2_backbone) and not args.finetune:
+        log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
+                    "projections of the pre-trained features")
+    if fresh and not args.finetune:
+        log.warning("%s start fresh and stay frozen without --finetune: a random first layer", ", ".join(fresh))
     if not args.finetune:
         freeze_all_but(net, net.fc)
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
@@ -122,9 +143,11 @@ def build_loss(args: argparse.Namespace, ctx: process.Context) -> SupConCELoss:
 
 
 def build_views(args: argparse.Namespace, ctx: process.Context) -> Views:
-    """Originals, and with SupCon the original's augmented view, each seed-normalised after it."""
+    """Originals, and with SupCon the original's augmented view, each seed-normalised after it
+    (--normalize seed); --normalize ssl4eo scales by fixed constants, so a view needs no renormalising."""
     augment = dfc_augment(args.degrees, args.augment_impl) if args.use_sup_con else None
-    return Views(["s1", "s2"], augment, ctx, args.seed, renormalize=seed_normalize)
+    renormalize = seed_normalize if args.normalize == "seed" else None
+    return Views(["s1", "s2"], augment, ctx, args.seed, renormalize=renormalize)
 
 
 def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: process.Context) -> Callable:
@@ -146,9 +169,10 @@ def main(argv=None) -> dict:
     args, ctx = process.start(parser, argv, check_args)
 
     try:
-        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
+        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
+                                  normalize=args.normalize)
         eval_set = patch_dataset(args.data_root, args.eval_split, crop=args.eval_crop or None,
-                                 offset_seed=args.eval_offset_seed)
+                                 offset_seed=args.eval_offset_seed, normalize=args.normalize)
         # Every label map read once: undocumented codes stop here, before the run folder exists.
         found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
                                                                        (args.eval_split, eval_set))}
@@ -166,7 +190,10 @@ def main(argv=None) -> dict:
     loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
     eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
 
-    net, model = build_model(args, ctx, len(eval_set.classes), train_set.bands)
+    try:
+        net, model = build_model(args, ctx, len(eval_set.classes), (train_set.bands["s1"], train_set.bands["s2"]))
+    except BandCountError as error:
+        parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     criterion = build_loss(args, ctx)
     optimizer = build_optimizer(args, net)
     views = build_views(args, ctx)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from augment import AUGMENT_IMPLS
+from models import PRETRAINED_ARCH, PRETRAINED_BACKBONES
 
 
 def _number(kind: type, low: float | None = None, *, low_open: bool = False, high: float | None = None) -> Callable[[str], float]:
@@ -140,6 +141,45 @@ def add_model_args(p: argparse.ArgumentParser, *, archs: Sequence[str], arch: st
             p.add_argument("MODEL_WEIGHTS", nargs="?", default=argparse.SUPPRESS, action=_PositionalWeights,
                            help="the original's spelling of --model_path")
     return g
+
+
+def add_backbone_args(g: argparse._ArgumentGroup) -> None:
+    """Pre-trained single-modality backbones for the dual ResNet (models.load_backbone_weights), and
+    --fresh_first_conv for data whose band counts differ from the weights' first layers."""
+    g.add_argument("--backbones", choices=list(PRETRAINED_BACKBONES), default=None,
+                   help="start both backbones from TorchGeo's SSL4EO-S12 ResNet-50 weights (MoCo or DeCUR), downloaded "
+                        "once into torch hub's cache and hash-checked; projection heads and classifier start fresh. "
+                        "They were trained on --normalize ssl4eo inputs")
+    g.add_argument("--s1_backbone", type=Path, default=None, metavar="PATH",
+                   help="start the S1 backbone from a ResNet state dict in torchvision / timm layout (no fc needed)")
+    g.add_argument("--s2_backbone", type=Path, default=None, metavar="PATH",
+                   help="start the S2 backbone from a ResNet state dict in torchvision / timm layout (no fc needed)")
+    g.add_argument("--fresh_first_conv", action="store_true",
+                   help="where the data's band count differs from the first layer of the weights loaded (--model_path "
+                        "or the backbones), start that layer afresh instead of refusing")
+
+
+def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse weights given twice, named weights for another architecture, and a --fresh_first_conv without weights."""
+    files = args.s1_backbone is not None or args.s2_backbone is not None
+    whole = getattr(args, "model_path", None) not in (None, "random")
+    if args.backbones and files:
+        p.error("--backbones names both backbones' weights: give it or --s1_backbone / --s2_backbone, not both")
+    if whole and (args.backbones or files):
+        p.error("--model_path loads the whole dual ResNet, backbones included; --backbones, --s1_backbone and "
+                "--s2_backbone load only its backbones: give one of the two")
+    if args.backbones and args.arch != PRETRAINED_ARCH:
+        p.error(f"--backbones {args.backbones} are {PRETRAINED_ARCH} weights, not {args.arch}: "
+                f"pass --arch {PRETRAINED_ARCH}")
+    if args.fresh_first_conv and not (whole or args.backbones or files):
+        p.error("--fresh_first_conv changes nothing without pre-trained weights (--model_path or the backbone flags)")
+
+
+def add_normalize_arg(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--normalize", choices=["seed", "ssl4eo"], default="seed",
+                   help="input scaling: seed, every channel of every crop (and augmented view) divided by its maximum "
+                        "after clipping, the original's (default); ssl4eo, S1 dB standardised with SSL4EO-S12's band "
+                        "statistics and S2 / 10000, what --backbones expect (datasets.ssl4eo_normalize)")
 
 
 def add_finetune_flag(g: argparse._ArgumentGroup, *, default: bool, eval_mode_alias: bool = False) -> None:

@@ -28,11 +28,13 @@ def predict(logits: dict[str, Tensor]) -> Tensor:
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
                            ignore: Sequence[int] = (IGNORE,)) -> dict:
-    """Per-class accuracy (recall), AA (their mean over classes present) and OA, in percent.
+    """Per-class accuracy (recall), AA (their mean over classes present), OA, Cohen's kappa, macro F1.
 
-    Samples whose true label is in `ignore` count nowhere, and ignored classes get no column.
+    Samples whose true label is in `ignore` count nowhere, and ignored classes get no column. Kappa
+    and macro F1 are sklearn's; F1 averages the classes not ignored that are true or predicted.
     Returns:
-        {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "n": samples counted,
+        {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "kappa": fraction or None
+         when undefined (one class everywhere), "macro_F1": %, "n": samples counted,
          "ignored": samples skipped, "classes": all class names, "confusion": (K, K) counts of
          the counted samples over all K classes (rows true, columns predicted)}.
     """
@@ -47,8 +49,28 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     return {"per_class": per_class,
             "AA": sum(scores) / len(scores) if scores else None,
             "OA": 100.0 * float(hits.sum()) / len(y_true) if len(y_true) else None,
+            "kappa": _kappa(confusion), "macro_F1": _macro_f1(confusion, classes),
             "n": int(len(y_true)), "ignored": int((~keep).sum()),
             "classes": list(class_names), "confusion": confusion.astype(int).tolist()}
+
+
+def _kappa(confusion: np.ndarray) -> float | None:
+    """Cohen's kappa (p_o - p_e) / (1 - p_e) of a confusion matrix; None where p_e = 1."""
+    n = confusion.sum()
+    if n == 0:
+        return None
+    observed = np.trace(confusion) / n
+    chance = float((confusion.sum(0) * confusion.sum(1)).sum()) / float(n) ** 2
+    return None if chance >= 1.0 else float((observed - chance) / (1.0 - chance))
+
+
+def _macro_f1(confusion: np.ndarray, classes: list[int]) -> float | None:
+    """Mean F1 (%) over `classes` that are true or predicted at least once; None without any."""
+    support, predicted, hits = confusion.sum(1), confusion.sum(0), np.diag(confusion)
+    met = [c for c in classes if support[c] or predicted[c]]
+    if not met:
+        return None
+    return 100.0 * float(np.mean([2.0 * hits[c] / (support[c] + predicted[c]) for c in met]))
 
 
 def _gather_rows(x: Tensor, ctx) -> Tensor:

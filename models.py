@@ -6,10 +6,13 @@
   a projection head each and a classifier on the two projections.
 - `load_checkpoint` / `save_checkpoint`: the layouts of the released checkpoints
   (specs/checkpoints/*.txt), so released weights load here and weights trained here load there.
+- `load_backbone_weights`, `pretrained_backbone_files`: single-modality ResNets in torchvision /
+  timm layout (TorchGeo's SSL4EO-S12 weights) into a `DualResNet`'s backbones.
 - `freeze_all_but`, `set_frozen_bn_eval`, `param_groups`, `count_trainable`: for the scripts.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -367,7 +370,7 @@ def unpickling_problem(error: pickle.UnpicklingError) -> tuple[str | None, str]:
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, strict: bool = True
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = True, fresh_first_conv: bool = False
 ) -> tuple[list[str], list[str]]:
     """Load a checkpoint in any released layout into `model`; return (missing, unexpected) keys.
 
@@ -380,10 +383,50 @@ def load_checkpoint(
     `DualResNet` reports fc.weight and fc.bias missing and leaves `fc` as initialised. Any other
     missing or unexpected key raises a ValueError naming the first ones (unless strict=False);
     a shape mismatch always raises, naming the keys with both shapes; a tensor holding NaN or inf
-    raises, naming it.
+    raises, naming it. A `DualResNet` first conv built for another band count than the file's
+    raises BandCountError, or with `fresh_first_conv` keeps its initialisation (reported missing).
     """
     model = _unwrap(model)
     path = Path(path)
+    state = _read_state_dict(path)
+    expected = model.state_dict()
+    # The first conv layers, whose band count follows the data: refused or started fresh.
+    first = {"backbone1.conv1.weight": "S1", "backbone2.conv1.weight": "S2"} if isinstance(model, DualResNet) else {}
+    fresh = _fit_first_conv(state, expected, first, path, fresh_first_conv)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    # The released pre-trained dual ResNet has no classifier: fine-tuning starts one afresh.
+    head = {"fc.weight", "fc.bias"} if isinstance(model, DualResNet) else set()
+    rest = [k for k in missing if k not in fresh]
+    unexplained = [] if set(rest) == head else rest
+    problems = {"shape mismatches": mismatched}
+    if strict:
+        problems |= {"missing keys": unexplained, "unexpected keys": unexpected}
+    if any(problems.values()):
+        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(
+            f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys
+        ))
+    _check_finite(state, path)
+    model.load_state_dict(state, strict=False)
+    logger.info(
+        "Loaded %s into %s (%d tensors)%s%s",
+        path,
+        type(model).__name__,
+        len(state) - len(unexpected),
+        f"; not in the file, left as initialised: {_first(missing)}" if missing else "",
+        f"; ignored: {_first(unexpected)}" if unexpected else "",
+    )
+    return missing, unexpected
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file: a bare state dict or one under "state_dict", without a
+    "module." prefix; read with weights_only=True. Damaged or foreign files raise, naming `path`."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
     if path.stat().st_size == 0:
@@ -416,40 +459,144 @@ def load_checkpoint(
             f"'state_dict', found {found}"
         )
     consume_prefix_in_state_dict_if_present(state, "module.")
+    return state
 
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    # The released pre-trained dual ResNet has no classifier: fine-tuning starts one afresh.
-    head = {"fc.weight", "fc.bias"} if isinstance(model, DualResNet) else set()
-    unexplained = [] if set(missing) == head else missing
-    problems = {"shape mismatches": mismatched}
-    if strict:
-        problems |= {"missing keys": unexplained, "unexpected keys": unexpected}
-    if any(problems.values()):
-        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(
-            f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys
-        ))
 
+def _check_finite(state: dict[str, Tensor], path: Path) -> None:
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise ValueError(f"{path}: non-finite values (NaN or inf) in {len(nonfinite)} tensors: {_first(nonfinite)}; "
                          f"the weights are damaged (a diverged run?)")
-    model.load_state_dict(state, strict=False)
-    logger.info(
-        "Loaded %s into %s (%d tensors)%s%s",
-        path,
-        type(model).__name__,
-        len(state) - len(unexpected),
-        f"; not in the file, left as initialised: {_first(missing)}" if missing else "",
-        f"; ignored: {_first(unexpected)}" if unexpected else "",
-    )
-    return missing, unexpected
+
+
+def _bands(n: int, modality: str = "") -> str:
+    return f"{n} {modality + ' ' if modality else ''}band{'' if n == 1 else 's'}"
+
+
+class BandCountError(ValueError):
+    """A checkpoint's first layer takes another number of bands than the model built for the data."""
+
+
+def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first: dict[str, str],
+                    path: Path, fresh: bool) -> list[str]:
+    """Input bands of the first convs `first` (key -> modality) in `state` against `expected`: a
+    difference raises BandCountError, or with `fresh` drops the key (returned). Other shapes: the caller's."""
+    dropped = []
+    for key, modality in first.items():
+        if key not in state or key not in expected:
+            continue
+        found, wanted = state[key].shape, expected[key].shape
+        if found[1] == wanted[1] or (found[0], *found[2:]) != (wanted[0], *wanted[2:]):
+            continue
+        if not fresh:
+            raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {_bands(found[1])}, but the data "
+                                 f"has {_bands(wanted[1], modality)}")
+        del state[key]
+        dropped.append(key)
+        logger.warning("%s: its %s first layer (%s) takes %d bands, the data has %d: that layer starts fresh",
+                       path, modality, key, found[1], wanted[1])
+    return dropped
+
+
+# TorchGeo's SSL4EO-S12 ResNet-50 pairs (torchgeo/models/resnet.py, ResNet50_Weights.SENTINEL1_ALL_*
+# and SENTINEL2_ALL_*: 2 and 13 bands): name -> modality -> URL. The hex after the last "-" of the
+# file name is the start of its SHA-256, torch.hub's convention, which TorchGeo's downloads check.
+_HF = "https://hf.co/torchgeo"
+PRETRAINED_BACKBONES = {
+    "ssl4eo-moco": {
+        "s1": f"{_HF}/resnet50_sentinel1_all_moco/resolve/e79862c667853c10a709bdd77ea8ffbad0e0f1cf/"
+              "resnet50_sentinel1_all_moco-906e4356.pth",
+        "s2": f"{_HF}/resnet50_sentinel2_all_moco/resolve/da4f3c9dbe09272eb902f3b37f46635fa4726879/"
+              "resnet50_sentinel2_all_moco-df8b932e.pth",
+    },
+    "ssl4eo-decur": {
+        "s1": "https://huggingface.co/torchgeo/decur/resolve/9328eeb90c686a88b30f8526ed757b4bc0f12027/"
+              "rn50_ssl4eo-s12_sar_decur_ep100-f0e69ba2.pth",
+        "s2": "https://huggingface.co/torchgeo/decur/resolve/eba7ae5945d482a4319be046d34b552db5dd9950/"
+              "rn50_ssl4eo-s12_ms_decur_ep100-fc6b09ff.pth",
+    },
+}
+PRETRAINED_ARCH = "resnet50"
+
+
+def _fetch(url: str, path: Path, progress: bool) -> None:
+    """Download `url` to `path`: the only network access of the project (tests replace it)."""
+    torch.hub.download_url_to_file(url, str(path), progress=progress)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Path]:
+    """"s1", "s2" -> the local files of PRETRAINED_BACKBONES[name], downloaded once into torch hub's cache
+    (as torchgeo does); every file checked against the SHA-256 prefix of its name, a bad download deleted."""
+    if name not in PRETRAINED_BACKBONES:
+        raise ValueError(f"unknown pre-trained backbones {name!r}; known: {', '.join(PRETRAINED_BACKBONES)}")
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for modality, url in PRETRAINED_BACKBONES[name].items():
+        path = folder / url.rsplit("/", 1)[1]
+        expected = path.stem.rsplit("-", 1)[1]
+        cached = path.is_file()
+        if not cached:
+            logger.info("Downloading the %s %s backbone: %s -> %s", name, modality.upper(), url, path)
+            _fetch(url, path, progress)
+        found = _sha256(path)
+        if not found.startswith(expected):
+            if cached:
+                raise ValueError(f"{path}: SHA-256 {found[:len(expected)]}..., expected {expected}... (from {url}); "
+                                 "the cached file is damaged or another one: delete it to download it again")
+            path.unlink(missing_ok=True)
+            raise ValueError(f"{url}: the download has SHA-256 {found[:len(expected)]}..., expected {expected}...; "
+                             "deleted (an interrupted download, or the file changed upstream)")
+        files[modality] = path
+    return files
+
+
+def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
+                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
+    """Load ResNet state dicts in torchvision / timm layout (TorchGeo's SSL4EO-S12 weights) into `net`'s backbones.
+
+    A file's `fc.*` is ignored: projection heads and classifier keep their initialisation; so may
+    `num_batches_tracked`. Other missing, unexpected or misshapen keys raise, naming the file.
+    Returns the first-layer keys that `fresh_first_conv` left fresh (else BandCountError).
+    """
+    net = _unwrap(net)
+    kept = []
+    for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
+        backbone = net.get_submodule(prefix[:-1])
+        if path is None:
+            continue
+        path = Path(path)
+        state = _read_state_dict(path)
+        ignored = [k for k in state if k.startswith("fc.")]
+        for k in ignored:
+            del state[k]
+        expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+        fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv)
+        kept += [prefix + k for k in fresh]
+        missing = [k for k in expected if k not in state and k not in fresh and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in expected]
+        mismatched = [f"{k} (file {tuple(v.shape)}, model {tuple(expected[k].shape)})"
+                      for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+        problems = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
+        if any(problems.values()):
+            found = "; ".join(f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys)
+            raise ValueError(f"{path} is not a {net.arch} {modality} backbone in torchvision / timm layout: {found}")
+        _check_finite(state, path)
+        backbone.load_state_dict(state, strict=False)
+        logger.info("Loaded %s into the %s backbone (%d tensors)%s; its projection head starts fresh", path, modality,
+                    len(state), f"; ignored the file's classifier {', '.join(ignored)}" if ignored else "")
+    if s1 is not None or s2 is not None:
+        logger.info("The classifier (fc) starts fresh%s", "" if s1 is not None and s2 is not None else
+                    f"; the {'S2' if s1 is not None else 'S1'} backbone keeps its initialisation (no file given)")
+    return kept
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:

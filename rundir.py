@@ -5,7 +5,7 @@ pre-training scripts included):
 
     config.json      every flag with what was resolved, and the script that wrote it
     metrics.jsonl    a record per epoch: loss terms, samples/s, seconds, learning rate; at
-                     evaluations the per-class accuracy, AA, OA, counts and the confusion matrix
+                     evaluations the per-class accuracy, AA, OA, kappa, macro F1, counts, confusion matrix
     last.pt          everything to resume: the networks in their released layout, optimiser,
                      RNG, the best and the last evaluation
     best.pt          the weights of the best evaluation (--save_best)
@@ -238,7 +238,7 @@ class RunDir:
         """config.json: every flag (paths absolute, so that tools work from any folder), what was
         resolved for this machine, and the script."""
         config = {k: v for k, v in as_json(self.args).items() if k not in ("resume", "overwrite")}
-        for key in ("data_root", "save_path", "model_path"):
+        for key in ("data_root", "save_path", "model_path", "s1_backbone", "s2_backbone"):
             if config.get(key) not in (None, "random"):
                 config[key] = str(Path(config[key]).resolve())
         ctx = self.ctx
@@ -341,7 +341,8 @@ class RunDir:
             self.best = self.last
             if self.args.save_best:
                 self.save("best.pt", self.checkpoint(epoch + 1, resumable=False))
-        return {k: self.last[k] for k in ("AA", "OA", "per_class", "n", "ignored", "classes", "confusion")}
+        keys = ("AA", "OA", "kappa", "macro_F1", "per_class", "n", "ignored", "classes", "confusion")
+        return {k: self.last[k] for k in keys}
 
     def end_epoch(self, epoch: int, record: dict) -> None:
         """After 0-based `epoch`: its line in the log, its record in metrics.jsonl, last.pt."""

@@ -18,6 +18,9 @@ last (--snapshot_every), as the original, each the backbones in the released lay
 "arch", "state_dict": backbone1.* / backbone2.*}, and `checkpoint.pth`, the last of them under a
 fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
 original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
+
+--backbones ssl4eo-moco (or --s1_backbone / --s2_backbone) continues from pre-trained backbones,
+with --normalize ssl4eo (docs/backbones.md); first layers for other band counts need --fresh_first_conv.
 """
 
 import argparse
@@ -38,7 +41,8 @@ from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
-from models import RESNETS, DualResNet, MultiModalNet, count_trainable
+from models import (RESNETS, BandCountError, DualResNet, MultiModalNet, count_trainable, load_backbone_weights,
+                    pretrained_backbone_files)
 from rundir import RunDir, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")
@@ -54,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seasons", nargs="+", choices=tuple(SEASONS), default=list(SEASONS),
                    help="seasons to read (default: all four; not for a manifest)")
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
+    flags.add_normalize_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
+    flags.add_backbone_args(g)
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the original)")
     g = p.add_argument_group("method")
@@ -105,6 +111,20 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.schedule == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine of --schedule cosine "
                 f"(--epochs {args.epochs})")
+    flags.check_backbone_args(p, args)
+
+
+def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
+    """The dual ResNet for the data's (S1, S2) `bands`, backbones from the backbone flags if given."""
+    net = DualResNet(args.arch, s1_channels=bands[0], s2_channels=bands[1])
+    if args.backbones or args.s1_backbone or args.s2_backbone:
+        files = (pretrained_backbone_files(args.backbones) if args.backbones
+                 else {"s1": args.s1_backbone, "s2": args.s2_backbone})
+        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+    if args.backbones and args.normalize != "ssl4eo":
+        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
+                    "--normalize %s inputs", args.backbones, args.normalize)
+    return net
 
 
 def build_loss(args: argparse.Namespace, ctx: process.Context) -> nn.Module:
@@ -155,9 +175,10 @@ def main(argv=None) -> dict:
     try:
         if is_manifest(args.data_root):
             dataset = ManifestDataset(args.data_root, None, crop=args.crop, train=True, seed=args.seed,
-                                      require_labels=args.supervised_lc)
+                                      normalize=args.normalize, require_labels=args.supervised_lc)
         else:
-            dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed)
+            dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed,
+                                     normalize=args.normalize)
     except CropError as error:
         parser.error(f"{error} (--crop {args.crop})")
     except ValueError as error:  # a bad manifest row
@@ -167,7 +188,10 @@ def main(argv=None) -> dict:
     # The original drops the last partial batch of every epoch.
     loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices, drop_last=True)
 
-    net = DualResNet(args.arch, s1_channels=dataset.bands["s1"], s2_channels=dataset.bands["s2"])
+    try:
+        net = build_net(args, (dataset.bands["s1"], dataset.bands["s2"]))
+    except BandCountError as error:
+        parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     # What the checkpoints hold: the two backbones with their projection heads, no classifier.
     backbones = nn.ModuleDict({"backbone1": net.backbone1, "backbone2": net.backbone2})
     # With --augment, one pass per modality over both views (batch norm sees 2B images).
@@ -175,7 +199,9 @@ def main(argv=None) -> dict:
     loss_fn = build_loss(args, ctx)
     optimizer = torch.optim.Adam(backbones.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     augment = Augment(RandomResizedCrop(args.crop, scale=(0.2, 1.0)), RandomFlipRotation(20.0)) if args.augment else None
-    views = Views(["s1", "s2"], augment, ctx, args.seed, renormalize=seed_normalize)
+    # seed: every augmented view divided by its own maxima, as the original; ssl4eo scales by constants
+    renormalize = seed_normalize if args.normalize == "seed" else None
+    views = Views(["s1", "s2"], augment, ctx, args.seed, renormalize=renormalize)
     step = make_step(args, views, model, loss_fn, ctx)
     log.info("%d patches (%s), %d per epoch; %d trainable parameters", len(dataset), ", ".join(args.seasons),
              len(loader.dataset), count_trainable(backbones))

@@ -13,10 +13,12 @@ tables are printed, never mixed:
   - best epoch, selected on the evaluation split, as the original reported
     ("best_selected_on_eval_split"; optimistic: the epoch was chosen on the split it is scored on);
     left out, with a line saying so, when every run's best evaluation is its last one.
-A row per class, then AA and OA; a column per configuration, each cell the mean ± sample
-standard deviation over the configuration's seeds, in percent. Columns keep the order in which
+A row per class, then AA, OA, Cohen's kappa and macro F1 (the last two where the runs recorded
+them); a column per configuration, each cell the mean ± sample standard deviation over the
+configuration's seeds, in percent (kappa as a fraction). Columns keep the order in which
 configurations are first met. Configurations that share a name but differ in some flag get those
-flags in their column label, and a note says so.
+flags in their column label, and a note says so. Configurations that differ in one flag of
+CONTRASTS get their per-seed AA differences with paired tests (paired_test) after the tables.
 
 --report OUT also writes OUT/report.md with PNG figures beside it (see report.py), with the t-SNE
 pictures of runs that embed.py has embedded and a computed interpretation (paired differences
@@ -34,6 +36,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import scipy.stats
+
 # Flags that do not change what a run computes, only which seed it draws, where it writes, what
 # it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
 # runs. Runs that differ only in these are seeds of one configuration; every other flag (lr,
@@ -48,7 +52,7 @@ NOT_CONFIGURATION = frozenset({
 })
 # Path flags that config.json records resolved to absolute paths (rundir.py), while results.json
 # keeps them as typed: read from config.json, one data root typed two ways is one configuration.
-PATH_FLAGS = ("data_root", "model_path")
+PATH_FLAGS = ("data_root", "model_path", "s1_backbone", "s2_backbone")
 
 # The two tables, from the two evaluations results.json keeps: (field, title).
 TABLES = (
@@ -236,7 +240,7 @@ def best_evaluation(run: Run, criterion: str) -> dict | None:
     for record in records[1:]:
         if record[criterion] > best[criterion]:
             best = record
-    keys = ("epoch", "AA", "OA", "per_class", "n", "ignored", "classes", "confusion")
+    keys = ("epoch", "AA", "OA", "kappa", "macro_F1", "per_class", "n", "ignored", "classes", "confusion")
     return {k: best[k] for k in keys if k in best}
 
 
@@ -277,14 +281,20 @@ def class_names(groups: list[Group], field: str) -> list[str]:
             if any((e["per_class"].get(c) is not None) for g in groups for e in evaluations(g, field))]
 
 
+# The rows after the classes; kappa and macro F1 only where some run recorded them.
+SUMMARY_ROWS = ("AA", "OA", "kappa", "macro_F1")
+
+
 def rows_of(groups: list[Group], field: str) -> list[tuple[str, list[list[float]]]]:
-    """Table rows: (row name, per group the values over its seeds), a row per class, then AA and OA."""
+    """Table rows: (row name, per group the values over its seeds), a row per class, then SUMMARY_ROWS."""
     rows = []
     for c in class_names(groups, field):
         rows.append((c, [[e["per_class"][c] for e in evaluations(g, field) if e["per_class"].get(c) is not None]
                          for g in groups]))
-    for key in ("AA", "OA"):
-        rows.append((key, [[e[key] for e in evaluations(g, field) if e.get(key) is not None] for g in groups]))
+    for key in SUMMARY_ROWS:
+        values = [[e[key] for e in evaluations(g, field) if e.get(key) is not None] for g in groups]
+        if key in ("AA", "OA") or any(values):
+            rows.append((key, values))
     return rows
 
 
@@ -295,13 +305,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def cell(values: list[float], seeds: int) -> str:
+def cell(values: list[float], seeds: int, digits: int = 2) -> str:
     """'mean ± std' over seeds ('mean' alone for one value, '–' for none); '(n=k)' where
     fewer seeds than the configuration's have a value."""
     if not values:
         return "–"
     mean, std = mean_std(values)
-    text = f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
+    text = f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
     return text if len(values) == seeds else f"{text} (n={len(values)})"
 
 
@@ -315,14 +325,15 @@ def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
     seeds = [len(evaluations(g, field)) for g in groups]
     out = [f"### {dataset}: {title}",
            "",
-           "Per-class accuracy, AA and OA (%), mean ± sample std over seeds; n = number of seeds.",
+           ("Per-class accuracy, AA, OA and macro F1 (%), Cohen's kappa (a fraction): mean ± sample std over seeds; "
+            "n = number of seeds."),
            "",
            "| class | " + " | ".join(g.label for g in groups) + " |",
            "|---|" + "---:|" * len(groups)]
     for name, values in rows_of(groups, field):
-        cells = [cell(v, n) for v, n in zip(values, seeds)]
-        if name in ("AA", "OA"):
-            name, cells = f"**{name}**", [f"**{c}**" for c in cells]
+        cells = [cell(v, n, 3 if name == "kappa" else 2) for v, n in zip(values, seeds)]
+        if name in SUMMARY_ROWS:
+            name, cells = f"**{name.replace('_', ' ')}**", [f"**{c}**" for c in cells]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out.append("| epoch | " + " | ".join(epochs_text([e["epoch"] for e in evaluations(g, field) if "epoch" in e])
                                          for g in groups) + " |")
@@ -358,9 +369,13 @@ def tables_of(dataset: str, groups: list[Group], select: str | None = None) -> s
 
 
 def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | None = None) -> str:
-    """The tool's printed output: notes, then the tables of each data set."""
+    """The tool's printed output: notes, then the tables of each data set and its paired comparisons."""
     out = [f"> Note: {n}" for n in notes] + ([""] if notes else [])
-    out += [tables_of(dataset, groups, select) for dataset, groups in datasets.items()]
+    for dataset, groups in datasets.items():
+        out.append(tables_of(dataset, groups, select))
+        differences = paired_differences(groups)
+        if differences:
+            out += [f"### {dataset}: paired comparisons", "", *paired_table(differences)]
     return "\n".join(out)
 
 
@@ -375,11 +390,11 @@ def class_counts(evaluation: dict) -> dict[str, int]:
 
 
 def bars_of(groups: list[Group], field: str = "last") -> dict:
-    """What the per-class bar figure draws: rows (classes, AA, OA), per configuration the mean
+    """What the per-class bar figure draws: rows (classes, AA, OA; not kappa, F1), per configuration the mean
     and sample std over seeds of each row (nan where undefined), and per row "n": the
     [fewest, most] samples of the class in one evaluation over all seeds and configurations
     (None for AA, OA and classes no evaluation counted)."""
-    rows = rows_of(groups, field)
+    rows = [row for row in rows_of(groups, field) if row[0] not in ("kappa", "macro_F1")]
     stats = [[mean_std(values[i]) for _, values in rows] for i in range(len(groups))]
     counts = [class_counts(e) for g in groups for e in evaluations(g, field)]
     n = []
@@ -485,6 +500,10 @@ CONTRASTS = (("scenario", "s1s2_fused", "s1"), ("scenario", "s1s2_fused", "s2"),
 ALIGNMENT_MARGIN = 0.01
 # Cross-modal kNN accuracy this many points (%) below the within-modality one is reported.
 KNN_GAP = 10.0
+# The paired tests conclude from this many seeds on, at this level: below 5 the Wilcoxon p cannot
+# reach 0.05 (its least is 2 / 2^n), and the t-test's normality cannot be checked.
+MIN_SEEDS = 5
+ALPHA = 0.05
 
 
 def last_aa_by_seed(group: Group) -> dict:
@@ -515,8 +534,52 @@ def paired_differences(groups: list[Group]) -> list[dict]:
                 differences = [aa_a[s] - aa_b[s] for s in seeds]
                 mean, std = mean_std(differences)
                 found.append({"flag": flag, "a": a.label, "b": b.label, "seeds": seeds, "differences": differences,
-                              "mean": mean, "std": std, "n": len(seeds)})
+                              "mean": mean, "std": std, "n": len(seeds), **paired_test(differences)})
     return found
+
+
+def paired_test(differences: list[float]) -> dict:
+    """Two-sided tests of per-seed differences A − B against 0: {"t_p", "wilcoxon_p" (nan: undefined), "conclusion"}.
+
+    The paired t-test decides (an AA difference over many samples is near normal, and the test has
+    power at 5-10 seeds, where the exact Wilcoxon is coarse); Wilcoxon's p is the check without normality.
+    """
+    n = len(differences)
+    t_p = w_p = math.nan
+    if n > 1 and statistics.stdev(differences) > 0:
+        t_p = float(scipy.stats.ttest_1samp(differences, 0.0).pvalue)
+    if any(d != 0 for d in differences):
+        w_p = float(scipy.stats.wilcoxon(differences).pvalue)
+    if n < MIN_SEEDS:
+        conclusion = f"too few seeds to conclude ({n} < {MIN_SEEDS})"
+    elif math.isnan(t_p):
+        conclusion = "p undefined: every seed gives the same difference"
+    elif t_p < ALPHA:
+        conclusion = f"A {'>' if statistics.mean(differences) > 0 else '<'} B (t-test p < {ALPHA})"
+    else:
+        conclusion = f"no significant difference (t-test p ≥ {ALPHA})"
+    return {"t_p": t_p, "wilcoxon_p": w_p, "conclusion": conclusion}
+
+
+def p_text(p: float) -> str:
+    return "–" if math.isnan(p) else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def paired_table(differences: list[dict]) -> list[str]:
+    """The markdown lines of paired_differences: per seed, mean, std, n, both tests' p, conclusion."""
+    out = [("Paired differences of AA at the last evaluation (percentage points, A − B), seed by seed over the "
+            "seeds both configurations ran; A and B are equal in every flag but the one named (and the name). "
+            "std: sample standard deviation of the differences. p: two-sided paired t-test and Wilcoxon signed-rank "
+            f"test; a conclusion needs at least {MIN_SEEDS} seeds (p < {ALPHA}, t-test)."),
+           "",
+           "| A | B | differs in | per seed (seed: A − B) | mean | std | n | t-test p | Wilcoxon p | conclusion |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for d in differences:
+        per_seed = "; ".join(f"{s}: {signed(v)}" for s, v in zip(d["seeds"], d["differences"])) or "no seed in common"
+        std = "–" if math.isnan(d["std"]) else f"{d['std']:.2f}"
+        out.append(f"| {d['a']} | {d['b']} | {d['flag']} | {per_seed} | {signed(d['mean'])} | {std} | {d['n']} | "
+                   f"{p_text(d['t_p'])} | {p_text(d['wilcoxon_p'])} | {d['conclusion']} |")
+    return out + [""]
 
 
 def embedding_findings(embeddings: list[dict]) -> list[str]:
@@ -557,17 +620,7 @@ def interpretation_of(dataset: str, groups: list[Group]) -> str:
         return ""
     out = [f"### {dataset}: interpretation", ""]
     if differences:
-        out += ["Paired differences of AA at the last evaluation (percentage points, A − B), seed by seed over the "
-                "seeds both configurations ran; A and B are equal in every flag but the one named (and the name). "
-                "std: sample standard deviation of the differences.",
-                "",
-                "| A | B | differs in | per seed (seed: A − B) | mean | std | n |",
-                "|---|---|---|---|---:|---:|---:|"]
-        for d in differences:
-            per_seed = "; ".join(f"{s}: {signed(v)}" for s, v in zip(d["seeds"], d["differences"])) or "no seed in common"
-            std = "–" if math.isnan(d["std"]) else f"{d['std']:.2f}"
-            out.append(f"| {d['a']} | {d['b']} | {d['flag']} | {per_seed} | {signed(d['mean'])} | {std} | {d['n']} |")
-        out.append("")
+        out += paired_table(differences)
     if embeddings:
         findings = embedding_findings(embeddings)
         out += [f"- {line}" for line in findings] or [

@@ -47,7 +47,7 @@ class DFC2020Dataset(PatchDataset):
 
     def __init__(self, root: str | Path, split: Literal["validation", "test"] = "validation", crop: int | None = None,
                  train: bool = False, *, label_source: Literal["dfc", "lc"] = "dfc",
-                 normalize: Literal["seed", "none"] = "seed", return_label_map: bool = False, seed: int = 0,
+                 normalize: Literal["seed", "ssl4eo", "none"] = "seed", return_label_map: bool = False, seed: int = 0,
                  strict: bool = False, offset_seed: int | None = None) -> None:
         super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
         if split not in FOLDERS:

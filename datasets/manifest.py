@@ -18,7 +18,7 @@ import torch
 
 from .base import IGNORE, DataFileError
 from .packed import INDEX, PackedSource, PackedSplit, SplitPlan, check_rows, packed_index, patch_columns
-from .patches import PatchDataset
+from .patches import PatchDataset, ssl4eo_normalize
 from .sources import GDAL_OPTIONS, TiffSource
 
 COLUMNS = ("s1", "s2", "label", "split", "id")
@@ -157,6 +157,8 @@ class ManifestDataset(PatchDataset):
                 "label": label, "multilabel": multilabel, "id": self.patch_ids[index]}
         if self.return_label_map:
             item["label_map"] = torch.full(item["s1"].shape[-2:], label, dtype=torch.int64)
+        if self.normalize == "ssl4eo":
+            item["s1"], item["s2"] = ssl4eo_normalize(item["s1"], item["s2"])
         return item
 
     def label_report(self) -> dict[str, Any]:

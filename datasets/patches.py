@@ -7,6 +7,7 @@ or with ``offset_seed`` at a random offset drawn once per patch (the same window
 evaluation and run). ``normalize="seed"`` is the recipe of the released DualResNet50 weights:
 S1 NaN -> 0 dB, clip [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's ``np.clip``) + 25,
 S2 clip [0, 10000], then each channel of the window divided by its own maximum (+ 1e-5).
+``normalize="ssl4eo"``: the scaling of TorchGeo's SSL4EO-S12 weights (``ssl4eo_normalize``).
 ``normalize="none"``: S1 dB and raw S2 as float32, non-finite values -> 0.
 """
 import logging
@@ -27,7 +28,11 @@ from .labels import DFC_CLASSES, LabelCodes, class_map, labels_of_map
 from .packed import INDEX
 
 logger = logging.getLogger("datasets")
-NORMALIZATIONS = ("seed", "none")
+NORMALIZATIONS = ("seed", "ssl4eo", "none")
+# The input scaling of TorchGeo's SSL4EO-S12 ResNets (torchgeo/models/resnet.py): S1 VV, VH in dB.
+SSL4EO_S1_MEAN = (-12.59, -20.26)
+SSL4EO_S1_STD = (5.26, 5.91)
+SSL4EO_S2_SCALE = 10000.0
 
 
 def seed_normalize(x: Tensor) -> Tensor:
@@ -39,6 +44,19 @@ def seed_normalize(x: Tensor) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"seed_normalize expects a floating-point tensor, got {x.dtype}")
     return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+
+
+def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+    """S1 (2, H, W) or (B, 2, H, W) in dB standardised per band, S2 (C, H, W) or (B, C, H, W) / 10000, as
+    TorchGeo's SSL4EO-S12 weights expect; no clipping; non-finite values -> 0 after scaling (S1: the band mean)."""
+    if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
+        raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), "
+                         f"got {tuple(s1.shape)}")
+    shape = (len(SSL4EO_S1_MEAN), 1, 1)
+    mean = torch.tensor(SSL4EO_S1_MEAN, dtype=s1.dtype, device=s1.device).view(shape)
+    std = torch.tensor(SSL4EO_S1_STD, dtype=s1.dtype, device=s1.device).view(shape)
+    return (torch.nan_to_num((s1 - mean) / std, nan=0.0, posinf=0.0, neginf=0.0),
+            torch.nan_to_num(s2 / SSL4EO_S2_SCALE, nan=0.0, posinf=0.0, neginf=0.0))
 
 
 def _divide_by_maxima(x: np.ndarray, maxima: np.ndarray) -> Tensor:
@@ -121,16 +139,15 @@ class PatchDataset(PairedDataset):
         return Window(left, top, self.crop, self.crop)
 
     def _s1(self, raw: np.ndarray, name: str, index: int) -> Tensor:
-        """S1 (C, h, w) window in dB -> float32, normalised; non-finite values counted."""
+        """S1 (C, h, w) window in dB -> float32, normalised but for ``ssl4eo``; non-finite values counted."""
         x = np.array(raw, dtype=np.float32)
         nan = None
         if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
-            seed = self.normalize == "seed"
-            mask = self._count_nonfinite(torch.from_numpy(x), name, "NaN by 0 dB, +-inf clipped to 0 / -25 dB"
-                                         if seed else "0", index, 0).numpy()
-            nan = np.isnan(x) if seed else mask
-        if self.normalize == "none":
-            if nan is not None:
+            how = {"seed": "NaN by 0 dB, +-inf clipped to 0 / -25 dB", "ssl4eo": "0 after SSL4EO scaling", "none": "0"}
+            mask = self._count_nonfinite(torch.from_numpy(x), name, how[self.normalize], index, 0).numpy()
+            nan = np.isnan(x) if self.normalize == "seed" else mask
+        if self.normalize != "seed":
+            if nan is not None and self.normalize == "none":
                 x[nan] = 0.0
             return torch.from_numpy(x)
         np.clip(x, -25.0, 0.0, out=x)
@@ -140,20 +157,18 @@ class PatchDataset(PairedDataset):
         return _divide_by_maxima(x, x.max(axis=(1, 2)))
 
     def _s2(self, raw: np.ndarray, name: str, index: int) -> Tensor:
-        """S2 (C, h, w) window (uint16 reflectance x 10000) -> float32, normalised."""
-        if raw.dtype.kind != "u":
+        """S2 (C, h, w) window (uint16 reflectance x 10000) -> float32, normalised but for ``ssl4eo``."""
+        if raw.dtype.kind != "u" or self.normalize != "seed":
             x = np.array(raw, dtype=np.float32)
             if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
-                seed = self.normalize == "seed"
-                mask = self._count_nonfinite(torch.from_numpy(x), name, "NaN by 0, +-inf clipped" if seed else "0",
-                                             index, 1).numpy()
-                x[np.isnan(x) if seed else mask] = 0.0
-            if self.normalize == "none":
+                how = {"seed": "NaN by 0, +-inf clipped", "ssl4eo": "0 after SSL4EO scaling", "none": "0"}
+                mask = self._count_nonfinite(torch.from_numpy(x), name, how[self.normalize], index, 1).numpy()
+                if self.normalize != "ssl4eo":
+                    x[np.isnan(x) if self.normalize == "seed" else mask] = 0.0
+            if self.normalize != "seed":
                 return torch.from_numpy(x)
             np.clip(x, 0.0, 10000.0, out=x)
             return _divide_by_maxima(x, x.max(axis=(1, 2)))
-        if self.normalize == "none":
-            return torch.from_numpy(raw.astype(np.float32))
         maxima = raw.max(axis=(1, 2))
         x = raw.astype(np.float32)
         if maxima.max() > 10000:  # a cloud above the L1C range: clip (unsigned: nothing below 0)
@@ -172,6 +187,8 @@ class PatchDataset(PairedDataset):
         }
         if self.return_label_map:
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
+        if self.normalize == "ssl4eo":
+            item["s1"], item["s2"] = ssl4eo_normalize(item["s1"], item["s2"])
         return item
 
     def label_report(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class SEN12MSDataset(PatchDataset):
     _MAX_SUBSTITUTES = 10
 
     def __init__(self, root: str | Path, seasons: Sequence[str] = tuple(SEASONS), crop: int | None = None,
-                 train: bool = False, *, normalize: Literal["seed", "none"] = "seed", return_label_map: bool = False,
+                 train: bool = False, *, normalize: Literal["seed", "ssl4eo", "none"] = "seed", return_label_map: bool = False,
                  seed: int = 0, offset_seed: int | None = None) -> None:
         super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
         check_seasons(seasons)

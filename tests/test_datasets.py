@@ -337,6 +337,38 @@ def test_seed_normalize_hand_computed():
         datasets.seed_normalize(image.long())
 
 
+def test_ssl4eo_normalize_hand_computed():
+    # VV: the mean and one std above it; VH: the mean and two stds below it
+    s1 = torch.tensor([[[-12.59, -12.59 + 5.26]], [[-20.26, -20.26 - 2 * 5.91]]], dtype=torch.float64)
+    s2 = torch.tensor([[[10000.0, 2500.0]], [[0.0, 12000.0]], [[float("nan"), float("inf")]]], dtype=torch.float64)
+    out1, out2 = datasets.ssl4eo_normalize(s1, s2)
+    torch.testing.assert_close(out1, torch.tensor([[[0.0, 1.0]], [[0.0, -2.0]]], dtype=torch.float64))
+    torch.testing.assert_close(out2, torch.tensor([[[1.0, 0.25]], [[0.0, 1.2]], [[0.0, 0.0]]], dtype=torch.float64))
+    batch1, _ = datasets.ssl4eo_normalize(torch.stack([s1, s1.masked_fill(s1 > -13, float("nan"))]), s2[None])
+    # NaN -> 0 after standardising: the band mean
+    torch.testing.assert_close(batch1[1], torch.tensor([[[0.0, 0.0]], [[0.0, -2.0]]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"S1 of shape \(2, H, W\).*got \(3, 1, 2\)"):
+        datasets.ssl4eo_normalize(s2[:1].expand(3, 1, 2), s2)
+
+
+def test_dfc_items_with_ssl4eo_normalisation_are_standardised_db_and_reflectance(dfc):
+    number = datasets.DFC2020Dataset(dfc).patch_ids[0]
+    s1 = _tif(_dfc_path(dfc, "s1", number))
+    s1[0, 10, 10:12] = [np.nan, -40.0]  # -40 dB stays -40 dB: no clipping
+    _write_tif(_dfc_path(dfc, "s1", number), s1)
+    ds = datasets.DFC2020Dataset(dfc, crop=20, normalize="ssl4eo")
+    item = ds[0]
+    window = s1[:, 6:26, 6:26].astype(np.float64)
+    expected = np.nan_to_num(np.stack([(window[0] + 12.59) / 5.26, (window[1] + 20.26) / 5.91]), nan=0.0)
+    np.testing.assert_allclose(item["s1"].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert item["s1"][0, 4, 4] == 0 and item["s1"][0, 4, 5].item() == pytest.approx((-40 + 12.59) / 5.26, rel=1e-6)
+    assert ds.nan_pixels == np.isnan(window).sum() >= 1
+    s2 = _tif(_dfc_path(dfc, "s2", number))[:, 6:26, 6:26].astype(np.float64)
+    np.testing.assert_allclose(item["s2"].numpy(), s2 / 10000, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"normalize must be one of \('seed', 'ssl4eo', 'none'\)"):
+        datasets.DFC2020Dataset(dfc, normalize="imagenet")
+
+
 def _window_offset(full: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:
     size = crop.shape[-1]
     for top in range(full.shape[-2] - size + 1):

@@ -7,15 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
+import models
 from models import (
+    BandCountError,
     DualEncoder,
     DualResNet,
     SharedNet,
     SmallAlexNet,
     count_trainable,
     freeze_all_but,
+    load_backbone_weights,
     load_checkpoint,
     param_groups,
     save_checkpoint,
@@ -313,12 +317,30 @@ def test_not_a_state_dict_is_refused(tmp_path):
 
 
 def test_shape_mismatch_names_keys_and_shapes(resnet18, tmp_path):
-    save_checkpoint(resnet18, tmp_path / "s2_13_bands.pth")
+    save_checkpoint(resnet18, tmp_path / "proj_128.pth")
     with pytest.raises(ValueError) as err:
-        load_checkpoint(DualResNet("resnet18", s2_channels=4), tmp_path / "s2_13_bands.pth")
+        load_checkpoint(DualResNet("resnet18", proj_dim=64), tmp_path / "proj_128.pth")
     message = str(err.value)
-    assert "s2_13_bands.pth" in message
-    assert "backbone2.conv1.weight (file (64, 13, 7, 7), model (64, 4, 7, 7))" in message
+    assert "proj_128.pth" in message
+    assert "backbone1.fc.2.weight (file (128, 512), model (64, 512))" in message
+
+
+def test_a_checkpoint_for_other_band_counts_is_refused_or_its_first_layer_starts_fresh(resnet18, tmp_path, caplog):
+    save_checkpoint(resnet18, tmp_path / "s2_13_bands.pth")
+    with pytest.raises(BandCountError) as err:
+        load_checkpoint(DualResNet("resnet18", s2_channels=12), tmp_path / "s2_13_bands.pth")
+    assert str(err.value) == (f"{tmp_path / 's2_13_bands.pth'}: its S2 first layer (backbone2.conv1.weight) takes 13 "
+                              "bands, but the data has 12 S2 bands")
+    torch.manual_seed(1)
+    model = DualResNet("resnet18", s2_channels=12)
+    init = model.backbone2.conv1.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="models"):
+        missing, _ = load_checkpoint(model, tmp_path / "s2_13_bands.pth", fresh_first_conv=True)
+    assert missing == ["backbone2.conv1.weight"] and "that layer starts fresh" in caplog.text
+    assert torch.equal(model.backbone2.conv1.weight, init)
+    for key, value in resnet18.state_dict().items():
+        if key != "backbone2.conv1.weight":
+            assert torch.equal(model.state_dict()[key], value), key
 
 
 def test_missing_and_unexpected_keys_raise_unless_not_strict(resnet18, tmp_path):
@@ -424,3 +446,118 @@ def test_checkpoints_with_non_finite_weights_or_random_bytes_are_named(tmp_path)
         with pytest.raises(ValueError, match="is not a (readable )?PyTorch") as error:
             load_checkpoint(model, tmp_path / "random.pth")
         assert "weights_only=False" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-modality backbones (TorchGeo's SSL4EO-S12 layout)
+
+
+def ssl4eo_file(path: Path, bands: int, arch: str = "resnet18", seed: int = 0, fc: bool = False) -> dict:
+    """A torchvision ResNet's state dict with a first conv for `bands` bands and, unless `fc`, no
+    classifier: TorchGeo's layout. Every tensor random, batch-norm statistics included (variances
+    positive, weights small: a usable network)."""
+    torch.manual_seed(seed)
+    net = torchvision.models.get_model(arch, weights=None)
+    net.conv1 = nn.Conv2d(bands, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    state = {k: v for k, v in net.state_dict().items() if fc or not k.startswith("fc.")}
+    for k, v in state.items():
+        if v.is_floating_point():
+            v.copy_(torch.rand_like(v) + 0.5 if k.endswith("running_var") else 0.05 * torch.randn_like(v))
+    torch.save(state, path)
+    return state
+
+
+def test_ssl4eo_backbones_load_tensor_for_tensor_and_the_heads_start_fresh(tmp_path, caplog):
+    s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
+    net = DualResNet("resnet18")
+    heads = {k: v.clone() for k, v in net.state_dict().items() if k.startswith(("fc.", "backbone1.fc", "backbone2.fc"))}
+    with caplog.at_level(logging.INFO, logger="models"):
+        load_backbone_weights(net, s1=tmp_path / "s1.pth", s2=str(tmp_path / "s2.pth"))
+    for backbone, state in ((net.backbone1, s1), (net.backbone2, s2)):
+        loaded = backbone.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in heads.items())
+    assert "projection head starts fresh" in caplog.text and "The classifier (fc) starts fresh" in caplog.text
+
+    only_s2 = DualResNet("resnet18")
+    before = {k: v.clone() for k, v in only_s2.backbone1.state_dict().items()}
+    load_backbone_weights(only_s2, s2=tmp_path / "s2.pth")
+    assert all(torch.equal(only_s2.backbone1.state_dict()[k], v) for k, v in before.items())
+    assert torch.equal(only_s2.backbone2.conv1.weight, s2["conv1.weight"])
+
+
+def test_a_backbone_file_for_another_band_count_is_refused_naming_it(tmp_path):
+    state = ssl4eo_file(tmp_path / "l2a_12.pth", 12)
+    with pytest.raises(BandCountError) as err:
+        load_backbone_weights(DualResNet("resnet18"), s2=tmp_path / "l2a_12.pth")
+    assert str(err.value) == (f"{tmp_path / 'l2a_12.pth'}: its S2 first layer (conv1.weight) takes 12 bands, "
+                              "but the data has 13 S2 bands")
+    net = DualResNet("resnet18")
+    init = net.backbone2.conv1.weight.clone()
+    assert load_backbone_weights(net, s2=tmp_path / "l2a_12.pth", fresh_first_conv=True) == ["backbone2.conv1.weight"]
+    assert torch.equal(net.backbone2.conv1.weight, init)
+    assert torch.equal(net.backbone2.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    matching = DualResNet("resnet18", s2_channels=12)
+    load_backbone_weights(matching, s2=tmp_path / "l2a_12.pth")
+    assert torch.equal(matching.backbone2.conv1.weight, state["conv1.weight"])
+
+
+def test_backbone_files_with_other_keys(tmp_path, caplog):
+    state = ssl4eo_file(tmp_path / "s1.pth", 2)
+    # a whole torchvision classifier net: its fc is ignored; batch-norm counters may be missing
+    with_fc = ssl4eo_file(tmp_path / "with_fc.pth", 2, fc=True)
+    torch.save({k: v for k, v in with_fc.items() if not k.endswith("num_batches_tracked")}, tmp_path / "with_fc.pth")
+    net = DualResNet("resnet18")
+    head = net.backbone1.fc[0].weight.clone()
+    with caplog.at_level(logging.INFO, logger="models"):
+        load_backbone_weights(net, s1=tmp_path / "with_fc.pth")
+    assert torch.equal(net.backbone1.fc[0].weight, head)
+    assert torch.equal(net.backbone1.bn1.weight, with_fc["bn1.weight"])
+    assert "ignored the file's classifier fc.weight, fc.bias" in caplog.text
+
+    torch.save({**state, "extra.x": torch.zeros(1), "layer9.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"extra\.pth is not a resnet18 S1 backbone .*unexpected keys \(2\): extra\.x"):
+        load_backbone_weights(DualResNet("resnet18"), s1=tmp_path / "extra.pth")
+    torch.save({k: v for k, v in state.items() if k != "layer4.1.bn2.weight"}, tmp_path / "short.pth")
+    with pytest.raises(ValueError, match=r"short\.pth .*missing keys \(1\): layer4\.1\.bn2\.weight$"):
+        load_backbone_weights(DualResNet("resnet18"), s1=tmp_path / "short.pth")
+    ssl4eo_file(tmp_path / "r34.pth", 2, arch="resnet34")
+    with pytest.raises(ValueError, match=r"r34\.pth is not a resnet18 S1 backbone .*unexpected keys"):
+        load_backbone_weights(DualResNet("resnet18"), s1=tmp_path / "r34.pth")
+    nan = {**state, "bn1.weight": torch.full_like(state["bn1.weight"], float("nan"))}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in nan.items()}}, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan\.pth: non-finite values .*bn1\.weight"):
+        load_backbone_weights(DualResNet("resnet18"), s1=tmp_path / "nan.pth")
+
+
+def test_named_backbones_download_into_torch_hubs_cache_and_check_the_hash(tmp_path, monkeypatch):
+    import hashlib
+
+    contents = {"s1": b"s1 weights", "s2": b"s2 weights"}
+    urls = {m: f"https://example.org/{m}-{hashlib.sha256(c).hexdigest()[:8]}.pth" for m, c in contents.items()}
+    monkeypatch.setitem(models.PRETRAINED_BACKBONES, "fake", urls)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    fetched = []
+
+    def fetch(url, path, progress):
+        fetched.append(url)
+        path.write_bytes(contents[url.split("/")[-1][:2]] if "example.org" in url else b"not the published file")
+
+    monkeypatch.setattr(models, "_fetch", fetch)
+    files = models.pretrained_backbone_files("fake")
+    assert files == {m: tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1] for m, url in urls.items()}
+    assert fetched == [urls["s1"], urls["s2"]] and files["s2"].read_bytes() == b"s2 weights"
+    assert models.pretrained_backbone_files("fake") == files and len(fetched) == 2  # cached: no second download
+
+    # TorchGeo's MoCo pair: a download whose hash differs is deleted and refused, naming the URL
+    with pytest.raises(ValueError, match=r"resnet50_sentinel1_all_moco-906e4356\.pth: the download has SHA-256 .*"
+                                         r"expected 906e4356"):
+        models.pretrained_backbone_files("ssl4eo-moco")
+    assert fetched[-1].startswith("https://hf.co/torchgeo/resnet50_sentinel1_all_moco/resolve/")
+    assert not (tmp_path / "hub" / "checkpoints" / "resnet50_sentinel1_all_moco-906e4356.pth").exists()
+    # a damaged cached file is refused, not silently replaced
+    files["s1"].write_bytes(b"damaged")
+    with pytest.raises(ValueError, match=r"s1-[0-9a-f]{8}\.pth: SHA-256 .* delete it to download it again"):
+        models.pretrained_backbone_files("fake")
+    with pytest.raises(ValueError, match="unknown pre-trained backbones 'moco'; known: ssl4eo-moco, ssl4eo-decur"):
+        models.pretrained_backbone_files("moco")

@@ -12,13 +12,17 @@ import torch
 
 import dfc_finetune
 import engine
+import flags
 import meterml_finetune
 import meterml_pretrain
+import models
+import process
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
 from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import RunFolderError
-from synthetic_data import write_dfc2020, write_meterml
+from synthetic_data import write_dfc2020, write_manifest, write_meterml
+from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]
@@ -181,6 +185,11 @@ def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path, cap
     (meterml_finetune, [], "MODEL_WEIGHTS) is required"),
     (dfc_finetune, ["--use_sup_con", "--frozen_bn_eval"], "would change nothing"),
     (dfc_finetune, ["--eval_split", "validation"], "--allow_same_split"),
+    (dfc_finetune, ["--model_path", "w.pth", "--s2_backbone", "s2.pth"], "give one of the two"),
+    (dfc_finetune, ["--backbones", "ssl4eo-moco", "--s1_backbone", "s1.pth"], "not both"),
+    (dfc_finetune, ["--backbones", "ssl4eo-moco", "--arch", "resnet18"], "pass --arch resnet50"),
+    (dfc_finetune, ["--fresh_first_conv", "--model_path", "random"], "changes nothing without pre-trained weights"),
+    (dfc_finetune, ["--normalize", "imagenet"], "--normalize: invalid choice"),
     (meterml_pretrain, ["--no_augs", "--use_pairs", "--two_augmented_views"], "nothing to augment"),
 ])
 def test_invalid_flag_combinations_are_refused(script, argv, message, capsys):
@@ -411,3 +420,92 @@ def test_ignored_labels_are_counted_and_undocumented_codes_refused_before_the_ru
         dfc_finetune.main([*argv, "--save_path", str(tmp_path / "run2")])
     assert exit_info.value.code == 2 and not (tmp_path / "run2").exists()
     assert "42: 1024" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pre-trained backbones
+
+DFC_TINY = ["--arch", "resnet18", "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4",
+            "--epochs", "1"]
+
+
+def frozen_weights_equal(state: dict, prefix: str, file: dict) -> bool:
+    """The file's tensors in `state` under `prefix`, batch-norm running statistics aside (they move)."""
+    return all(torch.equal(state[prefix + k], v) for k, v in file.items()
+               if "running" not in k and "num_batches" not in k)
+
+
+def test_dfc_finetune_starts_from_ssl4eo_layout_files(dfc_root, tmp_path):
+    s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
+    run = tmp_path / "run"
+    results = dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(run), *DFC_TINY, "--use_sup_con",
+                                 "--s1_backbone", str(tmp_path / "s1.pth"), "--s2_backbone", str(tmp_path / "s2.pth"),
+                                 "--normalize", "ssl4eo"])
+    config = json.loads((run / "config.json").read_text())
+    assert (config["normalize"], config["backbones"], config["fresh_first_conv"]) == ("ssl4eo", None, False)
+    assert config["s1_backbone"] == str(tmp_path / "s1.pth") and config["s2_backbone"] == str(tmp_path / "s2.pth")
+    state = torch.load(run / "last.pt", weights_only=False)["state_dict"]
+    assert frozen_weights_equal(state, "backbone1.", s1) and frozen_weights_equal(state, "backbone2.", s2)
+    last = results["last"]
+    assert -1 <= last["kappa"] <= 1 and 0 <= last["macro_F1"] <= 100
+    assert {"kappa", "macro_F1"} <= set(read_jsonl(run / "metrics.jsonl")[-1])
+
+
+def test_dfc_finetune_downloads_named_backbones_with_the_fetch_mocked(dfc_root, tmp_path, monkeypatch, caplog):
+    import hashlib
+
+    files = {"s1": ssl4eo_file(tmp_path / "s1.pth", 2, seed=0), "s2": ssl4eo_file(tmp_path / "s2.pth", 13, seed=1)}
+    data = {m: (tmp_path / f"{m}.pth").read_bytes() for m in files}
+    urls = {m: f"https://example.org/{m}-{hashlib.sha256(b).hexdigest()[:8]}.pth" for m, b in data.items()}
+    monkeypatch.setitem(models.PRETRAINED_BACKBONES, "ssl4eo-moco", urls)
+    monkeypatch.setattr(flags, "PRETRAINED_ARCH", "resnet18")  # resnet18 files here: a fast run of the same path
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "_fetch", lambda url, path, progress: path.write_bytes(data[url.split("/")[-1][:2]]))
+    run = tmp_path / "run"
+    with caplog.at_level("INFO"):
+        dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(run), *DFC_TINY,
+                           "--backbones", "ssl4eo-moco"])
+    cached = sorted(p.name for p in (tmp_path / "hub" / "checkpoints").iterdir())
+    assert cached == sorted(u.rsplit("/", 1)[1] for u in urls.values())
+    assert json.loads((run / "config.json").read_text())["backbones"] == "ssl4eo-moco"
+    state = torch.load(run / "last.pt", weights_only=False)["state_dict"]
+    assert frozen_weights_equal(state, "backbone1.", files["s1"])
+    assert frozen_weights_equal(state, "backbone2.", files["s2"])
+    assert "trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds --normalize seed" in caplog.text
+    assert "The classifier (fc) starts fresh" in caplog.text
+    assert "projection heads start fresh and stay frozen" in caplog.text
+
+
+def test_weights_for_other_band_counts_are_refused_before_the_run_folder(dfc_root, tmp_path, capsys):
+    ssl4eo_file(tmp_path / "s2_12.pth", 12)
+    argv = ["--data_root", str(dfc_root), *DFC_TINY, "--s2_backbone", str(tmp_path / "s2_12.pth")]
+    with pytest.raises(SystemExit) as exit_info:
+        dfc_finetune.main([*argv, "--save_path", str(tmp_path / "refused")])
+    assert exit_info.value.code == 2 and not (tmp_path / "refused").exists()
+    assert (f"{tmp_path / 's2_12.pth'}: its S2 first layer (conv1.weight) takes 12 bands, but the data has 13 S2 "
+            "bands; --fresh_first_conv starts that layer afresh") in capsys.readouterr().err
+    dfc_finetune.main([*argv, "--fresh_first_conv", "--finetune", "--save_path", str(tmp_path / "fresh")])
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["fresh_first_conv"] is True
+
+    # a whole dual ResNet for 13 S2 bands, and a 12-band L2A manifest
+    torch.save({"state_dict": DualResNet("resnet18").state_dict()}, tmp_path / "dual13.pth")
+    pairs = write_manifest(tmp_path / "own", n=10, size=32)
+    with pytest.raises(SystemExit):
+        dfc_finetune.main(["--data_root", str(pairs), "--train_split", "train", "--eval_split", "val", *DFC_TINY,
+                           "--model_path", str(tmp_path / "dual13.pth"), "--save_path", str(tmp_path / "refused")])
+    assert (f"{tmp_path / 'dual13.pth'}: its S2 first layer (backbone2.conv1.weight) takes 13 bands, but the data has "
+            "12 S2 bands; --fresh_first_conv starts that layer afresh") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("normalize", ["seed", "ssl4eo"])
+def test_only_seed_normalisation_renormalises_the_augmented_views(normalize):
+    args = dfc_finetune.build_parser().parse_args(["--use_sup_con", "--degrees", "0", "--normalize", normalize])
+    views = dfc_finetune.build_views(args, process.Context(torch.device("cpu")))
+    g = torch.Generator().manual_seed(0)
+    batch = {"s1": torch.rand(3, 2, 8, 8, generator=g) * 5 - 3, "s2": torch.rand(3, 13, 8, 8, generator=g) * 0.4}
+    batch["s1"] = batch["s1"].abs() if normalize == "seed" else batch["s1"]
+    originals, augmented = views.with_augmented(batch, epoch=0, step=0)
+    for m in ("s1", "s2"):
+        # degrees 0: the views are flips of the originals, the same values per channel
+        peak = originals[m].amax(dim=(-2, -1))
+        expected = peak / (peak + 1e-5) if normalize == "seed" else peak
+        torch.testing.assert_close(augmented[m].amax(dim=(-2, -1)), expected)

@@ -21,6 +21,7 @@ import sen12ms_pretrain
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_sen12ms
+from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--workers", "0"]
@@ -182,11 +183,34 @@ def test_variants_run_a_step(sen12ms_root, tmp_path, flag):
     (["--schedule", "cosine", "--warmup_epochs", "1"], "--warmup_epochs"),
     (["--seasons", "monsoon"], "--seasons"),
     (["--arch", "resnet42"], "--arch"),
+    (["--fresh_first_conv"], "changes nothing without pre-trained weights"),
+    (["--backbones", "ssl4eo-moco"], "pass --arch resnet50"),
+    (["--backbones", "ssl4eo-moco", "--s2_backbone", "s2.pth"], "not both"),
 ])
 def test_impossible_flags_are_refused_before_data_is_read(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
         sen12ms_pretrain.main(["--data_root", str(tmp_path / "absent"), *TINY, *flags])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pretraining_continues_from_ssl4eo_layout_backbones(sen12ms_root, tmp_path, capsys):
+    s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
+    run = tmp_path / "run"
+    sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY, "--lr", "0", "--augment",
+                           "--normalize", "ssl4eo", "--s1_backbone", str(tmp_path / "s1.pth"),
+                           "--s2_backbone", str(tmp_path / "s2.pth")])
+    config = json.loads((run / "config.json").read_text())
+    assert config["normalize"] == "ssl4eo" and config["s2_backbone"] == str(tmp_path / "s2.pth")
+    state = torch.load(run / "checkpoint.pth", weights_only=True)["state_dict"]
+    for prefix, file in (("backbone1.", s1), ("backbone2.", s2)):  # lr 0: the weights are the files'
+        assert all(torch.equal(state[prefix + k], v) for k, v in file.items()
+                   if "running" not in k and "num_batches" not in k)
+    ssl4eo_file(tmp_path / "s1_1band.pth", 1)
+    with pytest.raises(SystemExit):
+        sen12ms_pretrain.main(["--data_root", str(sen12ms_root), *TINY, "--s1_backbone", str(tmp_path / "s1_1band.pth"),
+                               "--save_path", str(tmp_path / "refused")])
+    assert "takes 1 band, but the data has 2 S1 bands; --fresh_first_conv" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 # ----------------------------------------------------------------------------- torchrun

@@ -441,8 +441,12 @@ def test_interpretation_pairs_seeds_and_flags_unaligned_embeddings(tmp_path):
 
     text = summarize.interpretation_of("METER-ML", groups)
     assert "### METER-ML: interpretation" in text
-    assert "| s1s2_fused SupCon+CE | s1 SupCon+CE | scenario | 0: +10.00; 1: +12.00 | +11.00 | 1.41 | 2 |" in text
-    assert "| s1s2_fused SupCon+CE | s1s2_fused CE | use_sup_con | 0: +4.00; 1: +5.00; 2: +6.00 | +5.00 | 1.00 | 3 |" in text
+    # t-tests by hand: t = 11 / (sqrt(2) / sqrt(2)) with 1 degree of freedom, p = 1 - 2 atan(t) / pi = 0.0577;
+    # t = 5 / (1 / sqrt(3)) with 2, p = 1 - t / sqrt(t^2 + 2) = 0.0131. Wilcoxon, all differences positive: 2 / 2^n
+    assert ("| s1s2_fused SupCon+CE | s1 SupCon+CE | scenario | 0: +10.00; 1: +12.00 | +11.00 | 1.41 | 2 "
+            "| 0.058 | 0.500 | too few seeds to conclude (2 < 5) |") in text
+    assert ("| s1s2_fused SupCon+CE | s1s2_fused CE | use_sup_con | 0: +4.00; 1: +5.00; 2: +6.00 | +5.00 | 1.00 | 3 "
+            "| 0.013 | 0.250 | too few seeds to conclude (3 < 5) |") in text
     assert "s2 SupCon+CE aug" not in text
     assert ("In s1s2_fused SupCon+CE (seed 0) the S1 and S2 features of one sample are no closer (cosine 0.86) than "
             "those of random pairs (0.85; margin 0.01): the two encoders do not align the modalities.") in text
@@ -460,3 +464,38 @@ def test_a_truncated_results_json_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         summarize.main([str(tmp_path)])
     assert f"{tmp_path / 'r0' / 'results.json'}: not valid JSON" in str(exit_info.value)
+
+
+@pytest.mark.parametrize("differences, t_p, wilcoxon_p, conclusion", [
+    # mean 3, std sqrt(2.5): t = 3 sqrt(2) with 4 degrees of freedom, two-sided p = 1 - t (t^2 + 6) / (t^2 + 4)^1.5
+    ([1.0, 2.0, 3.0, 4.0, 5.0], 1 - 18 ** 0.5 * 24 / 22 ** 1.5, 2 / 32, "A > B (t-test p < 0.05)"),
+    ([-1.0, -2.0, -3.0, -4.0, -5.0], 1 - 18 ** 0.5 * 24 / 22 ** 1.5, 2 / 32, "A < B (t-test p < 0.05)"),
+    ([1.0, -1.0, 2.0, -2.0, 0.0], 1.0, 1.0, "no significant difference (t-test p ≥ 0.05)"),
+    ([2.0] * 6, math.nan, 2 / 64, "p undefined: every seed gives the same difference"),
+    ([4.0, 5.0, 6.0], 1 - 75 ** 0.5 / 77 ** 0.5, 2 / 8, "too few seeds to conclude (3 < 5)"),
+    ([1.5], math.nan, 1.0, "too few seeds to conclude (1 < 5)"),
+])
+def test_paired_test_by_hand(differences, t_p, wilcoxon_p, conclusion):
+    found = summarize.paired_test(differences)
+    assert found["t_p"] == pytest.approx(t_p, nan_ok=True)
+    assert found["wilcoxon_p"] == pytest.approx(wilcoxon_p) and found["conclusion"] == conclusion
+
+
+def test_kappa_and_macro_f1_rows_and_the_printed_paired_comparison(tmp_path, capsys):
+    for seed in range(5):
+        for name, aa, kappa, sup in (("SupCon+CE", 70.0 + seed, 0.5 + seed / 100, True), ("CE", 60.0, 0.4, False)):
+            last = {**evaluation(3, {"Forest": aa, "Water": aa}, aa, aa), "kappa": kappa, "macro_F1": aa - 1}
+            write_run(tmp_path / f"{name}{seed}", name, seed, last, use_sup_con=sup)
+    # a run that recorded no kappa and F1
+    write_run(tmp_path / "old", "old", 0, evaluation(3, {"Forest": 1.0, "Water": 1.0}, 1.0, 1.0))
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| **kappa** | **0.400 ± 0.000** | **0.520 ± 0.016** | **–** |" in out  # stdev of 0.50 ... 0.54 = 0.0158
+    assert "| **macro F1** | **59.00 ± 0.00** | **71.00 ± 1.58** | **–** |" in out
+    assert "### DFC2020: paired comparisons" in out
+    assert ("| SupCon+CE | CE | use_sup_con | 0: +10.00; 1: +11.00; 2: +12.00; 3: +13.00; 4: +14.00 "
+            "| +12.00 | 1.58 | 5 |") in out
+    t = 12 / (2.5 ** 0.5 / 5 ** 0.5)  # 4 degrees of freedom: p = 1 - t (t^2 + 6) / (t^2 + 4)^1.5 = 7.1e-05
+    assert f"| {1 - t * (t * t + 6) / (t * t + 4) ** 1.5:.1e} | 0.062 | A > B (t-test p < 0.05) |" in out
+    groups = summarize.group_runs(runs_in(tmp_path))["DFC2020"]
+    assert summarize.bars_of(groups)["rows"] == ["Forest", "Water", "AA", "OA"]  # the accuracy figure keeps its rows
