@@ -94,6 +94,13 @@ def training_items(args: argparse.Namespace, train_set: DFC2020Dataset) -> tuple
     return indices, 1.0 / torch.bincount(labels)[labels].float()
 
 
+def build_eval_set(args: argparse.Namespace, root, split: str) -> DFC2020Dataset:
+    """The evaluation data as the run reads it: one --eval_crop window per patch at its fixed
+    --eval_offset_seed offset (whole patches with --eval_crop 0). predict.py calls it with a run's
+    config.json, so that it reads the windows the run's evaluations read."""
+    return DFC2020Dataset(root, split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed)
+
+
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet (weights from --model_path; only the classifier trains without
     --finetune) and the method's forward pass over it, on the device."""
@@ -143,7 +150,7 @@ def main(argv=None) -> dict:
 
     try:
         train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
-        eval_set = DFC2020Dataset(args.data_root, args.eval_split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed)
+        eval_set = build_eval_set(args, args.data_root, args.eval_split)
     except CropError as error:
         parser.error(f"{error} (--crop {args.crop}, --eval_crop {args.eval_crop})")
     indices, weights = training_items(args, train_set)
