@@ -15,6 +15,7 @@ Usage:
     python synthetic_data.py meterml OUT --n 1000 --seed 0
     python synthetic_data.py dfc2020 OUT --n 100 --seed 0
     python synthetic_data.py sen12ms OUT --n 20 --seed 0
+    python synthetic_data.py scene OUT --rows 4 --cols 4 --size 64 --seed 0
 """
 import argparse
 import json
@@ -276,6 +277,32 @@ def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int 
     return root
 
 
+# The 8 DFC2020 classes (Forest 0 ... Water 7) of DFC codes 0-10; Savanna, Snow/Ice and unlabelled: 255.
+_CLASS_OF_DFC = np.full(256, 255, dtype=np.uint8)
+_CLASS_OF_DFC[[1, 2, 4, 5, 6, 7, 9, 10]] = np.arange(8)
+_DFC_CLASS_NAMES = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
+
+
+def write_scene(root: str | Path, rows: int = 4, cols: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write a co-registered S1 / S2 scene pair, a mosaic of rows x cols DFC2020-like patches of
+    ``size`` px, and its true classes, under ``root``: ``s1.tif`` (2 bands float32 dB, a few NaN),
+    ``s2.tif`` (13 bands uint16) and ``truth.tif`` (1 band uint8, the 8 DFC2020 classes 0-7, 255
+    where ignored; the class names in its ``classes`` tag), all on one UTM 10 m grid.
+    Returns {"s1", "s2", "truth"} -> path."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 200])
+    crs, transform = _georeference(rng)
+    patches = [[_patch(rng, size) for _ in range(cols)] for _ in range(rows)]
+    mosaic = {m: np.block([[p[m] for p in row] for row in patches]) for m in ("s1", "s2", "dfc")}
+    paths = {m: root / f"{m}.tif" for m in ("s1", "s2", "truth")}
+    _write_tif(paths["s1"], mosaic["s1"], crs, transform)
+    _write_tif(paths["s2"], mosaic["s2"], crs, transform)
+    _write_tif(paths["truth"], _CLASS_OF_DFC[mosaic["dfc"]], crs, transform)
+    with rasterio.open(paths["truth"], "r+") as dst:
+        dst.update_tags(classes=json.dumps(_DFC_CLASS_NAMES))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="dataset", required=True)
@@ -295,6 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     sen12ms.add_argument("--n", type=int, default=25, help="patches PER SEASON; default 25")
     sen12ms.add_argument("--size", type=int, default=256, help="patch size in px; default 256 as the real data")
     sen12ms.add_argument("--seed", type=int, default=0)
+    scene = commands.add_parser("scene", allow_abbrev=False,
+                                help="an S1 / S2 scene pair tiled from DFC2020-like patches, and its true classes")
+    scene.add_argument("out", type=Path)
+    scene.add_argument("--rows", type=int, default=4, help="patches down; default 4")
+    scene.add_argument("--cols", type=int, default=4, help="patches across; default 4")
+    scene.add_argument("--size", type=int, default=64, help="patch size in px; default 64")
+    scene.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -302,8 +336,10 @@ def main(argv: list[str] | None = None) -> None:
         write_meterml(args.out, args.n, args.seed, val_fraction=args.val_fraction)
     elif args.dataset == "dfc2020":
         write_dfc2020(args.out, args.n, args.n if args.n_test is None else args.n_test, args.seed, args.size)
-    else:
+    elif args.dataset == "sen12ms":
         write_sen12ms(args.out, args.n, args.seed, args.size)
+    else:
+        write_scene(args.out, args.rows, args.cols, args.size, args.seed)
     logger.info("wrote a synthetic %s data set to %s", args.dataset, args.out)
 
 
