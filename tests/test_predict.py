@@ -11,6 +11,7 @@ from rasterio.crs import CRS
 
 import dfc_finetune
 import predict
+import summarize
 from datasets import DFC2020Dataset
 from metrics import classification_metrics
 from models import DualResNet, load_checkpoint
@@ -179,7 +180,7 @@ def test_mostly_missing_windows_are_nodata(run, mosaic, tmp_path):
     assert info["nodata_cells"] == 2
 
 
-def test_the_synthetic_scene_is_predicted_beside_its_true_classes(run, tmp_path):
+def test_the_synthetic_scene_is_predicted_beside_its_true_classes_and_reported(run, tmp_path, capsys):
     paths = write_scene(tmp_path / "scene", rows=2, cols=2, size=32, seed=0)
     out = tmp_path / "map.tif"
     info = predict.main([str(run), "--s1", str(paths["s1"]), "--s2", str(paths["s2"]), "--truth", str(paths["truth"]),
@@ -189,3 +190,12 @@ def test_the_synthetic_scene_is_predicted_beside_its_true_classes(run, tmp_path)
         expected = 100 * (pred.read(1)[both] == true.read(1)[both]).mean()
     assert info["agreement"] == pytest.approx(expected) and info["grid"] == [2, 2]
     assert json.loads(out.with_suffix(".json").read_text())["agreement"] == pytest.approx(expected)
+
+    summarize.main([str(run), "--report", str(tmp_path / "report"), "--maps", str(out)])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Predicted maps" in report and "![predicted map map.tif](map_1_map.png)" in report
+    assert f"{expected:.1f} % of the pixels labelled in both agree" in report
+    assert (tmp_path / "report" / "map_1_map.png").read_bytes() == out.with_suffix(".png").read_bytes()
+    with pytest.raises(SystemExit):
+        summarize.main([str(run), "--maps", str(out)])
+    assert "--maps needs --report" in capsys.readouterr().err
