@@ -252,8 +252,8 @@ def write_report(out: Path, sections: dict[str, dict], notes: list[str], publish
                  sources=(), maps=()) -> Path:
     """Write OUT/report.md (MARKER its first line) and its figures; returns the path of report.md.
 
-    `sections`: data set -> summarize.report_data's plain data; `maps`: see maps_section. Refuses (NotOurReportError) to
-    replace a report.md that was not written here, before writing anything.
+    `sections`: data set -> summarize.report_data's plain data; `maps`: see maps_section. Refuses
+    (NotOurReportError) to replace a report.md that was not written here, before writing anything.
     """
     out = Path(out)
     ours_to_replace(out)
