@@ -2,7 +2,8 @@
 # The whole pipeline on small synthetic data, sized for 2 CPU cores (4-5 minutes): METER-ML
 # pre-training and fine-tuning (s1, s2, s1s2_fused; CE and SupCon+CE; two seeds), SEN12MS
 # pre-training of a dual ResNet-18 and its fine-tuning on DFC2020 (CE and SupCon+CE; two seeds),
-# the embeddings of one seed, then the summary tables and a report.
+# the embeddings of one seed, a synthetic S1 / S2 scene classified into a map (predict.py), then
+# the summary tables and a report.
 # The numbers come from synthetic data: they show that the pipeline works, not the published
 # results. Runs are short, so learning rates are higher than the published ones (docs/testing.md).
 #   bash demo.sh          (make demo builds .venv first)
@@ -106,12 +107,24 @@ embed() {
 step "t-SNE and kNN of the seed-$first s1s2_fused and DFC2020 runs (embed.py)"
 in_parallel "embed meterml/s1s2_fused-ce meterml/s1s2_fused-supcon-ce" "embed dfc2020/ce dfc2020/supcon-ce"
 
-# The demo's checkpoints (hundreds of MB of SmallAlexNet weights) are of no further use.
-find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) -delete
+step "predicting a synthetic scene of 4 x 4 patches of 64 px with the seed-$first DFC2020 CE run (predict.py)"
+"$PYTHON" "$HERE/synthetic_data.py" scene "$OUT/data/scene" --rows 4 --cols 4 --size 64 --seed 0 >> "$LOGS/data.log"
+scene=$OUT/data/scene
+if ! "$PYTHON" "$HERE/predict.py" "$OUT/runs/dfc2020/ce-seed$first" --s1 "$scene/s1.tif" --s2 "$scene/s2.tif" \
+    --truth "$scene/truth.tif" --out "$OUT/runs/scene/map.tif" > "$LOGS/predict.log" 2>&1; then
+  tail -n 30 "$LOGS/predict.log" >&2
+  echo "demo: predict failed; its log: $LOGS/predict.log" >&2
+  exit 1
+fi
+
+# The demo's checkpoints (hundreds of MB of SmallAlexNet weights) are of no further use, but for
+# the one predict.py reads.
+find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) ! -path "$OUT/runs/dfc2020/ce-seed$first/last.pt" -delete
 step "done: run folders in $OUT/runs, logs in $LOGS"
 echo
 echo "Results on SYNTHETIC data ($(( $(date +%s) - start )) s on this machine):"
 echo
-"$PYTHON" "$HERE/summarize.py" "$OUT/runs/meterml" "$OUT/runs/dfc2020" --report "$OUT/report"
+"$PYTHON" "$HERE/summarize.py" "$OUT/runs/meterml" "$OUT/runs/dfc2020" --report "$OUT/report" \
+  --maps "$OUT/runs/scene/map.tif"
 echo
 echo "Report with figures: $OUT/report/report.md"

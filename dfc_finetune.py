@@ -34,8 +34,18 @@ from augment import Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
 from engine import train_one_epoch
 from losses import SupConCELoss
-from models import (RESNETS, BandCountError, DualResNet, MultiModalNet, count_trainable, freeze_all_but,
-                    load_backbone_weights, load_checkpoint, param_groups, pretrained_backbone_files)
+from models import (
+    RESNETS,
+    BandCountError,
+    DualResNet,
+    MultiModalNet,
+    count_trainable,
+    freeze_all_but,
+    load_backbone_weights,
+    load_checkpoint,
+    param_groups,
+    pretrained_backbone_files,
+)
 from rundir import RunDir, default_run_path
 
 log = logging.getLogger("dfc_finetune")
@@ -102,6 +112,14 @@ def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[l
     if args.balanced_class == "copies":
         return [indices[i] for i in balanced_indices(labels).tolist()], None
     return indices, 1.0 / torch.bincount(labels)[labels].float()
+
+
+def build_eval_set(args: argparse.Namespace, root, split: str) -> PatchDataset:
+    """The evaluation data as the run reads it: one --eval_crop window per patch at its fixed
+    --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize; DFC2020 or a
+    manifest. predict.py calls it with a run's config.json, to read the windows its evaluations read."""
+    return patch_dataset(root, split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed,
+                         normalize=args.normalize)
 
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
@@ -171,8 +189,7 @@ def main(argv=None) -> dict:
     try:
         train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
                                   normalize=args.normalize)
-        eval_set = patch_dataset(args.data_root, args.eval_split, crop=args.eval_crop or None,
-                                 offset_seed=args.eval_offset_seed, normalize=args.normalize)
+        eval_set = build_eval_set(args, args.data_root, args.eval_split)
         # Every label map read once: undocumented codes stop here, before the run folder exists.
         found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
                                                                        (args.eval_split, eval_set))}

@@ -230,12 +230,30 @@ def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[s
     return lines + [""]
 
 
+def maps_section(out: Path, maps: list[dict]) -> list[str]:
+    """Markdown lines showing predict.py's scene maps: each MAP.png (the map beside the true
+    classes when predict.py had them, with a legend) copied into `out`, and its numbers. `maps`:
+    the MAP.json of each, plus "png" (the path of MAP.png)."""
+    lines = ["## Predicted maps", ""]
+    for i, m in enumerate(maps):
+        name = f"map_{i + 1}_{slug(Path(m['out']).stem)}.png"
+        shutil.copyfile(m["png"], out / name)
+        agree = ("" if m.get("agreement") is None else f" {m['agreement']:.1f} % of the pixels labelled in both "
+                 f"agree with the true classes (`{m['truth']}`).")
+        lines += [f"![predicted map {Path(m['out']).name}]({name})", "",
+                  f"`predict.py` with `{m['run']}` ({m['weights']}) on `{m['s1']}` and `{m['s2']}`: {m['window']} px "
+                  f"windows every {m['stride']} px, each giving its class to the {m['stride']} px cell it starts at; "
+                  f"{m['grid'][0]} x {m['grid'][1]} cells, {m['nodata_cells']} nodata; "
+                  f"{m['windows_per_s']:.0f} windows/s on {m['device']}.{agree}", ""]
+    return lines
+
+
 def write_report(out: Path, sections: dict[str, dict], notes: list[str], published: bool = False,
-                 sources=()) -> Path:
+                 sources=(), maps=()) -> Path:
     """Write OUT/report.md (MARKER its first line) and its figures; returns the path of report.md.
 
-    `sections`: data set -> summarize.report_data's plain data. Refuses (NotOurReportError) to
-    replace a report.md that was not written here, before writing anything.
+    `sections`: data set -> summarize.report_data's plain data; `maps`: see maps_section. Refuses
+    (NotOurReportError) to replace a report.md that was not written here, before writing anything.
     """
     out = Path(out)
     ours_to_replace(out)
@@ -280,6 +298,8 @@ def write_report(out: Path, sections: dict[str, dict], notes: list[str], publish
         if section["interpretation"]:
             body += [section["interpretation"]]
 
+    if maps:
+        body += maps_section(out, list(maps))
     head = [MARKER, "# Results report", "",
             "Written by `summarize.py --report` from: " + ", ".join(f"`{s}`" for s in sources) + ".", ""]
     head += [f"> Note: {n}" for n in notes] + ([""] if notes else [])

@@ -41,8 +41,15 @@ from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
-from models import (RESNETS, BandCountError, DualResNet, MultiModalNet, count_trainable, load_backbone_weights,
-                    pretrained_backbone_files)
+from models import (
+    RESNETS,
+    BandCountError,
+    DualResNet,
+    MultiModalNet,
+    count_trainable,
+    load_backbone_weights,
+    pretrained_backbone_files,
+)
 from rundir import RunDir, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")

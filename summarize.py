@@ -28,11 +28,11 @@ the tables work where matplotlib is missing. A report.md in OUT that this tool d
 never overwritten.
 """
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 import sys
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -654,12 +654,22 @@ def main(argv=None) -> None:
     p.add_argument("--published", action="store_true",
                    help="with --report: mark the paper's published values in the per-class figure "
                         "(off by default: they come from real data, the demo's is synthetic)")
+    p.add_argument("--maps", type=Path, nargs="+", default=[], metavar="MAP.tif",
+                   help="with --report: also show these scene maps of predict.py (their MAP.png and MAP.json)")
     p.add_argument("--select", choices=["AA", "OA"], default=None,
                    help="the metric that picks each run's best evaluation (default: the original's per data set: "
                         "METER-ML OA, DFC2020 AA)")
     args = p.parse_args(argv)
     if args.published and args.report is None:
         p.error("--published needs --report")
+    if args.maps and args.report is None:
+        p.error("--maps needs --report")
+    maps = []
+    for path in args.maps:
+        if not (path.with_suffix(".json").is_file() and path.with_suffix(".png").is_file()):
+            p.error(f"--maps {path}: no {path.with_suffix('.json').name} and {path.with_suffix('.png').name} "
+                    f"beside it; pass a map written by predict.py")
+        maps.append({**json.loads(path.with_suffix(".json").read_text()), "png": path.with_suffix(".png")})
     replacing = False
     if args.report is not None:
         try:
@@ -683,7 +693,7 @@ def main(argv=None) -> None:
     print(markdown(datasets, notes, args.select))
     if args.report is not None:
         written = report.write_report(args.report, report_data(datasets, args.select), notes,
-                                      published=args.published, sources=args.paths)
+                                      published=args.published, sources=args.paths, maps=maps)
         print(f"{'replaced' if replacing else 'wrote'} {written}"
               + (" (written earlier by summarize.py --report)" if replacing else ""), file=sys.stderr)
 

@@ -15,6 +15,7 @@ Usage:
     python synthetic_data.py meterml OUT --n 1000 --seed 0
     python synthetic_data.py dfc2020 OUT --n 100 --seed 0
     python synthetic_data.py sen12ms OUT --n 20 --seed 0
+    python synthetic_data.py scene OUT --rows 4 --cols 4 --size 64 --seed 0
 """
 import argparse
 import json
@@ -26,6 +27,9 @@ import numpy as np
 import rasterio
 from PIL import Image
 from rasterio.crs import CRS
+
+from datasets.labels import DFC_CLASSES, LABEL_CODES
+from datasets.sen12ms import SEASONS
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,6 @@ _S1_CODE = np.array([0, 0, 1, 2, 2, 0, 1, 2, 2, 0, 1])
 _S2_CODE = np.array([0, 0, 0, 2, 0, 1, 1, 1, 2, 2, 2])
 # IGBP codes that map to each DFC code through [0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10].
 _IGBP_OF_DFC = {1: [1, 2, 3, 4, 5], 2: [6, 7], 3: [8, 9], 4: [10], 5: [11], 6: [12, 14], 7: [13], 8: [15], 9: [16], 10: [17]}
-_SEN12MS_SEASONS = ["ROIs1158_spring", "ROIs1868_summer", "ROIs1970_fall", "ROIs2017_winter"]
 
 
 def _smooth_field(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -263,7 +266,7 @@ def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int 
     (another IGBP code of the class in each patch), so the S1 / S2 pairs of a patch share its
     structure and its majority land-cover class, as contrastive pre-training needs. Returns ``root``."""
     root = Path(root)
-    for stream, season in enumerate(_SEN12MS_SEASONS):
+    for stream, season in enumerate(SEASONS.values()):
         rng = np.random.default_rng([seed, 100 + stream])
         scenes = sorted(int(s) for s in rng.choice(np.arange(1, 150), scenes_per_season, replace=False))
         for i, number in enumerate(_patch_numbers(rng, n_per_season)):
@@ -305,6 +308,26 @@ def write_manifest(root: str | Path, n: int = 40, seed: int = 0, size: int = 32,
     return csv
 
 
+def write_scene(root: str | Path, rows: int = 4, cols: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
+    """Write a co-registered S1 / S2 scene pair, a mosaic of rows x cols DFC2020-like patches of
+    ``size`` px, and its true classes, under ``root``: ``s1.tif`` (2 bands float32 dB, a few NaN),
+    ``s2.tif`` (13 bands uint16) and ``truth.tif`` (1 band uint8, the 8 DFC2020 classes 0-7, 255
+    where ignored; the class names in its ``classes`` tag), all on one UTM 10 m grid.
+    Returns {"s1", "s2", "truth"} -> path."""
+    root = Path(root)
+    rng = np.random.default_rng([seed, 200])
+    crs, transform = _georeference(rng)
+    patches = [[_patch(rng, size) for _ in range(cols)] for _ in range(rows)]
+    mosaic = {m: np.block([[p[m] for p in row] for row in patches]) for m in ("s1", "s2", "dfc")}
+    paths = {m: root / f"{m}.tif" for m in ("s1", "s2", "truth")}
+    _write_tif(paths["s1"], mosaic["s1"], crs, transform)
+    _write_tif(paths["s2"], mosaic["s2"], crs, transform)
+    _write_tif(paths["truth"], LABEL_CODES["dfc"].lut[mosaic["dfc"]], crs, transform)
+    with rasterio.open(paths["truth"], "r+") as dst:
+        dst.update_tags(classes=json.dumps(DFC_CLASSES))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="dataset", required=True)
@@ -330,6 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     manifest.add_argument("--n", type=int, default=40, help="pairs; default 40")
     manifest.add_argument("--size", type=int, default=32, help="patch size in px; default 32")
     manifest.add_argument("--seed", type=int, default=0)
+    scene = commands.add_parser("scene", allow_abbrev=False,
+                                help="an S1 / S2 scene pair tiled from DFC2020-like patches, and its true classes")
+    scene.add_argument("out", type=Path)
+    scene.add_argument("--rows", type=int, default=4, help="patches down; default 4")
+    scene.add_argument("--cols", type=int, default=4, help="patches across; default 4")
+    scene.add_argument("--size", type=int, default=64, help="patch size in px; default 64")
+    scene.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -339,8 +369,10 @@ def main(argv: list[str] | None = None) -> None:
         write_dfc2020(args.out, args.n, args.n if args.n_test is None else args.n_test, args.seed, args.size)
     elif args.dataset == "manifest":
         write_manifest(args.out, args.n, args.seed, args.size)
-    else:
+    elif args.dataset == "sen12ms":
         write_sen12ms(args.out, args.n, args.seed, args.size)
+    else:
+        write_scene(args.out, args.rows, args.cols, args.size, args.seed)
     logger.info("wrote a synthetic %s data set to %s", args.dataset, args.out)
 
 

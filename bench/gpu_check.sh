@@ -10,7 +10,9 @@
 #      (random init, --scenario s1s2_fused --use_augs --use_sup_con), meterml_pretrain.py --use_pairs,
 #      sen12ms_pretrain.py (ResNet-50, 128 px crops, batch 200); the DataLoader over the packed
 #      DFC2020 copy (pack.py) with 16 workers;
-#   4. bench/bench_train.py at 224 px, batch 128: original (float32 NCHW) vs default (float32) vs bf16 vs fast, model alone and with
+#   4. bench/bench_predict.py: predict.py's scene path against the evaluation loop, windows/s
+#      (resnet50, 224 px windows, batch 128, 16 workers);
+#   5. bench/bench_train.py at 224 px, batch 128: original (float32 NCHW) vs default (float32) vs bf16 vs fast, model alone and with
 #      a 16-worker DataLoader, evaluation, torch.compile on and off; every figure is printed as it
 #      is measured.
 # Each stage runs under its own `timeout`; the benchmark gets what is left of the 6 minutes, so a
@@ -43,6 +45,8 @@ if [ "$TINY" = 1 ]; then
   SEN12MS=(--device cpu --workers 0 --epochs 1 --batch_size 4 --arch resnet18 --crop 32)
   BENCH=(--tiny --device cpu)
   PACKED=(--tiny --device cpu)
+  PREDICT=(--tiny --device cpu)
+  CAP_PREDICT=30
   CAP_DATA=30; CAP_DFC=60; CAP_METER=60; CAP_PRETRAIN=60; CAP_SEN12MS=60; CAP_PACKED=60
 else
   BUDGET=350
@@ -56,6 +60,8 @@ else
   SEN12MS=(--epochs 2 --batch_size 200 --arch resnet50 --crop 128 --workers 16)
   BENCH=(--crop 224 --batch_size 128 --workers 16)
   PACKED=(--crop 224 --batch_size 128 --workers 16)
+  PREDICT=(--window 224 --batch_size 128 --workers 16)
+  CAP_PREDICT=60
   CAP_DATA=40; CAP_DFC=90; CAP_METER=60; CAP_PRETRAIN=50; CAP_SEN12MS=60; CAP_PACKED=40  # caps, not reservations
 fi
 
@@ -126,6 +132,10 @@ last_epoch sen12ms_pretrain.py
 stage packed_loader "$CAP_PACKED" "pack.py dfc2020, then bench_train.py --parts loader --configs default ${PACKED[*]}" bash -c \
   "'$PYTHON' pack.py dfc2020 '$TMP/dfc2020' '$TMP/dfc2020-packed' && '$PYTHON' bench/bench_train.py --data_root '$TMP/dfc2020-packed' --parts loader --configs default ${PACKED[*]}"
 grep -E "^loader " "$TMP/logs/packed_loader.log" | sed "s/^/gpu_check: packed data: /" || true
+
+# predict.py's scene path against the run's evaluation loop, same model and window size.
+stage bench_predict.py "$CAP_PREDICT" "${PREDICT[*]}" "$PYTHON" bench/bench_predict.py "${PREDICT[@]}"
+grep -E "^predict windows/s" "$TMP/logs/bench_predict.py.log" | sed "s/^/gpu_check: /" || true
 
 # The benchmark prints its figures as it takes them: shown live, kept when it is stopped.
 left=$(( BUDGET - ($(date +%s) - start) ))

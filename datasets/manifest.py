@@ -18,7 +18,7 @@ import torch
 
 from .base import IGNORE, DataFileError
 from .packed import INDEX, PackedSource, PackedSplit, SplitPlan, check_rows, packed_index, patch_columns
-from .patches import PatchDataset, ssl4eo_normalize
+from .patches import PatchDataset
 from .sources import GDAL_OPTIONS, TiffSource
 
 COLUMNS = ("s1", "s2", "label", "split", "id")
@@ -153,12 +153,10 @@ class ManifestDataset(PatchDataset):
         multilabel = torch.zeros(len(self.classes))
         if label != IGNORE:
             multilabel[label] = 1.0
-        item = {"s1": self._s1(arrays["s1"], names["s1"], index), "s2": self._s2(arrays["s2"], names["s2"], index),
-                "label": label, "multilabel": multilabel, "id": self.patch_ids[index]}
+        s1, s2 = self.normalized(arrays["s1"], arrays["s2"], (names["s1"], names["s2"]), index)
+        item = {"s1": s1, "s2": s2, "label": label, "multilabel": multilabel, "id": self.patch_ids[index]}
         if self.return_label_map:
             item["label_map"] = torch.full(item["s1"].shape[-2:], label, dtype=torch.int64)
-        if self.normalize == "ssl4eo":
-            item["s1"], item["s2"] = ssl4eo_normalize(item["s1"], item["s2"])
         return item
 
     def label_report(self) -> dict[str, Any]:

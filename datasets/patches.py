@@ -176,19 +176,21 @@ class PatchDataset(PairedDataset):
             maxima = np.minimum(maxima, 10000)
         return _divide_by_maxima(x, maxima)
 
+    def normalized(self, s1: np.ndarray, s2: np.ndarray, names: tuple[str, str], index: int) -> tuple[Tensor, Tensor]:
+        """The network's inputs (C, h, w) float32 of S1 and S2 windows as read from ``names`` (item
+        ``index`` in the non-finite counts), by this data set's ``normalize`` recipe."""
+        x1, x2 = self._s1(s1, names[0], index), self._s2(s2, names[1], index)
+        return ssl4eo_normalize(x1, x2) if self.normalize == "ssl4eo" else (x1, x2)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w, path))
         label_map = class_map(arrays["label"], names["label"], self.label_codes)
         self._count_all_zero([names[m] for m in ("s1", "s2") if not arrays[m].any()])  # before clipping
         label, multilabel = labels_of_map(label_map, len(self.classes))
-        item: dict[str, Any] = {
-            "s1": self._s1(arrays["s1"], names["s1"], index), "s2": self._s2(arrays["s2"], names["s2"], index),
-            "label": label, "multilabel": multilabel, "id": self.patch_ids[index],
-        }
+        s1, s2 = self.normalized(arrays["s1"], arrays["s2"], (names["s1"], names["s2"]), index)
+        item: dict[str, Any] = {"s1": s1, "s2": s2, "label": label, "multilabel": multilabel, "id": self.patch_ids[index]}
         if self.return_label_map:
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
-        if self.normalize == "ssl4eo":
-            item["s1"], item["s2"] = ssl4eo_normalize(item["s1"], item["s2"])
         return item
 
     def label_report(self) -> dict[str, Any]:

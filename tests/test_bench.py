@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "sen12ms_pretrain.py", "packed_loader", "bench_train.py")
+SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "sen12ms_pretrain.py", "packed_loader",
+           "bench_predict.py", "bench_train.py")
 # What bench_train.py measures on CPU (compile is GPU-only by default; fast evaluates as bf16).
 CONFIGS = ("original", "default", "bf16", "fast")
 FIGURES = [("step", c) for c in CONFIGS] + [("eval", c) for c in CONFIGS[:3]] + [("loader", c) for c in CONFIGS]
@@ -35,3 +36,6 @@ def test_gpu_check_tiny():
     assert "| measurement | configuration |" in done.stdout, output
     packed = [line for line in lines if line.startswith("gpu_check: packed data: loader default batch=4 32px")]
     assert len(packed) == 1 and float(packed[0].split(" samples/s")[0].split()[-1]) > 0, output
+    predict = re.compile(r"gpu_check: predict windows/s: scene ([\d.]+) .* evaluation loop ([\d.]+) ")
+    rates = [m.groups() for m in map(predict.match, lines) if m]
+    assert len(rates) == 1 and min(map(float, rates[0])) > 0, output

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-
-import pack
-import datasets
-import synthetic_data
 from test_datasets import _write_tif
+
+import datasets
+import pack
+import synthetic_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from test_models import ssl4eo_file
 
 import dfc_finetune
 import engine
@@ -22,7 +23,6 @@ from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import RunFolderError
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
-from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]

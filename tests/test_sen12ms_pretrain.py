@@ -3,8 +3,8 @@ checkpoint layout that dfc_finetune.py starts from, resume after a kill, the fla
 import argparse
 import json
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_models import ssl4eo_file
 from torch import nn
 
 import dfc_finetune
@@ -21,7 +22,6 @@ import sen12ms_pretrain
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_sen12ms
-from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--workers", "0"]

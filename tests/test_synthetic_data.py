@@ -14,6 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import synthetic_data
+from datasets import DFC2020Dataset
 
 REPO = Path(__file__).resolve().parents[1]
 METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -136,12 +137,33 @@ def test_sen12ms_layout(tmp_path):
         (["meterml", "--n", "5", "--seed", "2"], "train_dataset.geojson"),
         (["dfc2020", "--n", "2", "--seed", "2", "--size", "16"], "ROIs0000_test/s2_0"),
         (["sen12ms", "--n", "1", "--seed", "2", "--size", "16"], "ROIs2017_winter"),
+        (["scene", "--rows", "1", "--cols", "2", "--size", "16"], "truth.tif"),
     ],
 )
 def test_cli(tmp_path, args, expected):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(REPO / "synthetic_data.py"), args[0], str(out), *args[1:]], check=True, cwd=tmp_path)
     assert (out / expected).exists()
+
+
+def test_scene_is_a_mosaic_of_patches_on_one_grid(tmp_path):
+    paths = synthetic_data.write_scene(tmp_path, rows=2, cols=3, size=16, seed=0)
+    grids, arrays = set(), {}
+    for name, path in paths.items():
+        with rasterio.open(path) as src:
+            grids.add((src.crs, src.transform, src.shape))
+            arrays[name] = src.read()
+            tags = src.tags()
+    assert len(grids) == 1 and grids.pop()[2] == (32, 48)
+    assert arrays["s1"].shape == (2, 32, 48) and arrays["s2"].shape == (13, 32, 48) and arrays["s2"].dtype == np.uint16
+    truth = arrays["truth"][0]
+    assert set(np.unique(truth)) <= set(range(8)) | {255}
+    assert json.loads(tags["classes"]) == DFC2020Dataset.classes
+    # DFC codes 1-10 -> the 8 classes; Savanna (3), Snow/Ice (8) and no label (0, 255) ignored
+    table = dict(enumerate(synthetic_data._CLASS_OF_DFC.tolist()))
+    assert {code: c for code, c in table.items() if c != 255} == {1: 0, 2: 1, 4: 2, 5: 3, 6: 4, 7: 5, 9: 6, 10: 7}
+    assert synthetic_data.write_scene(tmp_path / "again", rows=2, cols=3, size=16, seed=0) and all(
+        (tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in paths.values())
 
 
 def test_meterml_class_signal_needs_both_modalities(tmp_path):

@@ -1,0 +1,156 @@
+"""Windows per second of predict.py's scene path against dfc_finetune.py's evaluation loop, side by side.
+
+Both classify WINDOW px windows with one dual ResNet in eval mode, batch --batch_size, the same
+DataLoader workers, float32:
+
+    evaluation  metrics.evaluate over dfc_finetune.build_eval_set's data through process.make_loader:
+                one window per synthetic DFC2020 test patch (cycled to as many windows as the
+                scene's), three GeoTIFFs opened per patch, seed-normalised: the run's loop
+    scene       predict.classify_scene over a mosaic of the same patches as one S1 and one S2
+                GeoTIFF: windows every WINDOW px, read from the open files, seed-normalised
+
+Both loaders keep their workers between passes (as the training scripts' evaluation loader
+does), so the figures are steady-state throughput: worker start-up is in the untimed pass.
+
+After one untimed pass of each, --passes timed passes of each alternate (which goes first
+alternates too); a figure is the
+best pass's windows per second (the least disturbed by other processes on a shared machine).
+
+    python bench/bench_predict.py                 # resnet50, 224 px windows of 256 px patches (sized for a GPU)
+    python bench/bench_predict.py --tiny          # resnet18, 32 px: CPU, seconds
+    python bench/bench_predict.py --device cpu --patches 16 --mosaic 4 --passes 2   # resnet50 on a CPU
+"""
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dfc_finetune  # noqa: E402
+import flags  # noqa: E402
+import metrics  # noqa: E402
+import predict  # noqa: E402
+import process  # noqa: E402
+import synthetic_data  # noqa: E402
+from augment import Views  # noqa: E402
+from models import DualResNet, MultiModalNet  # noqa: E402
+
+PRESETS = {
+    "gpu": dict(arch="resnet50", window=224, patch_size=256, patches=64, mosaic=16, batch_size=128, passes=3,
+                workers=min(16, os.cpu_count() or 1)),
+    "tiny": dict(arch="resnet18", window=32, patch_size=40, patches=8, mosaic=4, batch_size=8, passes=1, workers=1),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = flags.parser(__doc__)
+    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU: every default takes its --tiny value")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda if available")
+    p.add_argument("--arch", default=None, help="backbone (default resnet50; --tiny resnet18)")
+    p.add_argument("--window", type=flags.positive_int, default=None, help="window side, px (default 224; --tiny 32)")
+    p.add_argument("--patch_size", type=flags.positive_int, default=None,
+                   help="synthetic patch side, px (default 256; --tiny 40)")
+    p.add_argument("--patches", type=flags.positive_int, default=None,
+                   help="synthetic test patches (default 64; --tiny 8)")
+    p.add_argument("--mosaic", type=flags.positive_int, default=None,
+                   help="the scene is MOSAIC x MOSAIC patches, the written ones repeated (default 16; --tiny 4)")
+    p.add_argument("--batch_size", type=flags.positive_int, default=None,
+                   help="windows per batch (default 128; --tiny 8)")
+    p.add_argument("--passes", type=flags.positive_int, default=None, help="timed passes of each (default 3; --tiny 1)")
+    p.add_argument("--workers", type=flags.non_negative_int, default=None,
+                   help="DataLoader workers (default: CPUs, at most 16; --tiny 1)")
+    return p
+
+
+def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
+    """S1 and S2 scenes of n x n test patches of `root`, repeated in data set order, on one grid."""
+    test = dfc_finetune.build_eval_set(argparse.Namespace(eval_crop=0, eval_offset_seed=0, normalize="seed"), root, "test")
+    arrays = {}
+    for m in ("s1", "s2"):
+        patches = []
+        for files in test.source.files:
+            with rasterio.open(files[m]) as src:
+                patches.append(src.read())
+        tiles = [patches[i % len(patches)] for i in range(n * n)]
+        arrays[m] = np.block([tiles[r * n:(r + 1) * n] for r in range(n)])
+    transform = rasterio.Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0)
+    for m, array in arrays.items():
+        with rasterio.open(folder / f"{m}.tif", "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
+                           count=array.shape[0], dtype=array.dtype, crs="EPSG:32633", transform=transform) as dst:
+            dst.write(array)
+    return folder / "s1.tif", folder / "s2.tif"
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS["tiny" if args.tiny else "gpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    logging.getLogger("datasets").setLevel(logging.ERROR)  # the synthetic patches hold NaN pixels on purpose
+    hardware = argparse.Namespace(device=args.device, workers=args.workers, progress=False, amp=False,
+                                  channels_last=None)
+    ctx = process.plan_context(hardware, {}, torch.cuda.is_available(), torch.cuda.device_count(),
+                               os.cpu_count() or 1)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    net = DualResNet(args.arch).eval().to(ctx.device)
+    if ctx.channels_last:
+        net.to(memory_format=torch.channels_last)
+    model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc)
+    views = Views(["s1", "s2"], None, ctx, 0)
+    print(f"bench_predict: {ctx.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"dual {args.arch}, {args.window} px windows, batch {args.batch_size}, {ctx.workers} workers", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        root = synthetic_data.write_dfc2020(Path(tmp) / "dfc", 0, args.patches, seed=0, size=args.patch_size)
+        s1, s2 = write_mosaic(root, Path(tmp), args.mosaic)
+        print(f"bench_predict: wrote {args.patches} patches of {args.patch_size} px and a "
+              f"{args.mosaic} x {args.mosaic} patch mosaic in {time.perf_counter() - began:.1f} s", flush=True)
+        run = argparse.Namespace(eval_crop=args.window, eval_offset_seed=0)
+        eval_set = dfc_finetune.build_eval_set(run, root, "test")
+        windows = predict.SceneWindows(s1, s2, predict.check_grids(s1, s2, (2, 13), args.window), args.window,
+                                       args.window, "seed")
+        cycled = [i % len(eval_set) for i in range(len(windows))]
+        loader = process.make_loader(eval_set, args.batch_size, ctx, argparse.Namespace(seed=0), train=False,
+                                     indices=cycled)
+        scene_loader = predict.scene_loader(windows, ctx, args.batch_size, persistent=True)
+
+        def evaluation() -> int:
+            metrics.evaluate(model, loader, views, ctx, eval_set.classes)
+            return len(cycled)
+
+        def scene() -> int:
+            predict.classify_scene(net, scene_loader, ctx)
+            return len(windows)
+
+        rates = {"evaluation": [], "scene": []}
+        for p in range(args.passes + 1):
+            timed = p > 0
+            for name, measure in (("evaluation", evaluation), ("scene", scene))[::1 if p % 2 else -1]:
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                began = time.perf_counter()
+                n = measure()
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if timed:
+                    rates[name].append(n / (time.perf_counter() - began))
+                    print(f"bench_predict: {name} pass {len(rates[name])}: {rates[name][-1]:.1f} windows/s", flush=True)
+    best = {name: max(r) for name, r in rates.items()}
+    print(f"predict windows/s: scene {best['scene']:.1f} ({len(windows)} windows) | evaluation loop "
+          f"{best['evaluation']:.1f} ({len(cycled)} windows) | scene / evaluation "
+          f"{best['scene'] / best['evaluation']:.2f} | {ctx.device}, dual {args.arch}, {args.window} px, "
+          f"batch {args.batch_size}, best of {args.passes}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
