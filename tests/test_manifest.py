@@ -1,5 +1,6 @@
 """Manifests of the researcher's own pairs: columns by name, classes by their names, bad rows
 refused before a run starts, packed copies equal to their source."""
+import csv
 import json
 import shutil
 
@@ -10,6 +11,8 @@ import torch
 
 import dfc_finetune
 import pack
+import predict
+import summarize
 from datasets import DataFileError, ManifestDataset, is_manifest, patch_dataset
 from synthetic_data import MANIFEST_CLASSES, write_manifest
 
@@ -90,7 +93,7 @@ def test_a_packed_manifest_gives_the_same_items(pairs, tmp_path):
             assert all(torch.equal(x[k], y[k]) for k in ("s1", "s2", "multilabel")) and x["label"] == y["label"]
 
 
-def test_the_dfc2020_recipe_trains_on_a_manifest_under_its_class_names(pairs, tmp_path):
+def test_the_dfc2020_recipe_trains_on_a_manifest_under_its_class_names(pairs, tmp_path, capsys):
     run = tmp_path / "run"
     dfc_finetune.main(["--data_root", str(pairs), "--train_split", "train", "--eval_split", "val", "--model_path",
                        "random", "--finetune", "--arch", "resnet18", "--crop", "16", "--eval_crop", "16",
@@ -100,3 +103,17 @@ def test_the_dfc2020_recipe_trains_on_a_manifest_under_its_class_names(pairs, tm
     assert results["last"]["classes"] == sorted(MANIFEST_CLASSES)
     assert set(results["last"]["per_class"]) == set(MANIFEST_CLASSES)
     assert sum(map(sum, results["last"]["confusion"])) == 5
+    summarize.main([str(run)])
+    table = capsys.readouterr().out
+    assert all(f"| {name} |" in table for name in MANIFEST_CLASSES)  # a row per class, under its own name
+    predict.main([str(run), "--data_root", str(pairs), "--split", "val", "--out", str(tmp_path / "p.csv"),
+                  "--device", "cpu", "--workers", "0"])
+    with open(tmp_path / "p.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    names = sorted(MANIFEST_CLASSES)
+    assert [r["id"] for r in rows] == [f"pair{i:04d}" for i in range(15, 20)]
+    assert [r["label"] for r in rows] == [names[i % 5] for i in range(15, 20)]
+    confusion = np.zeros((5, 5), dtype=int)
+    for r in rows:
+        confusion[names.index(r["label"]), names.index(r["prediction"])] += 1
+    assert confusion.tolist() == results["last"]["confusion"]
