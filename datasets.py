@@ -456,6 +456,8 @@ class MeterMLDataset(_PairedDataset):
         seed: kept for the interface of the other data sets (METER-ML items draw nothing).
         repeated: ``"keep"`` every entry of a folder listed several times (the original), or
             ``"first"`` only its first entry.
+        image_dirs: keep only the samples whose folder resolves under these top folders of
+            ``root`` (e.g. ``["train_images_1"]``), the others counted in ``skipped``.
     """
 
     classes = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -477,6 +479,7 @@ class MeterMLDataset(_PairedDataset):
         seed: int = 0,
         strict: bool = False,
         repeated: Literal["keep", "first"] = "keep",
+        image_dirs: Sequence[str] | None = None,
     ) -> None:
         super().__init__(seed)
         for name, value, allowed in [
@@ -545,6 +548,12 @@ class MeterMLDataset(_PairedDataset):
             self.skipped["image folder missing"] = len(missing)
             self.problems["image folder missing"] = [_folder_id(folder) for folder in missing]
             details.append(f"missing image folders, e.g. {missing[:5]}")
+        if image_dirs is not None:
+            tops = [path.relative_to(self.root).parts[0] if path is not None and path.is_relative_to(self.root) else None
+                    for path in resolved]
+            outside = keep & torch.tensor([top not in image_dirs for top in tops], dtype=torch.bool)
+            self.skipped[f"image folder outside {', '.join(image_dirs)}"] = int(outside.sum())
+            keep &= ~outside
         if exclude_negatives:
             negative = keep & (labels == self.NEGATIVE)
             self.skipped["negative (exclude_negatives)"] = int(negative.sum())

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import cli
 import flags
 import metrics
 import process
@@ -100,6 +101,11 @@ def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int
     net = DualResNet(args.arch, num_classes=num_classes)
     if args.model_path not in (None, "random"):
         load_checkpoint(net, args.model_path)
+    elif not args.finetune:
+        log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
+                    "only the classifier trains, on random features: a lower bound, not the method (the original "
+                    "always loads pre-trained weights); pass the pre-trained weights, or add --finetune",
+                    args.model_path or "(not given)")
     if not args.finetune:
         freeze_all_but(net, net.fc)
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
@@ -139,7 +145,7 @@ def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="dfc_finetune")
 
     try:
         train_set = DFC2020Dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed)
@@ -176,4 +182,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

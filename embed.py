@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import cli
 from datasets import DFC2020Dataset, MeterMLDataset, SEN12MSDataset
 from losses import IGNORE
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
@@ -391,4 +392,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import cli
 import flags
 import process
 from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
@@ -147,7 +148,7 @@ def snapshot_name(epoch: int) -> str:
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="sen12ms_pretrain")
     if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 
@@ -199,4 +200,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -34,6 +34,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
+
 # Flags that do not change what a run computes, only which seed it draws, where it writes, what
 # it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
 # runs. Runs that differ only in these are seeds of one configuration; every other flag (lr,
@@ -636,4 +638,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

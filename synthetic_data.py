@@ -27,6 +27,8 @@ import rasterio
 from PIL import Image
 from rasterio.crs import CRS
 
+import cli
+
 logger = logging.getLogger(__name__)
 
 # Sentinel-2 L1C reflectance x 10000 of the three S2 codes, bands B1, B2, B3, B4, B5, B6, B7, B8,
@@ -308,4 +310,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
