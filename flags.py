@@ -173,7 +173,7 @@ def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: 
     if no_augs:
         g.add_argument("--no_augs", dest="augment", action=_SetTo, value=False, help="the original's spelling of --no-augment")
     g.add_argument("--augment_impl", choices=AUGMENT_IMPLS, default="torchvision",
-                   help="torchvision: the original's augmented pixels (nearest-neighbour rotation, antialiased "
+                   help="torchvision: the original's augmented pixels (nearest-neighbour rotation, bilinear "
                         "resized crop; default); fused: one bilinear resampling per batch, smoother views")
 
 

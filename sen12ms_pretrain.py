@@ -16,8 +16,9 @@ turns the loss into SupCon with the patch's majority land-cover class as label.
 The run folder holds `checkpoint-epoch<E>.pth` after the 0-based epochs E = 0, 25, 50, ... and the
 last (--snapshot_every), as the original, each the backbones in the released layout {"epoch": E,
 "arch", "state_dict": backbone1.* / backbone2.*}, and `checkpoint.pth`, the last of them under a
-fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
-original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
+fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them;
+SSLTransformerRS's own DFC2020 scripts read the one after epoch 100 (SupCon_SSL's command names
+only `mymodelpath.pth`). `last.pt` holds what resuming needs.
 """
 
 import argparse
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--snapshot_every", type=flags.positive_int, default=25,
                    help="also write the weights after every 0-based epoch that is a multiple of N, and after the last, "
                         "as checkpoint-epoch<E>.pth (default 25, as the original: epoch0, epoch25, ..., epoch200; "
-                        "the original's DFC2020 fine-tuning read epoch100)")
+                        "SSLTransformerRS's DFC2020 scripts read epoch100)")
     flags.add_run_args(p, epochs=201, batch_size=200, lr=3e-5)
     return p
 
