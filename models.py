@@ -427,7 +427,7 @@ def _tensor_globals() -> set[str]:
 def _objects_message(path: Path, needs: str) -> str:
     return (f"checkpoint {path} holds pickled Python objects ({needs}), which were not loaded: unpickling them could "
             f"run code, and torch.load(weights_only=True) reads tensors only. If you trust the file, load it once with "
-            f"torch.load(path, weights_only=False) and re-save its tensors: torch.save(model.state_dict(), path) for "
+            f"torch.load(path, weights_only=False) and re-save its state dict: torch.save(model.state_dict(), path) for "
             f"a pickled model, torch.save(checkpoint['state_dict'], path) for a training checkpoint")
 
 

@@ -364,7 +364,8 @@ def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):
     with pytest.raises(ValueError, match=r"1 image sets are in both the train and the val split .*site_000032"):
         meterml_finetune.main(argv)
     assert not (tmp_path / "run").exists()
-    assert meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]["n"] == 8
+    last = meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]
+    assert last["n"] + last["ignored"] == 8  # every val image set evaluated; negatives excluded by default
 
 
 def test_overwrite_checks_everything_before_it_deletes(meter_root, tmp_path):
