@@ -549,8 +549,8 @@ class MeterMLDataset(_PairedDataset):
             self.problems["image folder missing"] = [_folder_id(folder) for folder in missing]
             details.append(f"missing image folders, e.g. {missing[:5]}")
         if image_dirs is not None:
-            tops = [path.relative_to(self.root).parts[0] if path is not None and path.is_relative_to(self.root) else None
-                    for path in resolved]
+            tops = [path.relative_to(self.root).parts[0] if path is not None and path.is_relative_to(self.root)
+                    else None for path in resolved]
             outside = keep & torch.tensor([top not in image_dirs for top in tops], dtype=torch.bool)
             self.skipped[f"image folder outside {', '.join(image_dirs)}"] = int(outside.sum())
             keep &= ~outside

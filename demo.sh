@@ -107,7 +107,8 @@ first=${SEEDS%% *}
 embed() {
   local name
   for name in "$@"; do
-    run "embed-${name/\//-}" "$OUT/runs/$name-seed$first/embedding" "$PYTHON" "$HERE/embed.py" "$OUT/runs/$name-seed$first"
+    run "embed-${name/\//-}" "$OUT/runs/$name-seed$first/embedding" \
+      "$PYTHON" "$HERE/embed.py" "$OUT/runs/$name-seed$first"
   done
 }
 step "t-SNE and kNN of the seed-$first s1s2_fused and DFC2020 runs (embed.py)"
@@ -115,10 +116,12 @@ in_parallel "embed meterml/s1s2_fused-ce meterml/s1s2_fused-supcon-ce" "embed df
 
 # The pre-training and METER-ML checkpoints (hundreds of MB of SmallAlexNet weights) are of no further use;
 # the DFC2020 runs keep last.pt (their weights: --keep_last weights) for a prediction from them.
-deleted=$(find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) ! -path "$OUT/runs/dfc2020/*/last.pt" -print -delete | wc -l)
+deleted=$(find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) ! -path "$OUT/runs/dfc2020/*/last.pt" -print -delete \
+  | wc -l)
 step "done: run folders in $OUT/runs, logs in $LOGS"
 echo "demo: deleted the $deleted checkpoints of the pre-training and METER-ML runs; kept last.pt of the DFC2020 runs" \
-  "($(du -ch "$OUT"/runs/dfc2020/*/last.pt | tail -n 1 | cut -f1) in $OUT/runs/dfc2020/*/last.pt), the weights to predict with"
+  "($(du -ch "$OUT"/runs/dfc2020/*/last.pt | tail -n 1 | cut -f1) in $OUT/runs/dfc2020/*/last.pt)," \
+  "the weights to predict with"
 echo
 echo "Results on SYNTHETIC data ($(( $(date +%s) - start )) s on this machine):"
 echo

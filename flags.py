@@ -217,7 +217,8 @@ def add_eval_args(p: argparse.ArgumentParser, *, dense_after: int) -> None:
     g.add_argument("--name", default=None, help="configuration label for summaries (default: derived from the flags)")
 
 
-def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, script: str | None = None) -> argparse.Namespace:
+def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+            script: str | None = None) -> argparse.Namespace:
     """Parse flags; with --resume, take the run's own config and refuse flags that cannot change,
     and a run of another script than `script` (before its flags are checked as this script's)."""
     argv = list(sys.argv[1:] if argv is None else argv)

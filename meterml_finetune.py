@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
     args, ctx = process.start(parser, argv, check_args, script="meterml_finetune")
 
     repeated = "first" if args.drop_repeated else "keep"
-    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated, image_dirs=args.train_image_dirs)
+    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated,
+                               image_dirs=args.train_image_dirs)
     val_set = MeterMLDataset(args.data_root, "val", repeated=repeated)
     overlap = split_overlap(train_set, val_set)
     if overlap and not args.allow_split_overlap:

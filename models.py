@@ -427,8 +427,8 @@ def _tensor_globals() -> set[str]:
 def _objects_message(path: Path, needs: str) -> str:
     return (f"checkpoint {path} holds pickled Python objects ({needs}), which were not loaded: unpickling them could "
             f"run code, and torch.load(weights_only=True) reads tensors only. If you trust the file, load it once with "
-            f"torch.load(path, weights_only=False) and re-save its state dict: torch.save(model.state_dict(), path) for "
-            f"a pickled model, torch.save(checkpoint['state_dict'], path) for a training checkpoint")
+            f"torch.load(path, weights_only=False) and re-save its state dict: torch.save(model.state_dict(), path) "
+            f"for a pickled model, torch.save(checkpoint['state_dict'], path) for a training checkpoint")
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -454,8 +454,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         if objects:
             raise CheckpointError(_objects_message(path, _first(objects, 3))) from None
         if protocol is not None and protocol > 2:
-            raise CheckpointError(f"checkpoint {path} was pickled with protocol {protocol}, which "
-                                  f"torch.load(weights_only=True) does not read: re-save it with torch.save (protocol 2)"
+            raise CheckpointError(f"checkpoint {path} was pickled with protocol {protocol}, which torch.load("
+                                  f"weights_only=True) does not read: re-save it with torch.save (protocol 2)"
                                   ) from None
         raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail})") from None
     except Exception as err:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code

@@ -145,7 +145,9 @@ class RunLock:
         named = re.match(r"pid (\d+) on (\S+) ", text)
         if named and (int(named[1]) == pid if pid else named[2] != socket.gethostname() or _alive(int(named[1]))):
             return text
-        return f"pid {pid}, which has not written its name yet" if pid else "a process that has not written its name yet"
+        if pid:
+            return f"pid {pid}, which has not written its name yet"
+        return "a process that has not written its name yet"
 
     def acquire(self) -> None:
         self.key = os.path.realpath(self.path)
