@@ -3,7 +3,8 @@
 # pre-training and fine-tuning (s1, s2, s1s2_fused; CE and SupCon+CE; two seeds), SEN12MS
 # pre-training of a dual ResNet-18 and its fine-tuning on DFC2020 (CE and SupCon+CE; two seeds),
 # the embeddings of one seed, a synthetic S1 / S2 scene classified into a map (predict.py), then
-# the summary tables and a report.
+# the summary tables and a report. At the end the checkpoints are deleted but the DFC2020 runs'
+# last.pt (their weights, ~90 MB each), kept for a prediction from them.
 # The numbers come from synthetic data: they show that the pipeline works, not the published
 # results. Runs are short, so learning rates are higher than the published ones (docs/testing.md).
 #   bash demo.sh          (make demo builds .venv first)
@@ -21,8 +22,9 @@ echo "demo: every run logs to $LOGS/; the results tables come at the end, the re
 
 step() { echo "[$(( $(date +%s) - start )) s] $*"; }
 
-# run NAME RUN_DIR COMMAND...: COMMAND with its output in $LOGS/NAME.log; one line when it ends
-# (its time, and the AA of its last evaluation); the log's end when it fails.
+# run NAME FOLDER COMMAND...: COMMAND with its output in $LOGS/NAME.log; one line when it ends
+# (its time, and the AA of its last evaluation from FOLDER/results.json, or the kNN accuracies of
+# an embedding from FOLDER/embedding.json); the log's end when it fails.
 run() {
   local name=$1 folder=$2 began
   shift 2
@@ -33,9 +35,14 @@ run() {
     return 1
   fi
   echo "  $name: $(( $(date +%s) - began )) s$("$PYTHON" -c "
-import json, sys
-last = json.load(open(sys.argv[1])).get('last')
-print(f', AA {last[\"AA\"]:.1f} %' if last and last.get('AA') is not None else '')" "$folder/results.json")"
+import json, os, sys
+folder = sys.argv[1]
+if os.path.isfile(os.path.join(folder, 'embedding.json')):
+    knn = json.load(open(os.path.join(folder, 'embedding.json')))['knn_accuracy']
+    print(', kNN S1 {s1:.1f} %, S2 {s2:.1f} %, S1->S2 {s1_to_s2:.1f} %, S2->S1 {s2_to_s1:.1f} %'.format(**knn))
+else:
+    last = json.load(open(os.path.join(folder, 'results.json'))).get('last')
+    print(f', AA {last[\"AA\"]:.1f} %' if last and last.get('AA') is not None else '')" "$folder")"
 }
 
 # Commands in processes of their own, one torch thread each: on 2 cores that beats one run on 2 threads.
@@ -88,7 +95,7 @@ per_seed meterml
 dfc() {
   local common=(--data_root "$OUT/data/dfc2020" --model_path "$OUT/runs/sen12ms-pretrain/checkpoint.pth" --arch resnet18
                 --finetune --crop 32 --eval_crop 32 --epochs 2 --batch_size 8 --lr 3e-4 --head_lr 3e-4 --eval_every 0
-                --no-save_best --seed "$1")
+                --no-save_best --keep_last weights --seed "$1")
   run "dfc2020-ce-seed$1" "$OUT/runs/dfc2020/ce-seed$1" "$PYTHON" "$HERE/dfc_finetune.py" "${common[@]}" \
     --save_path "$OUT/runs/dfc2020/ce-seed$1"
   run "dfc2020-supcon-ce-seed$1" "$OUT/runs/dfc2020/supcon-ce-seed$1" "$PYTHON" "$HERE/dfc_finetune.py" "${common[@]}" \
@@ -101,7 +108,8 @@ first=${SEEDS%% *}
 embed() {
   local name
   for name in "$@"; do
-    run "embed-${name/\//-}" "$OUT/runs/$name-seed$first" "$PYTHON" "$HERE/embed.py" "$OUT/runs/$name-seed$first"
+    run "embed-${name/\//-}" "$OUT/runs/$name-seed$first/embedding" \
+      "$PYTHON" "$HERE/embed.py" "$OUT/runs/$name-seed$first"
   done
 }
 step "t-SNE and kNN of the seed-$first s1s2_fused and DFC2020 runs (embed.py)"
@@ -117,10 +125,14 @@ if ! "$PYTHON" "$HERE/predict.py" "$OUT/runs/dfc2020/ce-seed$first" --s1 "$scene
   exit 1
 fi
 
-# The demo's checkpoints (hundreds of MB of SmallAlexNet weights) are of no further use, but for
-# the one predict.py reads.
-find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) ! -path "$OUT/runs/dfc2020/ce-seed$first/last.pt" -delete
+# The pre-training and METER-ML checkpoints (hundreds of MB of SmallAlexNet weights) are of no further use;
+# the DFC2020 runs keep last.pt (their weights: --keep_last weights) for a prediction from them.
+deleted=$(find "$OUT/runs" \( -name "*.pt" -o -name "*.pth" \) ! -path "$OUT/runs/dfc2020/*/last.pt" -print -delete \
+  | wc -l)
 step "done: run folders in $OUT/runs, logs in $LOGS"
+echo "demo: deleted the $deleted checkpoints of the pre-training and METER-ML runs; kept last.pt of the DFC2020 runs" \
+  "($(du -ch "$OUT"/runs/dfc2020/*/last.pt | tail -n 1 | cut -f1) in $OUT/runs/dfc2020/*/last.pt)," \
+  "the weights to predict with"
 echo
 echo "Results on SYNTHETIC data ($(( $(date +%s) - start )) s on this machine):"
 echo

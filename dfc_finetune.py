@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import cli
 import flags
 import metrics
 import process
@@ -131,18 +132,24 @@ def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int
     if args.model_path not in (None, "random"):
         missing, _ = load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
         fresh = [k for k in missing if k in ("backbone1.conv1.weight", "backbone2.conv1.weight")]
-    if args.backbones or args.s1_backbone or args.s2_backbone:
+    backbones = args.backbones or args.s1_backbone or args.s2_backbone
+    if backbones:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
         fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
     if args.backbones and args.normalize != "ssl4eo":
         log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
                     "--normalize %s inputs", args.backbones, args.normalize)
-    if (args.backbones or args.s1_backbone or args.s2_backbone) and not args.finetune:
+    if backbones and not args.finetune:
         log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
                     "projections of the pre-trained features")
     if fresh and not args.finetune:
         log.warning("%s start fresh and stay frozen without --finetune: a random first layer", ", ".join(fresh))
+    if args.model_path in (None, "random") and not backbones and not args.finetune:
+        log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
+                    "only the classifier trains, on random features: a lower bound, not the method (the original "
+                    "always loads pre-trained weights); pass the pre-trained weights, or add --finetune",
+                    args.model_path or "(not given)")
     if not args.finetune:
         freeze_all_but(net, net.fc)
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
@@ -184,7 +191,7 @@ def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="dfc_finetune")
 
     try:
         train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
@@ -236,4 +243,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

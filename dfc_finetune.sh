@@ -15,8 +15,9 @@
 #   DATA=/data/dfc2020 WEIGHTS=checkpoints/DualResnet50.pth bash dfc_finetune.sh
 #
 # WEIGHTS: the released 'DualResnet50' checkpoint of the original work (linked from
-# github.com/bakiuzun/SupCon_SSL), a checkpoint of sen12ms_pretrain.py (the original's
-# downstream runs read the one after epoch 100: RUN/checkpoint-epoch100.pth), or "random".
+# github.com/bakiuzun/SupCon_SSL; its dfc_finetune.sh names only "mymodelpath.pth"), a checkpoint
+# of sen12ms_pretrain.py (SSLTransformerRS's own DFC2020 scripts read the one after epoch 100:
+# RUN/checkpoint-epoch100.pth), or "random" (a frozen random backbone: a lower bound, warned about).
 #
 # Environment (defaults in brackets):
 #   DATA      folder holding ROIs0000_validation and ROIs0000_test, or a packed copy [data/dfc2020]
@@ -26,7 +27,7 @@
 #   OUT       parent folder of the run folders [runs/dfc2020]
 #   VARIANTS  1: also the fine-tuned runs (step 2); 0: only the recorded invocation [1]
 #   FAST      1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
-#             numerics or step (README, "Differences") [0: float32 and the original's step]
+#             numerics or step (docs/differences.md) [0: float32 and the original's step]
 #   EXTRA     further flags for every run, e.g. "--balanced_class" or "--epochs 20" []
 #   PYTHON    interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT

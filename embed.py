@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import cli
 import flags
 import process
 from datasets import IGNORE, SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
@@ -379,4 +380,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -128,6 +128,14 @@ def add_data_args(p: argparse.ArgumentParser, *, root: str, what: str) -> argpar
     return g
 
 
+def add_image_dirs_arg(g: argparse._ArgumentGroup) -> None:
+    """--train_image_dirs: METER-ML training on the image sets under some top folders only."""
+    g.add_argument("--train_image_dirs", nargs="+", default=None, metavar="DIR",
+                   help="train only on the image sets found under these top folders of --data_root, e.g. "
+                        "train_images_1, the only one the original's download_all.sh fetches (default: all; "
+                        "docs/differences.md)")
+
+
 def add_model_args(p: argparse.ArgumentParser, *, archs: Sequence[str], arch: str, weights: bool = True,
                    original_spellings: bool = False) -> argparse._ArgumentGroup:
     """--arch, and --model_path (pre-trained weights) where the script fine-tunes. With
@@ -205,7 +213,7 @@ def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: 
     if no_augs:
         g.add_argument("--no_augs", dest="augment", action=_SetTo, value=False, help="the original's spelling of --no-augment")
     g.add_argument("--augment_impl", choices=AUGMENT_IMPLS, default="torchvision",
-                   help="torchvision: the original's augmented pixels (nearest-neighbour rotation, antialiased "
+                   help="torchvision: the original's augmented pixels (nearest-neighbour rotation, bilinear "
                         "resized crop; default); fused: one bilinear resampling per batch, smoother views")
 
 
@@ -249,8 +257,10 @@ def add_eval_args(p: argparse.ArgumentParser, *, dense_after: int) -> None:
     g.add_argument("--name", default=None, help="configuration label for summaries (default: derived from the flags)")
 
 
-def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags; with --resume, take the run's own config and refuse flags that cannot change."""
+def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+            script: str | None = None) -> argparse.Namespace:
+    """Parse flags; with --resume, take the run's own config and refuse flags that cannot change,
+    and a run of another script than `script` (before its flags are checked as this script's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.resume is None:
@@ -260,7 +270,15 @@ def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> ar
     config_path = args.resume / "config.json"
     if not config_path.is_file():
         p.error(f"--resume {args.resume}: no config.json there; is it a run folder?")
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        p.error(f"--resume {args.resume}: {config_path} is not valid JSON (truncated or edited? {error})")
+    if not isinstance(saved, dict):
+        p.error(f"--resume {args.resume}: {config_path} holds no flags (a JSON {type(saved).__name__}, not an object)")
+    if script is not None and saved.get("script", script) != script:
+        p.error(f"--resume {args.resume}: it is a run of {saved['script']}.py, not of {script}.py: resume it with "
+                f"{saved['script']}.py")
     given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     explicit = {a.dest for a in p._actions if given & set(a.option_strings)}
     # A flag given again with its saved value changes nothing (a recorded command plus --resume).

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import cli
 import flags
 import metrics
 import process
@@ -47,8 +48,12 @@ MODALITIES = {"s1": ["s1"], "s2": ["s2"], "s1s2": ["s1", "s2"], "s1s2_fused": ["
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
     g = flags.add_data_args(p, root="data/meter-ml", what="METER-ML root")
-    g.add_argument("--exclude_negatives", "--dont_include_negatives", dest="exclude_negatives", action="store_true",
-                   help="CE ignores the Negative class and the metrics leave it out; negatives stay in SupCon")
+    g.add_argument("--exclude_negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="CE ignores the Negative class and the metrics leave it out; negatives stay in SupCon (default "
+                        "on, as the original's recorded run; --no-exclude_negatives: the original's argparse default)")
+    g.add_argument("--dont_include_negatives", dest="exclude_negatives", action="store_true",
+                   help="the original's spelling of --exclude_negatives")
+    flags.add_image_dirs_arg(g)
     g.add_argument("--allow_split_overlap", action="store_true", help="allow image sets present in both train and val")
     g.add_argument("--drop_repeated", action="store_true",
                    help="keep only the first entry of an image folder listed several times in the metadata "
@@ -144,10 +149,11 @@ def make_step(views: Views, model: MultiModalNet, criterion: SupConCELoss, ctx: 
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="meterml_finetune")
 
     repeated = "first" if args.drop_repeated else "keep"
-    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated)
+    train_set = MeterMLDataset(args.data_root, "train", seed=args.seed, repeated=repeated,
+                               image_dirs=args.train_image_dirs)
     val_set = MeterMLDataset(args.data_root, "val", repeated=repeated)
     overlap = split_overlap(train_set, val_set)
     if overlap and not args.allow_split_overlap:
@@ -180,4 +186,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

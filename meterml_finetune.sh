@@ -22,8 +22,9 @@
 #   OUT           parent folder of the run folders [runs/meterml]
 #   VARIANTS      1: also the augmented SupCon+CE runs (step 2); 0: only the recorded invocation [1]
 #   FAST          1: the speed options, --amp (bf16 autocast) --ce_from joint; NOT the original's
-#                 numerics or step (README, "Differences") [0]
-#   EXTRA         further flags for every run, e.g. "--epochs 10" []
+#                 numerics or step (docs/differences.md) [0]
+#   EXTRA         further flags for every run, e.g. "--epochs 10", or "--train_image_dirs train_images_1"
+#                 (the image sets the original's download_all.sh fetched; docs/differences.md) []
 #   PYTHON        interpreter [the repository's .venv/bin/python if it exists, else python]
 # Afterwards: .venv/bin/python summarize.py $OUT
 set -euo pipefail

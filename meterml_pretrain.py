@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import Dataset
 
+import cli
 import flags
 import process
 from augment import Views, key_seed, meterml_augment
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = flags.add_data_args(p, root="data/meter-ml", what="METER-ML root")
     g.add_argument("--exclude_negatives", action="store_true", help="leave the Negative-class images out")
     g.add_argument("--use_negative_labels", action="store_true", help="Negative-class images act only as negatives")
+    flags.add_image_dirs_arg(g)
     g = flags.add_model_args(p, archs=["dual", "shared"], arch="dual", weights=False, original_spellings=True)
     g.add_argument("--scenario", choices=["s1s2", "s1", "s2"], default="s1s2", help="modalities to pre-train on (default s1s2)")
     g = p.add_argument_group("method")
@@ -125,10 +127,11 @@ def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="meterml_pretrain")
 
     modalities = ["s1", "s2"] if args.scenario == "s1s2" else [args.scenario]
-    meter = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed)
+    meter = MeterMLDataset(args.data_root, "train", exclude_negatives=args.exclude_negatives, seed=args.seed,
+                           image_dirs=args.train_image_dirs)
     dataset = IndependentModalities(meter, args.seed) if args.scenario == "s1s2" and not args.use_pairs else meter
     indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
     loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices)
@@ -155,4 +158,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

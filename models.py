@@ -4,8 +4,10 @@
   S2 (4 bands) images to L2-normalised 128-d features.
 - `DualResNet`: the DFC2020 model, a torchvision ResNet per modality (S1: 2 bands, S2: 13) with
   a projection head each and a classifier on the two projections.
-- `load_checkpoint` / `save_checkpoint`: the layouts of the released checkpoints
-  (specs/checkpoints/*.txt), so released weights load here and weights trained here load there.
+- `read_checkpoint`: every checkpoint file the project reads (--model_path, --resume, tools),
+  one set of messages; `load_checkpoint` / `save_checkpoint`: the layouts of the released
+  checkpoints (their keys: tests/data/*.txt), so released weights load here and weights trained
+  here load there.
 - `load_backbone_weights`, `pretrained_backbone_files`: single-modality ResNets in torchvision /
   timm layout (TorchGeo's SSL4EO-S12 weights) into a `DualResNet`'s backbones.
 - `freeze_all_but`, `set_frozen_bn_eval`, `param_groups`, `count_trainable`: for the scripts.
@@ -13,10 +15,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -120,7 +126,7 @@ class SharedNet(nn.Module):
     (B, 2, 72, 72) S1 or (B, 4, 72, 72) S2 -> (B, feat_dim), unit L2 norm. The stem
     (`sentinel1_block` or `sentinel2_block`: conv 3x3 -> 96, BN, ReLU, max-pool 3/2, i.e. the
     trunk's missing block 0) is chosen by the channel count.
-    Keys: checkpoints/smallalexnet_shared.txt.
+    Keys: tests/data/smallalexnet_shared.txt.
     A batch feeds one stem only: under DDP, pass find_unused_parameters=True.
     """
 
@@ -142,7 +148,7 @@ class DualEncoder(nn.Module):
     """One `SharedNet` per modality, `encoder_1` for S1 and `encoder_2` for S2, by channel count.
 
     (B, 2, 72, 72) or (B, 4, 72, 72) -> (B, feat_dim), unit L2 norm. Each encoder keeps both stems
-    and uses one, as in the released checkpoint (checkpoints/smallalexnet_dual.txt).
+    and uses one, as in the released checkpoint (tests/data/smallalexnet_dual.txt).
     """
 
     def __init__(self, feat_dim: int = 128) -> None:
@@ -177,7 +183,7 @@ class DualResNet(nn.Module):
     Each backbone's `fc` is the projection head Linear(F, F), ReLU, Linear(F, proj_dim)
     (F = 2048 for resnet50, 512 for resnet18); `fc` is Linear(2 * proj_dim, num_classes) on the
     concatenated projections. Global pooling makes any input size work (224 crops, 256 patches).
-    Keys of resnet50: checkpoints/dualresnet50_*.txt.
+    Keys of resnet50: tests/data/dualresnet50_*.txt.
     """
 
     def __init__(
@@ -238,7 +244,7 @@ class MultiModalNet(nn.Module):
     2. ``ce_from="separate"`` (the original): a second pass over the originals alone (B images),
        whose features feed the heads. ``ce_from="joint"`` reads the original half of pass 1
        instead: 2B images encoded instead of 3B, a different computation in training mode
-       (other batch-norm batch statistics), measured in the README.
+       (other batch-norm batch statistics), measured in docs/method.md.
 
     Without augmentation (and in evaluation) every modality is encoded once, (B, 1, D), and the
     heads read those features: SupCon then has one view per modality.
@@ -369,6 +375,97 @@ def unpickling_problem(error: pickle.UnpicklingError) -> tuple[str | None, str]:
     return (needs.group(1) if needs else None), (detail.group(1) if detail else text[:200])
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, empty, damaged, foreign, or holding pickled objects."""
+
+
+_PUSHES_NOTHING = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO", "STOP"}
+
+
+def pickled_globals(path: Path) -> tuple[int | None, set[str]]:
+    """The pickle protocol of a checkpoint and the "module.name" globals its pickle refers to,
+    found by parsing the opcodes (pickletools): nothing is imported or run. torch's weights-only
+    unpickler reads protocol 2 only, so a file written with protocol 4 or 5 (plain pickle.dump,
+    torch.save(pickle_protocol=4)) fails there before it names a global."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+            stream = io.BytesIO(archive.read(name) if name else b"")
+    else:
+        stream = io.BytesIO(path.read_bytes())  # the legacy format: several pickles in a row
+    protocol, found, memo = None, set(), []
+    for _ in range(4):
+        pushed: list = []  # the values pushed so far: strings, or None for anything else
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name == "PROTO":
+                    protocol = max(protocol or 0, arg)
+                if op.name == "GLOBAL":
+                    found.add(arg.replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    found.add(f"{pushed[-2]}.{pushed[-1]}")
+                if op.name == "MEMOIZE":
+                    memo.append(pushed[-1] if pushed else None)
+                elif op.name in _PUSHES_NOTHING:
+                    continue
+                elif op.name.endswith("GET"):
+                    pushed.append(memo[arg] if isinstance(arg, int) and arg < len(memo) else None)
+                else:
+                    pushed.append(arg if isinstance(arg, str) and "UNICODE" in op.name else None)
+        except Exception:  # noqa: BLE001 - the raw storage bytes after the legacy pickles, or damage
+            break
+    return protocol, found
+
+
+def _tensor_globals() -> set[str]:
+    """The globals torch's weights-only unpickler allows (tensors, storages, dtypes, OrderedDict)."""
+    try:
+        from torch import _weights_only_unpickler as unpickler
+
+        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
+    except (ImportError, AttributeError):  # private API: without it, torch's own modules count as tensors
+        return set()
+
+
+def _objects_message(path: Path, needs: str) -> str:
+    return (f"checkpoint {path} holds pickled Python objects ({needs}), which were not loaded: unpickling them could "
+            f"run code, and torch.load(weights_only=True) reads tensors only. If you trust the file, load it once with "
+            f"torch.load(path, weights_only=False) and re-save its state dict: torch.save(model.state_dict(), path) "
+            f"for a pickled model, torch.save(checkpoint['state_dict'], path) for a training checkpoint")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The content of a checkpoint file, on the CPU, read with weights_only=True so that no code
+    in it runs. The one reader of --model_path, --resume and the tools: every failure is a
+    CheckpointError naming the file and its cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
+    try:
+        with warnings.catch_warnings():  # a protocol above 2 is named below, when it matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needs, detail = unpickling_problem(err)
+        if needs is not None:
+            raise CheckpointError(_objects_message(path, needs)) from None
+        protocol, found = pickled_globals(path)
+        allowed = _tensor_globals()
+        objects = sorted(g for g in found if g not in allowed and not (not allowed and g.startswith("torch.")))
+        if objects:
+            raise CheckpointError(_objects_message(path, _first(objects, 3))) from None
+        if protocol is not None and protocol > 2:
+            raise CheckpointError(f"checkpoint {path} was pickled with protocol {protocol}, which torch.load("
+                                  f"weights_only=True) does not read: re-save it with torch.save (protocol 2)"
+                                  ) from None
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail})") from None
+    except Exception as err:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint, or is truncated "
+                              f"({type(err).__name__}: {str(err)[:200]})") from None
+
+
 def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, fresh_first_conv: bool = False
 ) -> tuple[list[str], list[str]]:
@@ -376,7 +473,7 @@ def load_checkpoint(
 
     Layouts: a bare state dict (the SmallAlexNet encoders) or a dict holding it under
     "state_dict" (the dual ResNets; "epoch", "arch", "optimizer" are ignored), with or without
-    the "module." prefix of DataParallel / DDP. The file is read with weights_only=True, so no
+    the "module." prefix of DataParallel / DDP. The file is read by `read_checkpoint`, so no
     code in it runs.
 
     One gap is expected: the pre-trained dual ResNet-50 has no classifier, so loading it into a
@@ -425,28 +522,9 @@ def load_checkpoint(
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a checkpoint file: a bare state dict or one under "state_dict", without a
-    "module." prefix; read with weights_only=True. Damaged or foreign files raise, naming `path`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
-    if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        needs, detail = unpickling_problem(err)
-        if needs is None:
-            raise ValueError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail})") from err
-        raise ValueError(
-            f"{path} holds pickled Python objects besides tensors ({needs})"
-            + ", and torch.load(weights_only=True) runs no code from a file. If you trust it,"
-            " load it once with torch.load(path, weights_only=False) and re-save its state dict:"
-            " torch.save(model.state_dict(), path) for a pickled model, or"
-            " torch.save(checkpoint['state_dict'], path) for a training checkpoint."
-        ) from err
-    except Exception as err:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code
-        raise ValueError(f"checkpoint {path} is not a readable PyTorch file (truncated, or another format): "
-                         f"{type(err).__name__}: {str(err)[:200]}") from err
+    """The tensors of a checkpoint file (``read_checkpoint``): a bare state dict or one under
+    "state_dict", without a "module." prefix."""
+    checkpoint = read_checkpoint(path)
 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

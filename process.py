@@ -146,10 +146,11 @@ def setup(args: argparse.Namespace) -> Context:
     return ctx
 
 
-def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, check) -> tuple[argparse.Namespace, Context]:
-    """A script's start: its flags (`flags.resolve`, then the script's `check(parser, args)`),
-    then `setup`."""
-    args = flags.resolve(parser, argv)
+def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, check, script: str | None = None
+          ) -> tuple[argparse.Namespace, Context]:
+    """A script's start: its flags (`flags.resolve`; --resume refuses a run of another `script`),
+    then the script's `check(parser, args)`, then `setup`."""
+    args = flags.resolve(parser, argv, script)
     check(parser, args)
     return args, setup(args)
 
@@ -317,6 +318,9 @@ def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.
         raise ValueError(f"{len(keyed)} training samples give no batch of {batch_size} on {ctx.world} process(es)"
                          f"{' (the tail is dropped)' if drop else ''}; lower --batch_size")
     if train and ctx.is_main:
+        if batch_size > len(sampler):
+            log.warning("training: --batch_size %d is above the %d training samples: each epoch is one step, on a "
+                        "batch of %d", batch_size, len(keyed), len(sampler))
         left_out = len(keyed) - len(sampler) * ctx.world
         if drop and left_out > 0:
             log.info("training: %d samples an epoch in batches of %d per process; the last %d of each epoch's order "

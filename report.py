@@ -34,8 +34,8 @@ LINESTYLES = ("-", "--", ":", "-.")
 
 # The paper's results on real data (per-class accuracy, AA, OA in %), for comparison markers.
 # CE first, so that each method keeps its marker in both figures.
-# Source: /work/shared/specs/method.md, "Published results to compare with" (DFC2020 test split,
-# METER-ML validation split; the paper's class names mapped to the data sets' own). The paper
+# Source: the paper's Tables II and III (DFC2020 test split, METER-ML validation split; the paper's
+# class names mapped to the data sets' own). The paper
 # gives AA +- 0.89 (SupCon+CE) / 0.72 (CE) and OA +- 1.31 / 1.66 on DFC2020, AA +- 1.74 (CE) /
 # 2.00 (SupCon+CE) on METER-ML, and no METER-ML OA.
 PUBLISHED = {

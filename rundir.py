@@ -25,9 +25,11 @@ import fcntl
 import json
 import logging
 import os
-import pickle
+import re
 import shutil
 import socket
+import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flags import as_json
-from models import atomic_save, unpickling_problem
+from models import atomic_save, read_checkpoint
 
 log = logging.getLogger("rundir")
 
@@ -84,40 +86,85 @@ def outputs(folder: Path) -> list[Path]:
 
 
 def load_state(path: Path) -> dict:
-    """A checkpoint the project wrote (last.pt, best.pt), read with weights_only=True: a file
-    holding pickled objects runs no code; a damaged or foreign file is named."""
+    """A checkpoint the project wrote (last.pt, best.pt), read by `models.read_checkpoint`."""
+    return read_checkpoint(path)
+
+
+# The lock files this process holds (resolved paths): POSIX locks belong to the process, so a second
+# RunLock of the same folder in this process must be refused here, and must never open the file
+# (closing its descriptor would drop the first one's lock).
+_HELD: dict[str, str] = {}
+
+
+def _lock_pid(fd: int) -> int | None:
+    """The pid of the process that holds a conflicting lock on `fd`, as the kernel knows it (Linux
+    struct flock layout; None elsewhere, or when the lock is gone)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    layout = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        needs, detail = unpickling_problem(error)
-        if needs is not None:
-            raise RunFolderError(f"{path} holds a pickled Python object ({needs}); the project never writes one, and "
-                                 f"loading it could run code: it is not loaded") from None
-        raise RunFolderError(f"{path} is not a PyTorch checkpoint, or is damaged ({detail})") from None
-    except Exception as error:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code
-        raise RunFolderError(f"{path} is not a PyTorch checkpoint, or is truncated ({type(error).__name__}: "
-                             f"{str(error)[:200]})") from None
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+    except OSError:
+        return None
+    kind, _, _, _, pid = struct.unpack(layout, answer)
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunLock:
-    """`RUN/run.lock`, an exclusive lock (flock) held for the life of a run. The kernel releases it
-    when the process ends, killed or not, so a lock is never stale; the file names the holder
-    (pid, host, start) for the message a second writer gets, and is removed when the run ends."""
+    """`RUN/run.lock`, an exclusive POSIX record lock (lockf) held for the life of a run.
+
+    The kernel releases it when the process ends, killed or not, so a lock is never stale; forked
+    DataLoader workers do not hold it (flock locks are shared with them, and outlived a killed
+    run). The file names the holder (pid, host, start) for the message a second writer gets, and
+    is removed when the run ends. A POSIX lock drops when the process closes ANY descriptor of the
+    file: only this class opens it, once per process (`_HELD`)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "run.lock"
         self.fd: int | None = None
+        self.key = ""
+
+    def _in_use(self, holder: str) -> RunFolderError:
+        return RunFolderError(f"{self.path.parent} is in use ({holder}); wait for it, or use another --save_path")
+
+    def _holder(self, fd: int) -> str:
+        """Who holds the lock: the name in the file, unless it is not the holder's (a holder that
+        has locked but not yet written finds the text of the run before it)."""
+        text = os.read(fd, 4096).decode(errors="replace").strip()
+        pid = _lock_pid(fd)
+        named = re.match(r"pid (\d+) on (\S+) ", text)
+        if named and (int(named[1]) == pid if pid else named[2] != socket.gethostname() or _alive(int(named[1]))):
+            return text
+        if pid:
+            return f"pid {pid}, which has not written its name yet"
+        return "a process that has not written its name yet"
 
     def acquire(self) -> None:
+        self.key = os.path.realpath(self.path)
+        if self.key in _HELD:
+            raise self._in_use(f"{_HELD[self.key]}, this process")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = self._holder(fd)
                 os.close(fd)
-                raise RunFolderError(f"{self.path.parent} is in use ({holder}); wait for it, or use another --save_path") from None
-            # A holder that ended between our open and our flock removed the file we locked: lock
+                raise self._in_use(holder) from None
+            # A holder that ended between our open and our lock removed the file we locked: lock
             # the file that is there now instead.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
@@ -126,15 +173,17 @@ class RunLock:
             if same:
                 break
             os.close(fd)
+        name = f"pid {os.getpid()} on {socket.gethostname()} since {_now()}"
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n".encode())
-        self.fd = fd
+        os.pwrite(fd, f"{name}\n".encode(), 0)
+        self.fd, _HELD[self.key] = fd, name
 
     def release(self) -> None:
         if self.fd is not None:
             self.path.unlink(missing_ok=True)  # while still locked: no writer can have it yet
             os.close(self.fd)
             self.fd = None
+            _HELD.pop(self.key, None)
 
 
 def capture_rng() -> dict:

@@ -16,8 +16,9 @@ turns the loss into SupCon with the patch's majority land-cover class as label.
 The run folder holds `checkpoint-epoch<E>.pth` after the 0-based epochs E = 0, 25, 50, ... and the
 last (--snapshot_every), as the original, each the backbones in the released layout {"epoch": E,
 "arch", "state_dict": backbone1.* / backbone2.*}, and `checkpoint.pth`, the last of them under a
-fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them; the
-original's DFC2020 fine-tuning read `checkpoint-epoch100.pth`. `last.pt` holds what resuming needs.
+fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them;
+SSLTransformerRS's own DFC2020 scripts read the one after epoch 100 (SupCon_SSL's command names
+only `mymodelpath.pth`). `last.pt` holds what resuming needs.
 
 --backbones ssl4eo-moco (or --s1_backbone / --s2_backbone) continues from pre-trained backbones,
 with --normalize ssl4eo (docs/backbones.md); first layers for other band counts need --fresh_first_conv.
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
+import cli
 import flags
 import process
 from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--snapshot_every", type=flags.positive_int, default=25,
                    help="also write the weights after every 0-based epoch that is a multiple of N, and after the last, "
                         "as checkpoint-epoch<E>.pth (default 25, as the original: epoch0, epoch25, ..., epoch200; "
-                        "the original's DFC2020 fine-tuning read epoch100)")
+                        "SSLTransformerRS's DFC2020 scripts read epoch100)")
     flags.add_run_args(p, epochs=201, batch_size=200, lr=3e-5)
     return p
 
@@ -175,7 +177,7 @@ def snapshot_name(epoch: int) -> str:
 @record
 def main(argv=None) -> dict:
     parser = build_parser()
-    args, ctx = process.start(parser, argv, check_args)
+    args, ctx = process.start(parser, argv, check_args, script="sen12ms_pretrain")
     if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 
@@ -239,4 +241,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

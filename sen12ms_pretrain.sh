@@ -4,8 +4,9 @@
 # all four seasons, batch 200, Adam lr 3e-5, weight decay 1e-4, 201 epochs, the original's
 # schedule (constant for 11 epochs, then its slow cosine), seed 42 as the original's config.
 # The run folder holds checkpoint-epoch0.pth, checkpoint-epoch25.pth, ... checkpoint-epoch200.pth (after
-# those 0-based epochs, as the original). The original's DFC2020 fine-tuning read the one after epoch
-# 100: WEIGHTS=$OUT/checkpoint-epoch100.pth bash dfc_finetune.sh (checkpoint.pth is the last one).
+# those 0-based epochs, as the original). SSLTransformerRS's own DFC2020 scripts read the one after
+# epoch 100 (SupCon_SSL's dfc_finetune.sh names only "mymodelpath.pth"):
+# WEIGHTS=$OUT/checkpoint-epoch100.pth bash dfc_finetune.sh (checkpoint.pth is the last one).
 #
 #   DATA=/data/sen12ms bash sen12ms_pretrain.sh
 #
@@ -13,7 +14,7 @@
 #   DATA      folder holding ROIs1158_spring, ROIs1868_summer, ROIs1970_fall, ROIs2017_winter [data/sen12ms]
 #   OUT       the run folder [runs/sen12ms/pretrain-resnet50]
 #   DEVICE    cuda, cuda:1, cpu [cuda if available]
-#   FAST      1: --amp (bf16 autocast; NOT the original's float32) [0]
+#   FAST      1: --amp (bf16 autocast; NOT the original's float32; docs/differences.md) [0]
 #   EXTRA     further flags, e.g. "--resume runs/...", "--epochs 20" []
 #   PYTHON    interpreter [the repository's .venv/bin/python if it exists, else python]
 #

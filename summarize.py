@@ -38,6 +38,8 @@ from pathlib import Path
 
 import scipy.stats
 
+import cli
+
 # Flags that do not change what a run computes, only which seed it draws, where it writes, what
 # it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
 # runs. Runs that differ only in these are seeds of one configuration; every other flag (lr,
@@ -48,7 +50,7 @@ NOT_CONFIGURATION = frozenset({
     "seed",
     "save_path", "resume", "overwrite", "script",
     "keep_last", "tensorboard", "save_best", "progress",
-    "device", "workers", "amp", "channels_last", "compile", "augment_on", "eval_batch_size",
+    "device", "workers", "amp", "channels_last", "compile", "eval_batch_size",
 })
 # Path flags that config.json records resolved to absolute paths (rundir.py), while results.json
 # keeps them as typed: read from config.json, one data root typed two ways is one configuration.
@@ -480,7 +482,8 @@ def embeddings_of(groups: list[Group]) -> list[dict]:
     rows = []
     for i, g, by_seed in found:
         seed = min(common or by_seed, key=seed_order)
-        rows.append({**by_seed[seed], "label": g.label, "seed": seed, "group": i})
+        rows.append({**by_seed[seed], "label": g.label, "seed": seed, "group": i,
+                     "use_sup_con": g.flags.get("use_sup_con"), "scenario": g.flags.get("scenario")})
     return rows
 
 
@@ -592,9 +595,7 @@ def embedding_findings(embeddings: list[dict]) -> list[str]:
         if cos["paired"] <= cos["random"] + ALIGNMENT_MARGIN:
             lines.append(f"In {e['label']} (seed {e['seed']}) the S1 and S2 features of one sample are no closer "
                          f"(cosine {cos['paired']:.2f}) than those of random pairs ({cos['random']:.2f}; margin "
-                         f"{ALIGNMENT_MARGIN}): the two encoders do not align the modalities. That is expected where no "
-                         f"loss pairs a sample's S1 and S2 features (CE alone); where SupCon had cross-modal "
-                         f"positives, it may mean they had little effect.")
+                         f"{ALIGNMENT_MARGIN}): the two encoders do not align the modalities. {alignment_reading(e)}")
         within = (knn["s1"] + knn["s2"]) / 2
         across = (knn["s1_to_s2"] + knn["s2_to_s1"]) / 2
         if within - across > KNN_GAP:
@@ -604,6 +605,23 @@ def embedding_findings(embeddings: list[dict]) -> list[str]:
                          f"be separated within each modality while the two modalities occupy different regions of "
                          f"the feature space.")
     return lines
+
+
+def alignment_reading(e: dict) -> str:
+    """What unaligned S1 and S2 features mean for the loss the run used (embeddings_of's row)."""
+    if e.get("scenario") in ("s1", "s2"):
+        return (f"That is expected: the run trained on {e['scenario'].upper()} only, so nothing trained the other "
+                f"modality's features.")
+    if e.get("use_sup_con") is False:
+        return "That is expected: the run's loss is CE alone, and no loss pairs a sample's S1 and S2 features."
+    if e.get("use_sup_con") and e.get("scenario") == "s1s2":
+        return ("That is expected: SupCon compared features within each modality only (scenario s1s2), so no loss "
+                "pairs a sample's S1 and S2 features.")
+    if e.get("use_sup_con"):
+        return ("The run's SupCon had cross-modal positives (a sample's S1 and S2 features, and those of its class): "
+                "they had little effect on the alignment.")
+    return ("That is expected where no loss pairs a sample's S1 and S2 features; where a loss had cross-modal "
+            "positives, it may mean they had little effect.")
 
 
 def signed(value: float) -> str:
@@ -699,4 +717,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

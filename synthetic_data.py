@@ -28,6 +28,7 @@ import rasterio
 from PIL import Image
 from rasterio.crs import CRS
 
+import cli
 from datasets.labels import DFC_CLASSES, LABEL_CODES
 from datasets.sen12ms import SEASONS
 
@@ -377,4 +378,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

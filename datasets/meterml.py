@@ -111,6 +111,8 @@ class MeterMLDataset(PairedDataset):
         split: ``"train"``, ``"val"`` or ``"test"``: reads ``{split}_dataset.geojson`` or ``.json``.
         geojson: an explicit metadata path instead (relative to ``root``).
         exclude_negatives: drop the Negative samples (``Negative``, ``Roundabout``), counted.
+        image_dirs: keep only the samples whose folder resolves under these top folders of ``root``
+            (e.g. ``["train_images_1"]``), the others counted in ``skipped``.
     """
 
     classes = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -124,7 +126,7 @@ class MeterMLDataset(PairedDataset):
     def __init__(self, root: str | Path, split: Literal["train", "val", "test"] = "train",
                  geojson: str | Path | None = None, *, exclude_negatives: bool = False,
                  normalize: Literal["seed", "none"] = "seed", seed: int = 0, strict: bool = False,
-                 repeated: Literal["keep", "first"] = "keep") -> None:
+                 repeated: Literal["keep", "first"] = "keep", image_dirs: Sequence[str] | None = None) -> None:
         super().__init__(seed)
         for name, value, allowed in [("split", split, ("train", "val", "test")), ("repeated", repeated, ("keep", "first")),
                                      ("normalize", normalize, ("seed", "none"))]:
@@ -185,6 +187,12 @@ class MeterMLDataset(PairedDataset):
             self.skipped["image folder missing"] = len(missing)
             self.problems["image folder missing"] = [PurePosixPath(f.replace("\\", "/")).name for f in missing]
             details.append(f"missing image folders, e.g. {missing[:5]}")
+        if image_dirs is not None:
+            tops = [path.relative_to(self.root).parts[0] if path is not None and path.is_relative_to(self.root)
+                    else None for path in resolved]
+            outside = keep & torch.tensor([top not in image_dirs for top in tops], dtype=torch.bool)
+            self.skipped[f"image folder outside {', '.join(image_dirs)}"] = int(outside.sum())
+            keep &= ~outside
         if exclude_negatives:
             negative = keep & (labels == self.NEGATIVE)
             self.skipped["negative (exclude_negatives)"] = int(negative.sum())

@@ -902,3 +902,22 @@ def test_s1_infinities_are_clipped_as_the_original_and_counted_per_file(dfc):
     assert item["s1"][0, 0, 0] == 0 and item["s1"][0, 0, 1] == maximum and item["s1"][0, 0, 2] == maximum
     assert raw.nonfinite_by_file() == {str(path): {"nan": int(np.isnan(_tif(path)).sum()), "+inf": 1, "-inf": 1}}
     assert ds.nonfinite_counts.shape == (len(ds), 2, 3)
+
+
+def test_meterml_image_dirs_keeps_the_sets_under_those_top_folders_as_written_or_found(meterml, tmp_path):
+    """The original's download_all.sh fetched train_images_1 only: image_dirs=["train_images_1"]
+    keeps what resolves there (also an Image_Folder written train_images/<id>), in metadata order,
+    packed or not; the others are counted."""
+    import pack
+
+    there = {p.name for p in (meterml / "train_images_1").iterdir()}
+    written = [Path(f["properties"]["Image_Folder"]).name for f in _read_geojson(meterml)["features"]]
+    expected = [sample_id for sample_id in written if sample_id in there]
+    assert 0 < len(expected) < len(written)
+    pack.pack("meterml", meterml, tmp_path / "packed")
+    for root in (meterml, tmp_path / "packed"):
+        ds = datasets.MeterMLDataset(root, "train", image_dirs=["train_images_1"])
+        assert ds.ids == expected
+        assert ds.skipped == {"image folder outside train_images_1": len(written) - len(expected)}
+    both = datasets.MeterMLDataset(meterml, "train", image_dirs=["train_images_1", "train_images_2"])
+    assert len(both) == len(expected) + len(list((meterml / "train_images_2").iterdir()))

@@ -79,6 +79,19 @@ def test_training_keeps_the_last_partial_batch_as_the_original(caplog):
                                                     drop_last=True)] == [4, 4]
 
 
+def test_a_batch_size_above_the_training_samples_warns_with_the_batch_that_results(caplog):
+    ctx = process.Context(device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="process"):
+        loader = process.make_loader(_Items(12), 64, ctx, argparse.Namespace(seed=0), train=True)
+        assert [len(b["x"]) for b in loader] == [12]
+    assert "--batch_size 64 is above the 12 training samples: each epoch is one step, on a batch of 12" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="process"):
+        process.make_loader(_Items(12), 12, ctx, argparse.Namespace(seed=0), train=True)
+        process.make_loader(_Items(12), 64, ctx, argparse.Namespace(seed=0), train=False)  # evaluation: no training batch
+    assert "--batch_size" not in caplog.text
+
+
 def test_torchrun_ranks_drop_the_tail_to_take_equal_steps():
     parts = []
     for rank in (0, 1):

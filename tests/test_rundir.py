@@ -3,15 +3,23 @@ import argparse
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import dfc_finetune
 import process
+from models import CheckpointError
 from rundir import RunDir, RunFolderError
+from synthetic_data import write_dfc2020
+
+REPO = Path(__file__).resolve().parents[1]
 
 CPU = process.Context(torch.device("cpu"))
 
@@ -52,19 +60,28 @@ def test_run_lock_refuses_a_second_writer_while_the_first_lives(tmp_path):
     open_run(tmp_path / "run", resume=tmp_path / "run").close()  # released: the next writer gets it
 
 
-def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_still_locks(tmp_path):
-    """The old race: a lock file created empty and filled afterwards looked stale in between.
-    With flock the kernel decides: a holder that has not written its name yet still holds the
-    lock, and a killed holder (kill -9) holds nothing."""
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_names_no_dead_process(tmp_path):
+    """A holder that has locked but not yet written its name still holds the lock, and the file
+    still names the killed run before it: the message names the live holder (the kernel's
+    word), never the dead one. A killed holder (kill -9) holds nothing."""
     folder = tmp_path / "run"
     folder.mkdir()
+    dead = dead_pid()
+    (folder / "run.lock").write_text(f"pid {dead} on {socket.gethostname()} since 2024-01-01T00:00:00+00:00\n")
     hold = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(folder / "run.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"  # holds the lock, has written nothing into it
-        with pytest.raises(RunFolderError, match="in use \\(a process that has not written its name yet\\)"):
+        with pytest.raises(RunFolderError, match=f"in use \\(pid {holder.pid}, which has not written its name yet\\)") as error:
             open_run(folder)
+        assert f"pid {dead}" not in str(error.value)
         holder.kill()
         holder.wait()
         open_run(folder).close()  # kill -9 released it: no stale lock to take over
@@ -73,16 +90,80 @@ def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_still_locks
         holder.wait()
 
 
+def test_two_live_runs_cannot_share_a_folder(tmp_path):
+    folder = tmp_path / "run"
+    hold = ("import sys, time; from pathlib import Path; from rundir import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderError, match=f"in use \\(pid {holder.pid} on {socket.gethostname()} since"):
+            open_run(folder)
+    finally:
+        holder.kill()
+        holder.wait()
+    open_run(folder).close()
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the living child processes of `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the loader workers in /proc")
+def test_an_immediate_resume_after_kill_9_works_while_the_killed_runs_loader_workers_live(tmp_path):
+    """kill -9 of the main process (the OOM killer's way) leaves its DataLoader workers alive
+    until they notice, seconds later: they are stopped here, so that they stay. A resume at once
+    is not refused on their account."""
+    root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=4, seed=0, size=32)
+    run = tmp_path / "run"
+    argv = ["--data_root", str(root), "--arch", "resnet18", "--crop", "32", "--eval_crop", "0", "--batch_size", "4",
+            "--eval_every", "0", "--device", "cpu"]
+    log = open(tmp_path / "log.txt", "w")
+    main = subprocess.Popen([sys.executable, str(REPO / "dfc_finetune.py"), *argv, "--epochs", "500", "--workers", "2",
+                             "--save_path", str(run)], stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = []
+    try:
+        deadline = time.time() + 180
+        while not (run / "last.pt").exists():  # the first epoch has ended: the second one is under way
+            assert main.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-2000:]
+            time.sleep(0.2)
+        workers = children(main.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        main.kill()
+        main.wait()
+        assert all(Path(f"/proc/{pid}").exists() for pid in workers)
+        done = torch.load(run / "last.pt", weights_only=True)["epoch"]
+        results = dfc_finetune.main(["--resume", str(run), "--epochs", str(done + 1), "--workers", "0"])
+        assert results["last"]["epoch"] == done + 1
+    finally:
+        main.kill()
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
 def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
     with open_run(tmp_path / "run") as run:
         one_epoch(run)
     last = tmp_path / "run" / "last.pt"
     last.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="last.pt is not a PyTorch checkpoint"):
         open_run(tmp_path / "run", resume=tmp_path / "run")
     for seed in range(30):  # torch's unpickler fails on random bytes in many ways: each one is named
         last.write_bytes(random.Random(seed).randbytes(256))
-        with pytest.raises(RunFolderError, match="last.pt is not a PyTorch checkpoint"):
+        with pytest.raises(CheckpointError, match="last.pt is not a PyTorch checkpoint"):
             open_run(tmp_path / "run", resume=tmp_path / "run")
 
 
@@ -182,7 +263,7 @@ def test_resume_loads_with_weights_only_and_refuses_pickled_objects(tmp_path):
         one_epoch(run)
     state = torch.load(folder / "last.pt", weights_only=True)
     torch.save({**state, "payload": Payload()}, folder / "last.pt")
-    with pytest.raises(RunFolderError, match="holds a pickled Python object .*could run code"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects .*which were not loaded: .*could run code"):
         open_run(folder, resume=folder)
 
 

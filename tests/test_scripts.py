@@ -1,8 +1,10 @@
 """End-to-end runs of the three scripts on tiny synthetic data (CPU, a few steps each)."""
+import argparse
 import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ import models
 import process
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
 from losses import SupConCELoss
-from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
+from models import CheckpointError, DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import RunFolderError
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
 
@@ -67,11 +69,11 @@ def reevaluate(run, root, scenario, model):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--scenario", "s1"],
+    ["--scenario", "s1", "--no-exclude_negatives"],
     ["--scenario", "s2", "--use_augs", "--use_sup_con", *SHARED],
     ["--scenario", "s1s2", "--use_augs", "--use_sup_con", "--dont_include_negatives", *SHARED],
     ["--scenario", "s1s2_fused", "--use_sup_con", "--ce_from", "joint", *SHARED],
-    ["--scenario", "s1s2_fused", "--eval_mode", "linear", "--data_ratio", "0.5", *SHARED],
+    ["--scenario", "s1s2_fused", "--eval_mode", "linear", "--data_ratio", "0.5", "--no-exclude_negatives", *SHARED],
 ])
 def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     run = tmp_path / "run"
@@ -80,11 +82,12 @@ def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     scenario = flags[flags.index("--scenario") + 1]
     model = "shared" if "shared" in flags else "dual"
     truth, pred = reevaluate(run, meter_root, scenario, model)
-    counted = truth != 3 if "--dont_include_negatives" in flags else torch.ones_like(truth, dtype=torch.bool)
+    excluded = "--no-exclude_negatives" not in flags  # excluded by default, as the original's recorded run
+    counted = truth != 3 if excluded else torch.ones_like(truth, dtype=torch.bool)
     last = results["last"]
     assert last["epoch"] == 1 and last["n"] == int(counted.sum()) and last["ignored"] == len(truth) - last["n"]
     assert last["OA"] == pytest.approx(100 * (pred == truth)[counted].float().mean().item())
-    assert ("Negative" not in last["per_class"]) == ("--dont_include_negatives" in flags)
+    assert ("Negative" not in last["per_class"]) == excluded
     record = read_jsonl(run / "metrics.jsonl")[0]
     assert ("train_supcon" in record) == ("--use_sup_con" in flags) and record["samples_per_s"] > 0
     encoder = SharedNet() if model == "shared" else DualEncoder()
@@ -281,12 +284,32 @@ def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(meter_root, tmp_p
     assert len(read_jsonl(tmp_path / "killed" / "metrics.jsonl")) == 1
 
 
-@pytest.mark.parametrize("content, message", [(None, "not found"), (b"", "empty"), (b"PK\x03\x04 cut", "not a readable PyTorch file")])
+class Payload:
+    """A pickled object that would run code when unpickled with weights_only=False."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def pickled(protocol):
+    """A checkpoint holding an argparse.Namespace beside the weights, pickled with `protocol`."""
+    return lambda path: torch.save({"state_dict": SharedNet().state_dict(), "args": argparse.Namespace(lr=0.1)}, path,
+                                   pickle_protocol=protocol)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"), (b"", "empty"), (b"PK\x03\x04 cut", "is not a PyTorch checkpoint, or is truncated"),
+    (pickled(2), r"holds pickled Python objects \(argparse.Namespace\), which were not loaded"),
+    (pickled(4), r"holds pickled Python objects \(argparse.Namespace\), which were not loaded"),
+    (lambda path: torch.save(SharedNet().state_dict(), path, pickle_protocol=4), "pickled with protocol 4"),
+])
 def test_bad_checkpoints_are_named_before_the_run_folder_exists(meter_root, tmp_path, content, message):
     weights = tmp_path / "weights.pth"
-    if content is not None:
+    if callable(content):
+        content(weights)
+    elif content is not None:
         weights.write_bytes(content)
-    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+    with pytest.raises(CheckpointError, match=message) as error:
         meterml_finetune.main([str(weights), "--data_root", str(meter_root), *FAST, "--save_path", str(tmp_path / "run")])
     assert str(weights) in str(error.value) and not (tmp_path / "run").exists()
 
@@ -350,7 +373,8 @@ def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):
     with pytest.raises(ValueError, match=r"1 image sets are in both the train and the val split .*site_000032"):
         meterml_finetune.main(argv)
     assert not (tmp_path / "run").exists()
-    assert meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]["n"] == 8
+    last = meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]
+    assert last["n"] + last["ignored"] == 8  # every val image set evaluated; negatives excluded by default
 
 
 def test_overwrite_checks_everything_before_it_deletes(meter_root, tmp_path):
@@ -358,7 +382,7 @@ def test_overwrite_checks_everything_before_it_deletes(meter_root, tmp_path):
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(run)]
     meterml_finetune.main(argv)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match="missing.pth"):
         meterml_finetune.main([*argv, "--overwrite", "--model_path", str(tmp_path / "missing.pth")][1:])
     with pytest.raises(ValueError, match="keeps int"):
         meterml_finetune.main([*argv, "--overwrite", "--data_ratio", "0.01"])
@@ -509,3 +533,78 @@ def test_only_seed_normalisation_renormalises_the_augmented_views(normalize):
         peak = originals[m].amax(dim=(-2, -1))
         expected = peak / (peak + 1e-5) if normalize == "seed" else peak
         torch.testing.assert_close(augmented[m].amax(dim=(-2, -1)), expected)
+
+
+def test_a_bare_meterml_finetune_command_is_the_recorded_run():
+    """Every flag of the original's recorded command (meterml_finetune.sh's CE baseline) is the
+    default: the bare command parses to the same flags."""
+    ce = recorded_commands("meterml_finetune.sh", WEIGHTS="w.pth", DATA="d", OUT="o", VARIANTS="0")[0]
+    parse = meterml_finetune.build_parser().parse_args
+    bare = parse(["w.pth", "--data_root", "d", "--seed", "3", "--save_path", "o/ce-seed3"])
+    assert vars(parse(ce[1:])) == vars(bare)
+    assert bare.exclude_negatives and not parse(["w.pth", "--no-exclude_negatives"]).exclude_negatives
+
+
+def test_resume_with_another_script_names_both_before_checking_flags(meter_root, tmp_path, capsys):
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
+    meterml_finetune.main(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        meterml_pretrain.main(["--resume", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is a run of meterml_finetune.py, not of meterml_pretrain.py: resume it with meterml_finetune.py" in err
+    assert "positive pair" not in err
+
+
+def test_resume_with_a_truncated_config_names_the_file(meter_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    meterml_finetune.main(["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(run)])
+    (run / "config.json").write_text((run / "config.json").read_text()[:40])  # cut short
+    with pytest.raises(SystemExit) as exit_info:
+        meterml_finetune.main(["--resume", str(run)])
+    assert exit_info.value.code == 2
+    assert re.search(r"--resume .*run: .*config.json is not valid JSON \(truncated or edited\?", capsys.readouterr().err)
+
+
+def test_frozen_random_dfc_backbones_are_a_loud_warning(dfc_root, tmp_path, caplog):
+    argv = ["--data_root", str(dfc_root), "--arch", "resnet18", "--crop", "32", "--eval_crop", "0", "--workers", "0",
+            "--batch_size", "4", "--epochs", "1", "--eval_every", "0"]
+    with caplog.at_level("WARNING", logger="dfc_finetune"):
+        dfc_finetune.main([*argv, "--model_path", "random", "--save_path", str(tmp_path / "frozen")])
+    assert "--model_path random without --finetune: the backbones keep their RANDOM initialisation, frozen" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dfc_finetune"):
+        dfc_finetune.main([*argv, "--model_path", "random", "--finetune", "--save_path", str(tmp_path / "tuned")])
+    assert "RANDOM" not in caplog.text
+
+
+def test_train_image_dirs_restricts_the_meterml_training_split(meter_root, tmp_path):
+    there = {p.name for p in (meter_root / "train_images_1").iterdir()}
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--eval_every", "0"]
+    results = meterml_finetune.main([*argv, "--train_image_dirs", "train_images_1", "--save_path", str(tmp_path / "ft")])
+    assert results["config"]["train_image_dirs"] == ["train_images_1"]
+    assert results["last"]["n"] + results["last"]["ignored"] == 8  # the val split is read whole
+    kept = MeterMLDataset(meter_root, "train", image_dirs=["train_images_1"])
+    assert set(kept.ids) <= there and len(kept) < 32
+    meterml_pretrain.main(["--data_root", str(meter_root), *FAST, *SHARED, "--train_image_dirs", "train_images_1",
+                           "--save_path", str(tmp_path / "pre")])
+    assert json.loads((tmp_path / "pre" / "config.json").read_text())["train_image_dirs"] == ["train_images_1"]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_user_error_is_one_line_without_traceback_unless_debugging(tmp_path, debug):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DEBUG": "1" if debug else ""}
+    done = subprocess.run([sys.executable, str(REPO / "meterml_finetune.py"), str(tmp_path / "missing.pth"),
+                           "--data_root", str(tmp_path / "nodata"), "--save_path", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 1
+    assert ("Traceback" in done.stderr) == debug
+    if not debug:
+        assert done.stderr.splitlines()[0].startswith("meterml_finetune.py: error: METER-ML root")
+
+
+def test_every_script_and_tool_enters_through_cli_run():
+    for script in ("meterml_finetune", "meterml_pretrain", "dfc_finetune", "sen12ms_pretrain", "embed", "summarize",
+                   "synthetic_data"):
+        source = (REPO / f"{script}.py").read_text()
+        assert source.rstrip().endswith('if __name__ == "__main__":\n    cli.run(main)'), script

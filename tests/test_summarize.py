@@ -458,6 +458,24 @@ def test_interpretation_pairs_seeds_and_flags_unaligned_embeddings(tmp_path):
     assert text in (tmp_path / "report" / "report.md").read_text()
 
 
+def test_the_reading_of_unaligned_embeddings_follows_the_loss_each_run_used(tmp_path):
+    for folder, name, flags in [("sup", "s1s2_fused SupCon+CE", {"scenario": "s1s2_fused", "use_sup_con": True}),
+                                ("ce", "s1s2_fused CE", {"scenario": "s1s2_fused", "use_sup_con": False}),
+                                ("apart", "s1s2 SupCon+CE", {"scenario": "s1s2", "use_sup_con": True}),
+                                ("one", "s1 CE", {"scenario": "s1", "use_sup_con": False})]:
+        write_run(tmp_path / folder, name, 0, evaluation(1, {"Forest": 50.0, "Water": 50.0}, 50.0, 50.0),
+                  dataset="METER-ML", **flags)
+        write_embedding(tmp_path / folder, 80.0, 70.0, folder.encode(), paired=0.2, random=0.2, across=(80.0, 70.0))
+    lines = {line.split(" (seed")[0][len("- In "):]: line
+             for line in summarize.interpretation_of("METER-ML", summarize.summarize(runs_in(tmp_path))[0]["METER-ML"]).splitlines()
+             if line.startswith("- In ")}
+    assert "The run's SupCon had cross-modal positives" in lines["s1s2_fused SupCon+CE"]
+    assert "CE alone" not in lines["s1s2_fused SupCon+CE"]
+    assert "expected: the run's loss is CE alone" in lines["s1s2_fused CE"]
+    assert "within each modality only (scenario s1s2)" in lines["s1s2 SupCon+CE"]
+    assert "trained on S1 only" in lines["s1 CE"]
+
+
 def test_a_truncated_results_json_is_named(tmp_path, capsys):
     write_run(tmp_path / "r0", "CE", 0, evaluation(1, {"Forest": 50.0, "Water": 70.0}, 60.0, 65.0))
     (tmp_path / "r0" / "results.json").write_text('{"dataset": "DFC2020", "las')  # killed while writing
