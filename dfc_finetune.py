@@ -27,10 +27,6 @@ import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import cli
-import flags
-import metrics
-import process
 from augment import Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
 from engine import train_one_epoch
@@ -47,7 +43,8 @@ from models import (
     param_groups,
     pretrained_backbone_files,
 )
-from rundir import RunDir, default_run_path
+from util import cli, flags, metrics, process
+from util.rundir import RunDir, default_run_path
 
 log = logging.getLogger("dfc_finetune")
 

@@ -45,12 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import cli
-import flags
-import process
 from datasets import IGNORE, SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
-from rundir import read_json
+from util import cli, flags, process
+from util.rundir import read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

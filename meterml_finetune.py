@@ -20,10 +20,6 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import cli
-import flags
-import metrics
-import process
 from augment import Views, meterml_augment
 from datasets import IGNORE, MeterMLDataset, split_overlap
 from engine import train_one_epoch
@@ -38,7 +34,8 @@ from models import (
     load_checkpoint,
     param_groups,
 )
-from rundir import RunDir, default_run_path
+from util import cli, flags, metrics, process
+from util.rundir import RunDir, default_run_path
 
 log = logging.getLogger("meterml_finetune")
 

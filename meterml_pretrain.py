@@ -22,15 +22,13 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import Dataset
 
-import cli
-import flags
-import process
 from augment import Views, key_seed, meterml_augment
 from datasets import MeterMLDataset
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent
 from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, save_checkpoint
-from rundir import RunDir, default_run_path
+from util import cli, flags, process
+from util.rundir import RunDir, default_run_path
 
 log = logging.getLogger("meterml_pretrain")
 

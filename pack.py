@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import flags
 from datasets import dfc2020, manifest, meterml, sen12ms
 from datasets.packed import write
+from util import flags
 
 PLANNERS = {"dfc2020": dfc2020.plan_pack, "sen12ms": sen12ms.plan_pack, "meterml": meterml.plan_pack,
             "manifest": manifest.plan_pack}

@@ -44,13 +44,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dfc_finetune
-import flags
-import process
 from datasets import NORMALIZATIONS, CropError, PatchDataset
 from embed import NotARunError, RunInfo, checkpoint_path, read_run
 from losses import IGNORE
 from models import DualResNet, load_checkpoint
-from rundir import RunFolderError
+from util import flags, process
+from util.rundir import RunFolderError
 
 log = logging.getLogger("predict")
 

@@ -36,9 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-import cli
-import flags
-import process
 from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
 from engine import train_one_epoch
@@ -52,7 +49,8 @@ from models import (
     load_backbone_weights,
     pretrained_backbone_files,
 )
-from rundir import RunDir, default_run_path
+from util import cli, flags, process
+from util.rundir import RunDir, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")
 

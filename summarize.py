@@ -38,7 +38,7 @@ from pathlib import Path
 
 import scipy.stats
 
-import cli
+from util import cli
 
 # Flags that do not change what a run computes, only which seed it draws, where it writes, what
 # it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
@@ -691,7 +691,7 @@ def main(argv=None) -> None:
     replacing = False
     if args.report is not None:
         try:
-            import report  # matplotlib only when a report is asked for
+            from util import report  # matplotlib only when a report is asked for
         except ImportError as e:
             p.error(f"--report needs matplotlib ({e})")
         try:

@@ -28,9 +28,9 @@ import rasterio
 from PIL import Image
 from rasterio.crs import CRS
 
-import cli
 from datasets.labels import DFC_CLASSES, LABEL_CODES
 from datasets.sen12ms import SEASONS
+from util import cli
 
 logger = logging.getLogger(__name__)
 

@@ -34,13 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dfc_finetune  # noqa: E402
-import flags  # noqa: E402
-import metrics  # noqa: E402
 import predict  # noqa: E402
-import process  # noqa: E402
 import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
 from models import DualResNet, MultiModalNet  # noqa: E402
+from util import (
+    flags,  # noqa: E402
+    metrics,  # noqa: E402
+    process,  # noqa: E402
+)
 
 PRESETS = {
     "gpu": dict(arch="resnet50", window=224, patch_size=256, patches=64, mosaic=16, batch_size=128, passes=3,

@@ -51,12 +51,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dfc_finetune  # noqa: E402
-import flags  # noqa: E402
-import metrics  # noqa: E402
-import process  # noqa: E402
 import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
 from datasets import DFC2020Dataset  # noqa: E402
+from util import (
+    flags,  # noqa: E402
+    metrics,  # noqa: E402
+    process,  # noqa: E402
+)
 
 # name -> (--ce_from, bf16 autocast, channels_last where CUDA)
 CONFIGS = {"original": ("separate", False, False), "default": ("separate", False, True), "bf16": ("separate", True, True),

@@ -6,8 +6,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 import augment
-import process
 from augment import Views
+from util import process
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-import flags
+from util import flags
 
 
 def common_parser():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+from util import metrics
 
 
 def test_predict_single_head_and_late_fusion():

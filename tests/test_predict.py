@@ -13,9 +13,9 @@ import dfc_finetune
 import predict
 import summarize
 from datasets import DFC2020Dataset
-from metrics import classification_metrics
 from models import DualResNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_scene
+from util.metrics import classification_metrics
 
 PATCH = 48
 CRS_UTM = CRS.from_epsg(32633)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import flags
-import process
+from util import flags, process
 
 
 def test_epoch_sampler_shards_cover_the_data_and_change_per_epoch():

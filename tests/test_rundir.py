@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import dfc_finetune
-import process
 from models import CheckpointError
-from rundir import RunDir, RunFolderError
 from synthetic_data import write_dfc2020
+from util import process
+from util.rundir import RunDir, RunFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +92,7 @@ def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_names_no_de
 
 def test_two_live_runs_cannot_share_a_folder(tmp_path):
     folder = tmp_path / "run"
-    hold = ("import sys, time; from pathlib import Path; from rundir import RunLock; "
+    hold = ("import sys, time; from pathlib import Path; from util.rundir import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)

@@ -15,16 +15,15 @@ from test_models import ssl4eo_file
 
 import dfc_finetune
 import engine
-import flags
 import meterml_finetune
 import meterml_pretrain
 import models
-import process
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
 from losses import SupConCELoss
 from models import CheckpointError, DualEncoder, DualResNet, SharedNet, load_checkpoint
-from rundir import RunFolderError
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
+from util import flags, process
+from util.rundir import RunFolderError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]

@@ -16,12 +16,11 @@ from test_models import ssl4eo_file
 from torch import nn
 
 import dfc_finetune
-import flags
-import process
 import sen12ms_pretrain
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_sen12ms
+from util import flags, process
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--workers", "0"]

@@ -262,7 +262,7 @@ def test_best_is_selected_as_the_original_per_data_set(tmp_path, capsys):
 
 def test_report_module_does_not_import_summarize():
     """report.py draws plain data from summarize.report_data: no import cycle."""
-    code = "import sys, report; assert 'summarize' not in sys.modules, 'report imported summarize'"
+    code = "import sys; from util import report; assert 'summarize' not in sys.modules, 'report imported summarize'"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -359,7 +359,7 @@ def inside(inner, outer):
 
 
 def test_curves_mark_single_points_use_integer_epochs_and_keep_the_legend_inside(tmp_path):
-    import report
+    from util import report
 
     section = figure_runs(tmp_path, labels_long=True)
     fig = report.curves_figure("DFC2020", section["curves"])
@@ -387,7 +387,7 @@ def test_curves_mark_single_points_use_integer_epochs_and_keep_the_legend_inside
 
 
 def test_per_class_bars_reach_above_the_error_bars_and_name_sample_counts(tmp_path):
-    import report
+    from util import report
 
     matrices = ([[3, 1], [0, 6]], [[4, 0], [1, 5]])  # Forest 4 samples, Water 6, in each seed
     for seed, (forest, water) in enumerate(((94.0, 98.0), (100.0, 86.0))):
@@ -407,7 +407,7 @@ def test_per_class_bars_reach_above_the_error_bars_and_name_sample_counts(tmp_pa
 
 
 def test_confusion_rows_name_their_sample_counts(tmp_path):
-    import report
+    from util import report
 
     confusion = summarize.confusion_of(fake_confusion_runs(tmp_path))
     fig = report.confusion_figure("DFC2020", "CE", confusion)

@@ -38,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from flags import as_json
 from models import atomic_save, read_checkpoint
+from util.flags import as_json
 
 log = logging.getLogger("rundir")
 

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-import flags
 from augment import key_seed
+from util import flags
 
 log = logging.getLogger("process")
 
