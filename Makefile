@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench demo clean
+.PHONY: test lint bench demo clean
 
 # Synthetic data, pre-training, fine-tuning on both benchmarks, embeddings, results tables and report (4-5 minutes on 2 cores).
 demo: $(VENV)/.installed
@@ -19,6 +19,10 @@ $(VENV)/.installed: requirements.txt
 # Tests in parallel processes (pytest-xdist), one torch thread each: 4-8 minutes on 2 cores, by the machine.
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --maxprocesses 4 tests
+
+# ruff with the project's rules (pyproject.toml): pyflakes, pycodestyle at 120 columns, import order, bugbear, pyupgrade.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 # CPU benchmarks (the training step at toy sizes; on a GPU machine run bash bench/gpu_check.sh).
 bench: $(VENV)/.installed
