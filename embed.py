@@ -3,31 +3,16 @@
     python embed.py RUN_DIR [--data_root ROOT] [--out DIR] [--split SPLIT] [--max_samples N]
                             [--color_by class|modality] [--checkpoint last.pt] [--device cpu]
 
-RUN_DIR is a run folder of meterml_finetune.py, dfc_finetune.py, meterml_pretrain.py or
-sen12ms_pretrain.py; its kind comes from results.json ("dataset") or, for a run without one,
-from the flags in config.json. Its encoder (last.pt by default; encoder.pth of a METER-ML
-pre-training) encodes the S1 and S2 images of every sample of the evaluation split in eval mode,
-giving the features SupCon sees: L2-normalised 128-d projections, z1 (N, 128) and z2 (N, 128).
+RUN_DIR: a run of meterml_finetune.py, dfc_finetune.py, meterml_pretrain.py or sen12ms_pretrain.py.
+Its encoder (last.pt; encoder.pth of a METER-ML pre-training) encodes the evaluation split in eval
+mode: L2-normalised 128-d projections z1, z2 (N, 128), the features SupCon sees. Read by default:
+METER-ML the run's data_root, split val; DFC2020 its eval_split as its evaluations read it;
+SEN12MS pre-training whole patches of a DFC2020 root (split test) or of SEN12MS (--split: seasons).
 
-What is read, unless --data_root / --split say otherwise:
-  - METER-ML fine-tuning and pre-training: the run's data_root, split "val";
-  - DFC2020 fine-tuning: the run's data_root, its eval_split, with its eval_crop (0: whole
-    patches) and eval_offset_seed, as its evaluations read them;
-  - SEN12MS pre-training: whole patches (the ResNets pool globally) of a DFC2020 root
-    (--data_root holding ROIs0000_test / ROIs0000_validation; split "test"), or else of SEN12MS
-    (the run's data_root, or --data_root) with --split a comma-separated list of seasons
-    (default: the run's seasons, or all four).
-At most --max_samples samples (a seeded subset, in data set order) are encoded.
-
-Writes into RUN_DIR/embedding/ (or --out):
-  - tsne.png: a 2-D t-SNE of the S1 and S2 features together (2N points), colour = class
-    (or modality with --color_by modality), marker = modality;
-  - embedding.json: k-nearest-neighbour accuracy (cosine similarity, majority vote of the k
-    nearest, ties to the class of larger summed similarity) within each modality (leave one
-    out) and across modalities (S1 queries against the S2 features and back, the query's own
-    partner left out, so the number measures class neighbourhoods and not pair matching), and
-    the mean cosine similarity of a sample's S1 and S2 features against that of random pairs of
-    different samples. Samples labelled ignore (255) are left out of everything and counted.
+Writes RUN_DIR/embedding/ (or --out): tsne.png (S1 and S2 together; colour = class or modality,
+marker = modality) and embedding.json: cosine kNN accuracy within each modality (leave one out) and
+across (the query's own partner left out: class neighbourhoods, not pair matching), and the mean
+cosine of a sample's S1 and S2 features against random pairs. Ignored samples (255) are counted apart.
 """
 from __future__ import annotations
 
@@ -63,27 +48,18 @@ KINDS = ("meterml_finetune", "meterml_pretrain", "dfc_finetune", "sen12ms_pretra
 
 def knn_accuracy(queries: Tensor, labels_q: Tensor, keys: Tensor, labels_k: Tensor, k: int = 5,
                  leave_one_out: bool = False) -> float:
-    """k-nearest-neighbour accuracy (%) of `queries` classified by their neighbours among `keys`.
-
-    Neighbours by cosine similarity; a query takes the majority label of its k nearest keys,
-    a tie going to the tied class whose neighbours have the larger summed similarity.
-
-    Args:
-        queries: (Nq, D) features; labels_q: (Nq,) their labels.
-        keys: (Nk, D) features; labels_k: (Nk,) their labels.
-        k: neighbours per query; fewer when fewer keys are available.
-        leave_one_out: queries and keys index the same samples (Nq == Nk): key i is never a
-            neighbour of query i (the query itself, or its own feature of the other modality).
-    Returns:
-        Percentage of queries whose vote equals their label.
-    """
+    """Accuracy (%) of queries (Nq, D) voted by the majority of their k nearest keys (Nk, D) by
+    cosine, ties to the class of larger summed similarity. `leave_one_out` (Nq == Nk): key i is never
+    a neighbour of query i (the query itself, or its own feature of the other modality)."""
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"queries (Nq, D) and keys (Nk, D) must share D, got {tuple(queries.shape)} and {tuple(keys.shape)}")
+        raise ValueError(f"queries (Nq, D) and keys (Nk, D) must share D, got {tuple(queries.shape)} and "
+                         f"{tuple(keys.shape)}")
     if leave_one_out and len(queries) != len(keys):
         raise ValueError(f"leave_one_out needs one key per query, got {len(queries)} queries and {len(keys)} keys")
     available = len(keys) - (1 if leave_one_out else 0)
     if available < 1 or len(queries) == 0:
-        raise ValueError(f"need at least one query and one key besides it, got {len(queries)} queries and {len(keys)} keys")
+        raise ValueError(f"need at least one query and one key besides it, got {len(queries)} queries and "
+                         f"{len(keys)} keys")
     k = min(k, available)
     similarity = F.normalize(queries.double(), dim=1) @ F.normalize(keys.double(), dim=1).T  # (Nq, Nk)
     if leave_one_out:
@@ -91,25 +67,21 @@ def knn_accuracy(queries: Tensor, labels_q: Tensor, keys: Tensor, labels_k: Tens
     top, index = similarity.topk(k, dim=1)  # (Nq, k)
     neighbour_labels = labels_k[index]
     classes = int(max(labels_q.max(), labels_k.max())) + 1
-    counts = torch.zeros(len(queries), classes, dtype=torch.float64).scatter_add_(1, neighbour_labels, torch.ones_like(top))
-    summed = torch.zeros(len(queries), classes, dtype=torch.float64).scatter_add_(1, neighbour_labels, top + 1.0)
+    counts = torch.zeros(len(queries), classes, dtype=torch.float64).scatter_add_(1, neighbour_labels,
+                                                                                  torch.ones_like(top))
+    summed = torch.zeros(len(queries), classes, dtype=torch.float64).scatter_add_(1, neighbour_labels,
+                                                                                  top + 1.0)
     # Lexicographic: the vote count first, the summed similarity (shifted into [0, 2k]) breaks ties.
     votes = (counts * (2 * k + 1) + summed).argmax(1)
     return 100.0 * (votes == labels_q).double().mean().item()
 
 
 def pair_similarity(z1: Tensor, z2: Tensor, seed: int = 0) -> dict:
-    """Mean cosine similarity of each sample's S1 and S2 features, and of random pairs.
-
-    Args:
-        z1, z2: (N, D) features of the same N samples (row i of both is sample i), N >= 2.
-        seed: the random pairs: sample i's S1 with the S2 of sample (i + o_i) mod N, o_i drawn
-            uniformly from 1..N-1 (never itself).
-    Returns:
-        {"paired": mean cos(z1[i], z2[i]), "random": mean cos(z1[i], z2[j_i]), "seed": seed}.
-    """
+    """{"paired": mean cos(z1[i], z2[i]), "random": mean cos(z1[i], z2[j_i]), "seed"} of (N, D)
+    features; j_i = (i + o_i) mod N with o_i uniform in 1..N-1 (never sample i itself)."""
     if z1.shape != z2.shape or z1.ndim != 2 or len(z1) < 2:
-        raise ValueError(f"z1 and z2 must be (N, D) of one shape with N >= 2, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(f"z1 and z2 must be (N, D) of one shape with N >= 2, got {tuple(z1.shape)} and "
+                         f"{tuple(z2.shape)}")
     n = len(z1)
     a, b = F.normalize(z1.double(), dim=1), F.normalize(z2.double(), dim=1)
     offset = torch.randint(1, n, (n,), generator=torch.Generator().manual_seed(seed))
@@ -118,13 +90,7 @@ def pair_similarity(z1: Tensor, z2: Tensor, seed: int = 0) -> dict:
 
 
 def embedding_numbers(z1: Tensor, z2: Tensor, labels: Tensor, k: int = 5, seed: int = 0) -> dict:
-    """The numbers of embedding.json from the features of the counted (not ignored) samples.
-
-    Args:
-        z1, z2: (N, D) S1 and S2 features; labels: (N,) class indices.
-    Returns:
-        {"knn_accuracy": {"s1", "s2", "s1_to_s2", "s2_to_s1"} in %, "pair_cosine": pair_similarity}.
-    """
+    """embedding.json's numbers from (N, D) features and (N,) labels of the counted samples."""
     knn = {"s1": knn_accuracy(z1, labels, z1, labels, k, leave_one_out=True),
            "s2": knn_accuracy(z2, labels, z2, labels, k, leave_one_out=True),
            "s1_to_s2": knn_accuracy(z1, labels, z2, labels, k, leave_one_out=True),
@@ -133,13 +99,9 @@ def embedding_numbers(z1: Tensor, z2: Tensor, labels: Tensor, k: int = 5, seed: 
 
 
 def tsne_points(z1: Tensor, z2: Tensor, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
-    """2-D t-SNE of the S1 and S2 features together: (2N, 2), rows 0..N-1 S1, N..2N-1 S2.
-
-    sklearn TSNE (Barnes-Hut) with PCA initialisation and random_state=seed; the perplexity is
-    lowered to (2N - 1) / 3 for small sets (it must stay below the number of points). It runs on
-    one OpenMP thread: on a busy machine its threads wait on each other, up to 100 times slower
-    (116 points: 20 s instead of 0.2 s on 2 busy cores; 4000 points: 22 s on one thread).
-    """
+    """(2N, 2), S1 rows first. Perplexity at most (2N - 1) / 3 (it must stay below the points). One
+    OpenMP thread: on a busy machine its threads wait on each other (116 points: 20 s instead of
+    0.2 s on 2 busy cores; 4000 points: 22 s on one thread)."""
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
@@ -153,9 +115,8 @@ def tsne_points(z1: Tensor, z2: Tensor, seed: int = 0, perplexity: float = 30.0)
 
 def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names: list[str], color_by: str,
                 title: str) -> Figure:
-    """Scatter of `points` (2N, 2): S1 rows first (filled circles), then S2 (triangles with a
-    dark edge); colour by `labels` (N,) class index (class_names) or by modality. Written as a PNG
-    at `path`, no window; returns the matplotlib Figure (closed), so what it draws can be inspected."""
+    """Scatter of `points` (2N, 2), S1 circles then S2 triangles, written to `path`; returns the
+    closed Figure, so that what it draws can be inspected."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,8 +127,7 @@ def tsne_figure(path: Path, points: np.ndarray, labels: np.ndarray, class_names:
     palette = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20").colors
     fig, ax = plt.subplots(figsize=(9.5, 6.5))
     handles = []
-    # Markers of 36 pt² (about 6 pt across), two shapes with different edges, so that a point's
-    # modality reads at a glance even where the clouds overlap.
+    # Two shapes with different edges: a point's modality reads at a glance where the clouds overlap.
     for i, (marker, name, edge) in enumerate((("o", "S1 (SAR)", 0.0), ("^", "S2 (optical)", 0.6))):
         xy = points[i * n:(i + 1) * n]
         style = dict(s=36, marker=marker, alpha=0.75, linewidths=edge, edgecolors="black")
@@ -204,8 +164,6 @@ class NotARunError(ValueError):
 
 @dataclass
 class RunInfo:
-    """What embed needs to know of a run folder."""
-
     path: Path
     kind: str  # one of KINDS
     dataset: str  # "METER-ML" or "DFC2020", ... as results.json names it
@@ -214,7 +172,6 @@ class RunInfo:
 
 
 def run_kind(config: dict) -> str:
-    """The run's kind (KINDS): the script that wrote it, as config.json records it."""
     script = config.get("script")
     if script not in KINDS:
         raise NotARunError(f"config.json names no script of this project (script: {script!r}); runs of "
@@ -223,22 +180,22 @@ def run_kind(config: dict) -> str:
 
 
 def read_run(path: Path) -> RunInfo:
-    """config.json (and results.json when the run finished) of the run folder `path`."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise NotARunError(f"{path} is not a run folder: no config.json (run folders of meterml_finetune.py, "
-                           f"dfc_finetune.py, meterml_pretrain.py or sen12ms_pretrain.py hold config.json and last.pt)")
+                           f"dfc_finetune.py, meterml_pretrain.py or sen12ms_pretrain.py hold config.json and "
+                           f"last.pt)")
     config = read_json(path / "config.json")
     results = read_json(path / "results.json") if (path / "results.json").is_file() else None
     kind = run_kind(config)
-    dataset = (results or {}).get("dataset") or {"meterml_finetune": "METER-ML", "meterml_pretrain": "METER-ML pre-training",
-                                                   "dfc_finetune": "DFC2020", "sen12ms_pretrain": "SEN12MS pre-training"}[kind]
+    dataset = (results or {}).get("dataset") or {
+        "meterml_finetune": "METER-ML", "meterml_pretrain": "METER-ML pre-training",
+        "dfc_finetune": "DFC2020", "sen12ms_pretrain": "SEN12MS pre-training"}[kind]
     return RunInfo(path, kind, dataset, config, results)
 
 
 def checkpoint_path(run: RunInfo, name: str | None) -> Path:
-    """The checkpoint to encode with: `name` in the run folder, or last.pt (a METER-ML
-    pre-training's encoder.pth when it has one)."""
+    """`name` in the run folder, else last.pt (a METER-ML pre-training's encoder.pth if present)."""
     if name is None:
         name = "encoder.pth" if run.kind == "meterml_pretrain" and (run.path / "encoder.pth").is_file() else "last.pt"
     path = run.path / name
@@ -291,7 +248,8 @@ def build_dataset(run: RunInfo, data_root: Path | None, split: str | None) -> tu
 
 
 @torch.no_grad()
-def encode(encoders: dict[str, nn.Module], loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def encode(encoders: dict[str, nn.Module], loader: DataLoader,
+           device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """z1 (N, 128), z2 (N, 128) L2-normalised projections in eval mode, and labels (N,)."""
     for module in encoders.values():
         module.eval().to(device)
@@ -305,7 +263,8 @@ def encode(encoders: dict[str, nn.Module], loader: DataLoader, device: torch.dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder of one of the training scripts")
     p.add_argument("--data_root", type=Path, default=None, help="data to encode (default: the run's data_root)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/embedding)")
@@ -314,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "the run's seasons for SEN12MS, e.g. spring,fall)")
     p.add_argument("--max_samples", type=flags.positive_int, default=2000,
                    help="encode at most this many samples, a seeded subset (default 2000: t-SNE of 4000 points)")
-    p.add_argument("--color_by", choices=["class", "modality"], default="class", help="colour of the t-SNE points (default class)")
+    p.add_argument("--color_by", choices=["class", "modality"], default="class",
+                   help="colour of the t-SNE points (default class)")
     p.add_argument("--k", type=flags.positive_int, default=5, help="neighbours of the kNN accuracy (default 5)")
-    p.add_argument("--seed", type=flags.seed_int, default=0, help="seed of the subset, the random pairs and t-SNE (default 0)")
+    p.add_argument("--seed", type=flags.seed_int, default=0,
+                   help="seed of the subset, the random pairs and t-SNE (default 0)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file in RUN_DIR (default last.pt; encoder.pth for a METER-ML pre-training)")
     p.add_argument("--batch_size", type=flags.positive_int, default=64, help="encoding batch size (default 64)")
@@ -326,10 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    """Encode, compute, write tsne.png and embedding.json; returns what embedding.json holds."""
+    """Returns what embedding.json holds."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
     try:
         run = read_run(args.run_dir)
     except NotARunError as error:
@@ -354,7 +316,8 @@ def main(argv=None) -> dict:
             "epoch": epoch, "data": data_name, "data_root": str(root), "split": split,
             "n": int(len(labels)), "ignored": int((~counted).sum()), "encoded": len(indices), "of": len(dataset),
             "k": min(args.k, len(labels) - 1), "classes": classes, "color_by": args.color_by,
-            "class_counts": {classes[c]: int((labels == c).sum()) for c in range(len(classes)) if (labels == c).any()},
+            "class_counts": {classes[c]: int((labels == c).sum())
+                             for c in range(len(classes)) if (labels == c).any()},
             **numbers,
             "note": "features: L2-normalised 128-d projections (eval mode). kNN: cosine, majority of the k nearest; "
                     "within a modality leave-one-out; across modalities the query's own other-modality feature is "
@@ -364,7 +327,8 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     points = tsne_points(z1, z2, args.seed)
     knn = numbers["knn_accuracy"]
-    title = (f"{run.dataset}: {run.config.get('name') or run.path.name}, seed {info['seed']} ({checkpoint.name}, epoch {epoch})\n"
+    title = (f"{run.dataset}: {run.config.get('name') or run.path.name}, seed {info['seed']} "
+             f"({checkpoint.name}, epoch {epoch})\n"
              f"t-SNE of S1 and S2 projections, {data_name} {split}, {info['n']} samples\n"
              f"kNN accuracy (k={info['k']}): S1 {knn['s1']:.1f}%, S2 {knn['s2']:.1f}%, S1→S2 {knn['s1_to_s2']:.1f}%, "
              f"S2→S1 {knn['s2_to_s1']:.1f}%\n"

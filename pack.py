@@ -2,11 +2,7 @@
 
     python pack.py {dfc2020,sen12ms,meterml,manifest} ROOT OUT [--seasons ...]
 
-Every data set class accepts OUT as its root and returns the same items, reading only the crop
-window instead of opening three or four files per sample; files that could not be read keep their
-row and raise their error when loaded. Resumable: run the same command again after a kill. The
-format is ``datasets.packed``; docs/data.md gives the layout and sizes.
-"""
+Every data set class reads OUT as its root, with the same items (format: ``datasets.packed``, docs/data.md)."""
 import argparse
 import logging
 import sys
@@ -24,9 +20,8 @@ PLANNERS = {"dfc2020": dfc2020.plan_pack, "sen12ms": sen12ms.plan_pack, "meterml
 
 def pack(dataset: str, root: str | Path, out: str | Path, *, seasons: Sequence[str] = tuple(sen12ms.SEASONS),
          checkpoint_every: int = 256) -> dict[str, Any]:
-    """Pack ``root`` (a data set as distributed, or a manifest CSV) into ``out``; returns the index.
-    Splits: DFC2020 ``validation``, ``test``; SEN12MS ``all`` (the ``seasons``); METER-ML ``train``,
-    ``val``, ``test`` (metadata copied beside the index); a manifest ``all`` (its rows in CSV order)."""
+    """Returns the index. Splits: DFC2020 validation, test; SEN12MS all (the seasons); METER-ML
+    train, val, test (metadata copied beside the index); a manifest all (its rows in CSV order)."""
     if dataset not in PLANNERS:
         raise ValueError(f"dataset must be one of {tuple(PLANNERS)}, got {dataset!r}")
     sen12ms.check_seasons(seasons)

@@ -371,7 +371,8 @@ def preview(path: Path, map_path: Path, classes: list[str], title: str, truth: P
         ax.set_yticks([])
     present = set(np.unique(np.concatenate([image.ravel() for _, image in panels])).tolist())
     handles = [Patch(color=colors[i], label=name) for i, name in enumerate(classes) if i in present]
-    handles += [Patch(facecolor=nodata_color, edgecolor="black", label="nodata or ignored")] if NODATA in present else []
+    handles += ([Patch(facecolor=nodata_color, edgecolor="black", label="nodata or ignored")]
+                if NODATA in present else [])
     fig.legend(handles=handles, loc="outside right center", fontsize="small", title="class")
     fig.suptitle(title, fontsize="medium")
     fig.savefig(path, dpi=120)

@@ -1,31 +1,13 @@
 """Results tables in the layout of the paper's Tables II / III, from run folders; optionally a report.
 
-    python summarize.py RUNS... [--report OUT [--published]]
+    python summarize.py RUNS... [--report OUT [--published] [--maps MAP.tif...]] [--select AA|OA]
 
-RUNS are run folders, results.json files, or folders holding runs (searched recursively). Run
-folders with a config.json but no results.json (still running, or killed) are left out, each
-named in a note.
-Runs are grouped by data set and by configuration: every flag of the run except the seed, the
-run folder and the flags that change only outputs or hardware (NOT_CONFIGURATION); runs on
-different data roots or weights are different configurations. Per data set, two markdown
-tables are printed, never mixed:
-  - last epoch: the last evaluation of each run ("last" in results.json), the reported result;
-  - best epoch, selected on the evaluation split, as the original reported
-    ("best_selected_on_eval_split"; optimistic: the epoch was chosen on the split it is scored on);
-    left out, with a line saying so, when every run's best evaluation is its last one.
-A row per class, then AA, OA, Cohen's kappa and macro F1 (the last two where the runs recorded
-them); a column per configuration, each cell the mean ± sample standard deviation over the
-configuration's seeds, in percent (kappa as a fraction). Columns keep the order in which
-configurations are first met. Configurations that share a name but differ in some flag get those
-flags in their column label, and a note says so. Configurations that differ in one flag of
-CONTRASTS get their per-seed AA differences with paired tests (paired_test) after the tables.
-
---report OUT also writes OUT/report.md with PNG figures beside it (see report.py), with the t-SNE
-pictures of runs that embed.py has embedded and a computed interpretation (paired differences
-per seed, embeddings whose modalities do not align). Everything the report shows is computed
-here (report_data) and handed to report.py as plain data. Only then is matplotlib imported, so
-the tables work where matplotlib is missing. A report.md in OUT that this tool did not write is
-never overwritten.
+RUNS: run folders, results.json files, or folders holding runs (searched recursively). Per data set
+and configuration (every flag but the seed, outputs and hardware), mean ± sample std over seeds of
+the last evaluation, the reported result, and of the best one, selected on the evaluation split as
+the original reported (optimistic); then the per-seed AA differences of configurations differing in
+one flag (fused vs single modality, SupCon+CE vs CE) with paired tests. --report OUT writes
+OUT/report.md and PNG figures (matplotlib is imported only then). docs/flags.md has the details.
 """
 import argparse
 import dataclasses
@@ -40,12 +22,8 @@ import scipy.stats
 
 from util import cli
 
-# Flags that do not change what a run computes, only which seed it draws, where it writes, what
-# it keeps or shows (checkpoints, TensorBoard, progress bars), or on which hardware and how fast it
-# runs. Runs that differ only in these are seeds of one configuration; every other flag (lr,
-# temperature, name, data_root, model_path, ...) tells configurations apart: runs on other data or
-# from other weights are other configurations. "script" is here because the data set already tells
-# the scripts apart.
+# Flags that change only the seed, where a run writes, what it keeps or shows, or the hardware: runs
+# differing only in these are seeds of one configuration ("script": the data set tells scripts apart).
 NOT_CONFIGURATION = frozenset({
     "seed",
     "save_path", "resume", "overwrite", "script",
@@ -56,14 +34,13 @@ NOT_CONFIGURATION = frozenset({
 # keeps them as typed: read from config.json, one data root typed two ways is one configuration.
 PATH_FLAGS = ("data_root", "model_path", "s1_backbone", "s2_backbone")
 
-# The two tables, from the two evaluations results.json keeps: (field, title).
 TABLES = (
     ("last", "last epoch"),
-    ("best_selected_on_eval_split", "best epoch by {criterion}, selected on the evaluation split, as the original reported"),
+    ("best_selected_on_eval_split",
+     "best epoch by {criterion}, selected on the evaluation split, as the original reported"),
 )
-# The criterion of each data set's "best" evaluation, as the original tracked it: METER-ML its
-# running best of the overall accuracy (without negatives when they are excluded), DFC2020 the
-# average accuracy (its best-tracking code is commented out; it printed every evaluation).
+# The original's "best": METER-ML its running best OA (without negatives when excluded); DFC2020 AA
+# (its best-tracking code is commented out; it printed every evaluation).
 SELECT = {"METER-ML": "OA", "DFC2020": "AA"}
 
 
@@ -94,11 +71,7 @@ class Run:
 
 @dataclass
 class Group:
-    """The runs (seeds) of one configuration of one data set.
-
-    `flags` is the configuration (the config without NOT_CONFIGURATION); `differs` lists the
-    flags that tell it apart from other groups of the same name, shown in its `label`.
-    """
+    """The seeds of one configuration; `differs`: the flags that tell it from same-named groups."""
 
     dataset: str
     name: str
@@ -137,8 +110,7 @@ def find_results(paths: list[Path]) -> list[Path]:
 
 
 def find_unfinished(paths: list[Path]) -> list[Path]:
-    """Run folders at or below the folders of `paths` that hold a config.json but no results.json
-    (still running, or killed), in order, each once."""
+    """Run folders at or below `paths` with a config.json but no results.json (running, or killed)."""
     found: dict[Path, None] = {}
     for path in paths:
         if path.is_dir() and not (path / "results.json").is_file():
@@ -148,7 +120,6 @@ def find_unfinished(paths: list[Path]) -> list[Path]:
 
 
 def read_json(file: Path) -> dict:
-    """A JSON file of a run folder (results.json, config.json); a damaged one is named."""
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -156,8 +127,7 @@ def read_json(file: Path) -> dict:
 
 
 def load_run(file: Path) -> Run:
-    """The run whose results.json is `file`, with the metrics.jsonl beside it; its path flags
-    (PATH_FLAGS) as config.json beside it resolved them."""
+    """The run of results.json `file` and its metrics.jsonl; PATH_FLAGS as config.json resolved them."""
     metrics_file = file.parent / "metrics.jsonl"
     metrics = []
     if metrics_file.is_file():
@@ -171,21 +141,18 @@ def load_run(file: Path) -> Run:
     config_file = file.parent / "config.json"
     if isinstance(results.get("config"), dict) and config_file.is_file():
         resolved = read_json(config_file)
-        results["config"].update({k: resolved[k] for k in PATH_FLAGS if k in resolved and k in results["config"]})
+        results["config"].update({k: resolved[k] for k in PATH_FLAGS
+                                  if k in resolved and k in results["config"]})
     return Run(file.parent, results, metrics)
 
 
 def configuration(config: dict) -> dict:
-    """The flags of `config` that make its configuration (all but NOT_CONFIGURATION)."""
     return {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Group]]:
-    """data set -> its configurations, each with its seeds, in the order first met.
-
-    Groups of one data set that share a name get `differs`: the flags whose values differ
-    among them (a flag missing from one run counts as differing).
-    """
+    """data set -> its configurations in the order first met; same-named groups get `differs`
+    (a flag missing from one run counts as differing)."""
     keyed: dict[str, dict[str, Group]] = {}
     for run in runs:
         flags = configuration(run.config)
@@ -221,7 +188,8 @@ def grouping_notes(datasets: dict[str, list[Group]]) -> list[str]:
             seeds = [r.seed for r in g.runs]
             for seed in dict.fromkeys(s for s in seeds if seeds.count(s) > 1):
                 folders = ", ".join(str(r.folder) for r in g.runs if r.seed == seed)
-                notes.append(f"{dataset}: '{g.label}' holds seed {seed} {seeds.count(seed)} times ({folders}); each counts.")
+                notes.append(f"{dataset}: '{g.label}' holds seed {seed} {seeds.count(seed)} times ({folders}); "
+                             "each counts.")
     return notes
 
 
@@ -231,9 +199,8 @@ def criterion_of(dataset: str, select: str | None = None) -> str:
 
 
 def best_evaluation(run: Run, criterion: str) -> dict | None:
-    """The run's best evaluation by `criterion` ("AA" or "OA"), the first of equal ones, from
-    the evaluation records of metrics.jsonl; results.json's own choice when the run has no
-    records (then only if it was made by the same criterion, else None)."""
+    """The first best evaluation by `criterion` in metrics.jsonl; without records, results.json's
+    own choice if made by the same criterion, else None."""
     records = [r for r in run.metrics if r.get(criterion) is not None and "per_class" in r]
     if not records:
         chosen = run.results.get("best_selected_on_eval_split")
@@ -247,8 +214,7 @@ def best_evaluation(run: Run, criterion: str) -> dict | None:
 
 
 def summarize(runs: list[Run], select: str | None = None) -> tuple[dict[str, list[Group]], list[str]]:
-    """The evaluated runs grouped per data set, and notes on what was skipped or told apart.
-    Each run's "best_selected_on_eval_split" is chosen again by `criterion_of` its data set."""
+    """Evaluated runs grouped per data set, and notes; each run's best is chosen again by `criterion_of`."""
     notes = []
     for run in runs:
         if run.results.get("last"):
@@ -268,13 +234,11 @@ def summarize(runs: list[Run], select: str | None = None) -> tuple[dict[str, lis
 
 
 def evaluations(group: Group, field: str) -> list[dict]:
-    """The `field` evaluation ("last" or "best_selected_on_eval_split") of each seed that has one."""
     return [r.results[field] for r in group.runs if r.results.get(field)]
 
 
 def class_names(groups: list[Group], field: str) -> list[str]:
-    """Class names in index order, over all groups; classes without a value anywhere (e.g. an
-    excluded Negative class) are left out."""
+    """Class names in index order; those without a value anywhere (an excluded Negative) left out."""
     names: dict[str, None] = {}
     for g in groups:
         for e in evaluations(g, field):
@@ -308,8 +272,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def cell(values: list[float], seeds: int, digits: int = 2) -> str:
-    """'mean ± std' over seeds ('mean' alone for one value, '–' for none); '(n=k)' where
-    fewer seeds than the configuration's have a value."""
+    """'mean ± std' ('mean' for one value, '–' for none), '(n=k)' where fewer seeds have a value."""
     if not values:
         return "–"
     mean, std = mean_std(values)
@@ -323,7 +286,6 @@ def epochs_text(epochs: list[int]) -> str:
 
 
 def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
-    """One markdown table of `dataset` from the `field` evaluation of each run."""
     seeds = [len(evaluations(g, field)) for g in groups]
     out = [f"### {dataset}: {title}",
            "",
@@ -347,8 +309,7 @@ def table(dataset: str, groups: list[Group], field: str, title: str) -> str:
 
 
 def best_is_last(groups: list[Group]) -> bool:
-    """Every run's best evaluation is its last one (same epoch), so the best-epoch table would
-    repeat the last-epoch table."""
+    """Every run's best evaluation is its last one: the best-epoch table would repeat the first."""
     for run in (r for g in groups for r in g.runs):
         last, best = run.results.get("last"), run.results.get("best_selected_on_eval_split")
         if not best or not last:
@@ -360,8 +321,7 @@ def best_is_last(groups: list[Group]) -> bool:
 
 
 def tables_of(dataset: str, groups: list[Group], select: str | None = None) -> str:
-    """Both tables of a data set, last epoch first; the second names its selection criterion.
-    Where it would repeat the first (best_is_last), a line says so instead."""
+    """Both tables of a data set, or the first and a line saying the second would repeat it."""
     criterion = criterion_of(dataset, select)
     (last_field, last_title), (best_field, best_title) = TABLES
     last = table(dataset, groups, last_field, last_title)
@@ -384,18 +344,16 @@ def markdown(datasets: dict[str, list[Group]], notes: list[str], select: str | N
 # ----------------------------------------------------------------------------- figure data
 
 def class_counts(evaluation: dict) -> dict[str, int]:
-    """Samples of each true class in one evaluation: the row sums of its confusion matrix
-    ({} for results written before runs recorded one)."""
+    """Samples of each true class: the confusion matrix's row sums ({} for older results)."""
     if "confusion" not in evaluation or "classes" not in evaluation:
         return {}
     return {c: sum(row) for c, row in zip(evaluation["classes"], evaluation["confusion"])}
 
 
 def bars_of(groups: list[Group], field: str = "last") -> dict:
-    """What the per-class bar figure draws: rows (classes, AA, OA; not kappa, F1), per configuration the mean
-    and sample std over seeds of each row (nan where undefined), and per row "n": the
-    [fewest, most] samples of the class in one evaluation over all seeds and configurations
-    (None for AA, OA and classes no evaluation counted)."""
+    """The per-class bars: rows (classes, AA, OA), per configuration the mean and sample std over
+    seeds (nan where undefined), per row "n": [fewest, most] samples of the class in one evaluation
+    (None for AA, OA and uncounted classes)."""
     rows = [row for row in rows_of(groups, field) if row[0] not in ("kappa", "macro_F1")]
     stats = [[mean_std(values[i]) for _, values in rows] for i in range(len(groups))]
     counts = [class_counts(e) for g in groups for e in evaluations(g, field)]
@@ -408,19 +366,16 @@ def bars_of(groups: list[Group], field: str = "last") -> dict:
 
 
 def curves_of(runs: list[Run]) -> dict[str, dict[str, list]]:
-    """Learning curves over seeds: quantity -> {"epoch", "mean", "min", "max", "n"} lists.
-
-    Quantities: every loss term (train_*) of metrics.jsonl in the order first met, then AA and
-    OA at the evaluation epochs. At each epoch the statistics run over the seeds that recorded
-    the quantity then. A record repeated for an epoch (a resumed run) replaces the earlier one.
-    """
+    """quantity (train_* in the order met, AA, OA) -> {"epoch", "mean", "min", "max", "n"} over the
+    seeds that recorded it at each epoch; a repeated epoch record (a resumed run) replaces the earlier."""
     per_seed = []
     for run in runs:
         by_epoch = {}
         for record in run.metrics:
             by_epoch[record["epoch"]] = record
         per_seed.append(by_epoch)
-    names = dict.fromkeys(k for seed in per_seed for rec in seed.values() for k in rec if k.startswith("train_"))
+    names = dict.fromkeys(k for seed in per_seed for rec in seed.values() for k in rec
+                          if k.startswith("train_"))
     curves = {}
     for quantity in [*names, "AA", "OA"]:
         series = {}
@@ -439,12 +394,8 @@ def curves_of(runs: list[Run]) -> dict[str, dict[str, list]]:
 
 
 def confusion_of(runs: list[Run], field: str = "last") -> dict | None:
-    """Confusion matrix of the `field` evaluations summed over seeds, and row-normalised.
-
-    Returns {"classes", "counts" (K x K ints, rows true class), "percent" (each row in % of its
-    true class; nan for a class without samples), "seeds"}, or None when an evaluation lacks a
-    confusion matrix (results written before runs recorded one).
-    """
+    """{"classes", "counts" (K, K) summed over seeds (rows: true class), "percent" (% of the row;
+    nan for an empty row), "seeds"}, or None when an evaluation has no confusion matrix."""
     evals = [r.results[field] for r in runs if r.results.get(field)]
     if not evals or any("confusion" not in e or "classes" not in e for e in evals):
         return None
@@ -458,8 +409,7 @@ def confusion_of(runs: list[Run], field: str = "last") -> dict | None:
 
 
 def embedding_of(run: Run) -> dict | None:
-    """The run's embed.py output, embedding/embedding.json plus "png" (the path of
-    embedding/tsne.png), or None when the run has not both."""
+    """embedding/embedding.json plus "png" (embedding/tsne.png), or None without both."""
     folder = run.folder / "embedding"
     if not ((folder / "tsne.png").is_file() and (folder / "embedding.json").is_file()):
         return None
@@ -467,12 +417,8 @@ def embedding_of(run: Run) -> dict | None:
 
 
 def embeddings_of(groups: list[Group]) -> list[dict]:
-    """One embedding per configuration that has any, to show side by side: of the lowest seed
-    that every such configuration has embedded, else of the configuration's own lowest seed.
-
-    Returns [{"label", "seed", "png", "knn_accuracy", "pair_cosine", "n", "k", "split", ...}]
-    in the order of `groups`, each with "group", the index of its configuration in `groups`.
-    """
+    """One embedding per embedded configuration, of the lowest seed all of them embedded (else its
+    own lowest): embedding_of's dicts with "label", "seed", "group" (index in `groups`)."""
     found = []
     for i, g in enumerate(groups):
         by_seed = {r.seed: e for r in g.runs if (e := embedding_of(r)) is not None}
@@ -494,12 +440,10 @@ def seed_order(seed) -> tuple:
 
 # ----------------------------------------------------------------------------- interpretation
 
-# The configurations compared seed by seed: (flag, value A, value B), each difference A − B,
-# between configurations equal in every other flag but the name (a configuration's name follows
-# its flags). Fused S1+S2 against each single modality (METER-ML's --scenario), SupCon+CE against CE.
-CONTRASTS = (("scenario", "s1s2_fused", "s1"), ("scenario", "s1s2_fused", "s2"), ("use_sup_con", True, False))
-# A run's S1 and S2 features count as not aligned when their mean cosine is at most this above
-# that of random pairs (cosine units).
+# (flag, A, B): per-seed differences A − B of configurations equal in every other flag but the name.
+CONTRASTS = (("scenario", "s1s2_fused", "s1"), ("scenario", "s1s2_fused", "s2"),
+             ("use_sup_con", True, False))
+# S1 and S2 features are not aligned when their mean cosine is at most this above random pairs'.
 ALIGNMENT_MARGIN = 0.01
 # Cross-modal kNN accuracy this many points (%) below the within-modality one is reported.
 KNN_GAP = 10.0
@@ -519,19 +463,15 @@ def last_aa_by_seed(group: Group) -> dict:
 
 
 def paired_differences(groups: list[Group]) -> list[dict]:
-    """Per seed, the AA difference between configurations that differ in one flag of CONTRASTS.
+    """[{"flag", "a", "b" (labels), "seeds" (both ran, ascending), "differences" (last AA of A − B,
+    points), "mean", "std", "n", paired_test's keys}] in the order of CONTRASTS, then of `groups`."""
+    def rest(g: Group, flag: str) -> str:
+        return json.dumps({k: v for k, v in g.flags.items() if k not in (flag, "name")}, sort_keys=True, default=str)
 
-    Returns [{"flag", "a", "b" (labels), "seeds", "differences" (AA of A − AA of B at the last
-    evaluation, percentage points, per seed both ran, ascending seeds), "mean", "std" (sample
-    std; nan for fewer than 2), "n"}] in the order of CONTRASTS, then of `groups`.
-    """
     found = []
     for flag, value_a, value_b in CONTRASTS:
-        def rest(g: Group) -> str:
-            return json.dumps({k: v for k, v in g.flags.items() if k not in (flag, "name")}, sort_keys=True, default=str)
-
         for a in (g for g in groups if g.flags.get(flag) == value_a):
-            for b in (g for g in groups if g.flags.get(flag) == value_b and rest(g) == rest(a)):
+            for b in (g for g in groups if g.flags.get(flag) == value_b and rest(g, flag) == rest(a, flag)):
                 aa_a, aa_b = last_aa_by_seed(a), last_aa_by_seed(b)
                 seeds = sorted(set(aa_a) & set(aa_b), key=seed_order)
                 differences = [aa_a[s] - aa_b[s] for s in seeds]
@@ -542,11 +482,9 @@ def paired_differences(groups: list[Group]) -> list[dict]:
 
 
 def paired_test(differences: list[float]) -> dict:
-    """Two-sided tests of per-seed differences A − B against 0: {"t_p", "wilcoxon_p" (nan: undefined), "conclusion"}.
-
-    The paired t-test decides (an AA difference over many samples is near normal, and the test has
-    power at 5-10 seeds, where the exact Wilcoxon is coarse); Wilcoxon's p is the check without normality.
-    """
+    """Two-sided tests of the differences against 0: {"t_p", "wilcoxon_p" (nan: undefined), "conclusion"}.
+    The t-test decides (an AA difference is near normal; it has power at 5-10 seeds, where the exact
+    Wilcoxon is coarse); Wilcoxon's p is the check without normality."""
     n = len(differences)
     t_p = w_p = math.nan
     if n > 1 and statistics.stdev(differences) > 0:
@@ -586,9 +524,8 @@ def paired_table(differences: list[dict]) -> list[str]:
 
 
 def embedding_findings(embeddings: list[dict]) -> list[str]:
-    """Plain sentences on embeddings_of's rows whose S1 and S2 features do not align (paired
-    cosine at most ALIGNMENT_MARGIN above random pairs) or whose cross-modal kNN accuracy is more
-    than KNN_GAP points below the within-modality one."""
+    """Sentences on embeddings whose S1 and S2 do not align (ALIGNMENT_MARGIN) or whose cross-modal
+    kNN accuracy is over KNN_GAP points below the within-modality one."""
     lines = []
     for e in embeddings:
         cos, knn = e["pair_cosine"], e["knn_accuracy"]
@@ -625,13 +562,11 @@ def alignment_reading(e: dict) -> str:
 
 
 def signed(value: float) -> str:
-    """A difference with its sign, 2 decimals ('–' for nan)."""
     return "–" if math.isnan(value) else f"{value:+.2f}"
 
 
 def interpretation_of(dataset: str, groups: list[Group]) -> str:
-    """The report's computed interpretation of a data set (markdown; "" when there is nothing to
-    say): the paired_differences table, and embedding_findings on the embeddings shown."""
+    """Markdown of paired_differences and embedding_findings ("" when there is nothing to say)."""
     differences = paired_differences(groups)
     embeddings = embeddings_of(groups)
     if not differences and not embeddings:
@@ -650,10 +585,7 @@ def interpretation_of(dataset: str, groups: list[Group]) -> str:
 
 
 def report_data(datasets: dict[str, list[Group]], select: str | None = None) -> dict[str, dict]:
-    """Everything report.write_report shows, per data set, as plain data: "tables" (markdown, as
-    printed), "bars" (bars_of, last evaluation), "curves" and "confusions" (a {"label", "curves"
-    | "confusion"} per configuration: curves_of, confusion_of of the last evaluation, None
-    without one), "embeddings" (embeddings_of) and "interpretation" (markdown, maybe "")."""
+    """Everything report.write_report shows, per data set, as plain data (last evaluation)."""
     return {dataset: {"tables": tables_of(dataset, groups, select),
                       "bars": bars_of(groups, "last"),
                       "curves": [{"label": g.label, "curves": curves_of(g.runs)} for g in groups],
@@ -664,7 +596,8 @@ def report_data(datasets: dict[str, list[Group]], select: str | None = None) -> 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("paths", type=Path, nargs="+", help="run folders, results.json files, or folders holding runs")
     p.add_argument("--report", type=Path, metavar="OUT",
                    help="also write OUT/report.md with the tables and PNG figures (needs matplotlib); a report.md "
@@ -702,7 +635,8 @@ def main(argv=None) -> None:
         files = find_results(args.paths)
     except FileNotFoundError as e:
         p.error(str(e))
-    left_out = [f"left out: {folder} has no results.json (unfinished or killed)." for folder in find_unfinished(args.paths)]
+    left_out = [f"left out: {folder} has no results.json (unfinished or killed)."
+                for folder in find_unfinished(args.paths)]
     try:
         datasets, notes = summarize([load_run(f) for f in files], args.select)
     except ValueError as e:

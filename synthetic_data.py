@@ -1,20 +1,13 @@
 """Write small synthetic data sets in the exact layouts of METER-ML, DFC2020 and SEN12MS.
 
-The real data sets cannot be downloaded on the development machines; tests and the demo use
-these instead. Layouts, file names, shapes, dtypes and value ranges follow the real
-distributions (see the loaders in datasets.py).
+Tests and the demo use them: file names, shapes, dtypes and value ranges follow the real data.
+Class c carries the code pair (c % 3, c // 3): S1 the first (backscatter level, speckle), S2 the
+second (band ratios, texture), so only S1 and S2 together tell all classes apart. Seeded.
 
-Class signal, split between the modalities: class c has the code pair
-(s1_code, s2_code) = (c % 3, c // 3). The S1 code sets the backscatter level and the speckle
-texture, the S2 code the spectral signature (band ratios) and the per-band texture. Classes that
-share an S1 code differ only in S2 and vice versa, so only S1 and S2 together tell all classes
-apart. Per-scene brightness, smooth spatial fields and pixel noise keep the task from being trivial.
-Everything is drawn from numpy generators seeded by ``seed``: the same seed writes the same files.
-
-Usage:
     python synthetic_data.py meterml OUT --n 1000 --seed 0
     python synthetic_data.py dfc2020 OUT --n 100 --seed 0
     python synthetic_data.py sen12ms OUT --n 20 --seed 0
+    python synthetic_data.py manifest OUT --n 40 --seed 0
     python synthetic_data.py scene OUT --rows 4 --cols 4 --size 64 --seed 0
 """
 import argparse
@@ -34,9 +27,8 @@ from util import cli
 
 logger = logging.getLogger(__name__)
 
-# Sentinel-2 L1C reflectance x 10000 of the three S2 codes, bands B1, B2, B3, B4, B5, B6, B7, B8,
-# B8A, B9, B10, B11, B12: vegetation-like (red edge, high NIR), bare / built (flat, bright SWIR),
-# dark / wet (falling towards the infrared).
+# S2 L1C reflectance x 10000 per S2 code, bands B1-B8, B8A, B9-B12: vegetation (red edge, high NIR),
+# bare / built (flat, bright SWIR), dark / wet (falling towards the infrared).
 _S2_SIGNATURE = np.array([
     [1300, 1000, 900, 700, 1200, 2300, 2700, 2900, 3000, 1000, 30, 1900, 1000],
     [1500, 1350, 1400, 1500, 1700, 1900, 2000, 2100, 2200, 800, 30, 2700, 2200],
@@ -53,7 +45,8 @@ _S1_LOOKS = np.array([12.0, 5.0, 2.0], dtype=np.float32)  # speckle: fewer looks
 _VH_MINUS_VV_DB = -7.0
 
 # METER-ML
-_METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
+_METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals",
+                    "WWTreatment"]
 _NEGATIVE = 3
 _BANDS_10M = [1, 2, 3, 7]  # B2, B3, B4, B8
 _BANDS_20M = [4, 5, 6, 8, 11, 12]  # B5, B6, B7, B8A, B11, B12
@@ -67,11 +60,12 @@ _DFC_WEIGHTS = np.array([3, 3, 1, 3, 2, 3, 3, 1, 2, 3])
 _S1_CODE = np.array([0, 0, 1, 2, 2, 0, 1, 2, 2, 0, 1])
 _S2_CODE = np.array([0, 0, 0, 2, 0, 1, 1, 1, 2, 2, 2])
 # IGBP codes that map to each DFC code through [0, 1, 1, 1, 1, 1, 2, 2, 3, 3, 4, 5, 6, 7, 6, 8, 9, 10].
-_IGBP_OF_DFC = {1: [1, 2, 3, 4, 5], 2: [6, 7], 3: [8, 9], 4: [10], 5: [11], 6: [12, 14], 7: [13], 8: [15], 9: [16], 10: [17]}
+_IGBP_OF_DFC = {1: [1, 2, 3, 4, 5], 2: [6, 7], 3: [8, 9], 4: [10], 5: [11], 6: [12, 14], 7: [13], 8: [15], 9: [16],
+                10: [17]}
 
 
 def _smooth_field(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A smooth random field (height, width), about unit amplitude: three random plane waves."""
+    """(height, width), about unit amplitude: three random plane waves."""
     y, x = np.mgrid[:height, :width].astype(np.float32)
     field = np.zeros((height, width), dtype=np.float32)
     for _ in range(3):
@@ -80,7 +74,8 @@ def _smooth_field(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return field / math.sqrt(1.5)
 
 
-def _pixels(rng: np.random.Generator, s1_code: np.ndarray, s2_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(rng: np.random.Generator, s1_code: np.ndarray,
+            s2_code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """S1 backscatter (2, H, W) in dB and S2 reflectance x 10000 (13, H, W), float32, of code maps (H, W)."""
     height, width = s1_code.shape
     looks = _S1_LOOKS[s1_code]
@@ -89,29 +84,22 @@ def _pixels(rng: np.random.Generator, s1_code: np.ndarray, s2_code: np.ndarray) 
     s1 = np.stack([vv, vv + _VH_MINUS_VV_DB]) + 10 * np.log10(speckle)
 
     signature = _S2_SIGNATURE[s2_code].transpose(2, 0, 1) * rng.lognormal(0.0, 0.08, size=(13, 1, 1))
-    texture = 1 + _S2_TEXTURE[s2_code].transpose(2, 0, 1) * rng.standard_normal((13, height, width), dtype=np.float32)
+    texture = 1 + _S2_TEXTURE[s2_code].transpose(2, 0, 1) * rng.standard_normal((13, height, width),
+                                                                                 dtype=np.float32)
     brightness = rng.lognormal(0.0, 0.15) * (1 + 0.06 * _smooth_field(rng, height, width))
     s2 = signature * texture * brightness
     return s1.astype(np.float32), s2.astype(np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# METER-ML
+# ----------------------------------------------------------------------------------------------------- METER-ML
 
 
 def write_meterml(root: str | Path, n: int = 1000, seed: int = 0, *, val_fraction: float = 0.2) -> Path:
-    """Write a METER-ML-like set of ``n`` image sets under ``root``; returns ``root``.
-
-    ``train_dataset.geojson`` and ``val_dataset.geojson`` (FeatureCollections of Points with
-    ``Image_Folder`` and ``Type``); train folders spread over ``train_images_1..3`` while every
-    fourth feature's ``Image_Folder`` reads ``train_images/<id>`` (the quirk of the real
-    metadata); validation folders in ``val_images``. Each folder: ``sentinel-1.npy`` (72, 72, 2)
-    uint16 0-4095, ``sentinel-2-10m.npy`` (72, 72, 4), ``sentinel-2-20m.npy`` (36, 36, 6),
-    ``sentinel-2-60m.npy`` (12, 12, 3) uint16, and ``naip.png`` RGBA (NIR as alpha) of 72 x 72
-    px, the S2 10 m bands (the real ones are about 720 px; small keeps writing fast).
-    Classes are balanced; about 20 % of the facility samples get a compound ``Type`` whose first
-    name is the class that the signal follows.
-    """
+    """``{train,val}_dataset.geojson`` (Points with ``Image_Folder``, ``Type``), train folders over
+    ``train_images_1..3``, every fourth written ``train_images/<id>`` (the real metadata's quirk).
+    A folder: ``sentinel-1.npy`` (72, 72, 2) uint16 0-4095, ``sentinel-2-{10,20,60}m.npy`` (72, 72, 4),
+    (36, 36, 6), (12, 12, 3) uint16, ``naip.png`` RGBA 72 px (real: about 720) of the S2 10 m bands.
+    About 20 % of the facilities get a compound ``Type``, the signal following its first name."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     n_val = round(n * val_fraction)
@@ -139,8 +127,7 @@ def write_meterml(root: str | Path, n: int = 1000, seed: int = 0, *, val_fractio
 
         code_map = np.zeros((72, 72), dtype=np.int64)
         s1_db, s2 = _pixels(rng, code_map + label % 3, code_map + label // 3)
-        # The archive's S1 is scaled to 0..4095 rather than dB; (dB + 40) * 70 puts VV near the
-        # seed's per-channel mean (1653).
+        # The archive's S1 is 0..4095, not dB: (dB + 40) * 70 puts VV near the per-channel mean (1653).
         s1 = np.clip((s1_db + 40) * 70, 0, 4095)
         s2_20m = s2[_BANDS_20M].reshape(6, 36, 2, 36, 2).mean(axis=(2, 4))
         s2_60m = s2[_BANDS_60M].reshape(3, 12, 6, 12, 6).mean(axis=(2, 4))
@@ -163,8 +150,7 @@ def write_meterml(root: str | Path, n: int = 1000, seed: int = 0, *, val_fractio
     return root
 
 
-# ---------------------------------------------------------------------------------------------
-# DFC2020 and SEN12MS patches
+# -------------------------------------------------------------------------------------- DFC2020 and SEN12MS
 
 
 def _label_map(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -172,8 +158,7 @@ def _label_map(rng: np.random.Generator, size: int) -> np.ndarray:
     dominant = rng.choice(_DFC_CODES, p=_DFC_WEIGHTS / _DFC_WEIGHTS.sum())
     label_map = np.full((size, size), dominant, dtype=np.uint8)
     y, x = np.mgrid[:size, :size]
-    # 1-4 blobs share 10-45 % of the area (less after overlaps and the border), so the dominant
-    # class keeps 55-90 % of the pixels, or a little over 50 % next to an unlabelled blob.
+    # 1-4 blobs over 10-45 % of the area: the dominant class keeps 55-90 % (over 50 % by an unlabelled blob).
     shares = rng.uniform(0.5, 1.5, rng.integers(1, 5))
     radii = np.sqrt(rng.uniform(0.10, 0.45) * size * size / math.pi * shares / shares.sum())
     others = _DFC_CODES != dominant
@@ -189,8 +174,8 @@ def _label_map(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _patch(rng: np.random.Generator, size: int) -> dict[str, np.ndarray]:
-    """One patch: "s1" (2, size, size) float32 dB with a few NaN, "s2" (13, ...) uint16, "lc" (4, ...)
-    uint8 with IGBP in band 1, "dfc" (1, ...) uint8."""
+    """One patch: "s1" (2, size, size) float32 dB, a few NaN; "s2" (13, ...) uint16; "lc" (4, ...)
+    uint8, IGBP in band 1; "dfc" (1, ...) uint8."""
     dfc = _label_map(rng, size)
     labelled = (dfc >= 1) & (dfc <= 10)
     dominant = np.bincount(dfc[labelled], minlength=11).argmax()
@@ -219,7 +204,8 @@ def _write_tif(path: Path, array: np.ndarray, crs: CRS, transform: rasterio.Affi
     path.parent.mkdir(parents=True, exist_ok=True)
     bands, height, width = array.shape
     with rasterio.open(
-        path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=array.dtype, crs=crs, transform=transform
+        path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=array.dtype, crs=crs,
+        transform=transform
     ) as dst:
         dst.write(array)
 
@@ -232,22 +218,17 @@ def _georeference(rng: np.random.Generator) -> tuple[CRS, rasterio.Affine]:
 
 
 def _patch_numbers(rng: np.random.Generator, n: int) -> list[int]:
-    """``n`` distinct, non-contiguous patch numbers, as in the real releases."""
+    """Distinct, non-contiguous, as in the real releases."""
     return sorted(int(k) for k in rng.choice(np.arange(1, 10 * n + 2), n, replace=False))
 
 
 def write_dfc2020(root: str | Path, n_validation: int, n_test: int, seed: int = 0, size: int = 256) -> Path:
-    """Write a DFC2020-like set under ``root``: ``n_validation`` and ``n_test`` patches of ``size`` px.
-
-    ``ROIs0000_validation/{s1,s2,lc,dfc}_validation/ROIs0000_validation_{s1,s2,lc,dfc}_0_p{N}.tif``
-    and ``ROIs0000_test/{s1,s2,lc,dfc}_0/ROIs0000_test_{s1,s2,lc,dfc}_0_p{N}.tif`` (a split with 0
-    patches is not written). S1 float32 dB with a few NaN pixels in some patches, S2 uint16
-    (a few patches hold a small cloud above 10000), lc 4 bands uint8 with IGBP in band 1 consistent
-    with the DFC map, dfc 1 band uint8 1-10 with some 0 / 255 pixels, Savanna and Snow/Ice.
-    Georeferenced (UTM, 10 m). Returns ``root``.
-    """
+    """The real layout (docs/data.md; a split of 0 patches not written). S1 has a few NaN in some
+    patches, S2 a small cloud above 10000 in a few, lc's IGBP band agrees with the dfc map (1-10,
+    some 0 / 255 pixels, Savanna and Snow/Ice). UTM, 10 m."""
     root = Path(root)
-    for stream, (split, n, suffix) in enumerate([("validation", n_validation, "validation"), ("test", n_test, "0")]):
+    for stream, (split, n, suffix) in enumerate([("validation", n_validation, "validation"),
+                                                 ("test", n_test, "0")]):
         rng = np.random.default_rng([seed, stream])
         top = f"ROIs0000_{split}"
         for number in _patch_numbers(rng, n) if n else []:
@@ -258,14 +239,10 @@ def write_dfc2020(root: str | Path, n_validation: int, n_test: int, seed: int = 
     return root
 
 
-def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int = 256, scenes_per_season: int = 2) -> Path:
-    """Write a SEN12MS-like set under ``root``: ``n_per_season`` patches of ``size`` px in each
-    of the four seasons, spread over ``scenes_per_season`` scenes:
-    ``ROIs1158_spring/{s1,s2,lc}_{scene}/ROIs1158_spring_{s1,s2,lc}_{scene}_p{N}.tif`` etc.
-    Same content as ``write_dfc2020`` without the dfc file: S1 and S2 are drawn from one class map
-    of the patch (a dominant class and blobs of others), and lc band 1 holds that map as IGBP codes
-    (another IGBP code of the class in each patch), so the S1 / S2 pairs of a patch share its
-    structure and its majority land-cover class, as contrastive pre-training needs. Returns ``root``."""
+def write_sen12ms(root: str | Path, n_per_season: int, seed: int = 0, size: int = 256,
+                  scenes_per_season: int = 2) -> Path:
+    """The real layout, four seasons, as ``write_dfc2020`` without the dfc file: S1, S2 and lc's IGBP
+    band share the patch's class map, so a pair shares its structure and majority class."""
     root = Path(root)
     for stream, season in enumerate(SEASONS.values()):
         rng = np.random.default_rng([seed, 100 + stream])
@@ -285,12 +262,10 @@ MANIFEST_CLASSES = {"barley": 5, "forest": 1, "lake": 10, "scrub": 2, "town": 7}
 _L2A_BANDS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]  # the 13 L1C bands without B10 (index 10)
 
 
-def write_manifest(root: str | Path, n: int = 40, seed: int = 0, size: int = 32, *, val_fraction: float = 0.25) -> Path:
-    """Write ``n`` labelled pairs of ``size`` px and ``root/pairs.csv`` listing them; returns the CSV.
-
-    Five classes named as a researcher's own (``MANIFEST_CLASSES``), 12-band L2A-like S2 (no B10),
-    S1 in dB; the CSV's columns are ``id, split, s2, label, s1, notes`` (paths relative to it,
-    ``notes`` a column the readers ignore), splits ``train`` and ``val``."""
+def write_manifest(root: str | Path, n: int = 40, seed: int = 0, size: int = 32, *,
+                   val_fraction: float = 0.25) -> Path:
+    """Pairs with 12-band S2 and ``root/pairs.csv`` (returned): ``id, split, s2, label, s1, notes``
+    (``notes``: a column the readers ignore), splits ``train`` and ``val``."""
     root = Path(root)
     rng = np.random.default_rng([seed, 300])
     names = sorted(MANIFEST_CLASSES)
@@ -303,18 +278,16 @@ def write_manifest(root: str | Path, n: int = 40, seed: int = 0, size: int = 32,
         split = "val" if i >= round(n * (1 - val_fraction)) else "train"
         for modality, array in (("s1", s1), ("s2", np.clip(s2[_L2A_BANDS], 0, 65535).astype(np.uint16))):
             _write_tif(root / modality / f"pair{i:04d}.tif", array, crs, transform)
-        rows.append(f"pair{i:04d},{split},s2/pair{i:04d}.tif,{label},s1/pair{i:04d}.tif,drawn as DFC code {code[0, 0]}")
+        rows.append(f"pair{i:04d},{split},s2/pair{i:04d}.tif,{label},s1/pair{i:04d}.tif,"
+                    f"drawn as DFC code {code[0, 0]}")
     csv = root / "pairs.csv"
     csv.write_text("id,split,s2,label,s1,notes\n" + "\n".join(rows) + "\n")
     return csv
 
 
 def write_scene(root: str | Path, rows: int = 4, cols: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
-    """Write a co-registered S1 / S2 scene pair, a mosaic of rows x cols DFC2020-like patches of
-    ``size`` px, and its true classes, under ``root``: ``s1.tif`` (2 bands float32 dB, a few NaN),
-    ``s2.tif`` (13 bands uint16) and ``truth.tif`` (1 band uint8, the 8 DFC2020 classes 0-7, 255
-    where ignored; the class names in its ``classes`` tag), all on one UTM 10 m grid.
-    Returns {"s1", "s2", "truth"} -> path."""
+    """``s1.tif``, ``s2.tif``: a mosaic of rows x cols DFC2020-like patches on one UTM 10 m grid;
+    ``truth.tif``: uint8 classes 0-7, 255 ignored, the names in its ``classes`` tag."""
     root = Path(root)
     rng = np.random.default_rng([seed, 200])
     crs, transform = _georeference(rng)
@@ -332,18 +305,23 @@ def write_scene(root: str | Path, rows: int = 4, cols: int = 4, size: int = 64, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="dataset", required=True)
-    meterml = commands.add_parser("meterml", help="METER-ML: GeoJSON metadata and per-folder .npy / naip.png", allow_abbrev=False)
+    meterml = commands.add_parser("meterml", help="METER-ML: GeoJSON metadata and per-folder .npy / naip.png",
+                                  allow_abbrev=False)
     meterml.add_argument("out", type=Path)
     meterml.add_argument("--n", type=int, default=1000, help="image sets in all (train + val); default 1000")
-    meterml.add_argument("--val_fraction", "--val-fraction", dest="val_fraction", type=float, default=0.2, help="share of them in the val split; default 0.2")
+    meterml.add_argument("--val_fraction", "--val-fraction", dest="val_fraction", type=float, default=0.2,
+                         help="share of them in the val split; default 0.2")
     meterml.add_argument("--seed", type=int, default=0)
-    dfc = commands.add_parser("dfc2020", help="DFC2020: validation and test splits of s1/s2/lc/dfc GeoTIFFs", allow_abbrev=False)
+    dfc = commands.add_parser("dfc2020", help="DFC2020: validation and test splits of s1/s2/lc/dfc GeoTIFFs",
+                              allow_abbrev=False)
     dfc.add_argument("out", type=Path)
-    dfc.add_argument("--n", type=int, default=100, help="patches PER SPLIT: N validation and N test patches; default 100")
+    dfc.add_argument("--n", type=int, default=100,
+                     help="patches PER SPLIT: N validation and N test patches; default 100")
     dfc.add_argument("--n_test", "--n-test", dest="n_test", type=int, default=None, help="test patches, when not N")
     dfc.add_argument("--size", type=int, default=256, help="patch size in px; default 256 as the real data")
     dfc.add_argument("--seed", type=int, default=0)
-    sen12ms = commands.add_parser("sen12ms", help="SEN12MS: four season folders of s1/s2/lc GeoTIFFs", allow_abbrev=False)
+    sen12ms = commands.add_parser("sen12ms", help="SEN12MS: four season folders of s1/s2/lc GeoTIFFs",
+                                  allow_abbrev=False)
     sen12ms.add_argument("out", type=Path)
     sen12ms.add_argument("--n", type=int, default=25, help="patches PER SEASON; default 25")
     sen12ms.add_argument("--size", type=int, default=256, help="patch size in px; default 256 as the real data")

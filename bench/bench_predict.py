@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
     """S1 and S2 scenes of n x n test patches of `root`, repeated in data set order, on one grid."""
-    test = dfc_finetune.build_eval_set(argparse.Namespace(eval_crop=0, eval_offset_seed=0, normalize="seed"), root, "test")
+    test = dfc_finetune.build_eval_set(argparse.Namespace(eval_crop=0, eval_offset_seed=0, normalize="seed"), root,
+                                       "test")
     arrays = {}
     for m in ("s1", "s2"):
         patches = []

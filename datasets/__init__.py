@@ -1,12 +1,4 @@
-"""Paired Sentinel-1 / Sentinel-2 data sets: METER-ML, DFC2020, SEN12MS and manifests of your own.
-
-Each data set module states its layout and labels; ``sources`` reads GeoTIFF and .npy files,
-``packed`` the packed arrays (and writes them: ``python pack.py DATASET ROOT OUT``), ``patches``
-the windows, normalisation and labels that DFC2020, SEN12MS and manifests share. Every item is a
-dict with ``"s1"`` (C1, H, W) and ``"s2"`` (C2, H, W) float32 tensors, ``"label"``, a float32
-multi-hot ``"multilabel"`` and the sample's ``"id"``. Data faults are counted and reported, never
-silently absorbed (docs/data.md).
-"""
+"""Paired Sentinel-1 / Sentinel-2 data sets: METER-ML, DFC2020, SEN12MS, manifests (docs/modules.md)."""
 from pathlib import Path
 
 from .base import IGNORE, CropError, DataFileError, balanced_indices
@@ -26,8 +18,7 @@ __all__ = [
 
 
 def patch_dataset(root: str | Path, split: str | None, **kwargs) -> PatchDataset:
-    """A manifest's split when ``root`` is a CSV (or a packed one), else DFC2020's: the data sets
-    that the DFC2020 recipe trains on and ``predict.py`` reads."""
+    """A manifest's split when ``root`` is a CSV (or a packed one), else DFC2020's (what predict.py reads)."""
     if is_manifest(root):
         return ManifestDataset(root, split, **kwargs)
     return DFC2020Dataset(root, split, **kwargs)

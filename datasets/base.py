@@ -23,8 +23,7 @@ class CropError(ValueError):
 
 
 class SharedCounter:
-    """An integer that DataLoader workers add to and the main process reads: one shared-memory
-    slot per worker (slot 0 the main process), so concurrent adds never race."""
+    """A count DataLoader workers add to: a shared-memory slot per worker (0: main), so adds never race."""
 
     def __init__(self, slots: int = 64) -> None:
         self._slots = torch.zeros(slots, dtype=torch.int64).share_memory_()
@@ -40,7 +39,6 @@ class SharedCounter:
 
 
 def log_summary(name: str, kept: int, total: int, skipped: dict[str, int], detail: str = "") -> None:
-    """The one report of a data set: samples kept, and what was skipped and why."""
     if any(skipped.values()):
         reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.items())
         logger.warning("%s: %d of %d samples kept; skipped %s%s", name, kept, total, reasons, detail)
@@ -49,12 +47,11 @@ def log_summary(name: str, kept: int, total: int, skipped: dict[str, int], detai
 
 
 class PairedDataset(Dataset):
-    """Epoch, per-item generator and fault counting of the S1 / S2 data sets.
+    """Epoch, per-item generator and fault counts of the S1 / S2 data sets.
 
-    Random draws come from ``keyed_generator(seed, epoch, index)``: independent of the worker that
-    loads the item. The epoch lives in shared memory, so persistent workers see ``set_epoch``.
-    Non-finite values are counted per item, modality (S1, S2) and kind (NaN, +inf, -inf) in shared
-    memory; two workers reading the same item at once may undercount that cell.
+    Draws come from ``keyed_generator(seed, epoch, index)``, whichever worker loads the item; the
+    epoch is in shared memory, so persistent workers see ``set_epoch``. Non-finite counts are shared
+    too; two workers reading one item at once may undercount its cell.
     """
 
     NONFINITE_KINDS = ("nan", "+inf", "-inf")
@@ -95,8 +92,7 @@ class PairedDataset(Dataset):
         raise NotImplementedError
 
     def nonfinite_by_file(self, counts: Tensor | None = None) -> dict[str, dict[str, int]]:
-        """file -> {"nan", "+inf", "-inf"} for every file with a non-finite value met, from ``counts``
-        (default ``nonfinite_counts``; pass the sum over torchrun ranks)."""
+        """file -> {"nan", "+inf", "-inf"} of the files with one met (``counts``: the sum over ranks)."""
         counts = self._nonfinite if counts is None else counts
         return {
             self.source_name(index, modality): dict(zip(self.NONFINITE_KINDS, counts[index, modality].tolist()))
@@ -105,15 +101,14 @@ class PairedDataset(Dataset):
 
     @property
     def all_zero_patches(self) -> int:
-        """Samples read so far (all workers) whose S1 or S2 image (the window read) was zero everywhere."""
+        """Samples read so far (all workers) whose S1 or S2 window was zero everywhere."""
         return self._all_zero_patches.value
 
     def _generator(self, index: int) -> torch.Generator:
         return keyed_generator(self.seed, self.epoch, index)
 
     def _count_nonfinite(self, x: Tensor, path: str | Path, replacement: str, index: int, modality: int) -> Tensor:
-        """Mask of the non-finite values of ``x`` (item ``index``, S1 or S2 from ``path``), counted by
-        kind and logged the first time in this process."""
+        """Mask of the non-finite values of ``x``, counted by kind, logged the first time in this process."""
         nonfinite = ~torch.isfinite(x)
         count = int(nonfinite.sum())
         if count:
@@ -143,11 +138,9 @@ class PairedDataset(Dataset):
 
 
 def balanced_indices(labels: Tensor, ignore: int = IGNORE) -> Tensor:
-    """The item indices (M,) int64 of one epoch of ``--balanced_class``: each item of ``labels`` (N,)
-    repeated by its class's copies, max(1, round(N / (2.9 n_c))) with halves up and N the labelled
-    items; ``ignore`` items appear once. On the DFC2020 validation split this is the original's
-    ``splits/validation_observations_balanced_classes.csv`` (4, 9, 3, 2, 2, 5, 15, 1 copies; 2,618 rows).
-    """
+    """Indices (M,) of one ``--balanced_class`` epoch: an item of class c max(1, round(N / (2.9 n_c)))
+    times (halves up; N, n_c: labelled items, of class c), an ``ignore`` item once. On DFC2020's validation
+    split: the original's ``splits/validation_observations_balanced_classes.csv`` (2,618 rows)."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
     if labels.dim() != 1:
         raise ValueError(f"labels must be a 1-D tensor of class ids, got shape {tuple(labels.shape)}")

@@ -104,7 +104,8 @@ def plan_pack(root: Path, seasons: Any = ()) -> tuple[dict[str, SplitPlan], list
         files_of: dict[int, dict[str, str]] = {}
         for label, (numbers, files, _, _) in paired.items():
             for number, paths in zip(numbers, files):
-                files_of.setdefault(number, {"s1": str(paths["s1"]), "s2": str(paths["s2"])})[label] = str(paths["label"])
+                files_of.setdefault(number, {"s1": str(paths["s1"]), "s2": str(paths["s2"])})[label] = str(
+                    paths["label"])
         numbers = sorted(files_of)
         row_of = {number: row for row, number in enumerate(numbers)}
         sources = [files_of[number] for number in numbers]

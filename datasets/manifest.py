@@ -88,8 +88,8 @@ def check_files(path: Path, rows: Sequence[Row]) -> tuple[int, int]:
             if bands is None:
                 bands = (b1, b2)
             elif (b1, b2) != bands:
-                raise DataFileError(f"{path}, line {row.line}: {row.s1} / {row.s2} have {b1} / {b2} bands, the first row "
-                                    f"{bands[0]} / {bands[1]}; every row needs the same band counts")
+                raise DataFileError(f"{path}, line {row.line}: {row.s1} / {row.s2} have {b1} / {b2} bands, the first "
+                                    f"row {bands[0]} / {bands[1]}; every row needs the same band counts")
     return bands
 
 

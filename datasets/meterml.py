@@ -89,7 +89,8 @@ def read_features(path: Path) -> tuple[list[str], list[str]]:
 
 
 def find_metadata(root: Path, split: str, geojson: str | Path | None = None) -> Path | None:
-    candidates = [root / geojson] if geojson is not None else [root / f"{split}_dataset.{e}" for e in ("geojson", "json")]
+    candidates = ([root / geojson] if geojson is not None
+                  else [root / f"{split}_dataset.{e}" for e in ("geojson", "json")])
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -128,7 +129,8 @@ class MeterMLDataset(PairedDataset):
                  normalize: Literal["seed", "none"] = "seed", seed: int = 0, strict: bool = False,
                  repeated: Literal["keep", "first"] = "keep", image_dirs: Sequence[str] | None = None) -> None:
         super().__init__(seed)
-        for name, value, allowed in [("split", split, ("train", "val", "test")), ("repeated", repeated, ("keep", "first")),
+        for name, value, allowed in [("split", split, ("train", "val", "test")),
+                                     ("repeated", repeated, ("keep", "first")),
                                      ("normalize", normalize, ("seed", "none"))]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -179,10 +181,12 @@ class MeterMLDataset(PairedDataset):
                            f"entries; {kept_how}), e.g. {list(duplicated)[:5]}")
         if conflicting:
             if repeated == "first":
-                self.skipped["Image_Folder listed again with another Type (first kept)"] = sum(extra[k] for k in conflicting)
+                self.skipped["Image_Folder listed again with another Type (first kept)"] = sum(
+                    extra[k] for k in conflicting)
             self.problems["conflicting Type"] = list(conflicting)
             examples = "; ".join(f"{name}: {' vs '.join(found)}" for name, found in list(conflicting.items())[:5])
-            details.append(f"Image_Folder with conflicting Types ({len(conflicting)} folders; {kept_how}), e.g. {examples}")
+            details.append(f"Image_Folder with conflicting Types ({len(conflicting)} folders; {kept_how}), "
+                           f"e.g. {examples}")
         if missing:
             self.skipped["image folder missing"] = len(missing)
             self.problems["image folder missing"] = [PurePosixPath(f.replace("\\", "/")).name for f in missing]

@@ -239,7 +239,8 @@ def _pack_split(out: Path, split: str, plan: SplitPlan, state: dict[str, Any], p
         if done:
             arrays[column.name] = np.load(path, mmap_mode="r+")
             if arrays[column.name].shape != shape or str(arrays[column.name].dtype) != column.dtype:
-                raise DataFileError(f"{path}: an unfinished pack left another shape or dtype; delete {out} and pack again")
+                raise DataFileError(f"{path}: an unfinished pack left another shape or dtype; delete {out} and "
+                                    f"pack again")
         else:
             arrays[column.name] = np.lib.format.open_memmap(path, mode="w+", dtype=column.dtype, shape=shape)
     unreadable: dict[str, dict[str, str]] = split_state["unreadable"]
@@ -359,7 +360,8 @@ def write(dataset: str, plan: Planner, root: str | Path, out: str | Path, *, sea
     index = {
         "format": FORMAT, "version": VERSION, "dataset": dataset, "source_root": str(root.resolve()),
         "absent": absent, "splits": splits, "source_files": stamps, "check": check,
-        "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds_of_last_run": round(time.perf_counter() - started, 3),
+        "packed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds_of_last_run": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(out / INDEX, index, indent=None)
     progress.unlink()

@@ -1,14 +1,11 @@
 """Windows of S1 / S2 / label-map patches (DFC2020, SEN12MS, manifests) from any source.
 
-Every item: ``"s1"`` (C1, h, w) and ``"s2"`` (C2, h, w) float32, ``"label"`` the window's majority
-class (IGNORE when ignore pixels win), ``"multilabel"`` (classes,) the classes covering >= 10 % of
-the window, ``"id"``. The crop window is random per (seed, epoch, index) in training, else centred,
-or with ``offset_seed`` at a random offset drawn once per patch (the same windows in every
-evaluation and run). ``normalize="seed"`` is the recipe of the released DualResNet50 weights:
-S1 NaN -> 0 dB, clip [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's ``np.clip``) + 25,
-S2 clip [0, 10000], then each channel of the window divided by its own maximum (+ 1e-5).
-``normalize="ssl4eo"``: the scaling of TorchGeo's SSL4EO-S12 weights (``ssl4eo_normalize``).
-``normalize="none"``: S1 dB and raw S2 as float32, non-finite values -> 0.
+``"label"``: the window's majority class (IGNORE when ignore pixels win); ``"multilabel"``: the
+classes covering >= 10 % of it. Windows: random per (seed, epoch, index) in training, else centred,
+or at an offset drawn once per patch from ``offset_seed``. ``normalize="seed"``, the released
+DualResNet50's recipe: S1 NaN -> 0 dB, clip [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's
+``np.clip``) + 25, S2 clip [0, 10000], each channel / (its window maximum + 1e-5). ``"none"``: S1 dB
+and raw S2, non-finite -> 0.
 """
 import logging
 from collections import Counter
@@ -36,19 +33,19 @@ SSL4EO_S2_SCALE = 10000.0
 
 
 def seed_normalize(x: Tensor) -> Tensor:
-    """Every channel of ``x`` (C, H, W) or (B, C, H, W), float, non-negative, divided by its
-    maximum over the image + 1e-5 (an all-zero channel stays 0): the last step of the seed
-    normalisation, on the image the network sees (the crop, or an augmented view)."""
+    """Each channel of ``x`` (C, H, W) or (B, C, H, W), non-negative, / (its maximum + 1e-5): the last
+    step of the seed recipe, on the image the network sees (the crop, or an augmented view)."""
     if x.ndim not in (3, 4):
-        raise ValueError(f"seed_normalize expects an image (C, H, W) or a batch (B, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"seed_normalize expects an image (C, H, W) or a batch (B, C, H, W), "
+                         f"got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"seed_normalize expects a floating-point tensor, got {x.dtype}")
     return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
 def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-    """S1 (2, H, W) or (B, 2, H, W) in dB standardised per band, S2 (C, H, W) or (B, C, H, W) / 10000, as
-    TorchGeo's SSL4EO-S12 weights expect; no clipping; non-finite values -> 0 after scaling (S1: the band mean)."""
+    """S1 dB standardised per band, S2 / 10000, (C, H, W) or batched, as TorchGeo's SSL4EO-S12 weights
+    expect; no clipping; non-finite values -> 0 after scaling (S1: the band mean)."""
     if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
         raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), "
                          f"got {tuple(s1.shape)}")
@@ -66,12 +63,9 @@ def _divide_by_maxima(x: np.ndarray, maxima: np.ndarray) -> Tensor:
 
 
 class PatchDataset(PairedDataset):
-    """The windows, normalisation and labels of patch data sets; subclasses give the layout.
-
-    A subclass sets ``source`` (``sources.TiffSource`` or ``packed.PackedSource`` with keys "s1",
-    "s2", "label"), ``patch_ids``, ``_offset_keys`` (non-negative ints naming each patch, for
-    ``offset_seed``), ``label_codes`` and ``classes``, then calls ``_finish``.
-    """
+    """A subclass sets ``source`` (``TiffSource`` or ``PackedSource``: keys "s1", "s2", "label"),
+    ``patch_ids``, ``_offset_keys`` (non-negative ints per patch, for ``offset_seed``), ``label_codes``
+    and ``classes``, then calls ``_finish``."""
 
     classes: list[str] = DFC_CLASSES
     IGNORE = IGNORE
@@ -90,7 +84,8 @@ class PatchDataset(PairedDataset):
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if offset_seed is not None and (train or not isinstance(offset_seed, int) or offset_seed < 0):
             raise ValueError(f"offset_seed must be None or a non-negative int, and only with train=False (training "
-                             f"windows are random per seed, epoch and index); got offset_seed={offset_seed!r}, train={train}")
+                             f"windows are random per seed, epoch and index); got offset_seed={offset_seed!r}, "
+                             f"train={train}")
         self.crop, self.train, self.normalize = crop, train, normalize
         self.return_label_map, self.offset_seed = return_label_map, offset_seed
         self._majority: Tensor | None = None
@@ -100,8 +95,7 @@ class PatchDataset(PairedDataset):
         return len(self.patch_ids)
 
     def _finish(self, root: Path, name: str, total: int, skipped: dict[str, int]) -> None:
-        """Check the crop against the patch size (``CropError`` before any item is read), log what
-        was skipped and how many packed rows hold a file that could not be packed."""
+        """``CropError`` before any item is read; logs what was skipped and the unreadable packed rows."""
         if not self.patch_ids:
             raise ValueError(f"{name} under {root}: no complete patch (skipped: {skipped})")
         self.skipped = skipped
@@ -139,7 +133,7 @@ class PatchDataset(PairedDataset):
         return Window(left, top, self.crop, self.crop)
 
     def _s1(self, raw: np.ndarray, name: str, index: int) -> Tensor:
-        """S1 (C, h, w) window in dB -> float32, normalised but for ``ssl4eo``; non-finite values counted."""
+        """S1 (C, h, w) in dB -> float32, normalised but for ``ssl4eo``; non-finite values counted."""
         x = np.array(raw, dtype=np.float32)
         nan = None
         if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
@@ -176,27 +170,28 @@ class PatchDataset(PairedDataset):
             maxima = np.minimum(maxima, 10000)
         return _divide_by_maxima(x, maxima)
 
-    def normalized(self, s1: np.ndarray, s2: np.ndarray, names: tuple[str, str], index: int) -> tuple[Tensor, Tensor]:
-        """The network's inputs (C, h, w) float32 of S1 and S2 windows as read from ``names`` (item
-        ``index`` in the non-finite counts), by this data set's ``normalize`` recipe."""
+    def normalized(self, s1: np.ndarray, s2: np.ndarray, names: tuple[str, str],
+                   index: int) -> tuple[Tensor, Tensor]:
+        """The network's inputs (C, h, w) float32 of the windows read from ``names``, by ``normalize``."""
         x1, x2 = self._s1(s1, names[0], index), self._s2(s2, names[1], index)
         return ssl4eo_normalize(x1, x2) if self.normalize == "ssl4eo" else (x1, x2)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w, path))
+        arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w,
+                                                                                path))
         label_map = class_map(arrays["label"], names["label"], self.label_codes)
         self._count_all_zero([names[m] for m in ("s1", "s2") if not arrays[m].any()])  # before clipping
         label, multilabel = labels_of_map(label_map, len(self.classes))
         s1, s2 = self.normalized(arrays["s1"], arrays["s2"], (names["s1"], names["s2"]), index)
-        item: dict[str, Any] = {"s1": s1, "s2": s2, "label": label, "multilabel": multilabel, "id": self.patch_ids[index]}
+        item: dict[str, Any] = {"s1": s1, "s2": s2, "label": label, "multilabel": multilabel,
+                                "id": self.patch_ids[index]}
         if self.return_label_map:
             item["label_map"] = torch.from_numpy(label_map.astype(np.int64))
         return item
 
     def label_report(self) -> dict[str, Any]:
-        """Read every whole label map once: the majority labels (for ``patch_labels``), and how many
-        patches and pixels the labels leave out. Undocumented codes raise ``DataFileError`` here,
-        before a run starts."""
+        """Every whole label map read once: majority labels (``patch_labels``), the patches and pixels
+        left out; undocumented codes raise ``DataFileError`` here, before a run starts."""
         majority = torch.empty(len(self), dtype=torch.int64)
         pixels: Counter[int] = Counter()
         ignored_codes = self.label_codes.ignored

@@ -71,8 +71,8 @@ class SEN12MSDataset(PatchDataset):
     _MAX_SUBSTITUTES = 10
 
     def __init__(self, root: str | Path, seasons: Sequence[str] = tuple(SEASONS), crop: int | None = None,
-                 train: bool = False, *, normalize: Literal["seed", "ssl4eo", "none"] = "seed", return_label_map: bool = False,
-                 seed: int = 0, offset_seed: int | None = None) -> None:
+                 train: bool = False, *, normalize: Literal["seed", "ssl4eo", "none"] = "seed",
+                 return_label_map: bool = False, seed: int = 0, offset_seed: int | None = None) -> None:
         super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
         check_seasons(seasons)
         self.root, self.seasons = Path(root), tuple(seasons)
@@ -129,7 +129,8 @@ class SEN12MSDataset(PatchDataset):
                 self._unreadable.add(1)
                 if str(error) not in self._logged_errors:
                     self._logged_errors.add(str(error))
-                    logger.warning("skipping SEN12MS patch %s: %s", self.patch_ids[(index + attempt) % len(self)], error)
+                    logger.warning("skipping SEN12MS patch %s: %s", self.patch_ids[(index + attempt) % len(self)],
+                                   error)
         raise DataFileError(f"{self._MAX_SUBSTITUTES} consecutive SEN12MS patches from index {index} are unreadable")
 
 
@@ -148,7 +149,8 @@ def plan_pack(root: Path, seasons: Sequence[str]) -> tuple[dict[str, SplitPlan],
         record["season"] += [season] * len(found.files)
         record["scene"] += found.scenes
         record["patch"] += found.numbers
-        record["seasons"][season] = {"rows": [start, len(sources)], "skipped": found.skipped, "patches_seen": found.seen}
+        record["seasons"][season] = {"rows": [start, len(sources)], "skipped": found.skipped,
+                                     "patches_seen": found.seen}
         record["skipped"].update({f"{season}: {reason}": count for reason, count in found.skipped.items()})
     if not sources:
         raise FileNotFoundError(f"no complete SEN12MS triplet under {root}; expected:\n{layout(root)}")

@@ -47,7 +47,8 @@ def open_tif(path: Path, bands: int | None, size: tuple[int, int] | None = None)
                 raise DataFileError(f"{path}: expected {bands} bands, found {src.count}")
             if size is not None and (src.height, src.width) != size:
                 raise DataFileError(
-                    f"{path}: expected {size[0]} x {size[1]} px like the patch's S1 file, found {src.height} x {src.width}"
+                    f"{path}: expected {size[0]} x {size[1]} px like the patch's S1 file, "
+                    f"found {src.height} x {src.width}"
                 )
             yield src
     except rasterio.errors.RasterioError as error:

@@ -1,17 +1,7 @@
-"""The report of `summarize.py --report OUT`: OUT/report.md with PNG figures beside it.
+"""The report of `summarize.py --report OUT`: OUT/report.md with PNG figures beside it (docs/flags.md).
 
-Per data set: the tables of summarize.py; per-class accuracy of each configuration as grouped
-bars with the sample std over seeds as error bars and each class's sample count (optionally the
-paper's values as markers); learning curves (every loss term, AA and OA; mean over seeds, shaded
-min-max over seeds); a row-normalised confusion matrix per configuration (counts summed over
-seeds, last evaluation); where runs hold embed.py's embedding/tsne.png and embedding.json, their
-t-SNE pictures side by side (one seed per configuration, copied beside report.md) above a table of
-their kNN numbers; then the computed interpretation.
-
-Everything shown arrives as plain data (summarize.report_data): this module computes nothing
-from run folders and does not import summarize. The figure functions return the matplotlib
-Figure, so that what they draw can be inspected; `save` writes it. report.md starts with MARKER;
-a report.md without it was not written here and is never replaced.
+Everything shown arrives as plain data (summarize.report_data): nothing here reads run folders or
+imports summarize. Figure functions return the Figure, so that what they draw can be inspected.
 """
 import math
 import re
@@ -32,18 +22,16 @@ DPI = 120
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 LINESTYLES = ("-", "--", ":", "-.")
 
-# The paper's results on real data (per-class accuracy, AA, OA in %), for comparison markers.
-# CE first, so that each method keeps its marker in both figures.
-# Source: the paper's Tables II and III (DFC2020 test split, METER-ML validation split; the paper's
-# class names mapped to the data sets' own). The paper
-# gives AA +- 0.89 (SupCon+CE) / 0.72 (CE) and OA +- 1.31 / 1.66 on DFC2020, AA +- 1.74 (CE) /
-# 2.00 (SupCon+CE) on METER-ML, and no METER-ML OA.
+# The paper's Tables II, III (%; DFC2020 test, METER-ML val; class names mapped to the data sets'), CE
+# first so each method keeps its marker. Its std: DFC2020 AA 0.89 (SupCon+CE) / 0.72 (CE), OA 1.31 /
+# 1.66; METER-ML AA 1.74 (CE) / 2.00 (SupCon+CE), no OA.
 PUBLISHED = {
     "DFC2020": {
         "CE": {"Forest": 63.49, "Shrubland": 58.31, "Grassland": 12.60, "Wetlands": 14.43, "Croplands": 52.65,
                "Urban/Built-up": 91.14, "Barren": 43.91, "Water": 98.63, "AA": 54.39, "OA": 68.29},
         "SupCon+CE": {"Forest": 75.54, "Shrubland": 52.26, "Grassland": 6.18, "Wetlands": 20.90, "Croplands": 59.65,
-                      "Urban/Built-up": 89.94, "Barren": 44.09, "Water": 98.42, "AA": 55.87, "OA": 72.62},
+                      "Urban/Built-up": 89.94, "Barren": 44.09, "Water": 98.42, "AA": 55.87,
+                      "OA": 72.62},
     },
     "METER-ML": {
         "CE": {"CAFOs": 97.44, "Landfills": 50.23, "Mines": 60.00, "ProcessingPlants": 57.36,
@@ -61,10 +49,7 @@ class NotOurReportError(FileExistsError):
 
 
 def ours_to_replace(out: Path) -> bool:
-    """Whether OUT/report.md exists and was written here (and may be replaced); False when absent.
-
-    Raises NotOurReportError when it exists without MARKER as its first line.
-    """
+    """Whether OUT/report.md exists and was written here; NotOurReportError when it lacks MARKER."""
     path = Path(out) / "report.md"
     if not path.exists():
         return False
@@ -76,12 +61,11 @@ def ours_to_replace(out: Path) -> bool:
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of `text`."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "x"
 
 
 def save(fig: Figure, path: Path) -> None:
-    """Write `fig` as a PNG, cropped to what it draws (nothing drawn is cut off), and free it."""
+    """A PNG cropped to what `fig` draws (nothing is cut off); frees it."""
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
 
@@ -94,9 +78,7 @@ def count_text(n: list[int] | None) -> str:
 
 
 def per_class_figure(dataset: str, bars: dict, published: bool = False) -> Figure:
-    """Grouped bars of summarize.bars_of: per class, AA and OA, a bar per configuration (mean over
-    seeds), error bars the sample std over seeds; under each class its samples in one evaluation;
-    the paper's values as markers if asked. The y axis (%) reaches above every error bar."""
+    """summarize.bars_of as grouped bars (a bar per configuration); the y axis clears every error bar."""
     rows, labels = bars["rows"], bars["labels"]
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(rows) + 3), 4.8), layout="constrained")
@@ -113,7 +95,8 @@ def per_class_figure(dataset: str, bars: dict, published: bool = False) -> Figur
         for k, (method, values) in enumerate(PUBLISHED.get(dataset, {}).items()):
             points = [(r, values[row]) for r, row in enumerate(rows) if row in values]
             ax.scatter([r + (k - 0.5) * 0.2 for r, _ in points], [v for _, v in points], marker="D*"[k % 2],
-                       s=40, color="black" if k == 0 else "dimgray", zorder=3, label=f"published {method} (paper, real data)")
+                       s=40, color="black" if k == 0 else "dimgray", zorder=3,
+                       label=f"published {method} (paper, real data)")
     n = bars.get("n") or [None] * len(rows)
     ax.set_xticks(range(len(rows)), [f"{row}\n({count_text(c)})" if c else row for row, c in zip(rows, n)],
                   rotation=30, ha="right", rotation_mode="anchor")
@@ -127,24 +110,22 @@ def per_class_figure(dataset: str, bars: dict, published: bool = False) -> Figur
 
 
 def curve_quantities(curves: list[dict]) -> list[str]:
-    """The quantities with at least one finite value in some configuration: loss terms in the
-    order first met, then AA and OA."""
+    """Quantities with a finite value somewhere: loss terms in the order met, then AA and OA."""
     met = dict.fromkeys(q for c in curves for q, curve in c["curves"].items()
                         if any(math.isfinite(v) for v in curve["mean"]))
     return [q for q in met if q not in ("AA", "OA")] + [q for q in ("AA", "OA") if q in met]
 
 
 def curves_figure(dataset: str, curves: list[dict]) -> Figure | None:
-    """A panel per quantity (loss terms, AA, OA) against the epoch, configurations overlaid:
-    mean over seeds with a marker per configuration (a single epoch is a visible point), shaded
-    min-max over seeds; one legend below the panels. `curves`: a {"label", "curves"
-    (summarize.curves_of)} per configuration. None when no quantity has a value."""
+    """A panel per quantity, configurations overlaid, each with a marker (a single epoch stays
+    visible); one legend below. None when no quantity has a value."""
     quantities = curve_quantities(curves)
     if not quantities:
         return None
     cols = min(3, len(quantities))
     nrows = math.ceil(len(quantities) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows + 0.8), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows + 0.8), squeeze=False,
+                             layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, quantity in zip(axes.flat, quantities):
         for i, config in enumerate(curves):
@@ -166,7 +147,7 @@ def curves_figure(dataset: str, curves: list[dict]) -> Figure | None:
     legend = {}  # one entry per configuration, whichever panels it appears in
     for ax in axes.flat[:len(quantities)]:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
-    # as many columns as labels of the longest length fit across the figure (about 12 small characters an inch)
+    # as many columns as the longest labels fit across the figure (about 12 small characters an inch)
     longest = max(map(len, legend))
     ncol = max(1, min(len(legend), int(4.5 * cols * 12 // (longest + 6))))
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=ncol, fontsize="small")
@@ -175,8 +156,7 @@ def curves_figure(dataset: str, curves: list[dict]) -> Figure | None:
 
 
 def confusion_figure(dataset: str, label: str, confusion: dict) -> Figure:
-    """Row-normalised confusion matrix (% of each true class), the values written in the cells,
-    each true class with its samples (summed over seeds)."""
+    """% of each true class in the cells; each true class with its samples over seeds."""
     classes, percent = confusion["classes"], confusion["percent"]
     k = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 * k + 3, 0.8 * k + 2), layout="constrained")
@@ -198,27 +178,28 @@ def confusion_figure(dataset: str, label: str, confusion: dict) -> Figure:
 
 
 def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[str]:
-    """Markdown lines showing summarize.embeddings_of's t-SNE pictures side by side, copied into
-    `out` under unique names, and a table of their kNN accuracies and S1-S2 cosines (a row per
-    configuration)."""
+    """Markdown: embeddings_of's t-SNE pictures side by side (copied into `out`), a table of their numbers."""
     names = []
     for e in embeddings:
         name = f"tsne_{slug(dataset)}_{e['group'] + 1}_{slug(e['label'])}_seed{slug(str(e['seed']))}.png"
         shutil.copyfile(e["png"], out / name)
         names.append(name)
     lines = [f"### {dataset}: embeddings", "",
-             "| " + " | ".join(f"{e['label']}, seed {e['seed']}" + (", colour = modality" if e.get("color_by") == "modality" else "")
+             "| " + " | ".join(f"{e['label']}, seed {e['seed']}"
+                               + (", colour = modality" if e.get("color_by") == "modality" else "")
                                for e in embeddings) + " |",
              "|" + "---|" * len(embeddings),
              "| " + " | ".join(f"![{dataset}: t-SNE of {e['label']}]({n})" for e, n in zip(embeddings, names)) + " |",
              "",
              "t-SNE of the S1 (circles) and S2 (triangles) projections of each configuration's run (`embed.py`), "
-             "colour = class unless said otherwise. kNN accuracy (%): cosine similarity, majority of the k nearest; within a modality "
-             "leave-one-out, across modalities (S1→S2: S1 queries among the S2 features) the sample's own other "
+             "colour = class unless said otherwise. kNN accuracy (%): cosine similarity, majority of the k nearest; "
+             "within a modality leave-one-out, across modalities (S1→S2: S1 queries among the S2 features) the "
+             "sample's own other "
              "feature left out. Cosine: mean over samples of their S1 and S2 features' cosine, paired and in random "
              "pairs of different samples.",
              "",
-             "| configuration | seed | checkpoint | split | n | k | S1 | S2 | S1→S2 | S2→S1 | cos paired | cos random |",
+             "| configuration | seed | checkpoint | split | n | k | S1 | S2 | S1→S2 | S2→S1 | "
+             "cos paired | cos random |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in embeddings:
         knn, cos = e["knn_accuracy"], e["pair_cosine"]
@@ -231,9 +212,7 @@ def embedding_section(out: Path, dataset: str, embeddings: list[dict]) -> list[s
 
 
 def maps_section(out: Path, maps: list[dict]) -> list[str]:
-    """Markdown lines showing predict.py's scene maps: each MAP.png (the map beside the true
-    classes when predict.py had them, with a legend) copied into `out`, and its numbers. `maps`:
-    the MAP.json of each, plus "png" (the path of MAP.png)."""
+    """Markdown: predict.py's scene maps (`maps`: each MAP.json plus "png") copied into `out`, their numbers."""
     lines = ["## Predicted maps", ""]
     for i, m in enumerate(maps):
         name = f"map_{i + 1}_{slug(Path(m['out']).stem)}.png"
@@ -250,11 +229,8 @@ def maps_section(out: Path, maps: list[dict]) -> list[str]:
 
 def write_report(out: Path, sections: dict[str, dict], notes: list[str], published: bool = False,
                  sources=(), maps=()) -> Path:
-    """Write OUT/report.md (MARKER its first line) and its figures; returns the path of report.md.
-
-    `sections`: data set -> summarize.report_data's plain data; `maps`: see maps_section. Refuses
-    (NotOurReportError) to replace a report.md that was not written here, before writing anything.
-    """
+    """OUT/report.md (MARKER first) and its figures; refuses (NotOurReportError) before writing anything
+    to replace a report.md not written here."""
     out = Path(out)
     ours_to_replace(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,7 +253,8 @@ def write_report(out: Path, sections: dict[str, dict], notes: list[str], publish
             save(figure, out / name)
             body += [f"![{dataset}: learning curves]({name})", "",
                      "Learning curves: every loss term per epoch and AA / OA at each evaluation; "
-                     "the line is the mean over seeds, the shaded band spans the minimum to the maximum over seeds.", ""]
+                     "the line is the mean over seeds, the shaded band spans the minimum to the maximum over "
+                     "seeds.", ""]
         else:
             notes.append(f"{dataset}: no learning curves, the runs have no metrics.jsonl.")
 

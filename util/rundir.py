@@ -1,20 +1,7 @@
-"""The run folder: lock, config, metrics, checkpoints, resume, results.
+"""The run folder: lock, config, metrics, checkpoints, resume, results (its files: docs/data.md).
 
-A run folder holds what one run writes (OUTPUTS lists all of it, the files of embed.py and of the
-pre-training scripts included):
-
-    config.json      every flag with what was resolved, and the script that wrote it
-    metrics.jsonl    a record per epoch: loss terms, samples/s, seconds, learning rate; at
-                     evaluations the per-class accuracy, AA, OA, kappa, macro F1, counts, confusion matrix
-    last.pt          everything to resume: the networks in their released layout, optimiser,
-                     RNG, the best and the last evaluation
-    best.pt          the weights of the best evaluation (--save_best)
-    results.json     the last and the best evaluation, the config, what ran, wall time
-    run.lock         the lock of the process that writes the folder
-
-A folder that holds a run is refused unless --resume (continue it) or --overwrite (its outputs are
-removed first, and only those). Only rank 0 writes; checkpoints and JSON files go through a
-temporary file and a rename, so a kill during a write leaves the previous file intact.
+A folder that holds a run is refused unless --resume or --overwrite (which removes the project's
+outputs only). Only rank 0 writes; checkpoints and JSON go through a temporary file and a rename.
 """
 from __future__ import annotations
 
@@ -43,8 +30,7 @@ from util.flags import as_json
 
 log = logging.getLogger("rundir")
 
-# Everything the project writes into a run folder: files, file patterns, folders. --overwrite
-# removes these and nothing else.
+# Everything the project writes into a run folder, embed.py's too: --overwrite removes these only.
 OUTPUT_FILES = ("config.json", "metrics.jsonl", "last.pt", "best.pt", "results.json", "data_report.json",
                 "encoder.pth", "checkpoint.pth")
 OUTPUT_PATTERNS = ("checkpoint-epoch*.pth", "*.tmp")
@@ -62,7 +48,6 @@ def _now() -> str:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file of a run folder; a damaged one is named."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -70,7 +55,6 @@ def read_json(path: Path) -> Any:
 
 
 def write_json(path: Path, content: Any) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(content, indent=2))
@@ -80,7 +64,6 @@ def write_json(path: Path, content: Any) -> None:
 
 
 def outputs(folder: Path) -> list[Path]:
-    """The project's outputs present in `folder`."""
     found = [folder / name for name in (*OUTPUT_FILES, *OUTPUT_FOLDERS) if (folder / name).exists()]
     return found + [p for pattern in OUTPUT_PATTERNS for p in sorted(folder.glob(pattern))]
 
@@ -90,15 +73,13 @@ def load_state(path: Path) -> dict:
     return read_checkpoint(path)
 
 
-# The lock files this process holds (resolved paths): POSIX locks belong to the process, so a second
-# RunLock of the same folder in this process must be refused here, and must never open the file
-# (closing its descriptor would drop the first one's lock).
+# Lock files this process holds: POSIX locks belong to the process, so a second RunLock of a folder
+# here is refused without opening the file (closing its descriptor would drop the first one's lock).
 _HELD: dict[str, str] = {}
 
 
 def _lock_pid(fd: int) -> int | None:
-    """The pid of the process that holds a conflicting lock on `fd`, as the kernel knows it (Linux
-    struct flock layout; None elsewhere, or when the lock is gone)."""
+    """The kernel's pid of the holder of a conflicting lock on `fd` (Linux struct flock; else None)."""
     if not sys.platform.startswith("linux"):
         return None
     layout = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
@@ -121,13 +102,10 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """`RUN/run.lock`, an exclusive POSIX record lock (lockf) held for the life of a run.
-
-    The kernel releases it when the process ends, killed or not, so a lock is never stale; forked
-    DataLoader workers do not hold it (flock locks are shared with them, and outlived a killed
-    run). The file names the holder (pid, host, start) for the message a second writer gets, and
-    is removed when the run ends. A POSIX lock drops when the process closes ANY descriptor of the
-    file: only this class opens it, once per process (`_HELD`)."""
+    """`RUN/run.lock`, an exclusive POSIX record lock (lockf), released by the kernel when the process
+    ends (never stale); forked DataLoader workers do not hold it (flock locks were shared with them
+    and outlived a killed run). The file names the holder for a refused writer. A POSIX lock drops
+    when the process closes ANY descriptor of the file: only this class opens it, once (`_HELD`)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "run.lock"
@@ -164,8 +142,7 @@ class RunLock:
                 holder = self._holder(fd)
                 os.close(fd)
                 raise self._in_use(holder) from None
-            # A holder that ended between our open and our lock removed the file we locked: lock
-            # the file that is there now instead.
+            # A holder that ended between our open and lock removed the file we locked: lock the new one.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -188,7 +165,8 @@ class RunLock:
 
 def capture_rng() -> dict:
     """Torch RNG states (training draws from keyed generators; these cover anything else)."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def restore_rng(state: dict) -> None:
@@ -202,26 +180,14 @@ def default_run_path(script: str) -> Path:
 
 
 class RunDir:
-    """The folder of one run, opened for writing: refused, overwritten or resumed as the flags say.
+    """The folder of one run, opened for writing (a context manager: the lock is released on exit).
 
-    Use as a context manager (the lock is released on exit). After construction, `start` is the
-    first epoch to train (0, or where a resumed run stopped), `best` and `last` the evaluations so
-    far.
-
-    Args:
-        path: the folder.
-        args: the resolved flags (epochs, resume, overwrite, save_best, keep_last, tensorboard).
-        ctx: the process context (`process.Context`).
-        script: the script's name, recorded in config.json; --resume refuses a run of another script.
-        dataset: the data set name of results.json, for summarize.py.
-        modules: checkpoint key -> module. "state_dict" holds the network in its released layout
-            (so that `models.load_checkpoint` reads our checkpoints); further keys hold what that
-            layout lacks (the METER-ML heads).
-        optimizer: resumed with the modules.
-        extra: further checkpoint entries (e.g. {"arch": "resnet50"}).
-        select: the metric that picks the best evaluation ("AA" or "OA").
-        steps_per_epoch: the x axis of TensorBoard's per-step scalars, to drop those a resumed
-            run replays.
+    After construction `start` is the first epoch to train, `best` and `last` the evaluations so far.
+    `modules`: checkpoint key -> module; "state_dict" holds the network in its released layout (so
+    that `models.load_checkpoint` reads our checkpoints), other keys what it lacks (METER-ML heads).
+    `script` is recorded in config.json (--resume refuses another script's run); `dataset` names the
+    results for summarize.py; `select` ("AA" or "OA") picks the best evaluation; `steps_per_epoch`:
+    to drop the TensorBoard steps a resumed run replays.
     """
 
     def __init__(self, path: Path, args: argparse.Namespace, ctx, *, script: str, dataset: str,
@@ -244,7 +210,7 @@ class RunDir:
                 self.close()
                 raise
         if getattr(args, "tensorboard", False) and ctx.is_main:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency, checked in process.setup
+            from torch.utils.tensorboard import SummaryWriter  # optional, checked in process.setup
 
             self.board = SummaryWriter(str(self.path / "tensorboard"), purge_step=self.start * steps_per_epoch)
 
@@ -302,14 +268,15 @@ class RunDir:
                                  f"{config['script']}")
         last = self.path / "last.pt"
         if not last.exists():
-            log.warning("%s has no last.pt (killed before its first epoch ended): starting the run from the beginning", self.path)
+            log.warning("%s has no last.pt (killed before its first epoch ended): starting the run from the beginning",
+                        self.path)
             self._keep_metrics_before(1)
             return
         state = load_state(last)
         done = state["epoch"]
         if self.args.epochs < done:
-            raise RunFolderError(f"{self.path} has trained {done} epochs; --epochs {self.args.epochs} would not continue "
-                                 f"it (pass --epochs above {done} to extend it)")
+            raise RunFolderError(f"{self.path} has trained {done} epochs; --epochs {self.args.epochs} would not "
+                                 f"continue it (pass --epochs above {done} to extend it)")
         if self.args.epochs > done and "optimizer" not in state:
             raise RunFolderError(f"{last} holds the weights only (--keep_last weights): the run cannot be extended")
         damaged = [f"{key}.{name}" for key in self.modules for name, v in state[key].items()
@@ -331,8 +298,7 @@ class RunDir:
             log.info("resumed %s after epoch %d of %d", self.path, done, self.args.epochs)
 
     def _keep_metrics_before(self, epoch: int) -> None:
-        """Forget metric records from `epoch` on (written before a kill, replayed now), and a
-        last line cut short by a kill."""
+        """Forget records from `epoch` on (replayed now) and a last line cut short by a kill."""
         file = self.path / "metrics.jsonl"
         if not (self.ctx.is_main and file.exists()):
             return
@@ -352,8 +318,7 @@ class RunDir:
     # ------------------------------------------------------------------------- during the run
 
     def checkpoint(self, epoch: int, *, resumable: bool) -> dict:
-        """The networks in their released layout ("epoch", "state_dict", ...), the evaluations,
-        and, if `resumable`, the optimiser and RNG states."""
+        """The networks in their released layout, the evaluations, and if `resumable` optimiser and RNG."""
         state = {"epoch": epoch, **self.extra}
         state.update({key: module.state_dict() for key, module in self.modules.items()})
         state.update({"best": self.best, "last_eval": self.last})
@@ -376,14 +341,13 @@ class RunDir:
                 raise RunFolderError(f"no space left writing {target}; {kept}") from None
 
     def save_weights(self, name: str, epoch: int) -> None:
-        """The network alone in its released layout, {"epoch": 0-based `epoch`, ..., "state_dict"}
-        (the original's periodic checkpoints)."""
+        """The network alone, released layout, 0-based `epoch` (the original's periodic checkpoints)."""
         weights = {k: v.cpu() for k, v in self.modules["state_dict"].state_dict().items()}
         self.save(name, {"epoch": epoch, **self.extra, "state_dict": weights})
 
     def evaluated(self, epoch: int, evaluation: dict) -> dict:
-        """Record the evaluation after 0-based `epoch`: the last one, and the best by `select`
-        (the first of equal ones), saved as best.pt. Returns its entries for metrics.jsonl."""
+        """Record the evaluation after 0-based `epoch`, and the first best by `select` as best.pt;
+        returns its entries for metrics.jsonl."""
         self.last = {"epoch": epoch + 1, **evaluation}
         score = self.last[self.select]
         if score is not None and (self.best is None or score > self.best[self.select]):
@@ -416,9 +380,8 @@ class RunDir:
     # ------------------------------------------------------------------------- the end
 
     def data_report(self, splits: dict) -> dict:
-        """The non-finite values the run met in each split's files (`splits`: name -> a data set
-        of datasets.py), summed over torchrun ranks: per file in data_report.json, one log line
-        per split, and the totals, returned for results.json."""
+        """Non-finite values met per split (name -> data set), summed over ranks: per file into
+        data_report.json, a log line per split; returns the totals for results.json."""
         totals, files = {}, {}
         for name, dataset in splits.items():
             counts = dataset.nonfinite_counts.clone()
@@ -427,7 +390,8 @@ class RunDir:
                 dist.all_reduce(counts)
                 counts = counts.cpu()
             files[name] = dataset.nonfinite_by_file(counts)
-            totals[name] = {"files": len(files[name]), **dict(zip(dataset.NONFINITE_KINDS, counts.sum((0, 1)).tolist()))}
+            totals[name] = {"files": len(files[name]),
+                            **dict(zip(dataset.NONFINITE_KINDS, counts.sum((0, 1)).tolist()))}
             if files[name]:
                 log.warning("%s split: %d NaN, %d +inf, %d -inf values replaced in %d files (every read counted; per "
                             "file in %s)", name, totals[name]["nan"], totals[name]["+inf"], totals[name]["-inf"],
@@ -438,8 +402,7 @@ class RunDir:
         return {"nonfinite_values": totals}
 
     def finish(self, environment: dict, **extra) -> dict:
-        """results.json: the last and the best evaluation, the config, what ran. A resumed run
-        that had nothing left to train changes nothing and returns its saved results."""
+        """Write results.json; a resumed run with nothing left to train returns its saved results."""
         results_file = self.path / "results.json"
         if self.start == self.args.epochs and results_file.exists():
             return read_json(results_file)
@@ -448,8 +411,9 @@ class RunDir:
                    "select": self.select, "environment": environment,
                    "started": datetime.datetime.fromtimestamp(self.started).astimezone().isoformat(timespec="seconds"),
                    "finished": _now(), "wall_s": time.time() - self.started, **extra,
-                   "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, chosen on "
-                           "the evaluation split itself (as the original reported its best evaluation): optimistic"}
+                   "note": "'last' is the last evaluation; 'best_selected_on_eval_split' is the best evaluation, "
+                           "chosen on the evaluation split itself (as the original reported its best evaluation): "
+                           "optimistic"}
         if self.ctx.is_main:
             write_json(results_file, results)
             if getattr(self.args, "keep_last", "full") == "weights":
