@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 
 import synthetic_data
 from datasets import DFC2020Dataset
+from datasets.labels import LABEL_CODES
 
 REPO = Path(__file__).resolve().parents[1]
 METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -160,7 +161,7 @@ def test_scene_is_a_mosaic_of_patches_on_one_grid(tmp_path):
     assert set(np.unique(truth)) <= set(range(8)) | {255}
     assert json.loads(tags["classes"]) == DFC2020Dataset.classes
     # DFC codes 1-10 -> the 8 classes; Savanna (3), Snow/Ice (8) and no label (0, 255) ignored
-    table = dict(enumerate(synthetic_data._CLASS_OF_DFC.tolist()))
+    table = dict(enumerate(LABEL_CODES["dfc"].lut.tolist()))
     assert {code: c for code, c in table.items() if c != 255} == {1: 0, 2: 1, 4: 2, 5: 3, 6: 4, 7: 5, 9: 6, 10: 7}
     assert synthetic_data.write_scene(tmp_path / "again", rows=2, cols=3, size=16, seed=0) and all(
         (tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in paths.values())
