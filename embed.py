@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from datasets import IGNORE, SEASONS, DFC2020Dataset, MeterMLDataset, SEN12MSDataset, patch_dataset
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from util import cli, flags, process
-from util.rundir import read_json
+from util.io import read_json
+from util.rundir import RunFolderError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -185,8 +186,8 @@ def read_run(path: Path) -> RunInfo:
         raise NotARunError(f"{path} is not a run folder: no config.json (run folders of meterml_finetune.py, "
                            f"dfc_finetune.py, meterml_pretrain.py or sen12ms_pretrain.py hold config.json and "
                            f"last.pt)")
-    config = read_json(path / "config.json")
-    results = read_json(path / "results.json") if (path / "results.json").is_file() else None
+    config = read_json(path / "config.json", RunFolderError)
+    results = read_json(path / "results.json", RunFolderError) if (path / "results.json").is_file() else None
     kind = run_kind(config)
     dataset = (results or {}).get("dataset") or {
         "meterml_finetune": "METER-ML", "meterml_pretrain": "METER-ML pre-training",

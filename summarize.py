@@ -21,6 +21,7 @@ from pathlib import Path
 import scipy.stats
 
 from util import cli
+from util.io import read_json
 
 # Flags that change only the seed, where a run writes, what it keeps or shows, or the hardware: runs
 # differing only in these are seeds of one configuration ("script": the data set tells scripts apart).
@@ -117,13 +118,6 @@ def find_unfinished(paths: list[Path]) -> list[Path]:
             found.update(dict.fromkeys(c.parent for c in sorted(path.rglob("config.json"))
                                        if not (c.parent / "results.json").is_file()))
     return list(found)
-
-
-def read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def load_run(file: Path) -> Run:

@@ -481,7 +481,7 @@ def test_a_truncated_results_json_is_named(tmp_path, capsys):
     (tmp_path / "r0" / "results.json").write_text('{"dataset": "DFC2020", "las')  # killed while writing
     with pytest.raises(SystemExit) as exit_info:
         summarize.main([str(tmp_path)])
-    assert f"{tmp_path / 'r0' / 'results.json'}: not valid JSON" in str(exit_info.value)
+    assert f"{tmp_path / 'r0' / 'results.json'} is not valid JSON" in str(exit_info.value)
 
 
 @pytest.mark.parametrize("differences, t_p, wilcoxon_p, conclusion", [

@@ -19,7 +19,6 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ from torch import nn
 
 from models import atomic_save, read_checkpoint
 from util.flags import as_json
+from util.io import atomic_write_json, read_json
 
 log = logging.getLogger("rundir")
 
@@ -45,22 +45,6 @@ class RunFolderError(RuntimeError):
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RunFolderError(f"{path} is not valid JSON (truncated or edited? {error})") from None
-
-
-def write_json(path: Path, content: Any) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def outputs(folder: Path) -> list[Path]:
@@ -244,7 +228,7 @@ class RunDir:
                 for found in outputs(self.path):
                     shutil.rmtree(found) if found.is_dir() else found.unlink()
             if args.resume is None:
-                write_json(self.path / "config.json", self._config())
+                atomic_write_json(self.path / "config.json", self._config())
         except BaseException:
             self.lock.release()
             raise
@@ -262,7 +246,7 @@ class RunDir:
         return config
 
     def _resume(self) -> None:
-        config = read_json(self.path / "config.json")
+        config = read_json(self.path / "config.json", RunFolderError)
         if config.get("script", self.script) != self.script:
             raise RunFolderError(f"{self.path} is a run of {config['script']}, not of {self.script}: resume it with "
                                  f"{config['script']}")
@@ -398,14 +382,14 @@ class RunDir:
                             len(files[name]), self.path / "data_report.json")
         labels = {name: d.label_summary for name, d in splits.items() if getattr(d, "label_summary", None)}
         if self.ctx.is_main:
-            write_json(self.path / "data_report.json", {"nonfinite_values": files, "labels": labels})
+            atomic_write_json(self.path / "data_report.json", {"nonfinite_values": files, "labels": labels})
         return {"nonfinite_values": totals}
 
     def finish(self, environment: dict, **extra) -> dict:
         """Write results.json; a resumed run with nothing left to train returns its saved results."""
         results_file = self.path / "results.json"
         if self.start == self.args.epochs and results_file.exists():
-            return read_json(results_file)
+            return read_json(results_file, RunFolderError)
         results = {"dataset": self.dataset, "name": getattr(self.args, "name", None), "script": self.script,
                    "config": as_json(self.args), "last": self.last, "best_selected_on_eval_split": self.best,
                    "select": self.select, "environment": environment,
@@ -415,7 +399,7 @@ class RunDir:
                            "chosen on the evaluation split itself (as the original reported its best evaluation): "
                            "optimistic"}
         if self.ctx.is_main:
-            write_json(results_file, results)
+            atomic_write_json(results_file, results)
             if getattr(self.args, "keep_last", "full") == "weights":
                 self.save("last.pt", self.checkpoint(self.args.epochs, resumable=False))
         return results
