@@ -100,7 +100,8 @@ def rotate_nearest(x: Tensor, angles: Tensor) -> Tensor:
     theta = torch.tensor(matrices, dtype=x.dtype, device=x.device).view(batch, 2, 3)
     base = torch.empty(1, height, width, 3, dtype=x.dtype, device=x.device)
     base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=x.device))
-    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device)[:, None])
+    base[..., 1].copy_(
+        torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=x.device)[:, None])
     base[..., 2].fill_(1)
     scaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], dtype=x.dtype, device=x.device)
     grid = base.view(1, height * width, 3).expand(batch, -1, -1).bmm(scaled).view(batch, height, width, 2)
@@ -118,7 +119,8 @@ def resized_crop_antialias(x: Tensor, boxes: Tensor, size: int | tuple[int, int]
     for i, (_, _, height, width) in enumerate(boxes):
         by_size.setdefault((height, width), []).append(i)
     for (height, width), samples in by_size.items():
-        crops = torch.stack([x[i, :, boxes[i][0]: boxes[i][0] + height, boxes[i][1]: boxes[i][1] + width] for i in samples])
+        crops = torch.stack([x[i, :, boxes[i][0]: boxes[i][0] + height, boxes[i][1]: boxes[i][1] + width]
+                             for i in samples])
         if (height, width) != output_size:
             crops = F.interpolate(crops, size=output_size, mode="bilinear", align_corners=False, antialias=True)
         out[samples] = crops
@@ -257,7 +259,8 @@ class MeterMLAugment(nn.Module):
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         batch = _as_batch(x)
         if tuple(batch.shape[-2:]) != (self.size, self.size):
-            batch = TF.resize(batch, [self.size, self.size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            batch = TF.resize(batch, [self.size, self.size], interpolation=TF.InterpolationMode.BILINEAR,
+                              antialias=True)
         flips = _uniform((2, len(batch)), 0.0, 1.0, generator) < self.p
         batch = vflip(hflip(batch, flips[0]), flips[1])
         boxes = self.crop.get_params(len(batch), batch.shape[-2], batch.shape[-1], generator)

@@ -55,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "manifest CSV of your own pairs (docs/data.md), or a packed copy of either")
     g.add_argument("--crop", type=flags.positive_int, default=224, help="training crop, px (default 224)")
     g.add_argument("--eval_crop", type=flags.non_negative_int, default=224,
-                   help="evaluation window, px, labelled by its majority class (default 224, as the original; 0: whole patches)")
+                   help="evaluation window, px, labelled by its majority class (default 224, as the original; "
+                        "0: whole patches)")
     g.add_argument("--eval_offset_seed", type=flags.seed_int, default=0,
                    help="seed of the evaluation windows' offsets, drawn once per patch (default 0)")
     g.add_argument("--train_split", default="validation",
-                   help="split to train on: DFC2020 validation or test, or a manifest's split column (default validation)")
+                   help="split to train on: DFC2020 validation or test, or a manifest's split column "
+                        "(default validation)")
     g.add_argument("--eval_split", default="test", help="split to evaluate on, as --train_split (default test)")
     g.add_argument("--allow_same_split", action="store_true", help="allow training and evaluating on the same split")
     g.add_argument("--balanced_class", nargs="?", const="copies", choices=["copies", "weighted"], default=None,
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --finetune, keep the frozen backbone's batch norm in eval mode (a fixed encoder); "
                         "the original left it in training mode")
     g = flags.add_method_args(p, head_lr=3e-6)
-    g.add_argument("--degrees", type=flags.non_negative, default=20.0, help="largest rotation of the SupCon view, degrees (default 20)")
+    g.add_argument("--degrees", type=flags.non_negative, default=20.0,
+                   help="largest rotation of the SupCon view, degrees (default 20)")
     flags.add_augment_args(g, default=None)
     flags.add_optimizer_args(g, weight_decay=1e-3, momentum=False)
     flags.add_eval_args(p, dense_after=150)
@@ -236,7 +239,8 @@ def main(argv=None) -> dict:
             if epoch in eval_epochs:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
             run.end_epoch(epoch, row)
-        return run.finish(process.environment(ctx), data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}))
+        return run.finish(process.environment(ctx),
+                          data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}))
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def train_one_epoch(step: Callable[[dict, int, int], dict[str, Tensor]], model: 
         loss = terms["loss"]
         if not torch.isfinite(loss):
             saved = None if run_path is None else run_path / "last.pt"
-            where = (f"Last good checkpoint: {saved} (after epoch {epoch}); resume with --resume {run_path} after fixing "
-                     f"the cause") if saved is not None and saved.exists() else "No checkpoint was written (the first epoch never ended)"
+            where = (f"Last good checkpoint: {saved} (after epoch {epoch}); resume with --resume {run_path} "
+                     "after fixing the cause" if saved is not None and saved.exists()
+                     else "No checkpoint was written (the first epoch never ended)")
             raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, batch {i} "
                                      f"({', '.join(f'{k} {v.item():.4g}' for k, v in terms.items())}); sample ids "
                                      f"{_batch_ids(batch)}. {where}")

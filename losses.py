@@ -117,7 +117,8 @@ class SupConLoss(nn.Module):
                 positive_count = views * rows.sum(1)
                 self_weight = rows.gather(1, sample[:, None]).squeeze(1)
             positive_count = positive_count - self_weight
-            positive_logits = ((anchors * positive_sum).sum(1) - self_weight * (anchors * anchors).sum(1)) / self.temperature
+            positive_logits = ((anchors * positive_sum).sum(1)
+                               - self_weight * (anchors * anchors).sum(1)) / self.temperature
             denominator = torch.where(positive_count < 1e-6, torch.ones_like(positive_count), positive_count)
             mean_log_prob_pos = (positive_logits - positive_count * lse) / denominator
             return -(self.temperature / self.base_temperature) * mean_log_prob_pos.mean()
@@ -257,7 +258,8 @@ class SupConCELoss(nn.Module):
         targets = labels if ce_labels is None else ce_labels
         counted = (targets != IGNORE).sum()
         valid = counted.clamp(min=1)
-        ce = sum(F.cross_entropy(l.to(_compute_dtype(l)), targets, ignore_index=IGNORE, reduction="sum") / valid for l in logits.values())
+        ce = sum(F.cross_entropy(x.to(_compute_dtype(x)), targets, ignore_index=IGNORE, reduction="sum") / valid
+                 for x in logits.values())
         terms = {"ce": ce}
         total = self.ce_weight * ce
         if self.supcon is not None:

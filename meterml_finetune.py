@@ -1,6 +1,7 @@
 """Fine-tune (or linearly evaluate) SmallAlexNet encoders on METER-ML with CE and optional SupCon.
 
-    python meterml_finetune.py --model_path WEIGHTS|random --data_root DATA [--scenario s1s2_fused] [--use_sup_con] [--augment]
+    python meterml_finetune.py --model_path WEIGHTS|random --data_root DATA [--scenario s1s2_fused]
+                               [--use_sup_con] [--augment]
     python meterml_finetune.py WEIGHTS --data_root DATA ...      (the original's spelling)
 
 Scenarios: `s1`, `s2` (one modality, one linear head), `s1s2` (a head per modality, SupCon per
@@ -57,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: every entry, as the original)")
     g = flags.add_model_args(p, archs=["dual", "shared"], arch="dual", original_spellings=True)
     flags.add_finetune_flag(g, default=True, eval_mode_alias=True)
-    g.add_argument("--scenario", choices=list(MODALITIES), default="s1s2_fused", help="modalities and heads (default s1s2_fused)")
+    g.add_argument("--scenario", choices=list(MODALITIES), default="s1s2_fused",
+                   help="modalities and heads (default s1s2_fused)")
     g = flags.add_method_args(p, head_lr=None)
     flags.add_augment_args(g, default=False, use_augs=True,
                            what="augmented views: random resized crop 72 px (scale 0.9-1.0) and flips, encoded jointly "
-                                "with the originals; SupCon reads both, CE the originals (as the original, also without SupCon)")
+                                "with the originals; SupCon reads both, CE the originals (as the original, also "
+                                "without SupCon)")
     flags.add_optimizer_args(g, weight_decay=0.0, momentum=True)
     flags.add_eval_args(p, dense_after=79)
     flags.add_run_args(p, epochs=121, batch_size=32, lr=0.01)
@@ -155,7 +158,8 @@ def main(argv=None) -> dict:
     overlap = split_overlap(train_set, val_set)
     if overlap and not args.allow_split_overlap:
         raise ValueError(f"{len(overlap)} image sets are in both the train and the val split of {args.data_root}, e.g. "
-                         f"{overlap[:5]}: the evaluation would measure training data. Fix the metadata, or pass --allow_split_overlap")
+                         f"{overlap[:5]}: the evaluation would measure training data. Fix the metadata, or pass "
+                         "--allow_split_overlap")
     indices = process.subset_indices(len(train_set), args.data_ratio, args.subset, args.subset_seed)
     loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices)
     val_loader = process.make_loader(val_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
@@ -163,7 +167,8 @@ def main(argv=None) -> dict:
     encoder, heads, model = build_model(args, ctx)
     criterion = build_loss(args, ctx)
     optimizer = build_optimizer(args, model, heads)
-    views = Views(MODALITIES[args.scenario], meterml_augment(72, args.augment_impl) if args.augment else None, ctx, args.seed)
+    views = Views(MODALITIES[args.scenario], meterml_augment(72, args.augment_impl) if args.augment else None, ctx,
+                  args.seed)
     step = make_step(views, model, criterion, ctx, args.exclude_negatives)
     ignore = (IGNORE, MeterMLDataset.NEGATIVE) if args.exclude_negatives else (IGNORE,)
     log.info("%s: %d training samples, %d validation samples; %d trainable parameters",
@@ -175,9 +180,11 @@ def main(argv=None) -> dict:
                 dataset="METER-ML", modules={"state_dict": encoder, "heads": heads}, optimizer=optimizer, select="OA",
                 steps_per_epoch=len(loader)) as run:
         for epoch in range(run.start, args.epochs):
-            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board, run_path=run.path)
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+                                  run_path=run.path)
             if epoch in eval_epochs:
-                row |= run.evaluated(epoch, metrics.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes, ignore))
+                row |= run.evaluated(epoch, metrics.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes,
+                                                             ignore))
             run.end_epoch(epoch, row)
         return run.finish(process.environment(ctx), data=run.data_report({"train": train_set, "val": val_set}))
 

@@ -1,16 +1,11 @@
-"""Self-supervised NT-Xent (SimCLR) pre-training of SmallAlexNet encoders on METER-ML S1 / S2.
+"""Self-supervised NT-Xent (SimCLR) pre-training of SmallAlexNet encoders on METER-ML S1 / S2 (docs/method.md).
 
     python meterml_pretrain.py --data_root DATA [--scenario s1s2] [--arch dual] [--use_pairs]
 
-What is a positive pair:
-- default: an image and its augmented view (the original's `RandomAugmentations`;
-  `--two_augmented_views` for two augmented views), each encoded in a pass of its own; with both
-  modalities, S1 and S2 batches are independent shuffles (different locations), NT-Xent with 4
-  blocks, pairs (S1', S1) and (S2', S2);
-- `--use_pairs`: the S1 and S2 images of one location are positives of each other too
-  (PairwiseNTXent over 4 blocks; with `--no-augment`, NT-Xent over the 2 blocks S1, S2).
-`--use_negative_labels`: Negative-class images only act as negatives. The encoder is saved in the
-released SmallAlexNet layout (`encoder.pth`, and `state_dict` of every checkpoint).
+Positives: an image and its augmented view (the original's `RandomAugmentations`), each encoded in a pass of its own;
+S1 and S2 batches are independent shuffles (NT-Xent over the blocks S1', S1, S2', S2). `--use_pairs`: the S1 and S2
+images of one location are positives too (PairwiseNTXent; with `--no-augment`, NT-Xent over S1, S2). The encoder is
+saved in the released SmallAlexNet layout (`encoder.pth`, and `state_dict` of every checkpoint).
 """
 
 import argparse
@@ -40,12 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_negative_labels", action="store_true", help="Negative-class images act only as negatives")
     flags.add_image_dirs_arg(g)
     g = flags.add_model_args(p, archs=["dual", "shared"], arch="dual", weights=False, original_spellings=True)
-    g.add_argument("--scenario", choices=["s1s2", "s1", "s2"], default="s1s2", help="modalities to pre-train on (default s1s2)")
+    g.add_argument("--scenario", choices=["s1s2", "s1", "s2"], default="s1s2",
+                   help="modalities to pre-train on (default s1s2)")
     g = p.add_argument_group("method")
     g.add_argument("--use_pairs", action="store_true", help="S1 and S2 of one location are positives of each other")
     flags.add_augment_args(g, default=True, no_augs=True,
-                           what="positive pairs of an image and its augmented view (--no-augment needs --use_pairs: the "
-                                "S1-S2 pairs are then the only positives)")
+                           what="positive pairs of an image and its augmented view (--no-augment needs --use_pairs: "
+                                "the S1-S2 pairs are then the only positives)")
     g.add_argument("--two_augmented_views", action="store_true",
                    help="positive pairs of two augmented views (default: augmented and original, as the original)")
     flags.add_temperature_arg(g, 0.2, "NT-Xent temperature")
@@ -69,10 +65,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 class IndependentModalities(Dataset):
-    """S1 of sample i next to S2 of sample perm_epoch[i]: the two modalities independently shuffled.
-
-    The permutation comes from (seed, epoch), so it is the same in every worker.
-    """
+    """S1 of sample i next to S2 of sample perm_epoch[i]: the modalities independently shuffled, by a permutation
+    drawn from (seed, epoch), so the same in every worker."""
 
     def __init__(self, dataset: MeterMLDataset, seed: int) -> None:
         self.dataset, self.seed, self.epoch, self.perm = dataset, seed, None, None
@@ -84,11 +78,13 @@ class IndependentModalities(Dataset):
         self.dataset.set_epoch(epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.perm = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(key_seed(self.seed, epoch, 1)))
+            self.perm = torch.randperm(len(self.dataset),
+                                       generator=torch.Generator().manual_seed(key_seed(self.seed, epoch, 1)))
 
     def __getitem__(self, index: int) -> dict:
         first, second = self.dataset[index], self.dataset[int(self.perm[index])]
-        return {"s1": first["s1"], "s2": second["s2"], "label": first["label"], "label_s2": second["label"], "id": first["id"]}
+        return {"s1": first["s1"], "s2": second["s2"], "label": first["label"], "label_s2": second["label"],
+                "id": first["id"]}
 
 
 def build_loss(args: argparse.Namespace, ctx: process.Context, blocks: int) -> nn.Module:
@@ -100,8 +96,8 @@ def build_loss(args: argparse.Namespace, ctx: process.Context, blocks: int) -> n
 
 def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss_fn: nn.Module, ctx: process.Context,
               modalities: list[str], blocks: int) -> Callable:
-    """The training step: the views (augmented and original, or two augmented), a pass per view,
-    NT-Xent on the features laid out block-major (each modality's views in turn)."""
+    """The views (augmented and original, or two augmented), a pass per view, NT-Xent on the features laid out
+    block-major (each modality's views in turn)."""
 
     def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
         if args.two_augmented_views:  # view 0 the first augmented view, view 1 the second (in the original's place)
@@ -115,7 +111,8 @@ def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss
         negatives = None
         if args.use_negative_labels:
             labels = [batch["label"]] + ([batch.get("label_s2", batch["label"])] if len(modalities) == 2 else [])
-            per_block = [l.to(ctx.device) == MeterMLDataset.NEGATIVE for l in labels for _ in range(blocks // len(modalities))]
+            per_block = [y.to(ctx.device) == MeterMLDataset.NEGATIVE
+                         for y in labels for _ in range(blocks // len(modalities))]
             negatives = torch.cat(per_block)
         return {"loss": loss_fn(z, negatives)}
 
@@ -136,10 +133,12 @@ def main(argv=None) -> dict:
 
     encoder = SharedNet() if args.arch == "shared" else DualEncoder()
     # Each view in a pass of its own, as the original pre-training; a pass never uses every stem.
-    model = process.wrap(MultiModalNet({m: encoder for m in modalities}, encode_views="apart"), ctx, args, find_unused=True)
+    model = process.wrap(MultiModalNet({m: encoder for m in modalities}, encode_views="apart"), ctx, args,
+                         find_unused=True)
     blocks = len(modalities) * (2 if args.augment else 1)
     loss_fn = build_loss(args, ctx, blocks)
-    optimizer = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     views = Views(modalities, meterml_augment(72, args.augment_impl) if args.augment else None, ctx, args.seed)
     step = make_step(args, views, model, loss_fn, ctx, modalities, blocks)
     log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
@@ -148,8 +147,8 @@ def main(argv=None) -> dict:
                 dataset="METER-ML pre-training", modules={"state_dict": encoder}, optimizer=optimizer,
                 steps_per_epoch=len(loader)) as run:
         for epoch in range(run.start, args.epochs):
-            run.end_epoch(epoch, train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
-                                                 run_path=run.path))
+            run.end_epoch(epoch, train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs,
+                                                 board=run.board, run_path=run.path))
         if ctx.is_main:
             save_checkpoint(encoder, run.path / "encoder.pth")
         return run.finish(process.environment(ctx), data=run.data_report({"train": meter}))

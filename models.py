@@ -1,17 +1,6 @@
-"""The encoders and classifiers of the project, and their checkpoints.
-
-- `SmallAlexNet`, `SharedNet`, `DualEncoder`: the METER-ML encoders, 72 x 72 S1 (2 bands) or
-  S2 (4 bands) images to L2-normalised 128-d features.
-- `DualResNet`: the DFC2020 model, a torchvision ResNet per modality (S1: 2 bands, S2: 13) with
-  a projection head each and a classifier on the two projections.
-- `read_checkpoint`: every checkpoint file the project reads (--model_path, --resume, tools),
-  one set of messages; `load_checkpoint` / `save_checkpoint`: the layouts of the released
-  checkpoints (their keys: tests/data/*.txt), so released weights load here and weights trained
-  here load there.
-- `load_backbone_weights`, `pretrained_backbone_files`: single-modality ResNets in torchvision /
-  timm layout (TorchGeo's SSL4EO-S12 weights) into a `DualResNet`'s backbones.
-- `freeze_all_but`, `set_frozen_bn_eval`, `param_groups`, `count_trainable`: for the scripts.
-"""
+"""The encoders (SmallAlexNet: METER-ML; dual ResNet: DFC2020), the method's forward pass, and checkpoints in the
+layouts of the released ones (keys: tests/data/*.txt), so released weights load here and weights trained here load
+there. `read_checkpoint` reads every checkpoint file of the project (docs/modules.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +31,7 @@ S2_CHANNELS = 4  # METER-ML's S2 bands (RGB + NIR)
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-# ----------------------------------------------------------------------------------------------
-# SmallAlexNet encoders (METER-ML)
+# --------------------------------------------------------------- SmallAlexNet encoders (METER-ML)
 
 
 def _conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
@@ -78,15 +66,9 @@ def _check_images(x: Tensor, channels: tuple[int, ...], model: str) -> None:
 
 
 class SmallAlexNet(nn.Module):
-    """AlexNet for 72 x 72 images: (B, in_channel, 72, 72) -> (B, feat_dim), unit L2 norm.
-
-    `blocks[0:5]` are conv blocks of widths 96, 192, 384, 384, 192 with max-pool 3/2 after
-    blocks 0, 1 and 4 (72 -> 35 -> 17 -> 8 pixels), `blocks[5]` and `blocks[6]` are fc6 and fc7
-    (4096 units, BN, ReLU), `blocks[7]` is fc8. The numbering is that of the released checkpoints.
-
-    `in_channel=None` leaves block 0 out (an Identity): `SharedNet` puts its modality stems in
-    its place, and then this module takes the stem's (B, 96, 35, 35) output.
-    """
+    """(B, in_channel, 72, 72) -> (B, feat_dim), unit L2 norm; blocks numbered as in the released checkpoints (5 conv
+    blocks, fc6, fc7, fc8), 72 -> 35 -> 17 -> 8 px through the pools of blocks 0, 1, 4. `in_channel=None`: no block 0,
+    the input is a `SharedNet` stem's (B, 96, 35, 35)."""
 
     def __init__(self, in_channel: int | None, feat_dim: int = 128) -> None:
         super().__init__()
@@ -121,20 +103,14 @@ class SmallAlexNet(nn.Module):
 
 
 class SharedNet(nn.Module):
-    """One SmallAlexNet trunk for both modalities behind a stem per modality.
-
-    (B, 2, 72, 72) S1 or (B, 4, 72, 72) S2 -> (B, feat_dim), unit L2 norm. The stem
-    (`sentinel1_block` or `sentinel2_block`: conv 3x3 -> 96, BN, ReLU, max-pool 3/2, i.e. the
-    trunk's missing block 0) is chosen by the channel count.
-    Keys: tests/data/smallalexnet_shared.txt.
-    A batch feeds one stem only: under DDP, pass find_unused_parameters=True.
-    """
+    """(B, 2, 72, 72) S1 or (B, 4, 72, 72) S2 -> (B, feat_dim), unit L2 norm: one SmallAlexNet trunk behind a stem
+    per modality (its block 0), chosen by the channel count. A batch feeds one stem only: under DDP, pass
+    find_unused_parameters=True. Keys: tests/data/smallalexnet_shared.txt."""
 
     def __init__(self, feat_dim: int = 128) -> None:
         super().__init__()
         self.encoder = SmallAlexNet(in_channel=None, feat_dim=feat_dim)
-        # The stems keep PyTorch's default initialisation, as in the original SharedNet (only the
-        # trunk gets SmallAlexNet's N(0, 0.02)).
+        # PyTorch's default initialisation, as the original's stems (only the trunk gets N(0, 0.02)).
         self.sentinel1_block = _conv_block(S1_CHANNELS, 96, pool=True)
         self.sentinel2_block = _conv_block(S2_CHANNELS, 96, pool=True)
 
@@ -145,11 +121,8 @@ class SharedNet(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """One `SharedNet` per modality, `encoder_1` for S1 and `encoder_2` for S2, by channel count.
-
-    (B, 2, 72, 72) or (B, 4, 72, 72) -> (B, feat_dim), unit L2 norm. Each encoder keeps both stems
-    and uses one, as in the released checkpoint (tests/data/smallalexnet_dual.txt).
-    """
+    """A `SharedNet` per modality (`encoder_1` S1, `encoder_2` S2, by channel count); each keeps both stems and uses
+    one, as the released checkpoint (tests/data/smallalexnet_dual.txt)."""
 
     def __init__(self, feat_dim: int = 128) -> None:
         super().__init__()
@@ -162,8 +135,7 @@ class DualEncoder(nn.Module):
         return encoder(x)
 
 
-# ----------------------------------------------------------------------------------------------
-# Dual ResNet (DFC2020)
+# --------------------------------------------------------------- Dual ResNet (DFC2020)
 
 
 def _resnet(arch: str, in_channels: int, proj_dim: int) -> nn.Module:
@@ -178,13 +150,9 @@ def _resnet(arch: str, in_channels: int, proj_dim: int) -> nn.Module:
 
 
 class DualResNet(nn.Module):
-    """Two ResNets (`backbone1`: S1, `backbone2`: S2) with projection heads, and a fused classifier.
-
-    Each backbone's `fc` is the projection head Linear(F, F), ReLU, Linear(F, proj_dim)
-    (F = 2048 for resnet50, 512 for resnet18); `fc` is Linear(2 * proj_dim, num_classes) on the
-    concatenated projections. Global pooling makes any input size work (224 crops, 256 patches).
-    Keys of resnet50: tests/data/dualresnet50_*.txt.
-    """
+    """`backbone1` (S1) and `backbone2` (S2), ResNets whose `fc` is a projection head (F = 2048 for resnet50, 512 for
+    resnet18), and `fc`, the classifier on the two projections. Any input size (global pooling). Keys of resnet50:
+    tests/data/dualresnet50_*.txt."""
 
     def __init__(
         self,
@@ -203,10 +171,7 @@ class DualResNet(nn.Module):
         self.fc = nn.Linear(2 * proj_dim, num_classes)
 
     def embed(self, s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, s1_channels, H, W), (B, s2_channels, H, W) -> projections z1, z2, each (B, proj_dim).
-
-        Not normalised: the classifier takes them raw; normalise them for a contrastive loss.
-        """
+        """(B, s1_channels, H, W), (B, s2_channels, H, W) -> projections (B, proj_dim) each, not normalised."""
         for name, x, conv in (("s1", s1, self.backbone1.conv1), ("s2", s2, self.backbone2.conv1)):
             if x.ndim != 4 or x.shape[1] != conv.in_channels:
                 raise ValueError(
@@ -220,7 +185,6 @@ class DualResNet(nn.Module):
         return self.backbone1(s1), self.backbone2(s2)
 
     def classify(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """Projections (B, proj_dim) each -> logits (B, num_classes)."""
         return self.fc(torch.cat([z1, z2], dim=1))
 
     def forward(self, s1: Tensor, s2: Tensor) -> Tensor:
@@ -228,45 +192,22 @@ class DualResNet(nn.Module):
         return self.classify(*self.embed(s1, s2))
 
 
-# ----------------------------------------------------------------------------------------------
-# The multi-modal model of the method
+# --------------------------------------------------------------- The method's multi-modal model
 
 
 class MultiModalNet(nn.Module):
-    """Per-modality encoders with optional classifier heads: the forward pass of the method.
+    """The method's forward pass (docs/method.md), routing views through per-modality encoders and optional heads.
 
-    Training with augmentation, per modality (the original's `dfc_return_feature` /
-    `meterml_return_feature`):
+    With augmentation, per modality, as the original's `dfc_return_feature` / `meterml_return_feature`: one pass over
+    cat([augmented, original]) (2B images, joint batch-norm statistics) gives SupCon's (B, 2, D), view 0 augmented;
+    the heads read a second pass over the originals (ce_from="separate", the original) or the original half of the
+    first ("joint": 2B images instead of 3B, other batch-norm statistics in training mode). Without augmentation each
+    modality is encoded once, (B, 1, D). encode_views="apart" (pre-training, as the original): a pass per view.
+    No parameters of its own, so encoders and heads keep their released layouts; one forward call, as DDP needs.
 
-    1. one encoder pass over ``cat([augmented, original])`` (2B images): batch norm normalises
-       both views with joint statistics; its features, (B, 2, D) with view 0 augmented and view
-       1 original, feed SupCon;
-    2. ``ce_from="separate"`` (the original): a second pass over the originals alone (B images),
-       whose features feed the heads. ``ce_from="joint"`` reads the original half of pass 1
-       instead: 2B images encoded instead of 3B, a different computation in training mode
-       (other batch-norm batch statistics), measured in docs/method.md.
-
-    Without augmentation (and in evaluation) every modality is encoded once, (B, 1, D), and the
-    heads read those features: SupCon then has one view per modality.
-
-    ``encode_views="apart"`` (pre-training): each view is encoded in a pass of its own, as the
-    original pre-training does; there are no heads.
-
-    The module owns no parameters of its own: encoders and heads are the modules that
-    checkpoints save in their released layouts; this wrapper only routes views through them in
-    one forward call, as DDP needs.
-
-    Args:
-        encoders: modality ("s1", "s2") -> module mapping (B, C, H, W) to (B, D); one module
-            may serve several modalities (a shared trunk).
-        fused_head: classifier on the modalities' features concatenated in ``encoders`` order,
-            (B, M * D) -> (B, K); its logits are named "fused".
-        modality_heads: modality -> classifier (B, D) -> (B, K), one head per modality; logits
-            named by modality. At most one of ``fused_head`` and ``modality_heads``.
-        ce_from: "separate" or "joint" (above).
-        encode_views: "together", the two views in one pass (fine-tuning), or "apart", a pass
-            each (pre-training).
-    """
+    encoders: modality -> module (B, C, H, W) -> (B, D), one module may serve several (a shared trunk). fused_head:
+    (B, M * D) -> (B, K) on the features concatenated in `encoders` order, logits "fused"; or modality_heads:
+    modality -> (B, D) -> (B, K), logits named by modality."""
 
     def __init__(self, encoders: dict[str, nn.Module], *, fused_head: nn.Module | None = None,
                  modality_heads: dict[str, nn.Module] | None = None, ce_from: str = "separate",
@@ -310,15 +251,10 @@ class MultiModalNet(nn.Module):
             return views, z_orig
         return views, (self.encode(modality, original) if self.ce_from == "separate" else z_orig)
 
-    def forward(self, originals: dict[str, Tensor], augmented: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
-        """
-        Args:
-            originals: modality -> (B, C, H, W) original images.
-            augmented: modality -> (B, C, H, W) augmented images (the same samples), or None.
-        Returns:
-            {"features": modality -> (B, V, D) with V = 2 (augmented, original) or 1,
-             "logits": "fused" or modality -> (B, K); empty without heads}.
-        """
+    def forward(self, originals: dict[str, Tensor],
+                augmented: dict[str, Tensor] | None = None) -> dict[str, dict[str, Tensor]]:
+        """originals, augmented (the same samples, or None): modality -> (B, C, H, W). Returns "features": modality ->
+        (B, V, D), V = 2 (augmented, original) or 1; "logits": "fused" or modality -> (B, K), empty without heads."""
         features, head_input = {}, {}
         for m, x in originals.items():
             features[m], head_input[m] = self._views(m, x, None if augmented is None else augmented[m])
@@ -338,13 +274,11 @@ def linear_head(in_features: int, num_classes: int) -> nn.Linear:
     return head
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
+# --------------------------------------------------------------- Checkpoints
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save under a name unique to this process, then rename: a kill during the save
-    leaves the previous file intact, and two writers never share a temporary file."""
+    """torch.save under a name unique to this process, then rename: a kill leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -367,8 +301,7 @@ def _first(items: list[str], n: int = 5) -> str:
 
 
 def unpickling_problem(error: pickle.UnpicklingError) -> tuple[str | None, str]:
-    """What torch.load(weights_only=True) refused: the pickled global a file needs (a Python
-    object; None when the bytes are no pickle at all) and the unpickler's own words."""
+    """The pickled global torch.load(weights_only=True) refused (None: no pickle at all), and the unpickler's words."""
     text = str(error)
     needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
@@ -383,10 +316,8 @@ _PUSHES_NOTHING = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO", 
 
 
 def pickled_globals(path: Path) -> tuple[int | None, set[str]]:
-    """The pickle protocol of a checkpoint and the "module.name" globals its pickle refers to,
-    found by parsing the opcodes (pickletools): nothing is imported or run. torch's weights-only
-    unpickler reads protocol 2 only, so a file written with protocol 4 or 5 (plain pickle.dump,
-    torch.save(pickle_protocol=4)) fails there before it names a global."""
+    """A checkpoint's pickle protocol and the "module.name" globals it refers to, from the opcodes: nothing runs.
+    torch's weights-only unpickler reads protocol 2 only: a protocol 4 or 5 file fails before it names a global."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
@@ -395,7 +326,7 @@ def pickled_globals(path: Path) -> tuple[int | None, set[str]]:
         stream = io.BytesIO(path.read_bytes())  # the legacy format: several pickles in a row
     protocol, found, memo = None, set(), []
     for _ in range(4):
-        pushed: list = []  # the values pushed so far: strings, or None for anything else
+        pushed: list = []  # strings, or None for anything else
         try:
             for op, arg, _ in pickletools.genops(stream):
                 if op.name == "PROTO":
@@ -435,9 +366,8 @@ def _objects_message(path: Path, needs: str) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """The content of a checkpoint file, on the CPU, read with weights_only=True so that no code
-    in it runs. The one reader of --model_path, --resume and the tools: every failure is a
-    CheckpointError naming the file and its cause."""
+    """A checkpoint file on the CPU, weights_only=True (no code in it runs); every failure a CheckpointError naming
+    the file and its cause."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
@@ -469,25 +399,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, fresh_first_conv: bool = False
 ) -> tuple[list[str], list[str]]:
-    """Load a checkpoint in any released layout into `model`; return (missing, unexpected) keys.
-
-    Layouts: a bare state dict (the SmallAlexNet encoders) or a dict holding it under
-    "state_dict" (the dual ResNets; "epoch", "arch", "optimizer" are ignored), with or without
-    the "module." prefix of DataParallel / DDP. The file is read by `read_checkpoint`, so no
-    code in it runs.
-
-    One gap is expected: the pre-trained dual ResNet-50 has no classifier, so loading it into a
-    `DualResNet` reports fc.weight and fc.bias missing and leaves `fc` as initialised. Any other
-    missing or unexpected key raises a ValueError naming the first ones (unless strict=False);
-    a shape mismatch always raises, naming the keys with both shapes; a tensor holding NaN or inf
-    raises, naming it. A `DualResNet` first conv built for another band count than the file's
-    raises BandCountError, or with `fresh_first_conv` keeps its initialisation (reported missing).
-    """
+    """A checkpoint in any released layout (bare or under "state_dict", other entries ignored) into `model`; returns
+    (missing, unexpected) keys. Missing or unexpected keys raise unless strict=False, shape mismatches and NaN / inf
+    always; a first conv for another band count raises BandCountError, or with `fresh_first_conv` stays fresh."""
     model = _unwrap(model)
     path = Path(path)
     state = _read_state_dict(path)
     expected = model.state_dict()
-    # The first conv layers, whose band count follows the data: refused or started fresh.
     first = {"backbone1.conv1.weight": "S1", "backbone2.conv1.weight": "S2"} if isinstance(model, DualResNet) else {}
     fresh = _fit_first_conv(state, expected, first, path, fresh_first_conv)
     missing = [k for k in expected if k not in state]
@@ -522,8 +440,7 @@ def load_checkpoint(
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a checkpoint file (``read_checkpoint``): a bare state dict or one under
-    "state_dict", without a "module." prefix."""
+    """A bare state dict or one under "state_dict", without a "module." prefix."""
     checkpoint = read_checkpoint(path)
 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
@@ -557,8 +474,8 @@ class BandCountError(ValueError):
 
 def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first: dict[str, str],
                     path: Path, fresh: bool) -> list[str]:
-    """Input bands of the first convs `first` (key -> modality) in `state` against `expected`: a
-    difference raises BandCountError, or with `fresh` drops the key (returned). Other shapes: the caller's."""
+    """Input bands of the first convs `first` (key -> modality): a difference raises BandCountError, or with `fresh`
+    drops the key (returned). Other shapes are the caller's."""
     dropped = []
     for key, modality in first.items():
         if key not in state or key not in expected:
@@ -576,9 +493,8 @@ def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first
     return dropped
 
 
-# TorchGeo's SSL4EO-S12 ResNet-50 pairs (torchgeo/models/resnet.py, ResNet50_Weights.SENTINEL1_ALL_*
-# and SENTINEL2_ALL_*: 2 and 13 bands): name -> modality -> URL. The hex after the last "-" of the
-# file name is the start of its SHA-256, torch.hub's convention, which TorchGeo's downloads check.
+# TorchGeo's SSL4EO-S12 ResNet-50 pairs (torchgeo/models/resnet.py, ResNet50_Weights.SENTINEL1_ALL_* and
+# SENTINEL2_ALL_*: 2 and 13 bands). The hex after a file name's last "-" starts its SHA-256 (torch.hub's convention).
 _HF = "https://hf.co/torchgeo"
 PRETRAINED_BACKBONES = {
     "ssl4eo-moco": {
@@ -611,8 +527,7 @@ def _sha256(path: Path) -> str:
 
 
 def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Path]:
-    """"s1", "s2" -> the local files of PRETRAINED_BACKBONES[name], downloaded once into torch hub's cache
-    (as torchgeo does); every file checked against the SHA-256 prefix of its name, a bad download deleted."""
+    """"s1", "s2" -> PRETRAINED_BACKBONES[name] in torch hub's cache (as torchgeo), downloaded once, hash-checked."""
     if name not in PRETRAINED_BACKBONES:
         raise ValueError(f"unknown pre-trained backbones {name!r}; known: {', '.join(PRETRAINED_BACKBONES)}")
     folder = Path(torch.hub.get_dir()) / "checkpoints"
@@ -639,12 +554,8 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
 
 def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                           s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
-    """Load ResNet state dicts in torchvision / timm layout (TorchGeo's SSL4EO-S12 weights) into `net`'s backbones.
-
-    A file's `fc.*` is ignored: projection heads and classifier keep their initialisation; so may
-    `num_batches_tracked`. Other missing, unexpected or misshapen keys raise, naming the file.
-    Returns the first-layer keys that `fresh_first_conv` left fresh (else BandCountError).
-    """
+    """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
+    ignored. Returns the first-layer keys that `fresh_first_conv` left fresh."""
     net = _unwrap(net)
     kept = []
     for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
@@ -678,14 +589,8 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
-    """Write `model` in the released layout, so that users of the original code can load it too.
-
-    `DualResNet`: {"arch", "state_dict", **extra}, the layout of the released dual ResNet-50
-    files (pass epoch=..., optimizer=optimizer.state_dict() to complete it). Other models (the
-    SmallAlexNet encoders): the bare state dict, as released; it has no room for `extra`.
-    Tensors go to the CPU without a "module." prefix. The file is written under a temporary name
-    and then renamed, so an interrupted save never leaves a truncated checkpoint behind.
-    """
+    """`model` in the released layout, which the original's code loads: `DualResNet` {"arch", "state_dict", **extra}
+    (the released files add epoch and optimizer), the SmallAlexNet encoders a bare state dict; CPU, atomic."""
     model = _unwrap(model)
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     if isinstance(model, DualResNet):
@@ -701,16 +606,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
     atomic_save(checkpoint, path)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training helpers
+# --------------------------------------------------------------- Training helpers
 
 
 def freeze_all_but(model: nn.Module, trainable: nn.Module | Iterable[nn.Module]) -> None:
-    """Freeze every parameter of `model` but those of `trainable` (linear evaluation: the head).
-
-    `trainable` may be part of `model` (`DualResNet.fc`) or a separate head; either way its
-    parameters end up trainable. Call `set_frozen_bn_eval` after each `model.train()` as well.
-    """
+    """Freeze `model` but `trainable` (part of it, as `DualResNet.fc`, or a head apart): linear evaluation."""
     modules = [trainable] if isinstance(trainable, nn.Module) else list(trainable)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -720,12 +620,8 @@ def freeze_all_but(model: nn.Module, trainable: nn.Module | Iterable[nn.Module])
 
 
 def set_frozen_bn_eval(model: nn.Module) -> None:
-    """Put the batch-norm layers with frozen parameters in eval mode; call after `model.train()`.
-
-    A frozen encoder must stay a fixed function: in train mode its BN layers would normalise with
-    batch statistics and keep updating their running ones, so linear evaluation would no longer
-    evaluate the pre-trained encoder (MoCo's linear evaluation freezes them as well).
-    """
+    """Batch norm with frozen parameters into eval mode, after each `model.train()`: a fixed encoder (in training mode
+    it would normalise with batch statistics and move its running ones), as MoCo's linear evaluation."""
     for module in model.modules():
         if isinstance(module, _BatchNorm) and module.affine and not module.weight.requires_grad:
             module.eval()
@@ -734,11 +630,7 @@ def set_frozen_bn_eval(model: nn.Module) -> None:
 def param_groups(
     model: nn.Module, head: nn.Module, lr: float, head_lr: float, weight_decay: float = 0.0
 ) -> list[dict[str, Any]]:
-    """Optimizer groups "backbone" (lr) and "head" (head_lr) of the trainable parameters.
-
-    Every trainable parameter of `model` and `head` is in exactly one group: the head's in "head"
-    (whether or not `head` is part of `model`), the rest in "backbone". Empty groups are left out.
-    """
+    """Groups "backbone" (lr) and "head" (head_lr, whether or not `head` is part of `model`), empty ones left out."""
     head_params = [p for p in head.parameters() if p.requires_grad]
     head_ids = {id(p) for p in head.parameters()}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -750,5 +642,5 @@ def param_groups(
 
 
 def count_trainable(model: nn.Module) -> int:
-    """Number of trainable parameter values (elements), for the log."""
+    """Trainable parameter values (elements), for the log."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,27 +1,11 @@
-"""Contrastive pre-training of the dual ResNet on SEN12MS S1 / S2 pairs (SSLTransformerRS).
+"""Contrastive pre-training of the dual ResNet on SEN12MS S1 / S2 pairs: the first stage of the DFC2020 pipeline, the
+recipe of SSLTransformerRS's `train_resnet_backbone.py` (docs/flags.md, docs/method.md).
 
     python sen12ms_pretrain.py --data_root SEN12MS [--arch resnet50] [--augment] [--supervised_lc]
-    torchrun --nproc_per_node 8 sen12ms_pretrain.py --data_root SEN12MS --batch_size 25
+    torchrun --nproc_per_node 8 sen12ms_pretrain.py --data_root SEN12MS --batch_size 25   # the published 200
 
-The first stage of the DFC2020 pipeline, as the original `train_resnet_backbone.py`: two ResNets
-(`models.DualResNet`'s backbone1 for S1, 2 bands, and backbone2 for S2, 13 bands, each with its
-projection head Linear(F, F), ReLU, Linear(F, 128)) read random 128 px crops of the 256 px
-patches, each crop seed-normalised on its own. Loss: cross-modal NT-Xent at temperature 0.07: the
-S1 and S2 projections of one patch are the positive pair, the other 2B - 2 projections of the
-batch its negatives (under torchrun, of the global batch: 8 processes x 25 = the published 200).
-Adam lr 3e-5, weight decay 1e-4, 201 epochs; the original's learning-rate schedule (`learning_rate`).
-Not augmented, as the original; `--augment` adds two augmented views per modality, `--supervised_lc`
-turns the loss into SupCon with the patch's majority land-cover class as label.
-
-The run folder holds `checkpoint-epoch<E>.pth` after the 0-based epochs E = 0, 25, 50, ... and the
-last (--snapshot_every), as the original, each the backbones in the released layout {"epoch": E,
-"arch", "state_dict": backbone1.* / backbone2.*}, and `checkpoint.pth`, the last of them under a
-fixed name (a hard link). `dfc_finetune.py --model_path` fine-tunes from any of them;
-SSLTransformerRS's own DFC2020 scripts read the one after epoch 100 (SupCon_SSL's command names
-only `mymodelpath.pth`). `last.pt` holds what resuming needs.
-
---backbones ssl4eo-moco (or --s1_backbone / --s2_backbone) continues from pre-trained backbones,
-with --normalize ssl4eo (docs/backbones.md); first layers for other band counts need --fresh_first_conv.
+Writes `checkpoint-epoch<E>.pth` after the 0-based epochs E = 0, 25, ..., and the last, in the released layout, and
+`checkpoint.pth`, the last of them, for `dfc_finetune.py --model_path`; `last.pt` holds what resuming needs.
 """
 
 import argparse
@@ -60,8 +44,8 @@ SCHEDULES = ("original", "cosine", "constant")
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
     g = flags.add_data_args(p, root="data/sen12ms",
-                            what="folder holding the four season folders ROIs1158_spring ..., a manifest CSV of your own "
-                            "pairs (every row, labels optional), or a packed copy of either (pack.py)")
+                            what="folder holding the four season folders ROIs1158_spring ..., a manifest CSV of your "
+                            "own pairs (every row, labels optional), or a packed copy of either (pack.py)")
     g.add_argument("--seasons", nargs="+", choices=tuple(SEASONS), default=list(SEASONS),
                    help="seasons to read (default: all four; not for a manifest)")
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
@@ -69,13 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
     flags.add_backbone_args(g)
     g.add_argument("--sync_bn", action="store_true",
-                   help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the original)")
+                   help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the "
+                        "original)")
     g = p.add_argument_group("method")
     flags.add_temperature_arg(g, 0.07, "NT-Xent (or SupCon) temperature")
     flags.add_augment_args(g, default=False,
-                           what="two augmented views per modality (random resized crop, scale 0.2-1, flips, rotation up "
-                                "to 20 degrees, one bilinear resampling), each seed-normalised: four views, all of one "
-                                "patch positives (PairwiseNTXent)")
+                           what="two augmented views per modality (random resized crop, scale 0.2-1, flips, rotation "
+                                "up to 20 degrees, one bilinear resampling), each seed-normalised: four views, all of "
+                                "one patch positives (PairwiseNTXent)")
     g.add_argument("--supervised_lc", action="store_true",
                    help="SupCon across modalities with the patch's majority land-cover class (8 DFC classes from "
                         "the lc band 1) as label; unlabelled patches (255) are classes of their own")
@@ -95,16 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def learning_rate(epoch: int, base: float, schedule: str, warmup: int, epochs: int, steps_per_epoch: int) -> float:
-    """The learning rate of 0-based `epoch`.
-
-    original: the original builds CosineAnnealingLR(T_max=len(train_loader)) and steps it once at
-        the end of every epoch from epoch `warmup` on, so epoch e trains at
-        base * (1 + cos(pi * max(0, e - warmup) / steps_per_epoch)) / 2
-        (periodic, as PyTorch's closed form): constant for epochs 0..warmup, then a slow decay.
-    cosine: base * (e + 1) / warmup during the warm-up epochs, then
-        base * (1 + cos(pi * (e - warmup) / (epochs - warmup))) / 2.
-    constant: base.
-    """
+    """The rate of 0-based `epoch`. original: the original's CosineAnnealingLR(T_max=len(train_loader)), stepped at
+    the end of every epoch from epoch `warmup` on, in PyTorch's periodic closed form: constant for epochs 0..warmup,
+    then a slow decay. cosine: a linear warm-up, then a half cosine to 0 at the last epoch."""
     if schedule == "original":
         return base * (1 + math.cos(math.pi * max(0, epoch - warmup) / steps_per_epoch)) / 2
     if schedule == "cosine":
@@ -145,8 +123,7 @@ def build_loss(args: argparse.Namespace, ctx: process.Context) -> nn.Module:
 
 def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss_fn: nn.Module,
               ctx: process.Context) -> Callable:
-    """The training step: the crops (or two augmented views of them) on the device, one pass
-    per modality, the cross-modal loss."""
+    """The crops (or two augmented views of them) on the device, a pass per modality, the cross-modal loss."""
 
     def step(batch: dict, epoch: int, i: int) -> dict[str, Tensor]:
         if args.augment:  # view 0 the first augmented view, view 1 the second
@@ -158,7 +135,8 @@ def make_step(args: argparse.Namespace, views: Views, model: MultiModalNet, loss
             features = model(*pair)["features"]  # "s1", "s2" -> (B, V, 128), V = 1 or 2
         if args.supervised_lc:
             ids = supcon_labels(batch["label"].to(ctx.device), rank=ctx.rank)
-            stacked, stacked_ids = multimodal_views(*(F.normalize(features[m].float(), dim=-1) for m in ("s1", "s2")), ids)
+            stacked, stacked_ids = multimodal_views(*(F.normalize(features[m].float(), dim=-1) for m in ("s1", "s2")),
+                                                    ids)
             return {"loss": loss_fn(stacked, stacked_ids)}
         # Block-major rows: S1 views, then S2 views; row k of every block is patch k.
         z = torch.cat([f.transpose(0, 1).reshape(-1, f.shape[-1]) for f in features.values()])
@@ -205,7 +183,8 @@ def main(argv=None) -> dict:
     model = process.wrap(MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}), ctx, args, sync_bn=args.sync_bn)
     loss_fn = build_loss(args, ctx)
     optimizer = torch.optim.Adam(backbones.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    augment = Augment(RandomResizedCrop(args.crop, scale=(0.2, 1.0)), RandomFlipRotation(20.0)) if args.augment else None
+    augment = (Augment(RandomResizedCrop(args.crop, scale=(0.2, 1.0)), RandomFlipRotation(20.0)) if args.augment
+               else None)
     # seed: every augmented view divided by its own maxima, as the original; ssl4eo scales by constants
     renormalize = seed_normalize if args.normalize == "seed" else None
     views = Views(["s1", "s2"], augment, ctx, args.seed, renormalize=renormalize)
@@ -219,8 +198,10 @@ def main(argv=None) -> dict:
         for epoch in range(run.start, args.epochs):
             # the schedule is a function of the epoch: a resumed run gets the same rates
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(epoch, args.lr, args.schedule, args.warmup_epochs, args.epochs, len(loader))
-            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board, run_path=run.path)
+                group["lr"] = learning_rate(epoch, args.lr, args.schedule, args.warmup_epochs, args.epochs,
+                                            len(loader))
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+                                  run_path=run.path)
             if epoch % args.snapshot_every == 0 or epoch == args.epochs - 1:
                 run.save_weights(snapshot_name(epoch), epoch)
             run.end_epoch(epoch, row)

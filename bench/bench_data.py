@@ -50,7 +50,8 @@ class NaiveDFC2020(Dataset):
         return len(self.patches)
 
     def _read(self, modality: str, patch: int, window: Window) -> np.ndarray:
-        with rasterio.open(self.folder / f"{modality}_validation" / f"ROIs0000_validation_{modality}_0_p{patch}.tif") as src:
+        with rasterio.open(self.folder / f"{modality}_validation"
+                           / f"ROIs0000_validation_{modality}_0_p{patch}.tif") as src:
             return src.read(window=window)
 
     @staticmethod
@@ -115,7 +116,8 @@ def main() -> None:
             loader[0]
         naive_rate, tif_rate, packed_rate = (samples_per_second(loader, args.repeats) for loader in trio)
 
-    print(f"DFC2020, {args.patches} synthetic patches of {PATCH} px, {CROP} px training crops, one process, 1 torch thread")
+    print(f"DFC2020, {args.patches} synthetic patches of {PATCH} px, {CROP} px training crops, one process, "
+          "1 torch thread")
     print(f"packing them (pack.pack, all four files of each patch): {pack_seconds:.2f} s, "
           f"{1000 * pack_seconds / args.patches:.1f} s per 1,000 patches")
     print()

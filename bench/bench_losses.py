@@ -74,7 +74,8 @@ def run(name: str, n: int, device: str, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192], help="anchor counts N")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--min-repeats", type=int, default=3, help="timed passes at the largest N; more at small N")

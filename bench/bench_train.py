@@ -1,33 +1,26 @@
-"""Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation, four configurations (float32 and bf16 side by side).
+"""Throughput of dfc_finetune.py's SupCon+CE training step and of its evaluation: four configurations side by side.
 
-The objects and the step are dfc_finetune.py's own: its parser (every hyper-parameter at the
-script's default), build_model, build_loss, build_optimizer, build_views and make_step (views,
-then models.MultiModalNet, then losses.SupConCELoss), followed by what engine.train_one_epoch does
-with the loss (non-finite check, zero_grad, backward, optimizer.step).
+The objects and the step are dfc_finetune.py's own (its parser's defaults, build_model, build_loss, build_optimizer,
+build_views, make_step), followed by what engine.train_one_epoch does with the loss (non-finite check, zero_grad,
+backward, optimizer.step).
 
-    original  the original's arithmetic: float32, NCHW, --ce_from separate (per modality one encoder
-              pass over cat([augmented, original]) for SupCon and a second over the originals for CE:
-              3B images encoded per modality and step)
+    original  the original's arithmetic: float32, NCHW, --ce_from separate (3B images encoded per modality and step)
     default   the repository's default: the same float32 computation, channels_last where CUDA
     bf16      --amp: bf16 autocast (losses float32), channels_last where CUDA; --ce_from separate
-    fast      --amp --ce_from joint (CE reads the original half of the joint pass: 2B images), the
-              shell scripts' FAST=1
+    fast      --amp --ce_from joint (CE reads the original half of the joint pass: 2B images), the scripts' FAST=1
 
-Measurements, in this order; each figure is printed as one line the moment it is measured, so a run
-stopped by a time limit keeps every figure it took:
+Measurements, in this order, each printed the moment it is taken (a run stopped by a time limit keeps them):
 
-    step      the training step (views, forward, loss, non-finite check, backward, Adam) on a fixed
-              batch already on the device: the model alone
-    eval      model.eval(), no gradients, originals only, batch --eval_batch_size, predictions
-              copied to the host as metrics.evaluate does (fast evaluates as bf16 does)
-    loader    the training step fed by process.make_loader (--workers, pinned memory on CUDA) over
-              synthetic DFC2020 GeoTIFFs: random crops read from disk, seed-normalised
+    step      the training step (views, forward, loss, backward, Adam) on a fixed batch on the device: the model alone
+    eval      model.eval(), no gradients, originals only, --eval_batch_size, predictions copied to the host as
+              metrics.evaluate does (fast evaluates as bf16 does)
+    loader    the training step fed by process.make_loader (--workers, pinned memory on CUDA) over synthetic DFC2020
+              GeoTIFFs: random crops read from disk, seed-normalised
     compile   the fast step under torch.compile (compilation is in the warm-up)
 
-Each measurement: a warm-up of at most --warmup steps and --warmup_s seconds (at least one step),
-then --steps timed steps. Peak memory: torch.cuda.max_memory_allocated on CUDA (weights, Adam
-state, activations); on CPU the peak RSS of this process (VmHWM, reset before each measurement;
-DataLoader workers not counted). A markdown table of every figure ends the run.
+Each: a warm-up of at most --warmup steps and --warmup_s seconds (at least one step), then --steps timed steps. Peak
+memory: torch.cuda.max_memory_allocated on CUDA (weights, Adam state, activations); on CPU the peak RSS of this
+process (VmHWM, reset before each measurement; DataLoader workers not counted). A markdown table ends the run.
 
     python bench/bench_train.py                        # resnet50, 224 px, batch 128 (sized for a GPU)
     python bench/bench_train.py --tiny                 # resnet18, 32 px, batch 4, 2 steps: CPU, seconds
@@ -54,15 +47,11 @@ import dfc_finetune  # noqa: E402
 import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
 from datasets import DFC2020Dataset  # noqa: E402
-from util import (
-    flags,  # noqa: E402
-    metrics,  # noqa: E402
-    process,  # noqa: E402
-)
+from util import flags, metrics, process  # noqa: E402
 
 # name -> (--ce_from, bf16 autocast, channels_last where CUDA)
-CONFIGS = {"original": ("separate", False, False), "default": ("separate", False, True), "bf16": ("separate", True, True),
-           "fast": ("joint", True, True)}
+CONFIGS = {"original": ("separate", False, False), "default": ("separate", False, True),
+           "bf16": ("separate", True, True), "fast": ("joint", True, True)}
 PARTS = ("step", "eval", "loader", "compile")
 # Flag defaults: sized for a GPU, and the --tiny preset (CPU, seconds). Explicit flags win over both.
 PRESETS = {
@@ -86,30 +75,39 @@ class Figure:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--tiny", action="store_true", help="toy sizes for a CPU: every default below takes its --tiny value")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--tiny", action="store_true",
+                   help="toy sizes for a CPU: every default below takes its --tiny value")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--arch", default=None, help="backbone (default resnet50; --tiny resnet18)")
     p.add_argument("--crop", type=flags.positive_int, default=None,
                    help="training crop and evaluation input, px (default 224, as dfc_finetune.py; --tiny 32)")
     p.add_argument("--batch_size", type=flags.positive_int, default=None, help="training batch (default 128; --tiny 4)")
-    p.add_argument("--eval_batch_size", type=flags.positive_int, default=None, help="evaluation batch (default 128; --tiny 8)")
+    p.add_argument("--eval_batch_size", type=flags.positive_int, default=None,
+                   help="evaluation batch (default 128; --tiny 8)")
     p.add_argument("--warmup", type=flags.positive_int, default=None,
                    help="untimed warm-up steps at most, see --warmup_s (default 3; --tiny 1)")
     p.add_argument("--warmup_s", type=flags.positive, default=20.0,
                    help="stop the warm-up after the step that passes this many seconds (default 20)")
-    p.add_argument("--steps", type=flags.positive_int, default=None, help="timed steps per measurement (default 10; --tiny 2)")
+    p.add_argument("--steps", type=flags.positive_int, default=None,
+                   help="timed steps per measurement (default 10; --tiny 2)")
     p.add_argument("--workers", type=flags.non_negative_int, default=None,
                    help="DataLoader workers of the loader measurements (default: CPU count, at most 16; --tiny 1)")
     p.add_argument("--data_root", type=Path, default=None,
-                   help="DFC2020 root whose validation split feeds the loader (default: synthetic patches in a temporary folder)")
+                   help="DFC2020 root whose validation split feeds the loader (default: synthetic patches in a "
+                        "temporary folder)")
     p.add_argument("--patches", type=flags.positive_int, default=None,
-                   help="synthetic patches written without --data_root; the loader cycles over them (default 64; --tiny 8)")
-    p.add_argument("--patch_size", type=flags.positive_int, default=None, help="side of the synthetic patches, px (default 256; --tiny 40)")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="configurations (default: all four)")
+                   help="synthetic patches written without --data_root; the loader cycles over them (default 64; "
+                        "--tiny 8)")
+    p.add_argument("--patch_size", type=flags.positive_int, default=None,
+                   help="side of the synthetic patches, px (default 256; --tiny 40)")
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="configurations (default: all four)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=None,
-                   help="measurements, run in the order step, eval, loader, compile (default: all on CUDA; without compile on CPU)")
+                   help="measurements, run in the order step, eval, loader, compile (default: all on CUDA; without "
+                        "compile on CPU)")
     return p
 
 
@@ -212,7 +210,8 @@ def repeated(batch: dict) -> Iterator[tuple[dict, int, int]]:
     return ((batch, 0, i) for i in itertools.count())
 
 
-def timed(run: Callable[[dict, int, int], None], batches: Iterator[tuple[dict, int, int]], args: argparse.Namespace) -> tuple[float, float]:
+def timed(run: Callable[[dict, int, int], None], batches: Iterator[tuple[dict, int, int]],
+          args: argparse.Namespace) -> tuple[float, float]:
     """(timed steps per second, warm-up seconds) of `run` over `batches`."""
     cuda = args.device.type == "cuda"
     began = time.perf_counter()
@@ -242,7 +241,8 @@ def measure_loader(config: str, args: argparse.Namespace, root: Path) -> tuple[f
     dataset = DFC2020Dataset(root, "validation", crop=args.crop, train=True, seed=0)
     # One epoch long enough for every step, cycling over the patches: the pipeline never drains.
     positions = [i % len(dataset) for i in range(args.batch_size * (args.warmup + args.steps))]
-    loader = process.make_loader(dataset, args.batch_size, setup.ctx, argparse.Namespace(seed=0), train=True, indices=positions)
+    loader = process.make_loader(dataset, args.batch_size, setup.ctx, argparse.Namespace(seed=0), train=True,
+                                 indices=positions)
     return timed(setup.step, ((batch, 0, i) for i, batch in enumerate(loader)), args)
 
 
@@ -262,7 +262,8 @@ def measure_eval(config: str, args: argparse.Namespace) -> tuple[float, float]:
 def measure(part: str, config: str, args: argparse.Namespace, root: Path) -> Figure:
     """Take one figure and print its line at once; out of GPU memory gives a line saying so."""
     batch = args.eval_batch_size if part == "eval" else args.batch_size
-    label = f"{part} {config} batch={batch} {args.crop}px {args.arch}" + (f" workers={args.workers}" if part == "loader" else "")
+    label = (f"{part} {config} batch={batch} {args.crop}px {args.arch}"
+             + (f" workers={args.workers}" if part == "loader" else ""))
     release(args.device)
     reset_peak(args.device)
     try:
@@ -297,7 +298,8 @@ def table(figures: list[Figure], device: torch.device) -> str:
             lines.append(f"| {f.part} | {f.config} | {f.batch} | out of memory | | | |")
             continue
         speed = f"{f.rate / base[f.part]:.2f}x" if base.get(f.part) else "-"
-        lines.append(f"| {f.part} | {f.config} | {f.batch} | {f.rate:.1f} | {speed} | {f.peak:.{1 if cuda else 0}f} | {f.warmup_s:.1f} |")
+        lines.append(f"| {f.part} | {f.config} | {f.batch} | {f.rate:.1f} | {speed} | {f.peak:.{1 if cuda else 0}f} "
+                     f"| {f.warmup_s:.1f} |")
     return "\n".join(lines)
 
 
@@ -306,10 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("datasets").setLevel(logging.ERROR)  # the synthetic patches hold NaN pixels on purpose
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as process.setup
-    name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}"
+    name = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+            else f"CPU {platform.processor() or platform.machine()}")
     print(f"bench_train: {args.device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"dual {args.arch}, {args.crop} px, warm-up <= {args.warmup} steps / {args.warmup_s:g} s, {args.steps} timed steps",
-          flush=True)
+          f"dual {args.arch}, {args.crop} px, warm-up <= {args.warmup} steps / {args.warmup_s:g} s, "
+          f"{args.steps} timed steps", flush=True)
     # Evaluation does not depend on --ce_from: fast evaluates as bf16 does.
     evaluated = [c for c in args.configs if not (c == "fast" and "bf16" in args.configs)]
     work = [(part, config) for part in PARTS if part in args.parts
@@ -318,14 +321,16 @@ def main(argv: list[str] | None = None) -> None:
         root = args.data_root
         if root is None and "loader" in args.parts:
             began = time.perf_counter()
-            root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0, size=args.patch_size)
+            root = synthetic_data.write_dfc2020(tmp, n_validation=args.patches, n_test=0, seed=0,
+                                                size=args.patch_size)
             print(f"bench_train: wrote {args.patches} synthetic DFC2020 patches of {args.patch_size} px in "
                   f"{time.perf_counter() - began:.1f} s", flush=True)
         figures = [measure(part, config, args, root) for part, config in work]
     print()
     print(table(figures, args.device))
     print()
-    print("speed-up: over the original configuration's figure of the same measurement; compile: over the uncompiled fast step")
+    print("speed-up: over the original configuration's figure of the same measurement; compile: over the uncompiled "
+          "fast step")
 
 
 if __name__ == "__main__":

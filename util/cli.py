@@ -1,11 +1,5 @@
-"""The command-line entry of every script and tool: `run(main)` in its `if __name__ == "__main__"`.
-
-A user-facing error of the project (a run folder, a data file, a checkpoint, a flag: OSError,
-ValueError and the exception classes defined in this repository) prints one line,
-`SCRIPT: error: MESSAGE`, and exits with 1; any other exception is a bug and keeps its traceback.
-SUPCON_DEBUG=1 keeps the traceback of every error, for bug reports. Imports nothing heavy, so
-that summarize.py stays free of torch.
-"""
+"""Every script's entry, `run(main)`: a user-facing error prints `SCRIPT: error: MESSAGE` and exits 1, a bug keeps
+its traceback (docs/modules.md). Imports nothing heavy, so that summarize.py stays free of torch."""
 import os
 import sys
 from collections.abc import Callable
@@ -16,7 +10,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def user_error(error: BaseException) -> bool:
-    """Whether `error` is one the project raises for what a user can fix."""
+    """OSError, ValueError, or an exception class of this repository: what a user can fix."""
     if isinstance(error, (OSError, ValueError)):
         return True
     module = sys.modules.get(type(error).__module__)
@@ -25,7 +19,6 @@ def user_error(error: BaseException) -> bool:
 
 
 def run(main: Callable, argv=None) -> None:
-    """Call `main(argv)`; a user-facing error becomes one line on stderr and exit status 1."""
     try:
         main(argv)
     except Exception as error:  # noqa: BLE001 - sorted below: ours become one line, bugs keep their traceback

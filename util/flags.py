@@ -20,14 +20,16 @@ from augment import AUGMENT_IMPLS
 from models import PRETRAINED_ARCH, PRETRAINED_BACKBONES
 
 
-def _number(kind: type, low: float | None = None, *, low_open: bool = False, high: float | None = None) -> Callable[[str], float]:
+def _number(kind: type, low: float | None = None, *, low_open: bool = False,
+            high: float | None = None) -> Callable[[str], float]:
     """An argparse `type` for a finite number within bounds; argparse names the flag on error."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if low is not None and (value <= low if low_open else value < low):
@@ -55,7 +57,8 @@ RESUMABLE_FLAGS = ("epochs", "resume", "tensorboard", "save_best", "keep_last")
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """A script's parser: its docstring as help, no abbreviated flags."""
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   allow_abbrev=False)
 
 
 class _SetTo(argparse.Action):
@@ -84,14 +87,20 @@ def add_run_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr
     """Flags of every script: the run and the hardware; the defaults given are the script's
     published settings."""
     g = p.add_argument_group("run")
-    g.add_argument("--epochs", "--n_epochs", dest="epochs", type=positive_int, default=epochs, help=f"training epochs (default {epochs})")
-    g.add_argument("--batch_size", type=positive_int, default=batch_size, help=f"per-process batch size (default {batch_size})")
+    g.add_argument("--epochs", "--n_epochs", dest="epochs", type=positive_int, default=epochs,
+                   help=f"training epochs (default {epochs})")
+    g.add_argument("--batch_size", type=positive_int, default=batch_size,
+                   help=f"per-process batch size (default {batch_size})")
     g.add_argument("--lr", type=non_negative, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--seed", type=seed_int, default=0, help="seed of initialisation, sample order, crops, augmentations (default 0)")
-    g.add_argument("--save_path", type=Path, default=None, help="run folder (default runs/<script>-<time>); refused if it holds a run")
+    g.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of initialisation, sample order, crops, augmentations (default 0)")
+    g.add_argument("--save_path", type=Path, default=None,
+                   help="run folder (default runs/<script>-<time>); refused if it holds a run")
     g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR with its own config; --epochs may extend it, hardware flags may change")
-    g.add_argument("--overwrite", action="store_true", help="start over in a --save_path that holds a run, removing its files first")
+                   help="continue the run in RUN_DIR with its own config; --epochs may extend it, hardware flags may "
+                        "change")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in a --save_path that holds a run, removing its files first")
     g.add_argument("--save_best", action=argparse.BooleanOptionalAction, default=True,
                    help="keep best.pt, the weights of the best evaluation, beside last.pt (default on)")
     g.add_argument("--keep_last", choices=["full", "weights"], default="full",
@@ -109,7 +118,8 @@ def add_run_args(p: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr
                         "the numerics stay float32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
     g.add_argument("--workers", type=non_negative_int, default=None,
-                   help="DataLoader workers per process (default: CPU count / processes, at most 8, with CUDA; 1 on CPU)")
+                   help="DataLoader workers per process (default: CPU count / processes, at most 8, with CUDA; "
+                        "1 on CPU)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: only when stderr is a terminal, so log files get clean lines)")
 
@@ -124,7 +134,8 @@ def add_data_args(p: argparse.ArgumentParser, *, root: str, what: str) -> argpar
     g.add_argument("--subset", choices=["first", "random"], default="first",
                    help="first: the data set's first items, as the original (default); random: a fixed random "
                         "subset drawn from --subset_seed")
-    g.add_argument("--subset_seed", type=seed_int, default=0, help="seed of --subset random, fixed across --seed (default 0)")
+    g.add_argument("--subset_seed", type=seed_int, default=0,
+                   help="seed of --subset random, fixed across --seed (default 0)")
     return g
 
 
@@ -209,9 +220,11 @@ def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: 
         g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=default,
                        help=f"{what} (default {'on' if default else 'off'}, as the original)")
     if use_augs:
-        g.add_argument("--use_augs", dest="augment", action=_SetTo, value=True, help="the original's spelling of --augment")
+        g.add_argument("--use_augs", dest="augment", action=_SetTo, value=True,
+                       help="the original's spelling of --augment")
     if no_augs:
-        g.add_argument("--no_augs", dest="augment", action=_SetTo, value=False, help="the original's spelling of --no-augment")
+        g.add_argument("--no_augs", dest="augment", action=_SetTo, value=False,
+                       help="the original's spelling of --no-augment")
     g.add_argument("--augment_impl", choices=AUGMENT_IMPLS, default="torchvision",
                    help="torchvision: the original's augmented pixels (nearest-neighbour rotation, bilinear "
                         "resized crop; default); fused: one bilinear resampling per batch, smoother views")
@@ -219,9 +232,11 @@ def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: 
 
 def add_optimizer_args(g: argparse._ArgumentGroup, *, weight_decay: float, momentum: bool) -> None:
     """--weight_decay, and --momentum for the SGD scripts (plain SGD by default, as the original)."""
-    g.add_argument("--weight_decay", type=non_negative, default=weight_decay, help=f"weight decay (default {weight_decay})")
+    g.add_argument("--weight_decay", type=non_negative, default=weight_decay,
+                   help=f"weight decay (default {weight_decay})")
     if momentum:
-        g.add_argument("--momentum", type=non_negative, default=0.0, help="SGD momentum (default 0, the original's plain SGD)")
+        g.add_argument("--momentum", type=non_negative, default=0.0,
+                       help="SGD momentum (default 0, the original's plain SGD)")
 
 
 def add_method_args(p: argparse.ArgumentParser, *, head_lr: float | None) -> argparse._ArgumentGroup:
@@ -236,25 +251,31 @@ def add_method_args(p: argparse.ArgumentParser, *, head_lr: float | None) -> arg
     add_temperature_arg(g, 0.07, "SupCon temperature and base temperature")
     g.add_argument("--ce_from", choices=["separate", "joint"], default="separate",
                    help="separate: CE reads a second encoder pass over the originals, as the original (default); "
-                        "joint: CE reads the original half of the joint (augmented, original) pass, a third less compute")
+                        "joint: CE reads the original half of the joint (augmented, original) pass, a third less "
+                        "compute")
     g.add_argument("--head_lr", "--classifier_lr", dest="head_lr", type=non_negative, default=head_lr,
-                   help="learning rate of the classifier head(s) (default: " + ("--lr" if head_lr is None else str(head_lr)) + ")")
+                   help="learning rate of the classifier head(s) (default: "
+                        + ("--lr" if head_lr is None else str(head_lr)) + ")")
     return g
 
 
 def add_temperature_arg(g: argparse._ArgumentGroup, default: float, what: str) -> None:
-    g.add_argument("--temperature", "--tau", dest="temperature", type=positive, default=default, help=f"{what} (default {default})")
+    g.add_argument("--temperature", "--tau", dest="temperature", type=positive, default=default,
+                   help=f"{what} (default {default})")
 
 
 def add_eval_args(p: argparse.ArgumentParser, *, dense_after: int) -> None:
     """When and how the fine-tuning scripts evaluate, and the run's label in summaries."""
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_batch_size", type=positive_int, default=None, help="evaluation batch size (default 2 x --batch_size)")
+    g.add_argument("--eval_batch_size", type=positive_int, default=None,
+                   help="evaluation batch size (default 2 x --batch_size)")
     g.add_argument("--eval_every", type=non_negative_int, default=10,
-                   help="evaluate after 0-based epochs that are multiples of N (0: never), and after the last (default 10)")
+                   help="evaluate after 0-based epochs that are multiples of N (0: never), and after the last "
+                        "(default 10)")
     g.add_argument("--eval_dense_after", type=int, default=dense_after,
                    help=f"and after every 0-based epoch above this one (default {dense_after}, the original's)")
-    g.add_argument("--name", default=None, help="configuration label for summaries (default: derived from the flags)")
+    g.add_argument("--name", default=None,
+                   help="configuration label for summaries (default: derived from the flags)")
 
 
 def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,

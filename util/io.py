@@ -16,9 +16,8 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> A
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` into a temporary name unique to this process, fsync, then rename over
-    ``path``: a kill or a full disk leaves the previous file intact, and two writers never share
-    a temporary file."""
+    """``write(tmp)``, fsync, rename over ``path``: a kill or a full disk leaves the previous file intact; the
+    temporary name is unique to this process, so two writers never share it."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:

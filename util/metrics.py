@@ -1,9 +1,6 @@
-"""Metrics and evaluation: per-class accuracy, AA, OA, confusion matrices; the evaluation pass.
-
-AA (average accuracy) is the mean of the per-class accuracies (recall of each class), OA
-(overall accuracy) the share of samples classified correctly, both in percent. Samples whose
-label is ignored (255, or the Negative class when excluded) count nowhere.
-"""
+"""Per-class accuracy, AA, OA, kappa, macro F1, and the evaluation pass. AA: the mean of the per-class accuracies
+(recalls), OA: the share of samples classified correctly, both in %. Samples whose label is ignored (255, or Negative
+when excluded) count nowhere."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,25 +20,19 @@ def predict(logits: dict[str, Tensor]) -> Tensor:
     """Class predictions (B,): one head's argmax, or the mean softmax of several (late fusion)."""
     if len(logits) == 1:
         return next(iter(logits.values())).argmax(1)
-    return torch.stack([l.float().softmax(1) for l in logits.values()]).mean(0).argmax(1)
+    return torch.stack([x.float().softmax(1) for x in logits.values()]).mean(0).argmax(1)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str],
                            ignore: Sequence[int] = (IGNORE,)) -> dict:
-    """Per-class accuracy (recall), AA (their mean over classes present), OA, Cohen's kappa, macro F1.
-
-    Samples whose true label is in `ignore` count nowhere, and ignored classes get no column. Kappa
-    and macro F1 are sklearn's; F1 averages the classes not ignored that are true or predicted.
-    Returns:
-        {"per_class": {name: % or None when absent}, "AA": %, "OA": %, "kappa": fraction or None
-         when undefined (one class everywhere), "macro_F1": %, "n": samples counted,
-         "ignored": samples skipped, "classes": all class names, "confusion": (K, K) counts of
-         the counted samples over all K classes (rows true, columns predicted)}.
-    """
+    """Ignored classes get no entry. AA averages the classes present; kappa (a fraction, None with one class
+    everywhere) and macro F1 (%, over the classes true or predicted) match sklearn's. per_class: % or None if absent;
+    n: samples counted; classes: all K names; confusion: (K, K) counts of the counted samples, rows true."""
     keep = ~np.isin(y_true, list(ignore))
     y_true, y_pred = y_true[keep], y_pred[keep]
     k = len(class_names)
-    confusion = confusion_matrix(y_true, y_pred, labels=list(range(k))) if len(y_true) else np.zeros((k, k), dtype=np.int64)
+    confusion = (confusion_matrix(y_true, y_pred, labels=list(range(k))) if len(y_true)
+                 else np.zeros((k, k), dtype=np.int64))
     classes = [c for c in range(k) if c not in ignore]
     support, hits = confusion.sum(1), np.diag(confusion)
     per_class = {class_names[c]: (100.0 * float(hits[c]) / float(support[c]) if support[c] else None) for c in classes}
@@ -55,7 +46,6 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
 
 
 def _kappa(confusion: np.ndarray) -> float | None:
-    """Cohen's kappa (p_o - p_e) / (1 - p_e) of a confusion matrix; None where p_e = 1."""
     n = confusion.sum()
     if n == 0:
         return None
@@ -107,5 +97,6 @@ def evaluate(model: nn.Module, loader: DataLoader, views, ctx, class_names: Sequ
 def eval_schedule(epochs: int, every: int, dense_after: int | None = None) -> frozenset[int]:
     """0-based epochs to evaluate after: the original's `epoch % every == 0 or epoch > dense_after`,
     and the last epoch (the original evaluated once more after its loop)."""
-    chosen = {e for e in range(epochs) if (every > 0 and e % every == 0) or (dense_after is not None and e > dense_after)}
+    chosen = {e for e in range(epochs)
+              if (every > 0 and e % every == 0) or (dense_after is not None and e > dense_after)}
     return frozenset(chosen | {epochs - 1})

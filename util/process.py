@@ -1,14 +1,7 @@
-"""The process: where and how a script runs, and how it reads its data.
+"""Where and how a script runs (`plan_context`, `setup`, `wrap`), and how it reads its data (`make_loader`).
 
-- The device plan: `plan_context` decides, as a pure function of the flags, the environment and
-  what the machine offers, every CUDA-dependent choice (device and its index, torchrun ranks,
-  NCCL / gloo, bf16 autocast, memory format, loader workers, pinned memory); `setup` applies it.
-- `wrap`: the model on the device, in its memory format, under DDP, compiled if asked.
-- Loading: `make_loader` over `EpochKeyed` items in the order of an `EpochSampler`.
-
-Randomness is keyed, not streamed: the sample order of epoch e comes from (seed, e), a sample's
-crop from (seed, e, index), a batch's augmentation from (seed, e, step, rank). A run resumed from
-the checkpoint of epoch e therefore replays exactly what an uninterrupted run would have done.
+Randomness is keyed, not streamed: epoch e's sample order comes from (seed, e), a sample's crop from (seed, e, index),
+a batch's augmentation from (seed, e, step, rank); a run resumed after epoch e replays the uninterrupted run exactly.
 """
 from __future__ import annotations
 
@@ -61,10 +54,8 @@ class Context:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def to_device(self, x: Tensor) -> Tensor:
-        """Move an image batch (B, C, H, W) to the device in the chosen memory format.
-
-        non_blocking: from pinned memory the copy overlaps with compute; the stream orders it
-        before any kernel that reads the result, and nothing reads it on the host."""
+        """(B, C, H, W) to the device in its memory format. non_blocking (pinned memory) is safe: the stream orders the
+        copy before any kernel that reads it, and the host never reads it."""
         return self.memory_format(x.to(self.device, non_blocking=self.pin_memory))
 
     def memory_format(self, x: Tensor) -> Tensor:
@@ -77,18 +68,10 @@ class DeviceError(ValueError):
 
 def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_available: bool, device_count: int,
                  cpu_count: int, stderr_is_terminal: bool = False) -> Context:
-    """Decide device, ranks, backend, numeric options and loader settings. Pure: no CUDA call.
-
-    - Device: `--device` or cuda when available. A CUDA device without an index means the
-      current device: cuda:LOCAL_RANK under torchrun, cuda:0 otherwise (torch.cuda.set_device
-      refuses an index-less device). An explicit index is kept in a single process and refused
-      under torchrun with several processes (each process takes cuda:LOCAL_RANK).
-    - Backend: NCCL on CUDA, gloo on CPU, none for one process.
-    - amp: off unless asked (float32, as the original); channels_last: on with CUDA unless a flag
-      says otherwise (a memory layout: the same float32 arithmetic).
-    - workers: `--workers`, or CPU count / processes per node (at most 8) with CUDA, 1 on CPU;
-      pinned memory only with CUDA.
-    """
+    """Every CUDA-dependent choice, as a pure function (no CUDA call). An index-less cuda is cuda:LOCAL_RANK under
+    torchrun, else cuda:0 (set_device refuses an index-less device); an explicit index is refused under torchrun with
+    several processes. amp off unless asked (float32, as the original); channels_last on with CUDA unless a flag says
+    otherwise (the same float32 arithmetic); workers: CPU count / processes per node, at most 8, with CUDA, else 1."""
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", "0"))
@@ -110,7 +93,8 @@ def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_availabl
         elif device.index is None:
             device = torch.device("cuda", 0)
         if device.index >= device_count:
-            raise DeviceError(f"--device {requested} resolves to {device}, but only {device_count} CUDA device(s) are visible")
+            raise DeviceError(f"--device {requested} resolves to {device}, but only {device_count} CUDA device(s) "
+                              "are visible")
     elif device.type != "cpu":
         raise DeviceError(f"--device {requested!r}: expected cpu, cuda or cuda:N")
     cuda = device.type == "cuda"
@@ -126,7 +110,7 @@ def plan_context(args: argparse.Namespace, env: Mapping[str, str], cuda_availabl
 
 
 def setup(args: argparse.Namespace) -> Context:
-    """Logging, the context of `plan_context` applied (CUDA device, process group), seeds."""
+    """Logging, `plan_context` applied (CUDA device, process group), seeds."""
     rank = int(os.environ.get("RANK", "0"))
     if getattr(args, "tensorboard", False) and importlib.util.find_spec("tensorboard") is None:
         raise SystemExit("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
@@ -148,8 +132,7 @@ def setup(args: argparse.Namespace) -> Context:
 
 def start(parser: argparse.ArgumentParser, argv: Sequence[str] | None, check, script: str | None = None
           ) -> tuple[argparse.Namespace, Context]:
-    """A script's start: its flags (`flags.resolve`; --resume refuses a run of another `script`),
-    then the script's `check(parser, args)`, then `setup`."""
+    """`flags.resolve` (--resume refuses a run of another `script`), the script's `check(parser, args)`, `setup`."""
     args = flags.resolve(parser, argv, script)
     check(parser, args)
     return args, setup(args)
@@ -163,21 +146,18 @@ def seed_everything(seed: int) -> None:
 
 def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unused: bool = False,
          sync_bn: bool = False) -> nn.Module:
-    """Device, memory format, DDP under torchrun, and torch.compile if asked.
-
-    sync_bn: under torchrun, batch norm normalises with the statistics of the global batch
-    (every BatchNorm becomes a SyncBatchNorm, in place: the submodules that checkpoints save keep
-    their parameters, buffers and state-dict keys). CUDA only: DDP refuses SyncBatchNorm on CPU,
-    so scripts refuse sync_bn on CPU before they start.
-    """
+    """Device, memory format, DDP under torchrun, torch.compile if asked. sync_bn: under torchrun every BatchNorm
+    becomes a SyncBatchNorm in place (checkpointed submodules keep their keys); DDP refuses it on CPU, and so do the
+    scripts, before they start."""
     if sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device)
     if ctx.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if ctx.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                                                    find_unused_parameters=find_unused)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            find_unused_parameters=find_unused)
     if args.compile:
         model = torch.compile(model)
     return model
@@ -185,7 +165,8 @@ def wrap(model: nn.Module, ctx: Context, args: argparse.Namespace, *, find_unuse
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -193,7 +174,9 @@ def _git_commit() -> str | None:
 
 def environment(ctx: Context) -> dict:
     """What actually ran: versions, device, numeric options, host, commit."""
-    return {"device": str(ctx.device), "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else platform.processor() or "cpu",
+    return {"device": str(ctx.device),
+            "device_name": (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
+                            else platform.processor() or "cpu"),
             "world": ctx.world, "amp": ctx.amp, "channels_last": ctx.channels_last, "workers": ctx.workers,
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
             "host": socket.gethostname(), "git_commit": _git_commit()}
@@ -202,22 +185,10 @@ def environment(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------- data
 
 class EpochSampler(Sampler):
-    """Epoch-seeded sample order, sharded over torchrun ranks; optional weighted draws.
-
-    Yields `(index, epoch)` keys for `EpochKeyed`, so that the dataset in a persistent worker
-    knows the epoch without being told from the main process.
-
-    Args:
-        n: data set size.
-        seed: run seed.
-        rank, world: this process and the number of processes.
-        shuffle: a fresh permutation every epoch (training); False keeps the order (evaluation).
-        weights: (n,) draw probabilities for class-balanced oversampling (with replacement).
-        drop_last: drop the tail that does not fill a batch of `batch_size` on every rank.
-        batch_size: per-process batch size.
-        drop_single: without drop_last, leave out the one sample that would form a last batch
-            of its own (the last of this epoch's order).
-    """
+    """Epoch-seeded order sharded over ranks, yielding `(index, epoch)` keys: a data set in a persistent worker learns
+    the epoch from them. weights: (n,) draws with replacement (class balance); shuffle=False keeps the order; drop_last
+    drops the tail that fills no `batch_size` batch on every rank; drop_single leaves out the one sample a last batch
+    would hold alone (the last of the epoch's order)."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, *, shuffle: bool = True,
                  weights: Tensor | None = None, drop_last: bool = False, batch_size: int = 1,
@@ -245,21 +216,16 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
-        # Evaluation pads by repeating the first indices so every rank has as many samples;
-        # `evaluate` drops the repeats again.
-        order = torch.cat([order, order[: self.per_rank * self.world - self.n]]) if self.per_rank * self.world > self.n else order
+        # Evaluation pads with the first indices so that every rank has as many; `evaluate` drops the repeats.
+        order = (torch.cat([order, order[: self.per_rank * self.world - self.n]])
+                 if self.per_rank * self.world > self.n else order)
         for index in order[self.rank: self.per_rank * self.world: self.world].tolist():
             yield index, self.epoch
 
 
 class EpochKeyed(Dataset):
-    """Fetches items of a data set with `set_epoch` by `(index, epoch)` keys.
-
-    Args:
-        dataset: the data set.
-        indices: optional positions -> indices into `dataset` (a subset for --data_ratio, items
-            repeated for --balanced_class).
-    """
+    """Items of a data set with `set_epoch` by `(index, epoch)` keys; `indices`: positions -> indices into `dataset`
+    (a --data_ratio subset, --balanced_class repeats)."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int] | None = None) -> None:
         self.dataset = dataset
@@ -277,18 +243,16 @@ class EpochKeyed(Dataset):
 
 
 def subset_indices(n: int, ratio: float, how: str = "first", seed: int = 0) -> list[int]:
-    """The indices a run trains on, in ascending order: int(ratio * n) of them.
-
-    how="first": the first int(ratio * n) items, as the original (its `LimitedDataset` keeps
-    them, also when it shuffles); how="random": a fixed random subset drawn from `seed`.
-    """
+    """The int(ratio * n) indices a run trains on, ascending: the first ones, as the original's `LimitedDataset` (also
+    when it shuffles), or with how="random" a fixed random subset drawn from `seed`."""
     if not 0 < ratio <= 1:
         raise ValueError(f"--data_ratio must be in (0, 1], got {ratio}")
     if how not in ("first", "random"):
         raise ValueError(f"--subset must be 'first' or 'random', got {how!r}")
     keep = int(ratio * n)
     if keep == 0:
-        raise ValueError(f"--data_ratio {ratio} of {n} samples keeps int({ratio} * {n}) = 0 of them; raise --data_ratio")
+        raise ValueError(f"--data_ratio {ratio} of {n} samples keeps int({ratio} * {n}) = 0 of them; "
+                         "raise --data_ratio")
     return subset(n, keep, how, seed)
 
 
@@ -302,14 +266,9 @@ def subset(n: int, keep: int, how: str = "first", seed: int = 0) -> list[int]:
 def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.Namespace, *, train: bool,
                 indices: Sequence[int] | None = None, weights: Tensor | None = None,
                 drop_last: bool | None = None) -> DataLoader:
-    """A DataLoader over `dataset` (or its `indices`) with an EpochSampler.
-
-    Training keeps the last partial batch, as the original (the DataLoader default), except
-    under torchrun, where every rank must take the same number of equal steps (gathered losses),
-    so the tail is dropped; `drop_last=True` drops it always (SEN12MS pre-training, as its
-    original). A last batch of ONE sample is left out (logged): batch norm cannot normalise a
-    single value per channel in training mode. Workers and pinning follow the context.
-    """
+    """Training keeps the last partial batch, as the original, except under torchrun (every rank takes as many equal
+    steps: gathered losses) or with drop_last=True (SEN12MS pre-training, as its original). A last batch of ONE sample
+    is left out, logged: batch norm cannot normalise one value per channel in training mode."""
     keyed = EpochKeyed(dataset, indices)
     drop = (train and ctx.world > 1) if drop_last is None else drop_last
     sampler = EpochSampler(len(keyed), args.seed, ctx.rank, ctx.world, shuffle=train, weights=weights,
@@ -324,10 +283,11 @@ def make_loader(dataset: Dataset, batch_size: int, ctx: Context, args: argparse.
         left_out = len(keyed) - len(sampler) * ctx.world
         if drop and left_out > 0:
             log.info("training: %d samples an epoch in batches of %d per process; the last %d of each epoch's order "
-                     "are dropped so that every process takes the same steps", len(keyed) - left_out, batch_size, left_out)
+                     "are dropped so that every process takes the same steps", len(keyed) - left_out, batch_size,
+                     left_out)
         elif not drop and len(sampler) < len(keyed):
-            log.warning("training: %d samples in batches of %d would leave a last batch of ONE sample, which batch norm "
-                        "cannot normalise in training mode: each epoch leaves out the last sample of its order "
+            log.warning("training: %d samples in batches of %d would leave a last batch of ONE sample, which batch "
+                        "norm cannot normalise in training mode: each epoch leaves out the last sample of its order "
                         "(a different one each epoch)", len(keyed), batch_size)
     return DataLoader(keyed, batch_size=batch_size, sampler=sampler, num_workers=ctx.workers,
                       pin_memory=ctx.pin_memory, persistent_workers=ctx.workers > 0,
