@@ -5,14 +5,13 @@
 Every data set class reads OUT as its root, with the same items (format: ``datasets.packed``, docs/data.md)."""
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datasets import dfc2020, manifest, meterml, sen12ms
 from datasets.packed import write
-from util import flags
+from util import cli, flags
 
 PLANNERS = {"dfc2020": dfc2020.plan_pack, "sen12ms": sen12ms.plan_pack, "meterml": meterml.plan_pack,
             "manifest": manifest.plan_pack}
@@ -42,11 +41,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         metavar="ROWS", help="rows between progress checkpoints (default 256)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        pack(args.dataset, args.root, args.out, seasons=args.seasons, checkpoint_every=args.checkpoint_every)
-    except (OSError, ValueError) as error:
-        parser.exit(1, f"pack.py: error: {error}\n")
+    pack(args.dataset, args.root, args.out, seasons=args.seasons, checkpoint_every=args.checkpoint_every)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

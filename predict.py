@@ -48,7 +48,7 @@ from datasets import NORMALIZATIONS, CropError, PatchDataset
 from embed import NotARunError, RunInfo, checkpoint_path, read_run
 from losses import IGNORE
 from models import DualResNet, load_checkpoint
-from util import flags, process
+from util import cli, flags, process
 from util.rundir import RunFolderError
 
 log = logging.getLogger("predict")
@@ -466,9 +466,9 @@ def main(argv=None) -> dict:
             raise PredictError(f"{args.run} is a run of {run.kind}.py; predict.py applies runs of dfc_finetune.py")
         classes = run_classes(run)
         return (main_scene if scene else main_patches)(args, run, classes)
-    except (PredictError, NotARunError, RunFolderError, FileNotFoundError, process.DeviceError) as error:
-        sys.exit(f"predict.py: {error}")
+    except (PredictError, NotARunError, RunFolderError, OSError, ValueError, process.DeviceError) as error:
+        sys.exit(f"predict.py: error: {error}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -118,7 +118,7 @@ def main(argv=None) -> None:
         s1, s2 = write_mosaic(root, Path(tmp), args.mosaic)
         print(f"bench_predict: wrote {args.patches} patches of {args.patch_size} px and a "
               f"{args.mosaic} x {args.mosaic} patch mosaic in {time.perf_counter() - began:.1f} s", flush=True)
-        run = argparse.Namespace(eval_crop=args.window, eval_offset_seed=0)
+        run = argparse.Namespace(eval_crop=args.window, eval_offset_seed=0, normalize="seed")
         eval_set = dfc_finetune.build_eval_set(run, root, "test")
         windows = predict.SceneWindows(s1, s2, predict.check_grids(s1, s2, (2, 13), args.window), args.window,
                                        args.window, "seed")

@@ -180,7 +180,7 @@ def build(config: str, args: argparse.Namespace, *, compiled: bool = False) -> S
     ctx = process.Context(device=args.device, amp=amp and cuda, channels_last=channels_last and cuda,
                           workers=args.workers, pin_memory=cuda)
     torch.manual_seed(0)
-    net, model = dfc_finetune.build_model(script_args, ctx, num_classes=8)
+    net, model = dfc_finetune.build_model(script_args, ctx, num_classes=8, bands=(2, 13))
     optimizer = dfc_finetune.build_optimizer(script_args, net)
     views = dfc_finetune.build_views(script_args, ctx)
     step = dfc_finetune.make_step(views, model, dfc_finetune.build_loss(script_args, ctx), ctx)

@@ -604,6 +604,16 @@ def test_a_user_error_is_one_line_without_traceback_unless_debugging(tmp_path, d
 
 def test_every_script_and_tool_enters_through_cli_run():
     for script in ("meterml_finetune", "meterml_pretrain", "dfc_finetune", "sen12ms_pretrain", "embed", "summarize",
-                   "synthetic_data"):
+                   "synthetic_data", "predict", "pack"):
         source = (REPO / f"{script}.py").read_text()
         assert source.rstrip().endswith('if __name__ == "__main__":\n    cli.run(main)'), script
+
+
+def test_the_projects_own_errors_are_user_errors_and_others_bugs():
+    from datasets import DataFileError
+    from util.cli import user_error
+    from util.rundir import RunFolderError
+
+    assert user_error(engine.NonFiniteLossError("loss")) and user_error(RunFolderError("x"))
+    assert user_error(DataFileError("x")) and user_error(FileNotFoundError("x"))
+    assert not user_error(RuntimeError("a bug")) and not user_error(KeyError("a bug"))

@@ -6,16 +6,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 DEBUG = "SUPCON_DEBUG"
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
+# The project's modules and packages ("__main__": a script's own error classes).
+OURS = {p.stem for p in REPO.glob("*.py")} | {"datasets", "util", "__main__"}
 
 
 def user_error(error: BaseException) -> bool:
     """OSError, ValueError, or an exception class of this repository: what a user can fix."""
     if isinstance(error, (OSError, ValueError)):
         return True
-    module = sys.modules.get(type(error).__module__)
-    file = getattr(module, "__file__", None)
-    return file is not None and Path(file).resolve().parent == HERE
+    return type(error).__module__.split(".")[0] in OURS
 
 
 def run(main: Callable, argv=None) -> None:
