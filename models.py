@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from util.io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SIZE = 72  # METER-ML inputs; SmallAlexNet's fc6 is sized for them
@@ -278,15 +280,8 @@ def linear_head(in_features: int, num_classes: int) -> nn.Linear:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save under a name unique to this process, then rename: a kill leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    """torch.save through ``util.io.atomic_write``: a kill or a full disk leaves the previous file intact."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

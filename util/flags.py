@@ -18,6 +18,7 @@ from pathlib import Path
 
 from augment import AUGMENT_IMPLS
 from models import PRETRAINED_ARCH, PRETRAINED_BACKBONES
+from util.io import read_json
 
 
 def _number(kind: type, low: float | None = None, *, low_open: bool = False,
@@ -292,9 +293,9 @@ def resolve(p: argparse.ArgumentParser, argv: Sequence[str] | None = None,
     if not config_path.is_file():
         p.error(f"--resume {args.resume}: no config.json there; is it a run folder?")
     try:
-        saved = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        p.error(f"--resume {args.resume}: {config_path} is not valid JSON (truncated or edited? {error})")
+        saved = read_json(config_path)
+    except ValueError as error:
+        p.error(f"--resume {args.resume}: {error}")
     if not isinstance(saved, dict):
         p.error(f"--resume {args.resume}: {config_path} holds no flags (a JSON {type(saved).__name__}, not an object)")
     if script is not None and saved.get("script", script) != script:
