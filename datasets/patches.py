@@ -163,8 +163,8 @@ class PatchDataset(PairedDataset):
                 return torch.from_numpy(x)
             np.clip(x, 0.0, 10000.0, out=x)
             return _divide_by_maxima(x, x.max(axis=(1, 2)))
-        maxima = raw.max(axis=(1, 2))
         x = raw.astype(np.float32)
+        maxima = x.max(axis=(1, 2))  # on the contiguous copy: faster than on a window of the memory map
         if maxima.max() > 10000:  # a cloud above the L1C range: clip (unsigned: nothing below 0)
             np.minimum(x, 10000.0, out=x)
             maxima = np.minimum(maxima, 10000)
