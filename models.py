@@ -1,6 +1,7 @@
 """The encoders (SmallAlexNet: METER-ML; dual ResNet: DFC2020), the method's forward pass, and checkpoints in the
 layouts of the released ones (keys: tests/data/*.txt), so released weights load here and weights trained here load
-there. `read_checkpoint` reads every checkpoint file of the project (docs/modules.md)."""
+there. `read_checkpoint` reads every checkpoint file of the project (docs/modules.md). Over 600 lines on purpose:
+the architectures and the loaders of their checkpoint layouts change together."""
 from __future__ import annotations
 
 import hashlib

@@ -8,6 +8,7 @@ the last evaluation, the reported result, and of the best one, selected on the e
 the original reported (optimistic); then the per-seed AA differences of configurations differing in
 one flag (fused vs single modality, SupCon+CE vs CE) with paired tests. --report OUT writes
 OUT/report.md and PNG figures (matplotlib is imported only then). docs/flags.md has the details.
+Over 600 lines on purpose: the tables, the paired tests and the report's data read the same grouping of runs.
 """
 import argparse
 import dataclasses
