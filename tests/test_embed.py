@@ -12,10 +12,10 @@ import embed
 import meterml_finetune
 import sen12ms_pretrain
 from datasets import MeterMLDataset
+from helpers import PNG_SIGNATURE
 from models import SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml, write_sen12ms
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KNN_KEYS = {"s1", "s2", "s1_to_s2", "s2_to_s1"}
 
 

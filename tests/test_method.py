@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import naive_supcon
 from losses import SupConCELoss, supcon_labels
 from models import MultiModalNet, freeze_all_but, linear_head, param_groups
-from test_losses import naive_supcon
 
 
 def reference_supcon(features, labels, temperature=0.07, base_temperature=0.07):

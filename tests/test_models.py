@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import models
+from helpers import ssl4eo_file
 from models import (
     BandCountError,
     DualEncoder,
@@ -450,21 +450,6 @@ def test_checkpoints_with_non_finite_weights_or_random_bytes_are_named(tmp_path)
 
 # ----------------------------------------------------------------------------------------------
 # Single-modality backbones (TorchGeo's SSL4EO-S12 layout)
-
-
-def ssl4eo_file(path: Path, bands: int, arch: str = "resnet18", seed: int = 0, fc: bool = False) -> dict:
-    """A torchvision ResNet's state dict with a first conv for `bands` bands and, unless `fc`, no
-    classifier: TorchGeo's layout. Every tensor random, batch-norm statistics included (variances
-    positive, weights small: a usable network)."""
-    torch.manual_seed(seed)
-    net = torchvision.models.get_model(arch, weights=None)
-    net.conv1 = nn.Conv2d(bands, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    state = {k: v for k, v in net.state_dict().items() if fc or not k.startswith("fc.")}
-    for k, v in state.items():
-        if v.is_floating_point():
-            v.copy_(torch.rand_like(v) + 0.5 if k.endswith("running_var") else 0.05 * torch.randn_like(v))
-    torch.save(state, path)
-    return state
 
 
 def test_ssl4eo_backbones_load_tensor_for_tensor_and_the_heads_start_fresh(tmp_path, caplog):

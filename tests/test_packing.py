@@ -15,10 +15,10 @@ import pytest
 import rasterio
 import torch
 
-import pack
 import datasets
+import pack
 import synthetic_data
-from test_datasets import _write_tif
+from helpers import write_tif as _write_tif
 
 REPO = Path(__file__).resolve().parents[1]
 

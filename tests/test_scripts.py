@@ -18,11 +18,11 @@ import meterml_pretrain
 import models
 import process
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
+from helpers import read_jsonl, ssl4eo_file
 from losses import SupConCELoss
 from models import DualEncoder, DualResNet, SharedNet, load_checkpoint
 from rundir import RunFolderError
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
-from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]
@@ -37,10 +37,6 @@ def meter_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dfc_root(tmp_path_factory):
     return write_dfc2020(tmp_path_factory.mktemp("dfc"), n_validation=12, n_test=6, seed=0, size=64)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def without_timing(records):

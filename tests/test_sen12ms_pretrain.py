@@ -18,10 +18,10 @@ import dfc_finetune
 import flags
 import process
 import sen12ms_pretrain
+from helpers import read_jsonl, ssl4eo_file
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_sen12ms
-from test_models import ssl4eo_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "4", "--device", "cpu", "--workers", "0"]
@@ -30,10 +30,6 @@ TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "
 @pytest.fixture(scope="module")
 def sen12ms_root(tmp_path_factory):
     return write_sen12ms(tmp_path_factory.mktemp("sen12ms"), n_per_season=2, seed=0, size=48)  # 8 patches
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import summarize
+from helpers import PNG_SIGNATURE
 
 DFC = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def evaluation(epoch, per_class, aa, oa, classes=("Forest", "Water"), confusion=None):
