@@ -392,6 +392,7 @@ def test_dfc_training_crops_share_one_random_window(dfc):
     assert torch.equal(ds[2]["s1"], again[2]["s1"])
 
 
+@pytest.mark.slow
 def test_dfc_evaluation_windows_with_offset_seed_are_fixed_per_patch(dfc):
     whole = datasets.DFC2020Dataset(dfc, normalize="none", return_label_map=True)
 
