@@ -70,7 +70,8 @@ def worker(rank, init_file, out_dir):
         local_inputs, local_extra = local_slice(name, inputs, extra, rank)
         loss = run_loss(model, make_loss(name, True), name, local_inputs, local_extra)
         loss.backward()
-        torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/{name}_rank{rank}.pt")
+        grads = [p.grad for p in model.parameters()]
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/{name}_rank{rank}.pt")
     dist.destroy_process_group()
 
 
