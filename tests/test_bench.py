@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("dfc_finetune.py", "meterml_finetune.py", "meterml_pretrain.py", "sen12ms_pretrain.py", "packed_loader",
            "bench_predict.py", "bench_train.py")
@@ -15,6 +17,7 @@ FIGURE_LINE = re.compile(r"^(step|eval|loader|compile) (\w+) batch=(\d+) (\d+)px
                          r"([\d.]+) samples/s, peak ([\d.]+) (GiB|MiB RSS), warm-up ([\d.]+) s$")
 
 
+@pytest.mark.slow
 def test_gpu_check_tiny():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     done = subprocess.run(["bash", "bench/gpu_check.sh", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

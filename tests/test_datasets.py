@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 import datasets
 import synthetic_data
+from helpers import write_tif as _write_tif
 
 METERML_CLASSES = ["CAFOs", "Landfills", "Mines", "Negative", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
 FACILITIES = ["CAFOs", "Landfills", "Mines", "ProcessingPlants", "RefineriesAndTerminals", "WWTreatment"]
@@ -40,15 +41,6 @@ def _folder(root: Path, sample_id: str) -> Path:
 def _tif(path: Path) -> np.ndarray:
     with rasterio.open(path) as src:
         return src.read()
-
-
-def _write_tif(path: Path, array: np.ndarray) -> None:
-    bands, height, width = array.shape
-    with rasterio.open(
-        path, "w", driver="GTiff", height=height, width=width, count=bands, dtype=array.dtype,
-        crs="EPSG:32632", transform=rasterio.Affine(10.0, 0.0, 5e5, 0.0, -10.0, 5e6),
-    ) as dst:
-        dst.write(array)
 
 
 def _dfc_path(root: Path, modality: str, number: int, split: str = "validation") -> Path:
@@ -400,6 +392,7 @@ def test_dfc_training_crops_share_one_random_window(dfc):
     assert torch.equal(ds[2]["s1"], again[2]["s1"])
 
 
+@pytest.mark.slow
 def test_dfc_evaluation_windows_with_offset_seed_are_fixed_per_patch(dfc):
     whole = datasets.DFC2020Dataset(dfc, normalize="none", return_label_map=True)
 
@@ -624,7 +617,7 @@ def sen12ms(tmp_path) -> Path:
     return synthetic_data.write_sen12ms(tmp_path / "sen12ms", n_per_season=3, seed=0, size=16, scenes_per_season=2)
 
 
-def test_sen12ms_itemspatch_ids_and_lc_labels(sen12ms):
+def test_sen12ms_items_patch_ids_and_lc_labels(sen12ms):
     ds = datasets.SEN12MSDataset(sen12ms, return_label_map=True)
     assert len(ds) == 12 and len(set(ds.patch_ids)) == 12
     for i in range(len(ds)):

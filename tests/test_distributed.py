@@ -57,22 +57,36 @@ def local_slice(name, inputs, extra, rank):
     return inputs[:, rows], {"negatives": extra["negatives"][:, rows]}
 
 
-def worker(rank, name, init_file, out_dir):
+CASES = ["supcon", "supcon_one", "supcon_mask", "ntxent", "pairwise"]
+
+
+def worker(rank, init_file, out_dir):
+    """Every case in one process group: each spawn of two processes costs seconds of start-up."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.manual_seed(1)
-    model = nn.parallel.DistributedDataParallel(nn.Linear(5, 4))
-    inputs, extra = make_case(name)
-    local_inputs, local_extra = local_slice(name, inputs, extra, rank)
-    loss = run_loss(model, make_loss(name, True), name, local_inputs, local_extra)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "grads": [p.grad for p in model.parameters()]}, f"{out_dir}/rank{rank}.pt")
+    for name in CASES:
+        torch.manual_seed(1)
+        model = nn.parallel.DistributedDataParallel(nn.Linear(5, 4))
+        inputs, extra = make_case(name)
+        local_inputs, local_extra = local_slice(name, inputs, extra, rank)
+        loss = run_loss(model, make_loss(name, True), name, local_inputs, local_extra)
+        loss.backward()
+        grads = [p.grad for p in model.parameters()]
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/{name}_rank{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("name", ["supcon", "supcon_one", "supcon_mask", "ntxent", "pairwise"])
-def test_gathered_loss_and_gradients_equal_single_process(tmp_path, name):
-    mp.spawn(worker, args=(name, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+@pytest.fixture(scope="module")
+def gathered(tmp_path_factory):
+    """The folder holding each case's per-rank loss and gradients."""
+    out = tmp_path_factory.mktemp("gathered")
+    mp.spawn(worker, args=(str(out / "init"), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_gathered_loss_and_gradients_equal_single_process(gathered, name):
+    ranks = [torch.load(gathered / f"{name}_rank{r}.pt") for r in range(WORLD)]
 
     torch.manual_seed(1)
     model = nn.Linear(5, 4)
@@ -93,6 +107,7 @@ def test_gather_without_process_group_is_single_process():
     assert SupConLoss(gather_distributed=True)(features, labels).item() == pytest.approx(SupConLoss()(features, labels).item())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
     root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=5, seed=0, size=48)
     run = tmp_path / "run"

@@ -12,10 +12,10 @@ import embed
 import meterml_finetune
 import sen12ms_pretrain
 from datasets import MeterMLDataset
+from helpers import PNG_SIGNATURE
 from models import SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_meterml, write_sen12ms
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KNN_KEYS = {"s1", "s2", "s1_to_s2", "s2_to_s1"}
 
 
@@ -96,6 +96,7 @@ def test_pair_similarity_knows_identical_orthogonal_and_random_features():
     assert 0.1 < embed.pair_similarity(z1, z1, seed=7)["random"] < 0.45
 
 
+@pytest.mark.slow
 def test_tsne_points_are_s1_then_s2_and_keep_the_clusters():
     z1, labels = clusters(classes=3, per_class=8, seed=5)
     z2 = z1 + 0.05 * torch.randn(z1.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
@@ -107,6 +108,7 @@ def test_tsne_points_are_s1_then_s2_and_keep_the_clusters():
     assert embed.knn_accuracy(flat, both, flat, both, k=3, leave_one_out=True) == 100.0  # clusters survive in 2-D
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("color_by", ["class", "modality"])
 def test_tsne_modalities_are_large_markers_of_two_shapes(tmp_path, color_by):
     labels = torch.arange(3).repeat_interleave(4).numpy()  # 12 samples, 3 classes
@@ -157,13 +159,14 @@ def dfc_root(tmp_path_factory):
     return write_dfc2020(tmp_path_factory.mktemp("dfc"), n_validation=12, n_test=6, seed=0, size=64)
 
 
+@pytest.mark.slow
 def test_embed_a_meterml_finetuning_run(tmp_path):
-    root = write_meterml(tmp_path / "meter", n=40, seed=0)  # 8 val
+    root = write_meterml(tmp_path / "meter", n=20, seed=0)  # 4 val
     run = tmp_path / "run"
     meterml_finetune.main(["random", "--data_root", str(root), "--save_path", str(run), "--workers", "0", "--epochs", "1",
                            "--batch_size", "8", "--model", "shared", "--use_sup_con"])
     info = embed.main([str(run)])
-    check_outputs(run / "embedding", info, 8)
+    check_outputs(run / "embedding", info, 4)
     assert (info["kind"], info["dataset"], info["split"], info["checkpoint"], info["epoch"]) == (
         "meterml_finetune", "METER-ML", "val", "last.pt", 1)
     assert info["classes"] == MeterMLDataset.classes
@@ -178,11 +181,12 @@ def test_embed_a_meterml_finetuning_run(tmp_path):
     assert info["knn_accuracy"] == numbers["knn_accuracy"]
     assert info["pair_cosine"] == pytest.approx(numbers["pair_cosine"], abs=1e-6)
     # --out and --color_by modality; --max_samples takes a seeded subset
-    other = embed.main([str(run), "--out", str(tmp_path / "elsewhere"), "--color_by", "modality", "--max_samples", "6"])
-    check_outputs(tmp_path / "elsewhere", other, 6)
-    assert (other["of"], other["color_by"], info["color_by"]) == (8, "modality", "class")
+    other = embed.main([str(run), "--out", str(tmp_path / "elsewhere"), "--color_by", "modality", "--max_samples", "3"])
+    check_outputs(tmp_path / "elsewhere", other, 3)
+    assert (other["of"], other["color_by"], info["color_by"]) == (4, "modality", "class")
 
 
+@pytest.mark.slow
 def test_embed_a_dfc2020_run_reads_its_evaluation_split(dfc_root, tmp_path):
     run = tmp_path / "run"
     dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(run), "--arch", "resnet18", "--crop", "32",
@@ -196,6 +200,7 @@ def test_embed_a_dfc2020_run_reads_its_evaluation_split(dfc_root, tmp_path):
     assert missing["split"] == "validation" and missing["encoded"] == 12
 
 
+@pytest.mark.slow
 def test_embed_pretraining_runs(dfc_root, tmp_path):
     """A tiny sen12ms_pretrain.py run (backbones only, no classifier), on SEN12MS and on DFC2020;
     a METER-ML pre-training run folder made by hand (config.json and encoder.pth only)."""

@@ -5,29 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import naive_supcon
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views
-
-
-def naive_supcon(features, labels=None, mask=None, temperature=0.07, mode="all", base_temperature=0.07):
-    """Khosla et al. eq. 2, one anchor at a time; weights from labels, mask or identity."""
-    f = features.double().flatten(2)
-    batch, views = f.shape[:2]
-    if mask is None:
-        ids = torch.arange(batch) if labels is None else labels
-        mask = (ids[:, None] == ids[None, :]).double()
-    mask = mask.double()
-    contrast = [(v, j) for v in range(views) for j in range(batch)]
-    anchors = [(v, i) for v in range(1 if mode == "one" else views) for i in range(batch)]
-    total = 0.0
-    for v, i in anchors:
-        others = [(w, j) for w, j in contrast if (w, j) != (v, i)]
-        sims = {(w, j): float(f[i, v] @ f[j, w]) / temperature for w, j in others}
-        log_denominator = math.log(sum(math.exp(s) for s in sims.values()))
-        weight_sum = sum(float(mask[i, j]) for w, j in others)
-        weighted = sum(float(mask[i, j]) * (sims[(w, j)] - log_denominator) for w, j in others)
-        term = weighted / weight_sum if weight_sum > 1e-6 else 0.0
-        total += -(temperature / base_temperature) * term
-    return total / len(anchors)
 
 
 def normalized(*shape, seed=0, dtype=torch.float32):

@@ -93,6 +93,7 @@ def test_a_packed_manifest_gives_the_same_items(pairs, tmp_path):
             assert all(torch.equal(x[k], y[k]) for k in ("s1", "s2", "multilabel")) and x["label"] == y["label"]
 
 
+@pytest.mark.slow
 def test_the_dfc2020_recipe_trains_on_a_manifest_under_its_class_names(pairs, tmp_path, capsys):
     run = tmp_path / "run"
     dfc_finetune.main(["--data_root", str(pairs), "--train_split", "train", "--eval_split", "val", "--model_path",

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_losses import naive_supcon
 from torch import nn
 
+from helpers import naive_supcon
 from losses import SupConCELoss, supcon_labels
 from models import MultiModalNet, freeze_all_but, linear_head, param_groups
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 import models
+from helpers import ssl4eo_file
 from models import (
     BandCountError,
     DualEncoder,
@@ -91,6 +91,7 @@ def resnet18() -> DualResNet:
 # Shapes and norms
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 4])
 def test_small_alexnet_gives_unit_features(batch):
     model = SmallAlexNet(in_channel=3, feat_dim=16).eval()
@@ -100,11 +101,13 @@ def test_small_alexnet_gives_unit_features(batch):
     torch.testing.assert_close(z.norm(dim=1), torch.ones(batch))
 
 
+@pytest.mark.slow
 def test_small_alexnet_rejects_other_sizes():
     with pytest.raises(ValueError, match=r"\(B, C, 72, 72\).*\(2, 3, 64, 64\)"):
         SmallAlexNet(in_channel=3)(images(2, 3, size=64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shared_net", "dual_encoder"])
 @pytest.mark.parametrize("channels", [2, 4])
 @pytest.mark.parametrize("batch", [1, 4])
@@ -116,12 +119,14 @@ def test_encoders_give_unit_features(request, name, channels, batch):
     torch.testing.assert_close(z.norm(dim=1), torch.ones(batch))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["shared_net", "dual_encoder"])
 def test_encoders_reject_other_channel_counts(request, name):
     with pytest.raises(ValueError, match=r"C in \(2, 4\).*\(1, 13, 72, 72\)"):
         request.getfixturevalue(name)(images(1, 13))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 256])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_dual_resnet_shapes(resnet18, batch, size):
@@ -136,6 +141,7 @@ def test_dual_resnet_shapes(resnet18, batch, size):
     torch.testing.assert_close(logits, z1 @ w[:, :128].T + z2 @ w[:, 128:].T + b)
 
 
+@pytest.mark.slow
 def test_initialisation():
     """SmallAlexNet: N(0, 0.02), zero biases, unit BN scales; the new first convs of the ResNets:
     PyTorch's default, as the original (kaiming uniform with a = sqrt(5): uniform within
@@ -173,6 +179,7 @@ def test_released_listings_agree():
     assert read_listing("dualresnet50_sen12ms_pretrained.txt") | head == finetuned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, listing",
     [
@@ -185,6 +192,7 @@ def test_layout_matches_listing(request, name, listing):
     assert layout(request.getfixturevalue(name)) == read_listing(listing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, listing, wrapped, missing",
     [
@@ -233,6 +241,7 @@ def reference_encoder(state: dict[str, torch.Tensor], x: torch.Tensor, prefix: s
     return F.normalize(x, dim=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, listing, prefixes",
     [
@@ -256,6 +265,7 @@ def test_loaded_encoder_computes_the_original(request, tmp_path, name, listing, 
 # Saving and loading
 
 
+@pytest.mark.slow
 def test_encoder_round_trip_is_bare_state_dict(shared_net, tmp_path):
     x = images(2, 4, seed=3)
     with torch.no_grad():
@@ -271,6 +281,7 @@ def test_encoder_round_trip_is_bare_state_dict(shared_net, tmp_path):
         assert torch.equal(fresh(x), expected)
 
 
+@pytest.mark.slow
 def test_encoder_save_refuses_extra(shared_net, tmp_path):
     with pytest.raises(ValueError, match=r"bare state dicts.*\['epoch'\]"):
         save_checkpoint(shared_net, tmp_path / "encoder.pth", epoch=3)
@@ -325,6 +336,7 @@ def test_shape_mismatch_names_keys_and_shapes(resnet18, tmp_path):
     assert "backbone1.fc.2.weight (file (128, 512), model (64, 512))" in message
 
 
+@pytest.mark.slow
 def test_a_checkpoint_for_other_band_counts_is_refused_or_its_first_layer_starts_fresh(resnet18, tmp_path, caplog):
     save_checkpoint(resnet18, tmp_path / "s2_13_bands.pth")
     with pytest.raises(BandCountError) as err:
@@ -420,6 +432,7 @@ def test_param_groups_cover_each_trainable_parameter_once(resnet18, frozen):
     torch.optim.Adam(groups)
 
 
+@pytest.mark.slow
 def test_initialisation_follows_the_original():
     """Trunk N(0, 0.02); stems PyTorch's default (kaiming uniform, bound 1/sqrt(fan_in)); heads N(0, 0.01), bias 0."""
     from models import linear_head
@@ -433,6 +446,7 @@ def test_initialisation_follows_the_original():
     assert abs(head.weight.std().item() - 0.01) < 0.001 and torch.equal(head.bias, torch.zeros(7))
 
 
+@pytest.mark.slow
 def test_checkpoints_with_non_finite_weights_or_random_bytes_are_named(tmp_path):
     net = SharedNet()
     state = net.state_dict()
@@ -452,21 +466,7 @@ def test_checkpoints_with_non_finite_weights_or_random_bytes_are_named(tmp_path)
 # Single-modality backbones (TorchGeo's SSL4EO-S12 layout)
 
 
-def ssl4eo_file(path: Path, bands: int, arch: str = "resnet18", seed: int = 0, fc: bool = False) -> dict:
-    """A torchvision ResNet's state dict with a first conv for `bands` bands and, unless `fc`, no
-    classifier: TorchGeo's layout. Every tensor random, batch-norm statistics included (variances
-    positive, weights small: a usable network)."""
-    torch.manual_seed(seed)
-    net = torchvision.models.get_model(arch, weights=None)
-    net.conv1 = nn.Conv2d(bands, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    state = {k: v for k, v in net.state_dict().items() if fc or not k.startswith("fc.")}
-    for k, v in state.items():
-        if v.is_floating_point():
-            v.copy_(torch.rand_like(v) + 0.5 if k.endswith("running_var") else 0.05 * torch.randn_like(v))
-    torch.save(state, path)
-    return state
-
-
+@pytest.mark.slow
 def test_ssl4eo_backbones_load_tensor_for_tensor_and_the_heads_start_fresh(tmp_path, caplog):
     s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
     net = DualResNet("resnet18")
@@ -486,6 +486,7 @@ def test_ssl4eo_backbones_load_tensor_for_tensor_and_the_heads_start_fresh(tmp_p
     assert torch.equal(only_s2.backbone2.conv1.weight, s2["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_a_backbone_file_for_another_band_count_is_refused_naming_it(tmp_path):
     state = ssl4eo_file(tmp_path / "l2a_12.pth", 12)
     with pytest.raises(BandCountError) as err:
@@ -502,6 +503,7 @@ def test_a_backbone_file_for_another_band_count_is_refused_naming_it(tmp_path):
     assert torch.equal(matching.backbone2.conv1.weight, state["conv1.weight"])
 
 
+@pytest.mark.slow
 def test_backbone_files_with_other_keys(tmp_path, caplog):
     state = ssl4eo_file(tmp_path / "s1.pth", 2)
     # a whole torchvision classifier net: its fc is ignored; batch-norm counters may be missing

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from test_datasets import _write_tif
 
 import datasets
 import pack
 import synthetic_data
+from helpers import write_tif as _write_tif
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,6 +253,7 @@ def test_neither_a_data_set_nor_a_pack_is_a_clear_error(tmp_path, dfc):
         datasets.DFC2020Dataset(empty)
 
 
+@pytest.mark.slow
 def test_command_line_packs_and_reports(tmp_path):
     root = synthetic_data.write_dfc2020(tmp_path / "dfc", n_validation=3, n_test=0, seed=4, size=16)
     command = [sys.executable, str(REPO / "pack.py"), "dfc2020", str(root), str(tmp_path / "out")]

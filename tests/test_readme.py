@@ -4,6 +4,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,7 @@ def quick_start_commands() -> list[str]:
     return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
 
 
+@pytest.mark.slow
 def test_the_quick_start_runs_from_a_fresh_shell():
     commands = quick_start_commands()
     assert commands[:2] == ["make demo", "make test"]

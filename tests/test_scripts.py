@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from test_models import ssl4eo_file
 
 import dfc_finetune
 import engine
@@ -19,6 +18,7 @@ import meterml_finetune
 import meterml_pretrain
 import models
 from datasets import DFC2020Dataset, MeterMLDataset, balanced_indices
+from helpers import read_jsonl, ssl4eo_file
 from losses import SupConCELoss
 from models import CheckpointError, DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
@@ -32,16 +32,12 @@ SHARED = ["--model", "shared"]  # half the parameters of the dual encoder: faste
 
 @pytest.fixture(scope="module")
 def meter_root(tmp_path_factory):
-    return write_meterml(tmp_path_factory.mktemp("meter"), n=40, seed=0)  # 32 train, 8 val
+    return write_meterml(tmp_path_factory.mktemp("meter"), n=20, seed=0)  # 16 train (2 steps of FAST), 4 val
 
 
 @pytest.fixture(scope="module")
 def dfc_root(tmp_path_factory):
     return write_dfc2020(tmp_path_factory.mktemp("dfc"), n_validation=12, n_test=6, seed=0, size=64)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def without_timing(records):
@@ -67,6 +63,7 @@ def reevaluate(run, root, scenario, model):
     return batch["label"], probs.argmax(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--scenario", "s1", "--no-exclude_negatives"],
     ["--scenario", "s2", "--use_augs", "--use_sup_con", *SHARED],
@@ -99,16 +96,19 @@ def test_meterml_finetune_runs(meter_root, tmp_path, flags):
     assert config["device"] == "cpu" and config["workers"] == 0 and config["amp"] is False
 
 
+@pytest.mark.slow
 def test_linear_eval_changes_only_the_heads(meter_root, tmp_path):
     weights = tmp_path / "init.pth"
     torch.manual_seed(0)
-    torch.save(DualEncoder().state_dict(), weights)
+    torch.save(SharedNet().state_dict(), weights)
     run = tmp_path / "run"
-    meterml_finetune.main([str(weights), "--data_root", str(meter_root), "--save_path", str(run), *FAST, "--eval_mode", "linear"])
+    meterml_finetune.main([str(weights), "--data_root", str(meter_root), "--save_path", str(run), *FAST, *SHARED,
+                           "--eval_mode", "linear"])
     before, after = torch.load(weights), torch.load(run / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [
     ["--data_ratio", "0.5"],
     ["--use_pairs", *SHARED],
@@ -124,6 +124,7 @@ def test_meterml_pretrain_runs(meter_root, tmp_path, flags):
     assert load_checkpoint(encoder, run / "encoder.pth") == ([], [])
 
 
+@pytest.mark.slow
 def test_pretrained_encoder_feeds_finetuning(meter_root, tmp_path):
     meterml_pretrain.main(["--data_root", str(meter_root), "--save_path", str(tmp_path / "pre"), *FAST, *SHARED])
     pre = SharedNet()
@@ -135,6 +136,7 @@ def test_pretrained_encoder_feeds_finetuning(meter_root, tmp_path):
     assert all(torch.equal(v, tuned[k]) for k, v in pre.state_dict().items() if k.endswith("weight"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--use_sup_con", "--finetune", "--eval_crop", "48"],
                                    ["--balanced_class", "--eval_crop", "0", "--data_ratio", "0.75"]])
 def test_dfc_finetune_runs(dfc_root, tmp_path, flags):
@@ -156,6 +158,7 @@ def test_dfc_finetune_runs(dfc_root, tmp_path, flags):
     assert torch.load(run / "last.pt", weights_only=False)["optimizer"]["state"][0]["step"].item() == steps
 
 
+@pytest.mark.slow
 def test_frozen_dfc_backbone_trains_the_classifier_at_lr(dfc_root, tmp_path, caplog):
     """Without --finetune the original trains the classifier at --lr (1e-5), its batch norm in
     training mode; its recorded run adds SupCon, which then moves only batch-norm statistics."""
@@ -201,16 +204,17 @@ def test_invalid_flag_combinations_are_refused(script, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(meter_root, tmp_path, monkeypatch):
     argv = ["random", "--data_root", str(meter_root), "--scenario", "s1", "--use_augs", "--use_sup_con", *SHARED,
-            "--batch_size", "8", "--epochs", "3", "--momentum", "0.9", "--eval_every", "1"]
+            "--batch_size", "8", "--epochs", "2", "--momentum", "0.9", "--eval_every", "1"]
     whole = meterml_finetune.main([*argv, "--workers", "0", "--save_path", str(tmp_path / "whole")])
 
     real_step, calls = torch.optim.SGD.step, []
 
     def killed_mid_epoch_two(self, *a, **k):
         calls.append(1)
-        if len(calls) == 6:  # 4 steps per epoch: the second step of epoch 2
+        if len(calls) == 4:  # 2 steps per epoch: the second step of epoch 2
             raise KeyboardInterrupt
         return real_step(self, *a, **k)
 
@@ -230,6 +234,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(meter_root, tmp_path, 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_can_extend_a_finished_run(meter_root, tmp_path):
     argv = ["random", "--data_root", str(meter_root), "--scenario", "s1", *FAST, *SHARED, "--eval_every", "1"]
     two = meterml_finetune.main([*argv, "--epochs", "2", "--save_path", str(tmp_path / "two")])
@@ -238,6 +243,7 @@ def test_resume_can_extend_a_finished_run(meter_root, tmp_path):
     assert extended["last"] == two["last"]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypatch):
     real = SupConCELoss.forward
     calls = []
@@ -245,7 +251,7 @@ def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypa
     def poisoned(self, *a, **k):
         terms = real(self, *a, **k)
         calls.append(1)
-        if len(calls) in (1, 7):  # the first call of the first run; the second step of epoch 2 of the second
+        if len(calls) in (1, 5):  # the first call of the first run; the second step of epoch 2 of the second
             terms["loss"] = terms["loss"] * float("nan")
         return terms
 
@@ -260,6 +266,7 @@ def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypa
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1  # the last good epoch
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, tmp_path):
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
     meterml_finetune.main(argv)
@@ -267,14 +274,21 @@ def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, t
     with pytest.raises(RunFolderError, match="holds a run"):
         meterml_finetune.main([*argv, "--lr", "0.5"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    # --overwrite checks everything before it deletes
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        meterml_finetune.main([*argv, "--overwrite", "--model_path", str(tmp_path / "missing.pth")][1:])
+    with pytest.raises(ValueError, match="keeps int"):
+        meterml_finetune.main([*argv, "--overwrite", "--data_ratio", "0.01"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.name != "run.lock"} == {
+        k: v for k, v in before.items() if k != "run.lock"}
     results = meterml_finetune.main([*argv, "--lr", "0.5", "--overwrite"])
     assert results["config"]["lr"] == 0.5 and len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(meter_root, tmp_path):
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1"]
-    whole = meterml_finetune.main([*argv, "--save_path", str(tmp_path / "whole")])
-    meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed"), "--no-save_best"])
+    whole = meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed"), "--no-save_best"])
     assert not (tmp_path / "killed" / "best.pt").exists()
     (tmp_path / "killed" / "last.pt").unlink()
     (tmp_path / "killed" / "results.json").unlink()
@@ -309,10 +323,12 @@ def test_bad_checkpoints_are_named_before_the_run_folder_exists(meter_root, tmp_
     elif content is not None:
         weights.write_bytes(content)
     with pytest.raises(CheckpointError, match=message) as error:
-        meterml_finetune.main([str(weights), "--data_root", str(meter_root), *FAST, "--save_path", str(tmp_path / "run")])
+        meterml_finetune.main([str(weights), "--data_root", str(meter_root), *FAST, *SHARED,
+                               "--save_path", str(tmp_path / "run")])
     assert str(weights) in str(error.value) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_epoch_without_any_ce_target_is_an_error(dfc_root, tmp_path, monkeypatch):
     real = DFC2020Dataset.__getitem__
     monkeypatch.setattr(DFC2020Dataset, "__getitem__", lambda self, i: {**real(self, i), "label": 255})
@@ -362,30 +378,19 @@ def test_recorded_dfc_experiment_is_the_originals():
     assert len(recorded_commands("dfc_finetune.sh", VARIANTS="0")) == 3
 
 
+@pytest.mark.slow
 def test_train_val_overlap_is_an_error_unless_allowed(tmp_path):
-    root = write_meterml(tmp_path / "meter", n=40, seed=0)
+    root = write_meterml(tmp_path / "meter", n=20, seed=0)
     train = json.loads((root / "train_dataset.geojson").read_text())
     val = json.loads((root / "val_dataset.geojson").read_text())
     train["features"].append(val["features"][0])  # a val image set listed in train too
     (root / "train_dataset.geojson").write_text(json.dumps(train))
     argv = ["random", "--data_root", str(root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
-    with pytest.raises(ValueError, match=r"1 image sets are in both the train and the val split .*site_000032"):
+    with pytest.raises(ValueError, match=r"1 image sets are in both the train and the val split .*site_000016"):
         meterml_finetune.main(argv)
     assert not (tmp_path / "run").exists()
     last = meterml_finetune.main([*argv, "--allow_split_overlap", "--epochs", "1"])["last"]
-    assert last["n"] + last["ignored"] == 8  # every val image set evaluated; negatives excluded by default
-
-
-def test_overwrite_checks_everything_before_it_deletes(meter_root, tmp_path):
-    run = tmp_path / "run"
-    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(run)]
-    meterml_finetune.main(argv)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"}
-    with pytest.raises(CheckpointError, match="missing.pth"):
-        meterml_finetune.main([*argv, "--overwrite", "--model_path", str(tmp_path / "missing.pth")][1:])
-    with pytest.raises(ValueError, match="keeps int"):
-        meterml_finetune.main([*argv, "--overwrite", "--data_ratio", "0.01"])
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "run.lock"} == before
+    assert last["n"] + last["ignored"] == 4  # every val image set evaluated; negatives excluded by default
 
 
 @pytest.mark.parametrize("flags", [["--crop", "96"], ["--crop", "32", "--eval_crop", "80"]])
@@ -397,6 +402,7 @@ def test_a_crop_larger_than_the_patches_is_one_sentence_before_the_run_folder(df
     assert re.search(r"a crop of (96|80) px does not fit the 64 x 64 px patches of", err) and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_non_finite_pixels_are_reported_per_file_and_in_results(tmp_path):
     root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=4, seed=1, size=32)
     files = sorted((root / "ROIs0000_validation" / "s1_validation").glob("*.tif"))[:4]
@@ -424,6 +430,7 @@ def test_recorded_scripts_read_relative_paths_from_the_callers_folder(tmp_path):
     assert str(REPO / "dfc_finetune.py") in done.stdout  # the script by its absolute path, run from the caller's folder
 
 
+@pytest.mark.slow
 def test_ignored_labels_are_counted_and_undocumented_codes_refused_before_the_run_folder(tmp_path, caplog, capsys):
     root = write_dfc2020(tmp_path / "dfc", n_validation=6, n_test=3, seed=2, size=32)
     labels = sorted((root / "ROIs0000_validation" / "dfc_validation").glob("*.tif"))
@@ -457,6 +464,7 @@ def frozen_weights_equal(state: dict, prefix: str, file: dict) -> bool:
                if "running" not in k and "num_batches" not in k)
 
 
+@pytest.mark.slow
 def test_dfc_finetune_starts_from_ssl4eo_layout_files(dfc_root, tmp_path):
     s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
     run = tmp_path / "run"
@@ -473,6 +481,7 @@ def test_dfc_finetune_starts_from_ssl4eo_layout_files(dfc_root, tmp_path):
     assert {"kappa", "macro_F1"} <= set(read_jsonl(run / "metrics.jsonl")[-1])
 
 
+@pytest.mark.slow
 def test_dfc_finetune_downloads_named_backbones_with_the_fetch_mocked(dfc_root, tmp_path, monkeypatch, caplog):
     import hashlib
 
@@ -498,6 +507,7 @@ def test_dfc_finetune_downloads_named_backbones_with_the_fetch_mocked(dfc_root, 
     assert "projection heads start fresh and stay frozen" in caplog.text
 
 
+@pytest.mark.slow
 def test_weights_for_other_band_counts_are_refused_before_the_run_folder(dfc_root, tmp_path, capsys):
     ssl4eo_file(tmp_path / "s2_12.pth", 12)
     argv = ["--data_root", str(dfc_root), *DFC_TINY, "--s2_backbone", str(tmp_path / "s2_12.pth")]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import ssl4eo_file
 from torch import nn
 
 import dfc_finetune
 import sen12ms_pretrain
+from helpers import read_jsonl, ssl4eo_file
 from losses import NTXent
 from models import DualResNet, MultiModalNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_sen12ms
@@ -29,10 +29,6 @@ TINY = ["--arch", "resnet18", "--crop", "32", "--epochs", "1", "--batch_size", "
 @pytest.fixture(scope="module")
 def sen12ms_root(tmp_path_factory):
     return write_sen12ms(tmp_path_factory.mktemp("sen12ms"), n_per_season=2, seed=0, size=48)  # 8 patches
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -109,6 +105,7 @@ def test_original_schedule_is_what_the_original_scheduler_gives():
 # ----------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_checkpoint_is_the_released_layout_and_dfc_finetune_starts_from_it(sen12ms_root, tmp_path):
     run = tmp_path / "pre"
     results = sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY])
@@ -139,6 +136,7 @@ def test_checkpoint_is_the_released_layout_and_dfc_finetune_starts_from_it(sen12
         assert torch.equal(tuned[key], checkpoint["state_dict"][key])
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(sen12ms_root, tmp_path, monkeypatch):
     argv = ["--data_root", str(sen12ms_root), *TINY, "--epochs", "2", "--warmup_epochs", "0"]  # 2 steps an epoch
     sen12ms_pretrain.main([*argv, "--save_path", str(tmp_path / "whole")])
@@ -168,6 +166,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(sen12ms_root, tmp_path
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--augment", "--supervised_lc"])
 def test_variants_run_a_step(sen12ms_root, tmp_path, flag):
     run = tmp_path / "run"
@@ -192,6 +191,7 @@ def test_impossible_flags_are_refused_before_data_is_read(tmp_path, capsys, flag
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretraining_continues_from_ssl4eo_layout_backbones(sen12ms_root, tmp_path, capsys):
     s1, s2 = ssl4eo_file(tmp_path / "s1.pth", 2, seed=1), ssl4eo_file(tmp_path / "s2.pth", 13, seed=2)
     run = tmp_path / "run"
@@ -238,6 +238,7 @@ def _torchrun(tmp_path, *args):
     return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp_path):
     run = tmp_path / "run"
     argv = ["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY, "--batch_size", "2"]  # 2 x 2 = 4 a step

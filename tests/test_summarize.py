@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import summarize
+from helpers import PNG_SIGNATURE
 
 DFC = ["Forest", "Shrubland", "Grassland", "Wetlands", "Croplands", "Urban/Built-up", "Barren", "Water"]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def evaluation(epoch, per_class, aa, oa, classes=("Forest", "Water"), confusion=None):
@@ -125,6 +125,7 @@ def test_curves_follow_metrics_jsonl(tmp_path):
     assert curves["AA"] == {"epoch": [2], "mean": [55.0], "min": [50.0], "max": [60.0], "n": [2]}
 
 
+@pytest.mark.slow
 def test_report_writes_valid_pngs_that_report_md_references(tmp_path):
     rng = random.Random(0)
     for name in ("CE", "SupCon+CE"):
@@ -159,6 +160,7 @@ def test_missing_paths_give_a_clear_error(tmp_path, capsys):
     assert "nothing: no such run folder or results file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tables_alone_do_not_import_matplotlib(tmp_path):
     write_run(tmp_path / "r0", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
     code = ("import sys, summarize; summarize.main([sys.argv[1]]); "
@@ -169,6 +171,7 @@ def test_tables_alone_do_not_import_matplotlib(tmp_path):
     assert "| Forest | 60.00 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_runs_without_confusion_or_metrics_still_report(tmp_path):
     """results.json written before the engine recorded a confusion matrix, and no metrics.jsonl."""
     run = tmp_path / "runs" / "old"
@@ -198,6 +201,7 @@ def write_embedding(folder, s1, s2, picture, color_by="class", paired=0.8, rando
     (folder / "embedding" / "embedding.json").write_text(json.dumps(info))
 
 
+@pytest.mark.slow
 def test_report_shows_embeddings_of_one_seed_per_configuration(tmp_path):
     e = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
     runs = tmp_path / "runs"
@@ -260,6 +264,7 @@ def test_best_is_selected_as_the_original_per_data_set(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- report.py alone
 
+@pytest.mark.slow
 def test_report_module_does_not_import_summarize():
     """report.py draws plain data from summarize.report_data: no import cycle."""
     code = "import sys; from util import report; assert 'summarize' not in sys.modules, 'report imported summarize'"
@@ -268,6 +273,7 @@ def test_report_module_does_not_import_summarize():
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow
 def test_report_never_replaces_a_report_md_the_user_wrote(tmp_path, capsys):
     write_run(tmp_path / "runs" / "r0", "CE", 0, evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0))
     out = tmp_path / "report"
@@ -322,6 +328,7 @@ def test_runs_on_different_data_roots_are_different_configurations(tmp_path, cap
     assert "> Note: DFC2020: 2 configurations named 'CE' differ in data_root;" in out
 
 
+@pytest.mark.slow
 def test_best_table_only_where_it_differs_from_the_last(tmp_path, capsys):
     first = evaluation(1, {"Forest": 50.0, "Water": 50.0}, 50.0, 50.0)
     second = evaluation(2, {"Forest": 70.0, "Water": 90.0}, 80.0, 75.0)
@@ -358,6 +365,7 @@ def inside(inner, outer):
             and inner.x1 <= outer.x1 + 0.5 and inner.y1 <= outer.y1 + 0.5)
 
 
+@pytest.mark.slow
 def test_curves_mark_single_points_use_integer_epochs_and_keep_the_legend_inside(tmp_path):
     from util import report
 
@@ -386,6 +394,7 @@ def test_curves_mark_single_points_use_integer_epochs_and_keep_the_legend_inside
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.slow
 def test_per_class_bars_reach_above_the_error_bars_and_name_sample_counts(tmp_path):
     from util import report
 
@@ -418,6 +427,7 @@ def test_confusion_rows_name_their_sample_counts(tmp_path):
 
 # ----------------------------------------------------------------------------- interpretation
 
+@pytest.mark.slow
 def test_interpretation_pairs_seeds_and_flags_unaligned_embeddings(tmp_path):
     def aa_run(folder, name, seed, aa, **flags):
         write_run(tmp_path / folder, name, seed, evaluation(1, {"Forest": aa, "Water": aa}, aa, aa),

@@ -132,6 +132,7 @@ def test_sen12ms_layout(tmp_path):
                 assert src.count == {"s1": 2, "s2": 13, "lc": 4}[modality]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -167,6 +168,7 @@ def test_scene_is_a_mosaic_of_patches_on_one_grid(tmp_path):
         (tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in paths.values())
 
 
+@pytest.mark.slow
 def test_meterml_class_signal_needs_both_modalities(tmp_path):
     """Per-channel means: S1 alone or S2 alone separate only groups of classes; fused, all classes."""
     synthetic_data.write_meterml(tmp_path, n=420, seed=0, val_fraction=0.0)
@@ -189,6 +191,7 @@ def test_meterml_class_signal_needs_both_modalities(tmp_path):
     assert fused_acc > 0.7 and fused_acc > max(s1_acc, s2_acc) + 0.25, (s1_acc, s2_acc, fused_acc)
 
 
+@pytest.mark.slow
 def test_sen12ms_lc_class_is_the_class_of_s1_and_s2_together(tmp_path):
     """The majority class of lc band 1 (IGBP codes, through the IGBP-to-DFC map) is what S1 and S2
     together encode: per-band means of one modality tell apart only groups of classes, both most."""
@@ -220,6 +223,7 @@ def test_sen12ms_lc_class_is_the_class_of_s1_and_s2_together(tmp_path):
     assert fused_acc > 0.6 and fused_acc > max(s1_acc, s2_acc) + 0.2, (s1_acc, s2_acc, fused_acc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spelling", ["--n_test", "--n-test"])  # underscores as every script; hyphens kept as aliases
 def test_cli_flag_spellings(tmp_path, spelling):
     out = tmp_path / "out"
