@@ -239,8 +239,8 @@ def test_resized_crop_antialias_equals_torchvision_at_the_edges():
     # scale 0.9-1.0, a downscaling box (antialiasing matters) and two of one size (one call)
     boxes = torch.tensor([[0, 0, 72, 72], [0, 4, 68, 68], [4, 0, 68, 68], [1, 1, 64, 71], [0, 0, 60, 72], [3, 1, 68, 68]])
     out = augment.resized_crop_antialias(x, boxes.float(), 72)
-    for i, (t, l, h, w) in enumerate(boxes.tolist()):
-        expected = TF.resized_crop(x[i], t, l, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        expected = TF.resized_crop(x[i], top, left, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
         assert torch.equal(out[i], expected), f"box {i}"
     big = torch.rand(2, 2, 96, 96, generator=g)  # boxes larger than the output: the antialiased downscale
     down = augment.resized_crop_antialias(big, torch.tensor([[0.0, 0, 96, 96], [10, 5, 80, 90]]), 72)
@@ -259,9 +259,10 @@ def test_meterml_augment_equals_the_original_torchvision_recipe():
         # the original: Resize(72) (identity at 72 px), flips, RandomResizedCrop(72, scale=(0.9, 1))
         y = TF.horizontal_flip(x[i]) if flips[0, i] else x[i]
         y = TF.vertical_flip(y) if flips[1, i] else y
-        t, l, h, w = (int(v) for v in boxes[i])
-        expected = TF.resized_crop(y, t, l, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        assert torch.equal(out[i], expected), f"sample {i}, box {(t, l, h, w)}"
+        top, left, h, w = (int(v) for v in boxes[i])
+        expected = TF.resized_crop(y, top, left, h, w, [72, 72], interpolation=TF.InterpolationMode.BILINEAR,
+                                   antialias=True)
+        assert torch.equal(out[i], expected), f"sample {i}, box {(top, left, h, w)}"
 
 
 def test_fused_recipes_stay_one_flag_away_and_differ_in_pixels():

@@ -414,7 +414,7 @@ def test_non_finite_pixels_are_reported_per_file_and_in_results(tmp_path):
     results = dfc_finetune.main(["--data_root", str(root), "--save_path", str(tmp_path / "run"), "--arch", "resnet18",
                                  "--crop", "32", "--eval_crop", "0", "--workers", "0", "--batch_size", "4", "--epochs", "1"])
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["nonfinite_values"]["validation"]
-    for k, path in enumerate(files):
+    for path in files:
         assert path.name in "".join(report)  # every file named
     written = sum(1 for k in range(4) for v in [np.nan, np.inf, -np.inf, np.inf][: k + 1] if np.isinf(v))
     totals = results["data"]["nonfinite_values"]["validation"]
