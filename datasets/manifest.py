@@ -21,8 +21,6 @@ from .packed import INDEX, PackedSource, PackedSplit, SplitPlan, check_rows, pac
 from .patches import PatchDataset
 from .sources import GDAL_OPTIONS, TiffSource
 
-COLUMNS = ("s1", "s2", "label", "split", "id")
-
 
 class Row(NamedTuple):
     line: int  # the CSV line, 1 the header
