@@ -3,21 +3,13 @@ device (CPU by default), then moved: a seeded CPU generator augments alike anywh
 gives the original's torchvision pixels; ``"fused"``, one bilinear resampling per batch (docs/differences.md)."""
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 from torchvision.transforms.v2 import functional as TF
 
-
-def key_seed(*parts: int) -> int:
-    """63-bit seed from non-negative ints, e.g. (seed, epoch, index); SeedSequence hashing: independent streams."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def keyed_generator(*parts: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device).manual_seed(key_seed(*parts))
+from util.seeding import key_seed, keyed_generator  # noqa: F401 - the seeding every module uses, named here too
 
 
 def _as_batch(x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch.distributed._functional_collectives as dist_fc
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from datasets.base import IGNORE  # the label that cross-entropy and the metrics skip
+from util.labels import IGNORE
 
 
 def _world() -> tuple[int, int]:

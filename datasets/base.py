@@ -7,11 +7,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from augment import keyed_generator
+from util.labels import IGNORE
+from util.seeding import keyed_generator
 
 logger = logging.getLogger("datasets")
-
-IGNORE = 255  # the label that cross-entropy, SupCon's CE side and the metrics skip
 
 
 class DataFileError(ValueError):

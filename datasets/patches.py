@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from torch import Tensor
 from tqdm import tqdm
 
-from augment import keyed_generator
+from util.seeding import keyed_generator
 
 from .base import IGNORE, CropError, DataFileError, PairedDataset, log_summary
 from .labels import DFC_CLASSES, LabelCodes, class_map, labels_of_map

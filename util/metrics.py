@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets import IGNORE
+from util.labels import IGNORE
 
 
 def predict(logits: dict[str, Tensor]) -> Tensor:

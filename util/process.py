@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from augment import key_seed
 from util import flags
+from util.seeding import key_seed
 
 log = logging.getLogger("process")
 
