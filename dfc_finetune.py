@@ -27,11 +27,13 @@ import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from augment import Views, dfc_augment
+from augment import AUGMENT_IMPLS, Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
 from engine import train_one_epoch
 from losses import SupConCELoss
 from models import (
+    PRETRAINED_ARCH,
+    PRETRAINED_BACKBONES,
     RESNETS,
     BandCountError,
     DualResNet,
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with replacement weighted by 1 / class frequency")
     flags.add_normalize_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50")
-    flags.add_backbone_args(g)
+    flags.add_backbone_args(g, backbones=PRETRAINED_BACKBONES)
     flags.add_finetune_flag(g, default=False)
     g.add_argument("--frozen_bn_eval", action="store_true",
                    help="without --finetune, keep the frozen backbone's batch norm in eval mode (a fixed encoder); "
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = flags.add_method_args(p, head_lr=3e-6)
     g.add_argument("--degrees", type=flags.non_negative, default=20.0,
                    help="largest rotation of the SupCon view, degrees (default 20)")
-    flags.add_augment_args(g, default=None)
+    flags.add_augment_args(g, default=None, impls=AUGMENT_IMPLS)
     flags.add_optimizer_args(g, weight_decay=1e-3, momentum=False)
     flags.add_eval_args(p, dense_after=150)
     flags.add_run_args(p, epochs=201, batch_size=32, lr=1e-5)
@@ -86,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse flag combinations that cannot run or would change nothing; name the run."""
+    """Every refusal and warning about the flags, before any data is read: refuse combinations that cannot run or
+    would change nothing, warn of weights that stay random or frozen; name the run."""
     if args.use_sup_con and not args.finetune and args.frozen_bn_eval:
         p.error("--use_sup_con with a frozen backbone and --frozen_bn_eval: SupCon trains no parameter and, with batch "
                 "norm in eval mode, moves no running statistic either, so it would change nothing. Drop "
@@ -94,7 +97,26 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
-    flags.check_backbone_args(p, args)
+    flags.check_backbone_args(p, args, PRETRAINED_ARCH)
+    backbones = args.backbones or args.s1_backbone or args.s2_backbone
+    if args.backbones and args.normalize != "ssl4eo":
+        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
+                    "--normalize %s inputs", args.backbones, args.normalize)
+    if backbones and not args.finetune:
+        log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
+                    "projections of the pre-trained features")
+    if args.fresh_first_conv and not args.finetune:
+        log.warning("--fresh_first_conv without --finetune: a first layer that starts fresh stays frozen, a random "
+                    "first layer")
+    if args.model_path in (None, "random") and not backbones and not args.finetune:
+        log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
+                    "only the classifier trains, on random features: a lower bound, not the method (the original "
+                    "always loads pre-trained weights); pass the pre-trained weights, or add --finetune",
+                    args.model_path or "(not given)")
+    if args.use_sup_con and not args.finetune:
+        log.info("--use_sup_con with the backbones frozen (no --finetune), as the original's recorded run: SupCon "
+                 "trains no parameter; it changes the run only through the batch-norm running statistics that the "
+                 "joint (augmented, original) pass updates, which evaluation uses")
     args.name = args.name or config_name(args)
 
 
@@ -128,28 +150,12 @@ def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
     the classifier trains without --finetune) and the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
-    fresh = []
     if args.model_path not in (None, "random"):
-        missing, _ = load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
-        fresh = [k for k in missing if k in ("backbone1.conv1.weight", "backbone2.conv1.weight")]
-    backbones = args.backbones or args.s1_backbone or args.s2_backbone
-    if backbones:
+        load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+    if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
-    if backbones and not args.finetune:
-        log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
-                    "projections of the pre-trained features")
-    if fresh and not args.finetune:
-        log.warning("%s start fresh and stay frozen without --finetune: a random first layer", ", ".join(fresh))
-    if args.model_path in (None, "random") and not backbones and not args.finetune:
-        log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
-                    "only the classifier trains, on random features: a lower bound, not the method (the original "
-                    "always loads pre-trained weights); pass the pre-trained weights, or add --finetune",
-                    args.model_path or "(not given)")
+        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
     if not args.finetune:
         freeze_all_but(net, net.fc)
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
@@ -224,10 +230,6 @@ def main(argv=None) -> dict:
     step = make_step(views, model, criterion, ctx)
     log.info("%s: %d training patches an epoch, %d evaluation patches; %d trainable parameters",
              args.name, len(loader.dataset), len(eval_set), count_trainable(net))
-    if args.use_sup_con and not args.finetune:
-        log.info("--use_sup_con with the backbones frozen (no --finetune), as the original's recorded run: SupCon "
-                 "trains no parameter; it changes the run only through the batch-norm running statistics that the "
-                 "joint (augmented, original) pass updates, which evaluation uses")
 
     eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
     with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, script="dfc_finetune", dataset="DFC2020",

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models import set_frozen_bn_eval
 from util.labels import IGNORE
+from util.training import set_frozen_bn_eval
 
 
 class NonFiniteLossError(RuntimeError):

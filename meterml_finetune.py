@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from augment import Views, meterml_augment
+from augment import AUGMENT_IMPLS, Views, meterml_augment
 from datasets import IGNORE, MeterMLDataset, split_overlap
 from engine import train_one_epoch
 from losses import SupConCELoss
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scenario", choices=list(MODALITIES), default="s1s2_fused",
                    help="modalities and heads (default s1s2_fused)")
     g = flags.add_method_args(p, head_lr=None)
-    flags.add_augment_args(g, default=False, use_augs=True,
+    flags.add_augment_args(g, default=False, impls=AUGMENT_IMPLS, use_augs=True,
                            what="augmented views: random resized crop 72 px (scale 0.9-1.0) and flips, encoded jointly "
                                 "with the originals; SupCon reads both, CE the originals (as the original, also "
                                 "without SupCon)")

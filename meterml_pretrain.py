@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import Dataset
 
-from augment import Views, key_seed, meterml_augment
+from augment import AUGMENT_IMPLS, Views, key_seed, meterml_augment
 from datasets import MeterMLDataset
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modalities to pre-train on (default s1s2)")
     g = p.add_argument_group("method")
     g.add_argument("--use_pairs", action="store_true", help="S1 and S2 of one location are positives of each other")
-    flags.add_augment_args(g, default=True, no_augs=True,
+    flags.add_augment_args(g, default=True, impls=AUGMENT_IMPLS, no_augs=True,
                            what="positive pairs of an image and its augmented view (--no-augment needs --use_pairs: "
                                 "the S1-S2 pairs are then the only positives)")
     g.add_argument("--two_augmented_views", action="store_true",

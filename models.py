@@ -1,30 +1,32 @@
-"""The encoders (SmallAlexNet: METER-ML; dual ResNet: DFC2020), the method's forward pass, and checkpoints in the
-layouts of the released ones (keys: tests/data/*.txt), so released weights load here and weights trained here load
-there. `read_checkpoint` reads every checkpoint file of the project (docs/modules.md). Over 600 lines on purpose:
-the architectures and the loaders of their checkpoint layouts change together."""
+"""The encoders (SmallAlexNet: METER-ML; dual ResNet: DFC2020), the method's forward pass, and the loaders of the
+released checkpoint layouts (keys: tests/data/*.txt), so released weights load here and weights trained here load
+there. Reading and writing the files themselves: util/checkpoint.py."""
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
-import pickle
-import pickletools
-import re
-import warnings
-import zipfile
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from util.io import atomic_write
+# Checkpoint files and the training helpers live in util/; the scripts and docs name them here too.
+from util.checkpoint import (  # noqa: F401
+    CheckpointError,
+    atomic_save,
+    cached_download,
+    check_finite,
+    first,
+    load_state,
+    read_checkpoint,
+    read_state_dict,
+    save_checkpoint,
+    unwrap,
+)
+from util.training import count_trainable, freeze_all_but, param_groups, set_frozen_bn_eval  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +64,8 @@ def _init_alexnet(module: nn.Module) -> None:
 
 def _check_images(x: Tensor, channels: tuple[int, ...], model: str) -> None:
     if x.ndim != 4 or x.shape[1] not in channels or tuple(x.shape[-2:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"{model} takes images of shape (B, C, {IMAGE_SIZE}, {IMAGE_SIZE}) with C in "
-            f"{channels} bands, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"{model} takes images of shape (B, C, {IMAGE_SIZE}, {IMAGE_SIZE}) with C in "
+                         f"{channels} bands, got {tuple(x.shape)}")
 
 
 class SmallAlexNet(nn.Module):
@@ -157,14 +157,8 @@ class DualResNet(nn.Module):
     resnet18), and `fc`, the classifier on the two projections. Any input size (global pooling). Keys of resnet50:
     tests/data/dualresnet50_*.txt."""
 
-    def __init__(
-        self,
-        arch: str = "resnet50",
-        num_classes: int = 8,
-        s1_channels: int = 2,
-        s2_channels: int = 13,
-        proj_dim: int = 128,
-    ) -> None:
+    def __init__(self, arch: str = "resnet50", num_classes: int = 8, s1_channels: int = 2, s2_channels: int = 13,
+                 proj_dim: int = 128) -> None:
         super().__init__()
         if arch not in RESNETS:
             raise ValueError(f"arch must be one of {RESNETS}, got {arch!r}")
@@ -177,14 +171,10 @@ class DualResNet(nn.Module):
         """(B, s1_channels, H, W), (B, s2_channels, H, W) -> projections (B, proj_dim) each, not normalised."""
         for name, x, conv in (("s1", s1, self.backbone1.conv1), ("s2", s2, self.backbone2.conv1)):
             if x.ndim != 4 or x.shape[1] != conv.in_channels:
-                raise ValueError(
-                    f"DualResNet expects {name} of shape (B, {conv.in_channels}, H, W), "
-                    f"got {tuple(x.shape)}"
-                )
+                raise ValueError(f"DualResNet expects {name} of shape (B, {conv.in_channels}, H, W), "
+                                 f"got {tuple(x.shape)}")
         if s1.shape[0] != s2.shape[0]:
-            raise ValueError(
-                f"s1 and s2 must be pairs, got batches of {s1.shape[0]} and {s2.shape[0]}"
-            )
+            raise ValueError(f"s1 and s2 must be pairs, got batches of {s1.shape[0]} and {s2.shape[0]}")
         return self.backbone1(s1), self.backbone2(s2)
 
     def classify(self, z1: Tensor, z2: Tensor) -> Tensor:
@@ -280,184 +270,23 @@ def linear_head(in_features: int, num_classes: int) -> nn.Linear:
 # --------------------------------------------------------------- Checkpoints
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save through ``util.io.atomic_write``: a kill or a full disk leaves the previous file intact."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
-def _first(items: list[str], n: int = 5) -> str:
-    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
-def unpickling_problem(error: pickle.UnpicklingError) -> tuple[str | None, str]:
-    """The pickled global torch.load(weights_only=True) refused (None: no pickle at all), and the unpickler's words."""
-    text = str(error)
-    needs = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-    return (needs.group(1) if needs else None), (detail.group(1) if detail else text[:200])
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read: missing, empty, damaged, foreign, or holding pickled objects."""
-
-
-_PUSHES_NOTHING = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME", "PROTO", "STOP"}
-
-
-def pickled_globals(path: Path) -> tuple[int | None, set[str]]:
-    """A checkpoint's pickle protocol and the "module.name" globals it refers to, from the opcodes: nothing runs.
-    torch's weights-only unpickler reads protocol 2 only: a protocol 4 or 5 file fails before it names a global."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-            stream = io.BytesIO(archive.read(name) if name else b"")
-    else:
-        stream = io.BytesIO(path.read_bytes())  # the legacy format: several pickles in a row
-    protocol, found, memo = None, set(), []
-    for _ in range(4):
-        pushed: list = []  # strings, or None for anything else
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name == "PROTO":
-                    protocol = max(protocol or 0, arg)
-                if op.name == "GLOBAL":
-                    found.add(arg.replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
-                    found.add(f"{pushed[-2]}.{pushed[-1]}")
-                if op.name == "MEMOIZE":
-                    memo.append(pushed[-1] if pushed else None)
-                elif op.name in _PUSHES_NOTHING:
-                    continue
-                elif op.name.endswith("GET"):
-                    pushed.append(memo[arg] if isinstance(arg, int) and arg < len(memo) else None)
-                else:
-                    pushed.append(arg if isinstance(arg, str) and "UNICODE" in op.name else None)
-        except Exception:  # noqa: BLE001 - the raw storage bytes after the legacy pickles, or damage
-            break
-    return protocol, found
-
-
-def _tensor_globals() -> set[str]:
-    """The globals torch's weights-only unpickler allows (tensors, storages, dtypes, OrderedDict)."""
-    try:
-        from torch import _weights_only_unpickler as unpickler
-
-        return set(unpickler._get_allowed_globals()) | set(unpickler._get_user_allowed_globals())
-    except (ImportError, AttributeError):  # private API: without it, torch's own modules count as tensors
-        return set()
-
-
-def _objects_message(path: Path, needs: str) -> str:
-    return (f"checkpoint {path} holds pickled Python objects ({needs}), which were not loaded: unpickling them could "
-            f"run code, and torch.load(weights_only=True) reads tensors only. If you trust the file, load it once with "
-            f"torch.load(path, weights_only=False) and re-save its state dict: torch.save(model.state_dict(), path) "
-            f"for a pickled model, torch.save(checkpoint['state_dict'], path) for a training checkpoint")
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """A checkpoint file on the CPU, weights_only=True (no code in it runs); every failure a CheckpointError naming
-    the file and its cause."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted download or copy?")
-    try:
-        with warnings.catch_warnings():  # a protocol above 2 is named below, when it matters
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        needs, detail = unpickling_problem(err)
-        if needs is not None:
-            raise CheckpointError(_objects_message(path, needs)) from None
-        protocol, found = pickled_globals(path)
-        allowed = _tensor_globals()
-        objects = sorted(g for g in found if g not in allowed and not (not allowed and g.startswith("torch.")))
-        if objects:
-            raise CheckpointError(_objects_message(path, _first(objects, 3))) from None
-        if protocol is not None and protocol > 2:
-            raise CheckpointError(f"checkpoint {path} was pickled with protocol {protocol}, which torch.load("
-                                  f"weights_only=True) does not read: re-save it with torch.save (protocol 2)"
-                                  ) from None
-        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint, or is damaged ({detail})") from None
-    except Exception as err:  # noqa: BLE001 - torch's unpickler raises many types on damaged bytes; none ran code
-        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint, or is truncated "
-                              f"({type(err).__name__}: {str(err)[:200]})") from None
-
-
 def load_checkpoint(
     model: nn.Module, path: str | os.PathLike, *, strict: bool = True, fresh_first_conv: bool = False
 ) -> tuple[list[str], list[str]]:
     """A checkpoint in any released layout (bare or under "state_dict", other entries ignored) into `model`; returns
     (missing, unexpected) keys. Missing or unexpected keys raise unless strict=False, shape mismatches and NaN / inf
     always; a first conv for another band count raises BandCountError, or with `fresh_first_conv` stays fresh."""
-    model = _unwrap(model)
+    model = unwrap(model)
     path = Path(path)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     expected = model.state_dict()
-    first = {"backbone1.conv1.weight": "S1", "backbone2.conv1.weight": "S2"} if isinstance(model, DualResNet) else {}
-    fresh = _fit_first_conv(state, expected, first, path, fresh_first_conv)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
+    dual = isinstance(model, DualResNet)
+    fresh = _fit_first_conv(state, expected, {"backbone1.conv1.weight": "S1", "backbone2.conv1.weight": "S2"} if dual
+                            else {}, path, fresh_first_conv)
     # The released pre-trained dual ResNet has no classifier: fine-tuning starts one afresh.
-    head = {"fc.weight", "fc.bias"} if isinstance(model, DualResNet) else set()
-    rest = [k for k in missing if k not in fresh]
-    unexplained = [] if set(rest) == head else rest
-    problems = {"shape mismatches": mismatched}
-    if strict:
-        problems |= {"missing keys": unexplained, "unexpected keys": unexpected}
-    if any(problems.values()):
-        raise ValueError(f"{path} does not fit {type(model).__name__}: " + "; ".join(
-            f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys
-        ))
-    _check_finite(state, path)
-    model.load_state_dict(state, strict=False)
-    logger.info(
-        "Loaded %s into %s (%d tensors)%s%s",
-        path,
-        type(model).__name__,
-        len(state) - len(unexpected),
-        f"; not in the file, left as initialised: {_first(missing)}" if missing else "",
-        f"; ignored: {_first(unexpected)}" if unexpected else "",
-    )
-    return missing, unexpected
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A bare state dict or one under "state_dict", without a "module." prefix."""
-    checkpoint = read_checkpoint(path)
-
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        if isinstance(checkpoint, dict):
-            found = f"a dict with keys {_first(sorted(map(str, checkpoint)))}"
-        else:
-            found = type(checkpoint).__name__
-        raise ValueError(
-            f"{path}: expected a state dict (names -> tensors) or a dict holding one under "
-            f"'state_dict', found {found}"
-        )
-    consume_prefix_in_state_dict_if_present(state, "module.")
-    return state
-
-
-def _check_finite(state: dict[str, Tensor], path: Path) -> None:
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise ValueError(f"{path}: non-finite values (NaN or inf) in {len(nonfinite)} tensors: {_first(nonfinite)}; "
-                         f"the weights are damaged (a diverged run?)")
+    head = {"fc.weight", "fc.bias"} if dual else set()
+    rest = [k for k in expected if k not in state and k not in fresh]
+    return load_state(model, state, path, strict=strict, excused=fresh + (rest if set(rest) == head else []))
 
 
 def _bands(n: int, modality: str = "") -> str:
@@ -509,19 +338,6 @@ PRETRAINED_BACKBONES = {
 PRETRAINED_ARCH = "resnet50"
 
 
-def _fetch(url: str, path: Path, progress: bool) -> None:
-    """Download `url` to `path`: the only network access of the project (tests replace it)."""
-    torch.hub.download_url_to_file(url, str(path), progress=progress)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Path]:
     """"s1", "s2" -> PRETRAINED_BACKBONES[name] in torch hub's cache (as torchgeo), downloaded once, hash-checked."""
     if name not in PRETRAINED_BACKBONES:
@@ -530,21 +346,7 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for modality, url in PRETRAINED_BACKBONES[name].items():
-        path = folder / url.rsplit("/", 1)[1]
-        expected = path.stem.rsplit("-", 1)[1]
-        cached = path.is_file()
-        if not cached:
-            logger.info("Downloading the %s %s backbone: %s -> %s", name, modality.upper(), url, path)
-            _fetch(url, path, progress)
-        found = _sha256(path)
-        if not found.startswith(expected):
-            if cached:
-                raise ValueError(f"{path}: SHA-256 {found[:len(expected)]}..., expected {expected}... (from {url}); "
-                                 "the cached file is damaged or another one: delete it to download it again")
-            path.unlink(missing_ok=True)
-            raise ValueError(f"{url}: the download has SHA-256 {found[:len(expected)]}..., expected {expected}...; "
-                             "deleted (an interrupted download, or the file changed upstream)")
-        files[modality] = path
+        files[modality] = cached_download(url, folder, f"the {name} {modality.upper()} backbone", progress)
     return files
 
 
@@ -552,14 +354,14 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                           s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
     """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
     ignored. Returns the first-layer keys that `fresh_first_conv` left fresh."""
-    net = _unwrap(net)
+    net = unwrap(net)
     kept = []
     for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
         backbone = net.get_submodule(prefix[:-1])
         if path is None:
             continue
         path = Path(path)
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         ignored = [k for k in state if k.startswith("fc.")]
         for k in ignored:
             del state[k]
@@ -572,9 +374,9 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                       for k, v in state.items() if k in expected and v.shape != expected[k].shape]
         problems = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
         if any(problems.values()):
-            found = "; ".join(f"{what} ({len(keys)}): {_first(keys)}" for what, keys in problems.items() if keys)
+            found = "; ".join(f"{what} ({len(keys)}): {first(keys)}" for what, keys in problems.items() if keys)
             raise ValueError(f"{path} is not a {net.arch} {modality} backbone in torchvision / timm layout: {found}")
-        _check_finite(state, path)
+        check_finite(state, path)
         backbone.load_state_dict(state, strict=False)
         logger.info("Loaded %s into the %s backbone (%d tensors)%s; its projection head starts fresh", path, modality,
                     len(state), f"; ignored the file's classifier {', '.join(ignored)}" if ignored else "")
@@ -582,61 +384,3 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
         logger.info("The classifier (fc) starts fresh%s", "" if s1 is not None and s2 is not None else
                     f"; the {'S2' if s1 is not None else 'S1'} backbone keeps its initialisation (no file given)")
     return kept
-
-
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> None:
-    """`model` in the released layout, which the original's code loads: `DualResNet` {"arch", "state_dict", **extra}
-    (the released files add epoch and optimizer), the SmallAlexNet encoders a bare state dict; CPU, atomic."""
-    model = _unwrap(model)
-    state = {k: v.cpu() for k, v in model.state_dict().items()}
-    if isinstance(model, DualResNet):
-        checkpoint: dict[str, Any] = dict(arch=model.arch, state_dict=state, **extra)
-    elif extra:
-        raise ValueError(
-            f"{type(model).__name__} checkpoints are bare state dicts (the released layout), "
-            f"with no room for {sorted(extra)}: save those in a file of their own"
-        )
-    else:
-        checkpoint = state
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(checkpoint, path)
-
-
-# --------------------------------------------------------------- Training helpers
-
-
-def freeze_all_but(model: nn.Module, trainable: nn.Module | Iterable[nn.Module]) -> None:
-    """Freeze `model` but `trainable` (part of it, as `DualResNet.fc`, or a head apart): linear evaluation."""
-    modules = [trainable] if isinstance(trainable, nn.Module) else list(trainable)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in modules:
-        for p in module.parameters():
-            p.requires_grad_(True)
-
-
-def set_frozen_bn_eval(model: nn.Module) -> None:
-    """Batch norm with frozen parameters into eval mode, after each `model.train()`: a fixed encoder (in training mode
-    it would normalise with batch statistics and move its running ones), as MoCo's linear evaluation."""
-    for module in model.modules():
-        if isinstance(module, _BatchNorm) and module.affine and not module.weight.requires_grad:
-            module.eval()
-
-
-def param_groups(
-    model: nn.Module, head: nn.Module, lr: float, head_lr: float, weight_decay: float = 0.0
-) -> list[dict[str, Any]]:
-    """Groups "backbone" (lr) and "head" (head_lr, whether or not `head` is part of `model`), empty ones left out."""
-    head_params = [p for p in head.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in head.parameters()}
-    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-    groups = [
-        {"name": "backbone", "params": backbone, "lr": lr, "weight_decay": weight_decay},
-        {"name": "head", "params": head_params, "lr": head_lr, "weight_decay": weight_decay},
-    ]
-    return [g for g in groups if g["params"]]
-
-
-def count_trainable(model: nn.Module) -> int:
-    """Trainable parameter values (elements), for the log."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -20,11 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from augment import Augment, RandomFlipRotation, RandomResizedCrop, Views
+from augment import AUGMENT_IMPLS, Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
 from engine import train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import (
+    PRETRAINED_ARCH,
+    PRETRAINED_BACKBONES,
     RESNETS,
     BandCountError,
     DualResNet,
@@ -51,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
     flags.add_normalize_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
-    flags.add_backbone_args(g)
+    flags.add_backbone_args(g, backbones=PRETRAINED_BACKBONES)
     g.add_argument("--sync_bn", action="store_true",
                    help="under torchrun, batch norm over the global batch (SyncBatchNorm, CUDA only; off as the "
                         "original)")
     g = p.add_argument_group("method")
     flags.add_temperature_arg(g, 0.07, "NT-Xent (or SupCon) temperature")
-    flags.add_augment_args(g, default=False,
+    flags.add_augment_args(g, default=False, impls=AUGMENT_IMPLS,
                            what="two augmented views per modality (random resized crop, scale 0.2-1, flips, rotation "
                                 "up to 20 degrees, one bilinear resampling), each seed-normalised: four views, all of "
                                 "one patch positives (PairwiseNTXent)")
@@ -96,7 +98,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.schedule == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine of --schedule cosine "
                 f"(--epochs {args.epochs})")
-    flags.check_backbone_args(p, args)
+    flags.check_backbone_args(p, args, PRETRAINED_ARCH)
+    if args.backbones and args.normalize != "ssl4eo":
+        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
+                    "--normalize %s inputs", args.backbones, args.normalize)
 
 
 def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
@@ -106,9 +111,6 @@ def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
         load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
     return net
 
 

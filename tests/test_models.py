@@ -25,6 +25,7 @@ from models import (
     save_checkpoint,
     set_frozen_bn_eval,
 )
+from util import checkpoint
 
 DATA = Path(__file__).parent / "data"
 
@@ -308,7 +309,7 @@ def test_module_prefix_is_stripped(resnet18, tmp_path, caplog):
     state = {k: v + 1 if v.is_floating_point() else v for k, v in resnet18.state_dict().items()}
     torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, tmp_path / "ddp.pth")
     fresh = DualResNet("resnet18")
-    with caplog.at_level(logging.INFO, logger="models"):
+    with caplog.at_level(logging.INFO, logger="util.checkpoint"):
         assert load_checkpoint(fresh, tmp_path / "ddp.pth") == ([], [])
     assert_holds(fresh, state)
     assert "ddp.pth" in caplog.text
@@ -545,7 +546,7 @@ def test_named_backbones_download_into_torch_hubs_cache_and_check_the_hash(tmp_p
         fetched.append(url)
         path.write_bytes(contents[url.split("/")[-1][:2]] if "example.org" in url else b"not the published file")
 
-    monkeypatch.setattr(models, "_fetch", fetch)
+    monkeypatch.setattr(checkpoint, "fetch", fetch)
     files = models.pretrained_backbone_files("fake")
     assert files == {m: tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1] for m, url in urls.items()}
     assert fetched == [urls["s1"], urls["s2"]] and files["s2"].read_bytes() == b"s2 weights"

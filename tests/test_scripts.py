@@ -22,7 +22,7 @@ from helpers import read_jsonl, ssl4eo_file
 from losses import SupConCELoss
 from models import CheckpointError, DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
-from util import flags, process
+from util import checkpoint, process
 from util.rundir import RunFolderError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -489,9 +489,9 @@ def test_dfc_finetune_downloads_named_backbones_with_the_fetch_mocked(dfc_root, 
     data = {m: (tmp_path / f"{m}.pth").read_bytes() for m in files}
     urls = {m: f"https://example.org/{m}-{hashlib.sha256(b).hexdigest()[:8]}.pth" for m, b in data.items()}
     monkeypatch.setitem(models.PRETRAINED_BACKBONES, "ssl4eo-moco", urls)
-    monkeypatch.setattr(flags, "PRETRAINED_ARCH", "resnet18")  # resnet18 files here: a fast run of the same path
+    monkeypatch.setattr(dfc_finetune, "PRETRAINED_ARCH", "resnet18")  # resnet18 files here: a fast run of the same path
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(models, "_fetch", lambda url, path, progress: path.write_bytes(data[url.split("/")[-1][:2]]))
+    monkeypatch.setattr(checkpoint, "fetch", lambda url, path, progress: path.write_bytes(data[url.split("/")[-1][:2]]))
     run = tmp_path / "run"
     with caplog.at_level("INFO"):
         dfc_finetune.main(["--data_root", str(dfc_root), "--save_path", str(run), *DFC_TINY,

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from augment import AUGMENT_IMPLS
-from models import PRETRAINED_ARCH, PRETRAINED_BACKBONES
 from util.io import read_json
 
 
@@ -163,10 +161,10 @@ def add_model_args(p: argparse.ArgumentParser, *, archs: Sequence[str], arch: st
     return g
 
 
-def add_backbone_args(g: argparse._ArgumentGroup) -> None:
-    """Pre-trained single-modality backbones for the dual ResNet (models.load_backbone_weights), and
-    --fresh_first_conv for data whose band counts differ from the weights' first layers."""
-    g.add_argument("--backbones", choices=list(PRETRAINED_BACKBONES), default=None,
+def add_backbone_args(g: argparse._ArgumentGroup, *, backbones: Sequence[str]) -> None:
+    """Pre-trained single-modality backbones for the dual ResNet (models.load_backbone_weights; `backbones`: the
+    named pairs), and --fresh_first_conv for data whose band counts differ from the weights' first layers."""
+    g.add_argument("--backbones", choices=list(backbones), default=None,
                    help="start both backbones from TorchGeo's SSL4EO-S12 ResNet-50 weights (MoCo or DeCUR), downloaded "
                         "once into torch hub's cache and hash-checked; projection heads and classifier start fresh. "
                         "They were trained on --normalize ssl4eo inputs")
@@ -179,8 +177,9 @@ def add_backbone_args(g: argparse._ArgumentGroup) -> None:
                         "or the backbones), start that layer afresh instead of refusing")
 
 
-def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse weights given twice, named weights for another architecture, and a --fresh_first_conv without weights."""
+def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace, pretrained_arch: str) -> None:
+    """Refuse weights given twice, named weights for another architecture than `pretrained_arch`, and a
+    --fresh_first_conv without weights; the scripts' check functions call it."""
     files = args.s1_backbone is not None or args.s2_backbone is not None
     whole = getattr(args, "model_path", None) not in (None, "random")
     if args.backbones and files:
@@ -188,9 +187,9 @@ def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace) ->
     if whole and (args.backbones or files):
         p.error("--model_path loads the whole dual ResNet, backbones included; --backbones, --s1_backbone and "
                 "--s2_backbone load only its backbones: give one of the two")
-    if args.backbones and args.arch != PRETRAINED_ARCH:
-        p.error(f"--backbones {args.backbones} are {PRETRAINED_ARCH} weights, not {args.arch}: "
-                f"pass --arch {PRETRAINED_ARCH}")
+    if args.backbones and args.arch != pretrained_arch:
+        p.error(f"--backbones {args.backbones} are {pretrained_arch} weights, not {args.arch}: "
+                f"pass --arch {pretrained_arch}")
     if args.fresh_first_conv and not (whole or args.backbones or files):
         p.error("--fresh_first_conv changes nothing without pre-trained weights (--model_path or the backbone flags)")
 
@@ -212,10 +211,10 @@ def add_finetune_flag(g: argparse._ArgumentGroup, *, default: bool, eval_mode_al
                        help="the original's spelling: linear = --no-finetune, finetune = --finetune")
 
 
-def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: str = "", use_augs: bool = False,
-                     no_augs: bool = False) -> None:
+def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, impls: Sequence[str], what: str = "",
+                     use_augs: bool = False, no_augs: bool = False) -> None:
     """--augment / --no-augment (not with `default` None: the script augments when its method
-    needs it) and --augment_impl; `use_augs` / `no_augs` add the original's spellings
+    needs it) and --augment_impl, one of `impls`; `use_augs` / `no_augs` add the original's spellings
     `--use_augs` (= --augment) and `--no_augs` (= --no-augment)."""
     if default is not None:
         g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=default,
@@ -226,7 +225,7 @@ def add_augment_args(g: argparse._ArgumentGroup, *, default: bool | None, what: 
     if no_augs:
         g.add_argument("--no_augs", dest="augment", action=_SetTo, value=False,
                        help="the original's spelling of --no-augment")
-    g.add_argument("--augment_impl", choices=AUGMENT_IMPLS, default="torchvision",
+    g.add_argument("--augment_impl", choices=list(impls), default="torchvision",
                    help="torchvision: the original's augmented pixels (nearest-neighbour rotation, bilinear "
                         "resized crop; default); fused: one bilinear resampling per batch, smoother views")
 

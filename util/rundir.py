@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from models import atomic_save, read_checkpoint
+from util.checkpoint import atomic_save, read_checkpoint
 from util.flags import as_json
 from util.io import atomic_write_json, read_json
 
