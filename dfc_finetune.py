@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
-from engine import train_one_epoch
+from engine import data_report, epoch_summary, train_one_epoch
 from losses import SupConCELoss
 from models import (
     PRETRAINED_ARCH,
@@ -46,7 +46,8 @@ from models import (
     pretrained_backbone_files,
 )
 from util import cli, flags, metrics, process
-from util.rundir import RunDir, default_run_path
+from util.checkpoint import checkpoint_meta
+from util.rundir import RunDir, Saved, default_run_path
 
 log = logging.getLogger("dfc_finetune")
 
@@ -145,6 +146,16 @@ def build_eval_set(args: argparse.Namespace, root, split: str) -> PatchDataset:
                          normalize=args.normalize)
 
 
+def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDataset, eval_set: PatchDataset) -> dict:
+    """The checkpoints' "meta": what predict.py needs to apply them alone (docs/modules.md). The evaluation window:
+    --eval_crop, or with 0 the patches' size (None where they differ in height and width)."""
+    height, width = getattr(eval_set, "_patch_size", (None, None))
+    return checkpoint_meta("dfc_finetune", args.arch, train_set.bands, train_set, classes=list(eval_set.classes),
+                           normalize=args.normalize, window=args.eval_crop or (height if height == width else None),
+                           eval_crop=args.eval_crop, eval_offset_seed=args.eval_offset_seed, crop=args.crop,
+                           eval_batch_size=args.eval_batch_size or 2 * args.batch_size, amp=ctx.amp, name=args.name)
+
+
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
                 bands: tuple[int, int]) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
@@ -232,17 +243,16 @@ def main(argv=None) -> dict:
              args.name, len(loader.dataset), len(eval_set), count_trainable(net))
 
     eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
-    with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, script="dfc_finetune", dataset="DFC2020",
-                modules={"state_dict": net}, optimizer=optimizer, extra={"arch": args.arch}, select="AA",
-                steps_per_epoch=len(loader)) as run:
+    saved = Saved({"state_dict": net}, optimizer, {"arch": args.arch, "meta": describe(args, ctx, train_set, eval_set)})
+    with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, "dfc_finetune", saved) as run:
         for epoch in range(run.start, args.epochs):
-            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),
                                   frozen_bn_eval=args.finetune or args.frozen_bn_eval, run_path=run.path)
             if epoch in eval_epochs:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
-            run.end_epoch(epoch, row)
-        return run.finish(process.environment(ctx),
-                          data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}))
+            run.end_epoch(epoch, row, epoch_summary(row))
+        data = data_report(run, {args.train_split: train_set, args.eval_split: eval_set}, ctx)
+        return run.finish(process.environment(ctx), "DFC2020", data=data)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
 """`train_one_epoch`, shared by the four scripts, each of which defines its `step` (views, model, loss) and epochs."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from util.labels import IGNORE
 from util.training import set_frozen_bn_eval
+
+log = logging.getLogger("engine")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,3 +76,38 @@ def train_one_epoch(step: Callable[[dict, int, int], dict[str, Tensor]], model: 
     return {**{f"train_{k}": (v / max(1, len(loader))).item() for k, v in sums.items()},
             "samples_per_s": len(loader.sampler) * ctx.world / seconds, "epoch_s": seconds,
             "lr": optimizer.param_groups[0]["lr"]}
+
+
+def epoch_summary(record: dict) -> str:
+    """The log line's numbers of an epoch's record: `train_one_epoch`'s, and an evaluation's when there was one."""
+    line = f"loss {record['train_loss']:.4f}, {record['samples_per_s']:.0f} samples/s, {record['epoch_s']:.1f} s"
+    if "AA" in record:
+        line += (f"; AA {_pct(record['AA'])}, OA {_pct(record['OA'])} on {record['n']} samples "
+                 f"({record['ignored']} ignored)")
+    return line
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def data_report(run, splits: dict, ctx) -> dict:
+    """Non-finite values met per split (name -> data set), summed over ranks: per file into the run's
+    data_report.json (with the data sets' label summaries), a log line per split; returns the totals for
+    results.json. `run` a `util.rundir.RunDir`, `ctx` a `process.Context`."""
+    totals, files = {}, {}
+    for name, dataset in splits.items():
+        counts = dataset.nonfinite_counts.clone()
+        if ctx.world > 1:
+            counts = counts.to(ctx.device)
+            dist.all_reduce(counts)
+            counts = counts.cpu()
+        files[name] = dataset.nonfinite_by_file(counts)
+        totals[name] = {"files": len(files[name]), **dict(zip(dataset.NONFINITE_KINDS, counts.sum((0, 1)).tolist()))}
+        if files[name]:
+            log.warning("%s split: %d NaN, %d +inf, %d -inf values replaced in %d files (every read counted; per "
+                        "file in %s)", name, totals[name]["nan"], totals[name]["+inf"], totals[name]["-inf"],
+                        len(files[name]), run.path / "data_report.json")
+    labels = {name: d.label_summary for name, d in splits.items() if getattr(d, "label_summary", None)}
+    run.write_json("data_report.json", {"nonfinite_values": files, "labels": labels})
+    return {"nonfinite_values": totals}

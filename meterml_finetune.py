@@ -23,9 +23,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Views, meterml_augment
 from datasets import IGNORE, MeterMLDataset, split_overlap
-from engine import train_one_epoch
+from engine import data_report, epoch_summary, train_one_epoch
 from losses import SupConCELoss
 from models import (
+    S1_CHANNELS,
+    S2_CHANNELS,
     DualEncoder,
     MultiModalNet,
     SharedNet,
@@ -36,7 +38,8 @@ from models import (
     param_groups,
 )
 from util import cli, flags, metrics, process
-from util.rundir import RunDir, default_run_path
+from util.checkpoint import checkpoint_meta
+from util.rundir import RunDir, Saved, default_run_path
 
 log = logging.getLogger("meterml_finetune")
 
@@ -176,17 +179,19 @@ def main(argv=None) -> dict:
 
     eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
     # select: the original's running best, the overall accuracy (without negatives when they are excluded)
-    with RunDir(args.save_path or default_run_path("meterml_finetune"), args, ctx, script="meterml_finetune",
-                dataset="METER-ML", modules={"state_dict": encoder, "heads": heads}, optimizer=optimizer, select="OA",
-                steps_per_epoch=len(loader)) as run:
+    meta = checkpoint_meta("meterml_finetune", args.arch, {"s1": S1_CHANNELS, "s2": S2_CHANNELS}, train_set,
+                           classes=list(MeterMLDataset.classes), scenario=args.scenario)
+    saved = Saved({"state_dict": encoder, "heads": heads}, optimizer, {"meta": meta}, select="OA")
+    with RunDir(args.save_path or default_run_path("meterml_finetune"), args, ctx, "meterml_finetune", saved) as run:
         for epoch in range(run.start, args.epochs):
-            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),
                                   run_path=run.path)
             if epoch in eval_epochs:
                 row |= run.evaluated(epoch, metrics.evaluate(model, val_loader, views, ctx, MeterMLDataset.classes,
                                                              ignore))
-            run.end_epoch(epoch, row)
-        return run.finish(process.environment(ctx), data=run.data_report({"train": train_set, "val": val_set}))
+            run.end_epoch(epoch, row, epoch_summary(row))
+        data = data_report(run, {"train": train_set, "val": val_set}, ctx)
+        return run.finish(process.environment(ctx), "METER-ML", data=data)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,20 @@ from torch.utils.data import Dataset
 
 from augment import AUGMENT_IMPLS, Views, key_seed, meterml_augment
 from datasets import MeterMLDataset
-from engine import train_one_epoch
+from engine import data_report, epoch_summary, train_one_epoch
 from losses import NTXent, PairwiseNTXent
-from models import DualEncoder, MultiModalNet, SharedNet, count_trainable, save_checkpoint
+from models import (
+    S1_CHANNELS,
+    S2_CHANNELS,
+    DualEncoder,
+    MultiModalNet,
+    SharedNet,
+    count_trainable,
+    save_checkpoint,
+)
 from util import cli, flags, process
-from util.rundir import RunDir, default_run_path
+from util.checkpoint import checkpoint_meta
+from util.rundir import RunDir, Saved, default_run_path
 
 log = logging.getLogger("meterml_pretrain")
 
@@ -143,15 +152,17 @@ def main(argv=None) -> dict:
     step = make_step(args, views, model, loss_fn, ctx, modalities, blocks)
     log.info("%d training samples; %d trainable parameters", len(loader.dataset), count_trainable(encoder))
 
-    with RunDir(args.save_path or default_run_path("meterml_pretrain"), args, ctx, script="meterml_pretrain",
-                dataset="METER-ML pre-training", modules={"state_dict": encoder}, optimizer=optimizer,
-                steps_per_epoch=len(loader)) as run:
+    meta = checkpoint_meta("meterml_pretrain", args.arch, {"s1": S1_CHANNELS, "s2": S2_CHANNELS}, meter)
+    with RunDir(args.save_path or default_run_path("meterml_pretrain"), args, ctx, "meterml_pretrain",
+                Saved({"state_dict": encoder}, optimizer, {"meta": meta})) as run:
         for epoch in range(run.start, args.epochs):
-            run.end_epoch(epoch, train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs,
-                                                 board=run.board, run_path=run.path))
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),
+                                  run_path=run.path)
+            run.end_epoch(epoch, row, epoch_summary(row))
         if ctx.is_main:
             save_checkpoint(encoder, run.path / "encoder.pth")
-        return run.finish(process.environment(ctx), data=run.data_report({"train": meter}))
+        data = data_report(run, {"train": meter}, ctx)
+        return run.finish(process.environment(ctx), "METER-ML pre-training", data=data)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
-from engine import train_one_epoch
+from engine import data_report, epoch_summary, train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import (
     PRETRAINED_ARCH,
@@ -36,7 +36,8 @@ from models import (
     pretrained_backbone_files,
 )
 from util import cli, flags, process
-from util.rundir import RunDir, default_run_path
+from util.checkpoint import checkpoint_meta
+from util.rundir import RunDir, Saved, default_run_path
 
 log = logging.getLogger("sen12ms_pretrain")
 
@@ -194,22 +195,22 @@ def main(argv=None) -> dict:
     log.info("%d patches (%s), %d per epoch; %d trainable parameters", len(dataset), ", ".join(args.seasons),
              len(loader.dataset), count_trainable(backbones))
 
-    with RunDir(args.save_path or default_run_path("sen12ms_pretrain"), args, ctx, script="sen12ms_pretrain",
-                dataset="SEN12MS pre-training", modules={"state_dict": backbones}, optimizer=optimizer,
-                extra={"arch": args.arch}, steps_per_epoch=len(loader)) as run:
+    meta = checkpoint_meta("sen12ms_pretrain", args.arch, dataset.bands, dataset, normalize=args.normalize)
+    with RunDir(args.save_path or default_run_path("sen12ms_pretrain"), args, ctx, "sen12ms_pretrain",
+                Saved({"state_dict": backbones}, optimizer, {"arch": args.arch, "meta": meta})) as run:
         for epoch in range(run.start, args.epochs):
             # the schedule is a function of the epoch: a resumed run gets the same rates
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(epoch, args.lr, args.schedule, args.warmup_epochs, args.epochs,
                                             len(loader))
-            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board,
+            row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),
                                   run_path=run.path)
             if epoch % args.snapshot_every == 0 or epoch == args.epochs - 1:
                 run.save_weights(snapshot_name(epoch), epoch)
-            run.end_epoch(epoch, row)
+            run.end_epoch(epoch, row, epoch_summary(row))
 
         # Counted in every process and its loader workers; the original skipped each batch holding a NaN.
-        data = run.data_report({"train": dataset})
+        data = data_report(run, {"train": dataset}, ctx)
         counts = torch.tensor([dataset.unreadable, dataset.all_zero_patches], device=ctx.device)
         if ctx.world > 1:
             dist.all_reduce(counts)
@@ -218,7 +219,7 @@ def main(argv=None) -> dict:
         if ctx.is_main and run.start < args.epochs:
             (run.path / "checkpoint.pth").unlink(missing_ok=True)
             os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
-        return run.finish(process.environment(ctx), data=data)
+        return run.finish(process.environment(ctx), "SEN12MS pre-training", data=data)
 
 
 if __name__ == "__main__":

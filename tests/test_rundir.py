@@ -1,5 +1,6 @@
 """The run folder: refusal, overwrite, the lock, resume, damaged files."""
 import argparse
+import errno
 import json
 import os
 import random
@@ -17,7 +18,7 @@ import dfc_finetune
 from models import CheckpointError
 from synthetic_data import write_dfc2020
 from util import process
-from util.rundir import RunDir, RunFolderError
+from util.rundir import RunDir, RunFolderError, Saved
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,8 +32,7 @@ def run_args(**flags):
 
 def open_run(path, script="test_script", **flags):
     net = torch.nn.Linear(2, 2)
-    return RunDir(path, run_args(**flags), CPU, script=script, dataset="test", modules={"state_dict": net},
-                  optimizer=torch.optim.SGD(net.parameters(), lr=0.1))
+    return RunDir(path, run_args(**flags), CPU, script, Saved({"state_dict": net}, torch.optim.SGD(net.parameters(), lr=0.1)))
 
 
 def one_epoch(run, epoch=0):
@@ -92,7 +92,7 @@ def test_the_lock_of_a_killed_process_is_free_and_a_half_written_one_names_no_de
 
 def test_two_live_runs_cannot_share_a_folder(tmp_path):
     folder = tmp_path / "run"
-    hold = ("import sys, time; from pathlib import Path; from util.rundir import RunLock; "
+    hold = ("import sys, time; from pathlib import Path; from util.lock import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)")
     folder.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", hold, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -207,7 +207,7 @@ def test_resume_with_fewer_epochs_is_refused_and_a_finished_run_is_left_alone(tm
     with open_run(folder, epochs=2) as run:
         one_epoch(run, 0)
         one_epoch(run, 1)
-        run.finish({"device": "cpu"})
+        run.finish({"device": "cpu"}, "test")
     results = (folder / "results.json").read_bytes()
     metrics = (folder / "metrics.jsonl").read_bytes()
     with pytest.raises(RunFolderError, match="has trained 2 epochs; --epochs 1 would not continue it"):
@@ -215,7 +215,7 @@ def test_resume_with_fewer_epochs_is_refused_and_a_finished_run_is_left_alone(tm
     with caplog.at_level("INFO", logger="rundir"):
         with open_run(folder, epochs=2, resume=folder) as run:
             assert run.start == 2
-            assert run.finish({"device": "other"}) == json.loads(results)
+            assert run.finish({"device": "other"}, "test") == json.loads(results)
     assert "is finished (2 epochs): nothing to do" in caplog.text
     assert (folder / "results.json").read_bytes() == results and (folder / "metrics.jsonl").read_bytes() == metrics
 
@@ -239,10 +239,17 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
         one_epoch(run, 0)
         before = (tmp_path / "run" / "last.pt").read_bytes()
 
+        class FullDisk:
+            def write(self, data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
         def full_disk(obj, f, *args, **kwargs):
-            with open(f, "wb") as out:
-                out.write(b"PK partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4096")
+            f.write(b"PK partial")
+            f.file = FullDisk()
+            try:
+                f.write(b"the rest")
+            except OSError:  # as torch's zip writer reports a failed write: no errno, no "No space" in the text
+                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4096") from None
 
         monkeypatch.setattr(torch, "save", full_disk)
         with pytest.raises(RunFolderError, match="no space left writing .*last.pt; the previous last.pt is intact"):
@@ -283,7 +290,7 @@ def test_keep_last_weights_shrinks_last_pt_once_finished(tmp_path):
     with open_run(folder, epochs=1, keep_last="weights") as run:
         one_epoch(run, 0)
         assert "optimizer" in torch.load(folder / "last.pt", weights_only=True)  # resumable while it runs
-        run.finish({"device": "cpu"})
+        run.finish({"device": "cpu"}, "test")
     assert "optimizer" not in torch.load(folder / "last.pt", weights_only=True)
     with pytest.raises(RunFolderError, match="holds the weights only .*cannot be extended"):
         open_run(folder, epochs=2, resume=folder)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -25,9 +26,39 @@ from util.io import atomic_write
 logger = logging.getLogger(__name__)
 
 
+class _Writer:
+    """The file torch.save writes through, keeping the OSError of a failed write: torch's zip writer may report it
+    as a RuntimeError without errno ("unexpected pos")."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as file:
+        writer = _Writer(file)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save through ``util.io.atomic_write``: a kill or a full disk leaves the previous file intact."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save through ``util.io.atomic_write``: a kill or a full disk leaves the previous file intact; a failed
+    write raises its OSError (errno ENOSPC, EDQUOT, ...)."""
+    return atomic_write(path, lambda tmp: _save(obj, tmp))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -213,6 +244,16 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> 
         checkpoint = state
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_save(checkpoint, path)
+
+
+def checkpoint_meta(script: str, arch: str, bands: dict[str, int], data=None, **more) -> dict:
+    """A checkpoint's "meta", what it says about itself (docs/modules.md): the script, the architecture, the S1 / S2
+    band counts, and of the training data set `data` its band names and normalisation statistics (None where it has
+    none); `more`: the script's own entries (classes, normalize, window, ...). Plain JSON values, which
+    torch.load(weights_only=True) reads."""
+    meta = {"script": script, "arch": arch, "bands": dict(bands),
+            **{key: getattr(data, key, None) for key in ("s1_band_names", "s2_band_names", "norm_stats")}, **more}
+    return json.loads(json.dumps(meta, default=lambda value: value.tolist()))  # numpy arrays, tuples: lists
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:

@@ -37,10 +37,9 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     support, hits = confusion.sum(1), np.diag(confusion)
     per_class = {class_names[c]: (100.0 * float(hits[c]) / float(support[c]) if support[c] else None) for c in classes}
     scores = [v for v in per_class.values() if v is not None]
-    return {"per_class": per_class,
-            "AA": sum(scores) / len(scores) if scores else None,
+    return {"AA": sum(scores) / len(scores) if scores else None,
             "OA": 100.0 * float(hits.sum()) / len(y_true) if len(y_true) else None,
-            "kappa": _kappa(confusion), "macro_F1": _macro_f1(confusion, classes),
+            "kappa": _kappa(confusion), "macro_F1": _macro_f1(confusion, classes), "per_class": per_class,
             "n": int(len(y_true)), "ignored": int((~keep).sum()),
             "classes": list(class_names), "confusion": confusion.astype(int).tolist()}
 
