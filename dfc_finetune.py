@@ -141,7 +141,7 @@ def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[l
 def build_eval_set(args: argparse.Namespace, root, split: str) -> PatchDataset:
     """The evaluation data as the run reads it: one --eval_crop window per patch at its fixed
     --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize; DFC2020 or a
-    manifest. predict.py calls it with a run's config.json, to read the windows its evaluations read."""
+    manifest. predict.py reads the same windows, from the checkpoint's meta (`describe`)."""
     return patch_dataset(root, split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed,
                          normalize=args.normalize)
 

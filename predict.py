@@ -43,13 +43,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import dfc_finetune
-from datasets import NORMALIZATIONS, CropError, PatchDataset
-from embed import NotARunError, RunInfo, checkpoint_path, read_run
-from losses import IGNORE
+from datasets import NORMALIZATIONS, CropError, PatchDataset, patch_dataset
 from models import DualResNet, load_checkpoint
 from util import cli, flags, process
-from util.rundir import RunFolderError
+from util.checkpoint import read_meta
+from util.labels import IGNORE
+from util.lock import RunFolderError
+from util.runs import NotARunError, RunInfo, checkpoint_path, read_run
 
 log = logging.getLogger("predict")
 
@@ -107,9 +107,42 @@ def make_context(args: argparse.Namespace, run: RunInfo) -> process.Context:
     return ctx
 
 
+# dfc_finetune.py's defaults of the flags predict.py reads, for a config.json written before one of them existed.
+RUN_DEFAULTS = {"arch": "resnet50", "crop": 224, "eval_crop": 224, "eval_offset_seed": 0, "normalize": "seed",
+                "eval_batch_size": None, "batch_size": 32, "amp": False, "name": None, "data_root": None,
+                "eval_split": "test"}
+# What a checkpoint's "meta" says in the names of config.json.
+META_FLAGS = ("arch", "crop", "eval_crop", "eval_offset_seed", "normalize", "norm_stats", "eval_batch_size", "amp",
+              "name")
+
+
 def run_args(run: RunInfo) -> argparse.Namespace:
-    """The run's flags: dfc_finetune.py's defaults overlaid with its config.json."""
-    return argparse.Namespace(**{**vars(dfc_finetune.build_parser().parse_args([])), **run.config})
+    """The run's flags: RUN_DEFAULTS overlaid with its config.json (or its checkpoint's meta)."""
+    return argparse.Namespace(**{**RUN_DEFAULTS, **run.config})
+
+
+def open_run(path: Path, weights: str) -> RunInfo:
+    """RUN: a checkpoint file, described by its "meta" (an older one without it by the config.json of the run
+    folder it lies in), or a run folder, its `weights` checkpoint described by its meta, else by config.json and
+    results.json. Data defaults (data_root, eval_split) come from a run folder only."""
+    if path.is_file():
+        if weights != "last":
+            raise PredictError(f"--weights {weights} picks a checkpoint of a run folder; {path} is a checkpoint file")
+        meta = read_meta(path)
+        if meta is None:
+            if not (path.parent / "config.json").is_file():
+                raise PredictError(f"{path} does not describe itself (no 'meta': written before checkpoints did, or "
+                                   "not by dfc_finetune.py) and lies in no run folder: give its run folder")
+            return RunInfo(**{**vars(read_run(path.parent)), "checkpoint": path})
+        return RunInfo(path.parent, meta.get("script"), "DFC2020", {k: meta[k] for k in META_FLAGS if k in meta},
+                       {"last": {"classes": meta.get("classes")}}, checkpoint=path)
+    run = read_run(path)
+    checkpoint = run.path / f"{weights}.pt"  # a missing one is named by checkpoint_path when it is read
+    meta = read_meta(checkpoint) if checkpoint.is_file() else None
+    if meta is None:
+        return run
+    config = {**run.config, **{k: meta[k] for k in META_FLAGS if k in meta}}
+    return RunInfo(run.path, meta.get("script"), run.dataset, config, {"last": {"classes": meta.get("classes")}})
 
 
 # ----------------------------------------------------------------------------- patches
@@ -144,10 +177,13 @@ def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor,
 
 def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
     config = run_args(run)
+    if args.data_root is None and config.data_root is None:
+        raise PredictError(f"{run.checkpoint} is a checkpoint alone: pass --data_root (and --split) to predict patches")
     root = args.data_root or Path(config.data_root)
     split = args.split or config.eval_split
-    try:
-        dataset = dfc_finetune.build_eval_set(config, root, split)
+    try:  # the windows the run's evaluations read (dfc_finetune.build_eval_set)
+        dataset = patch_dataset(root, split, crop=config.eval_crop or None, offset_seed=config.eval_offset_seed,
+                                normalize=config.normalize)
     except (CropError, ValueError) as error:
         raise PredictError(f"{root} ({split}): {error}") from None
     checkpoint = checkpoint_path(run, f"{args.weights}.pt")
@@ -423,7 +459,8 @@ def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> di
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
-    p.add_argument("run", type=Path, metavar="RUN", help="a run folder of dfc_finetune.py")
+    p.add_argument("run", type=Path, metavar="RUN",
+                   help="a run folder of dfc_finetune.py, or one of its checkpoints (last.pt, best.pt) alone")
     p.add_argument("--out", type=Path, required=True, help="PRED.csv (patches) or MAP.tif (scene)")
     p.add_argument("--weights", choices=["last", "best"], default="last",
                    help="last.pt or best.pt of RUN (default last)")
@@ -461,7 +498,7 @@ def main(argv=None) -> dict:
                      f"{'a scene (--s1, --s2)' if scene else 'patches (--data_root, --split)'}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
-        run = read_run(args.run)
+        run = open_run(args.run, args.weights)
         if run.kind != "dfc_finetune":
             raise PredictError(f"{args.run} is a run of {run.kind}.py; predict.py applies runs of dfc_finetune.py")
         classes = run_classes(run)

@@ -199,3 +199,28 @@ def test_the_synthetic_scene_is_predicted_beside_its_true_classes_and_reported(r
     with pytest.raises(SystemExit):
         summarize.main([str(run), "--maps", str(out)])
     assert "--maps needs --report" in capsys.readouterr().err
+
+
+def test_a_checkpoint_alone_predicts_as_its_run_folder_and_an_older_one_by_its_config(run, dfc_root, tmp_path):
+    """last.pt copied anywhere describes itself (meta); a checkpoint without meta is read beside its config.json."""
+    alone = tmp_path / "shared" / "model.pt"
+    alone.parent.mkdir()
+    alone.write_bytes((run / "last.pt").read_bytes())
+    common = ["--data_root", str(dfc_root), "--split", "test", "--device", "cpu", "--workers", "0"]
+    predict.main([str(run), "--out", str(tmp_path / "folder.csv"), *common])
+    predict.main([str(alone), "--out", str(tmp_path / "alone.csv"), *common])
+    assert (tmp_path / "alone.csv").read_text() == (tmp_path / "folder.csv").read_text()
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "results.json"):
+        (old / name).write_text((run / name).read_text())
+    state = torch.load(run / "last.pt", weights_only=True)
+    meta = state.pop("meta")
+    assert meta["classes"] == json.loads((run / "results.json").read_text())["last"]["classes"]
+    assert (meta["script"], meta["bands"], meta["window"]) == ("dfc_finetune", {"s1": 2, "s2": 13}, 32)
+    torch.save(state, old / "last.pt")
+    predict.main([str(old / "last.pt"), "--out", str(tmp_path / "old.csv"), *common])
+    assert (tmp_path / "old.csv").read_text() == (tmp_path / "folder.csv").read_text()
+    torch.save(state, alone)
+    with pytest.raises(SystemExit, match="does not describe itself .* give its run folder"):
+        predict.main([str(alone), "--out", str(tmp_path / "x.csv"), *common])

@@ -22,6 +22,7 @@ class RunInfo:
     dataset: str  # "METER-ML" or "DFC2020", ... as results.json names it
     config: dict
     results: dict | None
+    checkpoint: Path | None = None  # a checkpoint file named instead of the folder: the one checkpoint_path gives
 
 
 def run_kind(config: dict) -> str:
@@ -48,7 +49,10 @@ def read_run(path: Path) -> RunInfo:
 
 
 def checkpoint_path(run: RunInfo, name: str | None) -> Path:
-    """`name` in the run folder, else last.pt (a METER-ML pre-training's encoder.pth if present)."""
+    """`name` in the run folder, else last.pt (a METER-ML pre-training's encoder.pth if present); the run's own
+    `checkpoint` file when it was opened from one."""
+    if run.checkpoint is not None:
+        return run.checkpoint
     if name is None:
         name = "encoder.pth" if run.kind == "meterml_pretrain" and (run.path / "encoder.pth").is_file() else "last.pt"
     path = run.path / name
