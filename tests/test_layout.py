@@ -1,7 +1,11 @@
 """The code base's shape: no import cycle, no module reaching into another's private names, and the
 top level holding only entry points and the method's modules."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MODULES = {p.relative_to(REPO).with_suffix("").as_posix().replace("/", "."): p
@@ -61,3 +65,41 @@ def test_the_top_level_holds_entry_points_and_the_methods_modules():
     assert top == sorted(["augment", "dfc_finetune", "embed", "engine", "losses", "meterml_finetune",
                           "meterml_pretrain", "models", "pack", "predict", "sen12ms_pretrain", "summarize",
                           "synthetic_data"])
+
+
+# The layers, bottom up: util/ imports nothing of the project above it; the data package takes only from itself
+# and util/; the method's modules only from util/; the engine no data module; a script or tool no other one.
+METHOD = ("augment", "losses", "models")
+LAYER_RULES = {"util": ("util",), "datasets": ("datasets", "util"), **{m: ("util",) for m in METHOD},
+               "engine": ("util", *METHOD)}
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_each_layer_takes_only_from_below():
+    broken = [(name, module) for name, path in MODULES.items() for module, _ in _imports(name, path)
+              if _layer(name) in LAYER_RULES and _layer(module) != _layer(name)
+              and _layer(module) not in LAYER_RULES[_layer(name)]]
+    assert broken == []
+
+
+def test_no_script_or_tool_imports_another():
+    entry_points = {name for name in MODULES if "." not in name and name not in LAYER_RULES}
+    borrowed = [(name, module) for name in entry_points for module, _ in _imports(name, MODULES[name])
+                if _layer(module) in entry_points]
+    assert borrowed == []
+
+
+def test_models_holds_the_models_only():
+    assert len((REPO / "models.py").read_text().splitlines()) <= 400
+
+
+@pytest.mark.slow
+def test_the_methods_modules_load_no_data_reader():
+    """Importing losses, models or augment (a fresh interpreter) loads neither rasterio nor the data package."""
+    code = ("import sys, augment, losses, models; "
+            "print(sorted(m for m in ('rasterio', 'datasets', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
