@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
              args.name, len(loader.dataset), len(eval_set), count_trainable(net))
 
     eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
-    saved = Saved({"state_dict": net}, optimizer, {"arch": args.arch, "meta": describe(args, ctx, train_set, eval_set)})
+    saved = Saved({"state_dict": net}, optimizer, {"arch": args.arch}, meta=describe(args, ctx, train_set, eval_set))
     with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, "dfc_finetune", saved) as run:
         for epoch in range(run.start, args.epochs):
             row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),

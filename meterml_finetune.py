@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
     # select: the original's running best, the overall accuracy (without negatives when they are excluded)
     meta = checkpoint_meta("meterml_finetune", args.arch, {"s1": S1_CHANNELS, "s2": S2_CHANNELS}, train_set,
                            classes=list(MeterMLDataset.classes), scenario=args.scenario)
-    saved = Saved({"state_dict": encoder, "heads": heads}, optimizer, {"meta": meta}, select="OA")
+    saved = Saved({"state_dict": encoder, "heads": heads}, optimizer, select="OA", meta=meta)
     with RunDir(args.save_path or default_run_path("meterml_finetune"), args, ctx, "meterml_finetune", saved) as run:
         for epoch in range(run.start, args.epochs):
             row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),

@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
 
     meta = checkpoint_meta("meterml_pretrain", args.arch, {"s1": S1_CHANNELS, "s2": S2_CHANNELS}, meter)
     with RunDir(args.save_path or default_run_path("meterml_pretrain"), args, ctx, "meterml_pretrain",
-                Saved({"state_dict": encoder}, optimizer, {"meta": meta})) as run:
+                Saved({"state_dict": encoder}, optimizer, meta=meta)) as run:
         for epoch in range(run.start, args.epochs):
             row = train_one_epoch(step, model, loader, optimizer, ctx, epoch, args.epochs, board=run.board(len(loader)),
                                   run_path=run.path)

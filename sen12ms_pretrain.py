@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
 
     meta = checkpoint_meta("sen12ms_pretrain", args.arch, dataset.bands, dataset, normalize=args.normalize)
     with RunDir(args.save_path or default_run_path("sen12ms_pretrain"), args, ctx, "sen12ms_pretrain",
-                Saved({"state_dict": backbones}, optimizer, {"arch": args.arch, "meta": meta})) as run:
+                Saved({"state_dict": backbones}, optimizer, {"arch": args.arch}, meta=meta)) as run:
         for epoch in range(run.start, args.epochs):
             # the schedule is a function of the epoch: a resumed run gets the same rates
             for group in optimizer.param_groups:

@@ -65,12 +65,14 @@ def default_run_path(script: str) -> Path:
 class Saved:
     """What the run's checkpoints hold: `modules`, checkpoint key -> module ("state_dict" the network in its released
     layout, so that `models.load_checkpoint` reads our checkpoints; other keys what it lacks, as METER-ML's heads),
-    the optimiser, `extra` entries (the arch, the checkpoint's "meta"), and `select` ("AA" or "OA"), the score of an
-    evaluation that picks best.pt."""
+    the optimiser, `extra` entries (the arch), `select` ("AA" or "OA"), the score of an evaluation that picks best.pt,
+    and `meta`, what last.pt and best.pt say about themselves (`util.checkpoint.checkpoint_meta`; not in the
+    original's periodic snapshots, which keep the released layout)."""
     modules: dict[str, nn.Module]
     optimizer: torch.optim.Optimizer
     extra: dict = field(default_factory=dict)
     select: str = "AA"
+    meta: dict | None = None
 
 
 class RunDir:
@@ -211,6 +213,8 @@ class RunDir:
     def checkpoint(self, epoch: int, *, resumable: bool) -> dict:
         """The networks in their released layout, the evaluations, and if `resumable` optimiser and RNG."""
         state = {"epoch": epoch, **self.saved.extra}
+        if self.saved.meta is not None:
+            state["meta"] = self.saved.meta
         state.update({key: module.state_dict() for key, module in self.saved.modules.items()})
         state.update({"best": self.best, "last_eval": self.last})
         if resumable:
