@@ -69,3 +69,23 @@ def test_resume_accepts_flags_given_again_with_their_saved_values(tmp_path, caps
     with pytest.raises(SystemExit):
         flags.resolve(parser, ["--lr", "0.25", "--resume", str(tmp_path)])
     assert "cannot change: --lr" in capsys.readouterr().err
+
+
+def test_dfc_finetunes_warnings_come_from_its_one_check_before_any_data(caplog):
+    """Every warning about the flags is given by check_args (no data read: the root does not exist); build_model
+    only builds."""
+    import inspect
+
+    import dfc_finetune
+
+    p = dfc_finetune.build_parser()
+    args = p.parse_args(["--data_root", "/nonexistent", "--backbones", "ssl4eo-moco", "--fresh_first_conv",
+                         "--use_sup_con"])
+    with caplog.at_level("INFO"):
+        dfc_finetune.check_args(p, args)
+    for text in ("were trained on SSL4EO-S12 inputs", "projection heads start fresh", "--fresh_first_conv without "
+                 "--finetune", "SupCon trains no parameter"):
+        assert text in caplog.text
+    assert "log." not in inspect.getsource(dfc_finetune.build_model)
+    with pytest.raises(SystemExit):
+        dfc_finetune.check_args(p, p.parse_args(["--backbones", "ssl4eo-moco", "--arch", "resnet18"]))

@@ -1,6 +1,7 @@
 """The run folder: refusal, overwrite, the lock, resume, damaged files."""
 import argparse
 import errno
+import inspect
 import json
 import os
 import random
@@ -234,14 +235,17 @@ def test_a_record_cut_short_by_a_kill_is_dropped_with_a_message(tmp_path, caplog
     assert [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, code):
+    """Known by the write's errno, also when torch's zip writer turns the failed write into a RuntimeError."""
+    assert len(inspect.signature(RunDir).parameters) <= 5
     with open_run(tmp_path / "run", epochs=3) as run:
         one_epoch(run, 0)
         before = (tmp_path / "run" / "last.pt").read_bytes()
 
         class FullDisk:
             def write(self, data):
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(code, os.strerror(code))
 
         def full_disk(obj, f, *args, **kwargs):
             f.write(b"PK partial")
@@ -249,7 +253,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
             try:
                 f.write(b"the rest")
             except OSError:  # as torch's zip writer reports a failed write: no errno, no "No space" in the text
-                raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 4160 vs 4096") from None
+                raise RuntimeError("[enforce fail at inline_container.cc:319] . PytorchStreamWriter failed writing "
+                                   "file data/0: file write failed") from None
 
         monkeypatch.setattr(torch, "save", full_disk)
         with pytest.raises(RunFolderError, match="no space left writing .*last.pt; the previous last.pt is intact"):
