@@ -600,13 +600,15 @@ def check_args_outputs(args: argparse.Namespace, run: RunInfo) -> None:
     """check_outputs on the files of this command (patches or one scene) against its inputs and the run."""
     files, folders = run_protected(Path(args.run))
     if args.s1 is not None:
-        inputs = [args.s1, args.s2, *([args.truth] if args.truth else [])]
-        check_outputs(scene_outputs(args.out, args.probabilities), files + inputs, folders)
-        return
-    root = args.data_root or (Path(run.config["data_root"]) if (run.config or {}).get("data_root") else None)
-    if root is not None:
-        inputs, data = ([], [root]) if root.is_dir() else ([root, *manifest_files(root)], [])
-        check_outputs([args.out], files + inputs, folders + data)
+        outputs, inputs = scene_outputs(args.out, args.probabilities), [args.s1, args.s2, *filter(None, [args.truth])]
+    else:
+        outputs, inputs = [args.out], []
+        root = args.data_root or (Path(run.config["data_root"]) if (run.config or {}).get("data_root") else None)
+        if root is not None and root.is_dir():
+            folders.append(root)
+        elif root is not None:
+            inputs += [root, *manifest_files(root)]
+    check_outputs(outputs, files + inputs, folders)
 
 
 # ----------------------------------------------------------------------------- one scene, many scenes

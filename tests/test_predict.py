@@ -317,7 +317,7 @@ def test_missing_pixels_follow_the_files_masks(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["s2", "s1 symlink", "s1 hard link", "truth", "last.pt", "run folder",
-                                    "run folder symlink", "manifest", "manifest file"])
+                                    "run folder symlink", "manifest", "manifest file", "last.pt, patches"])
 def test_an_output_never_overwrites_an_input(run, mosaic, tmp_path, target):
     s1, s2, _ = mosaic
     truth = write_tif(tmp_path / "truth.tif", np.zeros((1, 96, 144), np.uint8))
@@ -326,7 +326,7 @@ def test_an_output_never_overwrites_an_input(run, mosaic, tmp_path, target):
     out = {"s2": s2, "s1 symlink": tmp_path / "link.tif", "s1 hard link": tmp_path / "hard.tif", "truth": truth,
            "last.pt": run / "last.pt", "run folder": run / "maps" / "map.tif",
            "run folder symlink": tmp_path / "run_link" / "map.tif", "manifest": pairs,
-           "manifest file": tmp_path / "p" / "s2.tif"}[target]
+           "manifest file": tmp_path / "p" / "s2.tif", "last.pt, patches": run / "last.pt"}[target]
     if target == "s1 symlink":
         out.symlink_to(s1)
     elif target == "s1 hard link":
@@ -336,6 +336,8 @@ def test_an_output_never_overwrites_an_input(run, mosaic, tmp_path, target):
     before = {p: p.stat().st_mtime_ns for p in (s1, s2, truth, pairs, run / "last.pt")}
     if target.startswith("manifest"):
         argv = ["--data_root", str(pairs), "--split", "val"]
+    elif target.endswith("patches"):
+        argv = []  # the run's own data and split
     else:
         argv = ["--s1", str(s1), "--s2", str(s2), "--truth", str(truth), "--window", str(PATCH)]
     with pytest.raises(SystemExit, match="predict.py: error: the output .* (is the input|lies inside) "):
