@@ -451,14 +451,19 @@ def write_map(path: Path, cells: np.ndarray, grid: dict, window: int, stride: in
     col_of = pixel_cells(grid["width"], window, stride)
     colormap = {i: (*rgb, 255) for i, rgb in enumerate(class_colors(classes))} | {NODATA: (0, 0, 0, 0)}
     tags = {"classes": json.dumps(classes), **{f"class_{i}": name for i, name in enumerate(classes)}, **tags}
+
+    def class_rows(top: int, bottom: int) -> np.ndarray:
+        return cells[row_of[top:bottom]][None, :, col_of]
+
+    def probability_rows(top: int, bottom: int) -> np.ndarray:
+        return probs[row_of[top:bottom]][:, col_of].transpose(2, 0, 1)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: write_cog(tmp, grid, 1, lambda top, bottom: cells[row_of[top:bottom]][None, :,
-                                                                                                         col_of],
-                                             "mode", colormap, ["class"], tags))
+    atomic_write(path, lambda tmp: write_cog(tmp, grid, 1, class_rows, "mode", colormap, ["class"], tags))
     if probs is not None:
         atomic_write(probabilities_path(path), lambda tmp: write_cog(
-            tmp, grid, len(classes), lambda top, bottom: probs[row_of[top:bottom]][:, col_of].transpose(2, 0, 1),
-            "average", None, classes, {**tags, "scale": "probability x 200, 255 nodata"}))
+            tmp, grid, len(classes), probability_rows, "average", None, classes,
+            {**tags, "scale": "probability x 200, 255 nodata"}))
 
 
 def probabilities_path(path: Path) -> Path:
