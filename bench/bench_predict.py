@@ -171,7 +171,8 @@ def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace)
               "--arch", "resnet18", "--crop", "32", "--eval_crop", "32", "--epochs", "1", "--batch_size", "4",
               "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head_lr", "1e-3", "--finetune"])
     began = time.perf_counter()
-    s1, s2 = write_large_scene(root, folder, size)
+    with rasterio.Env(GDAL_CACHEMAX=predict.GDAL_CACHE):
+        s1, s2 = write_large_scene(root, folder, size)
     print(f"bench_predict: wrote a {size} x {size} px scene in {time.perf_counter() - began:.1f} s", flush=True)
     command = [sys.executable, str(ROOT / "predict.py"), str(run), "--s1", str(s1), "--s2", str(s2), "--out",
                str(folder / "map.tif"), "--device", args.device, "--batch_size", str(args.batch_size), "--workers",
