@@ -370,3 +370,17 @@ def test_many_scenes_one_failing_resumed_and_shared_by_ranks(run, mosaic, tmp_pa
     assert predict.main([*argv, "--overwrite"])["scenes"] == {"c": "done"}  # rank 1 of 2: scenes 1, 3, ...
     assert (out / "a.json").stat().st_mtime_ns == finished
     assert "on rank 1 of 2: 1 done, 0 skipped, 0 failed" in caplog.text
+
+
+def test_a_large_map_has_overviews_by_mode_and_other_classes_a_fixed_palette(tmp_path):
+    grid = {"crs": CRS_UTM, "transform": TRANSFORM, "width": 600, "height": 520}
+    cells = np.zeros((len(predict.window_origins(520, 16, 8)), len(predict.window_origins(600, 16, 8))), np.uint8)
+    cells[:, ::3] = 2  # stripes of 8 px of class 2 every 24 px: a third of the area; the mode keeps class 0
+    cells[-1, -1] = 255
+    predict.write_map(tmp_path / "map.tif", cells, grid, 16, 8, ["paddy", "maize", "soy"], {})
+    with rasterio.open(tmp_path / "map.tif") as src:
+        assert src.overviews(1) == [2, 4] and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.colormap(1)[2][:3] == (44, 160, 44)  # tab10's third colour
+        full, coarse = src.read(1), src.read(1, out_shape=(130, 150))  # the 4x overview
+    assert (full == 255).sum() == 12 * 12  # the last window's cell: from 508 and 588 to the edges
+    assert set(np.unique(coarse)) <= {0, 2, 255} and (coarse == 0).mean() > 0.5
