@@ -46,7 +46,7 @@ import rasterio.env
 import rasterio.errors
 import rasterio.shutil
 import torch
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -285,7 +285,8 @@ class StackedScene:
         arrays = []
         for src in self._sources:
             x = src.read(window=window, out_dtype="float32")
-            x[:, src.dataset_mask(window=window) == 0] = np.nan
+            if any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums):  # else no pixel is masked
+                x[:, src.dataset_mask(window=window) == 0] = np.nan
             arrays.append(x)
         return arrays[0], arrays[1]
 
