@@ -719,15 +719,16 @@ def read_scenes(path: Path) -> list[dict]:
                            f"row per scene; {'no column ' + ', '.join(missing) if missing else 'no row'}")
     scenes, lines = [], {}
     for line, row in enumerate(rows, start=2):
-        name = (row["name"] or "").strip()
+        name = (row.get("name") or "").strip()
         if not name or Path(name).name != name or name in (".", ".."):
             raise PredictError(f"--scenes {path} line {line}: name {row['name']!r} is not a plain file name")
         if name in lines:
             raise PredictError(f"--scenes {path}: the name {name!r} is on lines {lines[name]} and {line}")
         lines[name] = line
-        truth = (row.get("truth") or "").strip()
-        scenes.append({"name": name, "line": line, "s1": path.parent / row["s1"].strip(),
-                       "s2": path.parent / row["s2"].strip(), "truth": path.parent / truth if truth else None})
+        files = {key: (row.get(key) or "").strip() for key in ("s1", "s2", "truth")}
+        if not files["s1"] or not files["s2"]:
+            raise PredictError(f"--scenes {path} line {line}: scene {name!r} needs both an s1 and an s2 file")
+        scenes.append({"name": name, "line": line, **{k: path.parent / v if v else None for k, v in files.items()}})
     return scenes
 
 
