@@ -1,7 +1,8 @@
-"""Apply a trained dfc_finetune.py run to new data: patches to a CSV, or an S1 / S2 scene to a class map.
+"""Apply a trained dfc_finetune.py run to new data: patches to a CSV, S1 / S2 scenes to class maps.
 
     python predict.py RUN --data_root ROOT --split SPLIT --out PRED.csv [--weights last|best]
-    python predict.py RUN --s1 S1.tif --s2 S2.tif --out MAP.tif [--window PX] [--stride PX] [--weights last|best]
+    python predict.py RUN --s1 S1.tif --s2 S2.tif --out MAP.tif [--window PX] [--stride PX] [--probabilities]
+    python predict.py RUN --scenes scenes.csv --out_dir DIR [--overwrite]     # columns s1, s2, name[, truth]
 
 Patches: every patch of SPLIT under ROOT (default: the run's data_root and eval_split), read as
 the run's evaluations read it (dfc_finetune.build_eval_set on the run's config.json: the same
@@ -9,44 +10,53 @@ window, offset and normalisation). One CSV row per patch: id, label (class name;
 patch's label is ignored), prediction, and p_<class> (softmax) per class. With the run's split and
 weights, its confusion matrix is results.json's last.confusion.
 
-Scene: co-registered S1 and S2 GeoTIFFs (same CRS, transform and size) of any size, read one
-window at a time, never whole. A WINDOW px window (default: the run's --eval_crop, else its --crop)
-is taken every STRIDE px (default WINDOW) from the top-left corner and gives its class to the
-STRIDE x STRIDE cell it starts at. MAP.tif has the scene's size, CRS and transform: uint8 class
-indices in results.json's order (last.classes), 255 nodata, the class names in its tags, a
-colour table. Nodata: the pixels no cell covers (right and bottom edges where the windows do not
-tile the scene), and the cells of windows that are mostly missing: more than half of their pixels
-missing in S1 or in S2, a pixel missing when one of its bands is NaN or the file's nodata value.
-Each window is normalised on its own by the run's recipe (config.json "normalize", default
-"seed": the original's per-crop channel maxima). Also written: MAP.png, a preview with a legend
-(beside the classes of --truth, a class raster on the scene's grid, when given), and MAP.json,
-its numbers (cells per class, windows/s, agreement with --truth).
+Scene: co-registered S1 and S2 GeoTIFFs (same CRS, size, transform within a millionth of a pixel) of
+any size, read one window at a time, never whole. A WINDOW px window (default: the run's
+--eval_crop, else its --crop) is taken every STRIDE px (default WINDOW, at most WINDOW), and also
+flush with the right and bottom edges; its class goes to the STRIDE x STRIDE cell centred in it
+(the flush window's cell takes the pixels the one before leaves; the outer margins take the nearest
+window's class): docs/flags.md draws it. MAP.tif has the scene's size, CRS and transform: a
+cloud-optimised GeoTIFF of uint8 class indices in results.json's order (last.classes), 255 nodata,
+class names in its tags, a colour table (the DFC2020 legend for its classes); MAP.qml beside it, a
+QGIS style. Nodata: the cells of windows with more than half of their pixels missing in S1 or in S2
+(the file's dataset mask: nodata value, alpha, internal mask; or a NaN band); missing pixels are
+NaN before the run's normalisation (config.json "normalize", default "seed"). Also MAP.png, a
+preview (beside --truth, a class raster on the scene's grid), MAP.json, its numbers, and with
+--probabilities MAP_prob.tif, a uint8 band per class (probability x 200, 255 nodata). Every file is
+written under a temporary name and renamed; an output that is an input or in the run is refused.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
 import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.env
 import rasterio.errors
+import rasterio.shutil
 import torch
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import NORMALIZATIONS, CropError, PatchDataset, patch_dataset
 from models import DualResNet, load_checkpoint
 from util import cli, flags, process
 from util.checkpoint import read_meta
+from util.io import atomic_write, atomic_write_json
 from util.labels import IGNORE
 from util.lock import RunFolderError
 from util.runs import NotARunError, RunInfo, checkpoint_path, read_run
@@ -99,8 +109,8 @@ def make_context(args: argparse.Namespace, run: RunInfo) -> process.Context:
     """Device and loader settings as the scripts choose them; bf16 autocast as the run evaluated."""
     hardware = argparse.Namespace(device=args.device, workers=args.workers, progress=None,
                                   amp=bool(run.config.get("amp")), channels_last=None)
-    ctx = process.plan_context(hardware, {}, torch.cuda.is_available(), torch.cuda.device_count(), os.cpu_count() or 1,
-                               sys.stderr.isatty())
+    ctx = process.plan_context(hardware, os.environ, torch.cuda.is_available(), torch.cuda.device_count(),
+                               os.cpu_count() or 1, sys.stderr.isatty())
     if ctx.device.type == "cuda":
         torch.cuda.set_device(ctx.device)
         torch.backends.cudnn.benchmark = True  # one window size throughout
@@ -166,13 +176,16 @@ def predict_patches(net: DualResNet, loader: DataLoader, ctx: process.Context) -
 
 
 def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor, preds: Tensor, probs: Tensor) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["id", "label", "prediction", *(f"p_{c}" for c in classes)])
+            for i, label, pred, p in zip(ids, labels.tolist(), preds.tolist(), probs.tolist()):
+                name = classes[label] if 0 <= label < len(classes) and label != IGNORE else ""
+                out.writerow([i, name, classes[pred], *(f"{v:.6f}" for v in p)])
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(["id", "label", "prediction", *(f"p_{c}" for c in classes)])
-        for i, label, pred, p in zip(ids, labels.tolist(), preds.tolist(), probs.tolist()):
-            name = classes[label] if 0 <= label < len(classes) and label != IGNORE else ""
-            out.writerow([i, name, classes[pred], *(f"{v:.6f}" for v in p)])
+    atomic_write(path, write)
 
 
 def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
@@ -202,6 +215,13 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
 
 # ----------------------------------------------------------------------------- scenes
 
+GDAL_CACHE = 64 * 2**20  # bytes of GDAL block cache per process: windows are read once, a cache buys nothing
+TILE = 256  # map tile side, px; the map is written TILE rows at a time
+# The DFC2020 / SEN12MS legend (IEEE GRSS Data Fusion Contest 2020), for runs on those classes.
+DFC_COLORS = {"Forest": "#009900", "Shrubland": "#c6b044", "Grassland": "#b6ff05", "Wetlands": "#27ff87",
+              "Croplands": "#c24f44", "Urban/Built-up": "#a5a5a5", "Barren": "#f9ffa4", "Water": "#1c0dff"}
+
+
 def check_recipe(recipe: str) -> str:
     """The run's input normalisation (config.json "normalize"), refused when this code has no such recipe."""
     if recipe not in NORMALIZATIONS:
@@ -210,85 +230,162 @@ def check_recipe(recipe: str) -> str:
     return recipe
 
 
-def check_grids(s1_path: Path, s2_path: Path, bands: tuple[int, int], window: int) -> dict:
-    """The scene's grid (crs, transform, width, height) and the files' nodata values, after
-    checking that the two files share it, hold the model's band counts and fit one window."""
-    grids = []
-    for path in (s1_path, s2_path):
-        try:
-            with rasterio.open(path) as src:
-                grids.append({"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height,
-                              "count": src.count, "nodata": src.nodata})
-        except rasterio.errors.RasterioIOError as error:
-            raise PredictError(f"{path} cannot be read as a raster: {error}") from None
-    a, b = grids
-    for key, what in (("crs", "CRS"), ("transform", "transform"), ("width", "width"), ("height", "height")):
-        if a[key] != b[key]:
-            raise PredictError(f"the S1 and S2 scenes are not co-registered: {what} {a[key]} in {s1_path} but "
-                               f"{b[key]} in {s2_path}; resample them onto one grid first")
-    for grid, path, name, count in ((a, s1_path, "S1", bands[0]), (b, s2_path, "S2", bands[1])):
-        if grid["count"] != count:
-            raise PredictError(f"{path} has {grid['count']} bands; the run's model takes {count} {name} bands")
-    if min(a["width"], a["height"]) < window:
-        raise PredictError(f"the scene ({s1_path}, {s2_path}) is {a['height']} x {a['width']} px, smaller than one "
-                           f"window of {window} px; pass a smaller --window")
-    return {**{k: a[k] for k in ("crs", "transform", "width", "height")}, "nodata": (a["nodata"], b["nodata"])}
+@functools.cache
+def _recipe(recipe: str) -> PatchDataset:
+    patches = PatchDataset(None, False, recipe, False, 0, None)
+    with torch.inference_mode(False):  # its counters are updated in and out of inference mode
+        patches._init_counts(1)
+    return patches
 
 
-class SceneWindows(PatchDataset):
-    """The windows of a co-registered S1 / S2 scene pair, row by row: item i is window (i // cols,
-    i % cols) at pixel (row * stride, col * stride). Each item reads its window only (the files
-    are opened once per process). Item: "s1", "s2" the network's inputs (zeros for a nodata
-    window), "valid" False for a nodata window, "index" i."""
+def normalize(s1: np.ndarray, s2: np.ndarray, recipe: str) -> tuple[Tensor, Tensor, np.ndarray]:
+    """Stand-in for datasets.normalize (the patch data sets' recipes on one window; NaN = missing): the network's
+    inputs (C, h, w) float32 and the NaN, +inf, -inf counts (2, 3) of S1 and S2."""
+    counts = np.array([[np.isnan(x).sum(), np.isposinf(x).sum(), np.isneginf(x).sum()] for x in (s1, s2)])
+    x1, x2 = _recipe(recipe).normalized(s1, s2, ("the scene's S1", "the scene's S2"), 0)
+    return x1, x2, counts
 
-    def __init__(self, s1_path: Path, s2_path: Path, grid: dict, window: int, stride: int, recipe: str) -> None:
-        super().__init__(window, False, check_recipe(recipe), False, 0, None)
-        self.s1_path, self.s2_path, self.grid, self.window, self.stride = s1_path, s2_path, grid, window, stride
-        self.rows = (grid["height"] - window) // stride + 1
-        self.cols = (grid["width"] - window) // stride + 1
-        self._init_counts(len(self))
+
+def window_origins(size: int, window: int, stride: int) -> list[int]:
+    """Offsets (px) of the windows along an axis of `size` px: every `stride` px from 0, and one more flush with
+    the far edge when those stop short of it (size >= window)."""
+    origins = list(range(0, size - window + 1, stride))
+    return origins if origins[-1] == size - window else [*origins, size - window]
+
+
+def paint_spans(size: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """The pixels [start, stop) that each window of `window_origins` paints with its class along the axis: the
+    `stride` px centred in it (from (window - stride) // 2 px in); the flush last window takes what the one before
+    leaves, and the first and last windows the margins to the edges. The spans tile 0 .. size."""
+    origins = window_origins(size, window, stride)
+    offset = (window - stride) // 2
+    stops = [o + offset + stride for o in origins[:-1]] + [size]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def pixel_cells(size: int, window: int, stride: int) -> np.ndarray:
+    """(size,) int: the window (cell) index that paints each pixel along the axis."""
+    spans = paint_spans(size, window, stride)
+    return np.repeat(np.arange(len(spans)), [stop - start for start, stop in spans])
+
+
+def grid_text(grid: dict) -> str:
+    """A grid in full, on one line: CRS, size and the six transform coefficients as stored."""
+    return (f"{grid['crs']}, {grid['width']} x {grid['height']} px, transform "
+            f"({', '.join(repr(float(v)) for v in tuple(grid['transform'])[:6])})")
+
+
+def same_grid(a: dict, b: dict) -> bool:
+    """Same CRS and size, and transforms equal within a millionth of a pixel."""
+    transform = a["transform"]
+    pixel = abs(transform.a * transform.e - transform.b * transform.d) ** 0.5
+    return (a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"])
+            and transform.almost_equals(b["transform"], precision=1e-6 * pixel))
+
+
+def read_grid(path: Path) -> dict:
+    try:
+        with rasterio.open(path) as src:
+            return {"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height}
+    except rasterio.errors.RasterioIOError as error:
+        raise PredictError(f"{path} cannot be read as a raster: {error}") from None
+
+
+class StackedScene:
+    """Stand-in for datasets.scenes.open_scene on two stacked GeoTIFFs (S1 in dB, S2) on one grid: `grid` (crs,
+    transform, width, height), `read(window)` -> S1, S2 float32 (C, h, w), NaN where the file's dataset mask
+    (nodata value, alpha band, internal mask) says missing. The files open once per process; picklable."""
+
+    def __init__(self, s1: Path, s2: Path) -> None:
+        self.paths = (Path(s1), Path(s2))
+        grids = [read_grid(p) for p in self.paths]
+        if not same_grid(*grids):
+            raise PredictError(f"the S1 and S2 scenes are not co-registered: {self.paths[0]} is on "
+                               f"{grid_text(grids[0])}, {self.paths[1]} on {grid_text(grids[1])}; resample them onto "
+                               f"one grid first (prepare_scene.py)")
+        self.grid = grids[1]
         self._sources, self._pid = None, None
-
-    def __len__(self) -> int:
-        return self.rows * self.cols
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_sources": None, "_pid": None}
 
-    def _open(self) -> tuple:
+    def __enter__(self) -> StackedScene:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         if self._pid != os.getpid():  # GDAL handles are never shared with a forked worker
-            self._sources, self._pid = (rasterio.open(self.s1_path), rasterio.open(self.s2_path)), os.getpid()
-        return self._sources
+            self._sources, self._pid = tuple(rasterio.open(p) for p in self.paths), os.getpid()
+        arrays = []
+        for src in self._sources:
+            x = src.read(window=window, out_dtype="float32")
+            if any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums):  # else no pixel is masked
+                x[:, src.dataset_mask(window=window) == 0] = np.nan
+            arrays.append(x)
+        return arrays[0], arrays[1]
 
     def close(self) -> None:
         for src in self._sources or ():
             src.close()
         self._sources, self._pid = None, None
 
-    def missing_share(self, raw: np.ndarray, nodata: float | None) -> float:
-        """Share of the window's pixels with a band NaN or equal to the file's nodata value."""
-        missing = np.isnan(raw).any(0) if np.issubdtype(raw.dtype, np.floating) else np.zeros(raw.shape[1:], bool)
-        if nodata is not None and not np.isnan(nodata):
-            missing |= (raw == nodata).any(0)
-        return float(missing.mean())
+
+def check_scene(scene, names: tuple[Path, Path], bands: tuple[int, int], window: int) -> None:
+    """Refuses a scene without the model's band counts or smaller than one window."""
+    grid = scene.grid
+    if min(grid["width"], grid["height"]) < window:
+        raise PredictError(f"the scene ({names[0]}, {names[1]}) is {grid['height']} x {grid['width']} px, smaller "
+                           f"than one window of {window} px; pass a smaller --window")
+    for x, path, name, count in zip(scene.read(Window(0, 0, 1, 1)), names, ("S1", "S2"), bands):
+        if x.shape[0] != count:
+            raise PredictError(f"{path} has {x.shape[0]} bands; the run's model takes {count} {name} bands")
+
+
+def missing_share(x: np.ndarray) -> float:
+    """Share of the pixels of a window (C, h, w) with a band NaN (missing)."""
+    return float(np.isnan(x).any(0).mean())
+
+
+class SceneWindows(Dataset):
+    """The windows of a scene (an object with `grid` and `read(window) -> (s1, s2)`, NaN where missing), row by
+    row: item i is window (row, col) = divmod(i, cols) at pixel (tops[row], lefts[col]) (`window_origins`). Item:
+    "s1", "s2" the network's inputs (zeros for a nodata window: more than MISSING_SHARE of its pixels missing in S1
+    or in S2), "valid", "index" i, "counts" (2, 3) the NaN, +inf, -inf values of S1 and S2 normalised."""
+
+    def __init__(self, scene, window: int, stride: int, recipe: str) -> None:
+        self.scene, self.window, self.stride, self.recipe = scene, window, stride, check_recipe(recipe)
+        self.grid = scene.grid
+        self.tops = window_origins(self.grid["height"], window, stride)
+        self.lefts = window_origins(self.grid["width"], window, stride)
+        self.rows, self.cols = len(self.tops), len(self.lefts)
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.rows * self.cols
 
     def __getitem__(self, index: int) -> dict:
+        if self._pid != os.getpid():
+            rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE)  # each loader worker has its own cache
+            self._pid = os.getpid()
         row, col = divmod(index, self.cols)
-        window = Window(col * self.stride, row * self.stride, self.window, self.window)
-        s1_raw, s2_raw = (src.read(window=window) for src in self._open())
-        valid = all(self.missing_share(raw, nodata) <= MISSING_SHARE
-                    for raw, nodata in zip((s1_raw, s2_raw), self.grid["nodata"]))
+        s1, s2 = self.scene.read(Window(self.lefts[col], self.tops[row], self.window, self.window))
+        valid = missing_share(s1) <= MISSING_SHARE and missing_share(s2) <= MISSING_SHARE
         if valid:
-            s1, s2 = self.normalized(s1_raw, s2_raw, (str(self.s1_path), str(self.s2_path)), index)
+            s1, s2, counts = normalize(s1, s2, self.recipe)
         else:
-            s1, s2 = (torch.zeros(raw.shape, dtype=torch.float32) for raw in (s1_raw, s2_raw))
-        return {"s1": s1, "s2": s2, "valid": valid, "index": index}
+            s1, s2, counts = torch.zeros(s1.shape), torch.zeros(s2.shape), np.zeros((2, 3), np.int64)
+        return {"s1": s1, "s2": s2, "valid": valid, "index": index, "counts": torch.as_tensor(counts)}
+
+    def close(self) -> None:
+        self.scene.close()
 
 
 @torch.inference_mode()
-def window_logits(net: DualResNet, loader: DataLoader, ctx: process.Context):
-    """Yields (indices (b,), logits (b, K) float32 on the CPU) of the valid windows of each batch of
-    `loader` (over a SceneWindows); nodata windows never reach the device."""
+def window_logits(net: torch.nn.Module, loader: DataLoader, ctx: process.Context):
+    """Yields (indices (b,), logits (b, K) float32 on the CPU, counts (2, 3) summed) of the valid windows of each
+    batch of `loader` (over a SceneWindows); nodata windows never reach the device."""
     net.to(ctx.device)
     if ctx.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -297,7 +394,7 @@ def window_logits(net: DualResNet, loader: DataLoader, ctx: process.Context):
         if valid.any():
             with ctx.autocast():
                 logits = net(ctx.to_device(batch["s1"][valid]), ctx.to_device(batch["s2"][valid]))
-            yield batch["index"][valid], logits.float().cpu()
+            yield batch["index"][valid], logits.float().cpu(), batch["counts"].sum(0)
 
 
 def scene_loader(windows: SceneWindows, ctx: process.Context, batch_size: int, persistent: bool = False) -> DataLoader:
@@ -305,48 +402,123 @@ def scene_loader(windows: SceneWindows, ctx: process.Context, batch_size: int, p
                       persistent_workers=persistent and ctx.workers > 0, prefetch_factor=4 if ctx.workers > 0 else None)
 
 
-def classify_scene(net: DualResNet, loader: DataLoader, ctx: process.Context) -> tuple[np.ndarray, float]:
-    """Cell classes (rows, cols) uint8 (NODATA for nodata windows) of `loader`'s SceneWindows, and
-    the windows per second."""
+def quantize(probs: Tensor, classes: Tensor) -> np.ndarray:
+    """Probabilities (b, K) -> uint8 x 200, rounded; where rounding ties the window's class (b,) with another,
+    the class gets one step more, so the bands' argmax is the map's class."""
+    q = (probs * 200).round().to(torch.uint8)
+    win = q.gather(1, classes[:, None])
+    others = q.scatter(1, classes[:, None], 0).amax(1, keepdim=True)
+    return q.scatter(1, classes[:, None], win + (win <= others).to(torch.uint8)).numpy()
+
+
+def classify_scene(net: torch.nn.Module, loader: DataLoader, ctx: process.Context, probabilities: int = 0,
+                   ) -> tuple[np.ndarray, np.ndarray | None, float, np.ndarray]:
+    """Cell classes (rows, cols) uint8 (NODATA for nodata windows) of `loader`'s SceneWindows; with
+    `probabilities` (the number of classes K) their quantised probabilities (rows, cols, K) uint8 (`quantize`,
+    NODATA for nodata windows), else None; the windows per second; the NaN, +inf, -inf counts (2, 3) of S1 and
+    S2 in the windows classified."""
     windows = loader.dataset
     cells = np.full(len(windows), NODATA, dtype=np.uint8)
+    probs = np.full((len(windows), probabilities), NODATA, dtype=np.uint8) if probabilities else None
+    counts = np.zeros((2, 3), np.int64)
     began = time.perf_counter()
     with tqdm(total=len(windows), desc="windows", unit="window", disable=None) as bar:
         done = 0
-        for index, logits in window_logits(net, loader, ctx):
-            cells[index.numpy()] = logits.argmax(1).numpy().astype(np.uint8)
+        for index, logits, batch_counts in window_logits(net, loader, ctx):
+            classes = logits.argmax(1)
+            cells[index.numpy()] = classes.numpy().astype(np.uint8)
+            if probs is not None:
+                probs[index.numpy()] = quantize(logits.softmax(1), classes)
+            counts += batch_counts.numpy()
             # the bar counts nodata windows too: every index up to the last one classified
             bar.update(int(index.max()) + 1 - done)
             done = int(index.max()) + 1
         bar.update(len(windows) - done)
     windows.close()
-    return cells.reshape(windows.rows, windows.cols), len(windows) / max(time.perf_counter() - began, 1e-9)
+    shape = (windows.rows, windows.cols)
+    return (cells.reshape(shape), None if probs is None else probs.reshape(*shape, probabilities),
+            len(windows) / max(time.perf_counter() - began, 1e-9), counts)
 
 
-def palette(k: int) -> list[tuple[int, int, int]]:
-    """One RGB colour per class (tab10 up to 10 classes, tab20 up to 20, then repeated)."""
+def class_colors(classes: list[str]) -> list[tuple[int, int, int]]:
+    """One RGB colour per class: the DFC2020 legend when every class is one of DFC2020's, else a fixed
+    qualitative palette (matplotlib's tab10 up to 10 classes, tab20 up to 20, then repeated)."""
+    if set(classes) <= set(DFC_COLORS):
+        return [tuple(int(DFC_COLORS[c][i:i + 2], 16) for i in (1, 3, 5)) for c in classes]
     import matplotlib
 
-    colors = matplotlib.colormaps["tab10" if k <= 10 else "tab20"].colors
-    return [tuple(round(255 * v) for v in colors[i % len(colors)][:3]) for i in range(k)]
+    colors = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"].colors
+    return [tuple(round(255 * v) for v in colors[i % len(colors)][:3]) for i in range(len(classes))]
 
 
-def write_map(path: Path, cells: np.ndarray, grid: dict, stride: int, classes: list[str], tags: dict) -> None:
-    """MAP.tif at the scene's resolution: each cell's class over its stride x stride pixels, written
-    one row of cells at a time; NODATA where no cell reaches."""
+def write_cog(path: Path, grid: dict, bands: int, block: Callable[[int, int], np.ndarray], resampling: str,
+              colormap: dict | None = None, descriptions: list[str] | None = None, tags: dict | None = None) -> None:
+    """A cloud-optimised GeoTIFF of `bands` uint8 bands on `grid` (NODATA nodata): `block(top, bottom)` gives its
+    rows (bands, bottom - top, width), asked TILE rows at a time into a tiled GTiff beside `path`, then copied by
+    GDAL's COG driver (deflate, overviews by `resampling`) with GDAL's cache capped (GDAL_CACHE)."""
     height, width = grid["height"], grid["width"]
-    covered = min(cells.shape[1] * stride, width)
+    staging = path.with_name(path.name + ".staging.tif")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE), rasterio.open(
+                staging, "w", driver="GTiff", width=width, height=height, count=bands, dtype="uint8",
+                crs=grid["crs"], transform=grid["transform"], nodata=NODATA, tiled=True, blockxsize=TILE,
+                blockysize=TILE, compress="deflate", BIGTIFF="IF_SAFER") as dst:
+            if colormap is not None:
+                dst.write_colormap(1, colormap)
+            for i, name in enumerate(descriptions or ()):
+                dst.set_band_description(i + 1, name)
+            dst.update_tags(**(tags or {}))
+            for top in range(0, height, TILE):
+                bottom = min(top + TILE, height)
+                dst.write(block(top, bottom), window=Window(0, top, width, bottom - top))
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=TILE,
+                                 RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER")
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_map(path: Path, cells: np.ndarray, grid: dict, window: int, stride: int, classes: list[str], tags: dict,
+              probs: np.ndarray | None = None) -> None:
+    """MAP.tif at the scene's resolution, each window's class (`cells` (rows, cols)) over the pixels it paints
+    (`paint_spans`), a COG with the class colours, names in its tags, overviews by mode; with `probs`
+    (rows, cols, K) also MAP_prob.tif, one band per class named by it, overviews by average. Each file is
+    written under a temporary name and renamed."""
+    row_of = pixel_cells(grid["height"], window, stride)
+    col_of = pixel_cells(grid["width"], window, stride)
+    colormap = {i: (*rgb, 255) for i, rgb in enumerate(class_colors(classes))} | {NODATA: (0, 0, 0, 0)}
+    tags = {"classes": json.dumps(classes), **{f"class_{i}": name for i, name in enumerate(classes)}, **tags}
+
+    def class_rows(top: int, bottom: int) -> np.ndarray:
+        return cells[row_of[top:bottom]][None, :, col_of]
+
+    def probability_rows(top: int, bottom: int) -> np.ndarray:
+        return probs[row_of[top:bottom]][:, col_of].transpose(2, 0, 1)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8", crs=grid["crs"],
-                       transform=grid["transform"], nodata=NODATA, compress="deflate") as dst:
-        dst.write_colormap(1, {i: (*rgb, 255) for i, rgb in enumerate(palette(len(classes)))} | {NODATA: (0, 0, 0, 0)})
-        for top in range(0, height, stride):
-            rows = min(stride, height - top)
-            block = np.full((rows, width), NODATA, dtype=np.uint8)
-            if top // stride < cells.shape[0]:
-                block[:, :covered] = np.repeat(cells[top // stride], stride)[:covered]
-            dst.write(block, 1, window=Window(0, top, width, rows))
-        dst.update_tags(classes=json.dumps(classes), **{f"class_{i}": name for i, name in enumerate(classes)}, **tags)
+    atomic_write(path, lambda tmp: write_cog(tmp, grid, 1, class_rows, "mode", colormap, ["class"], tags))
+    if probs is not None:
+        atomic_write(probabilities_path(path), lambda tmp: write_cog(
+            tmp, grid, len(classes), probability_rows, "average", None, classes,
+            {**tags, "scale": "probability x 200, 255 nodata"}))
+
+
+def probabilities_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_prob.tif")
+
+
+def write_qml(path: Path, classes: list[str]) -> None:
+    """MAP.qml: a QGIS paletted-raster style (band 1: each class value with its name and colour)."""
+    qgis = ET.Element("qgis", version="3.28", styleCategories="AllStyleCategories")
+    renderer = ET.SubElement(ET.SubElement(qgis, "pipe"), "rasterrenderer", type="paletted", band="1",
+                             opacity="1", alphaBand="-1", nodataColor="")
+    palette_xml = ET.SubElement(renderer, "colorPalette")
+    for i, (name, rgb) in enumerate(zip(classes, class_colors(classes))):
+        ET.SubElement(palette_xml, "paletteEntry", value=str(i), label=name, alpha="255",
+                      color="#{:02x}{:02x}{:02x}".format(*rgb))
+    ET.indent(qgis)
+    text = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, encoding="unicode")
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
 
 
 def read_classes(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -356,10 +528,12 @@ def read_classes(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray
 
 
 def check_truth(path: Path, grid: dict, classes: list[str]) -> None:
+    """Refuses a --truth raster on another grid than the scene's (naming both in full) or naming other classes."""
+    truth = read_grid(path)
+    if not same_grid(truth, grid):
+        raise PredictError(f"--truth {path} is on another grid than the scene: {grid_text(truth)}; the scene is on "
+                           f"{grid_text(grid)}")
     with rasterio.open(path) as src:
-        if (src.width, src.height) != (grid["width"], grid["height"]) or src.transform != grid["transform"]:
-            raise PredictError(f"--truth {path} is {src.height} x {src.width} px with transform {src.transform}; "
-                               f"the scene is {grid['height']} x {grid['width']} px with {grid['transform']}")
         named = src.tags().get("classes")
     if named is not None and json.loads(named) != classes:
         raise PredictError(f"--truth {path} names the classes {json.loads(named)}; the run's are {classes}")
@@ -394,7 +568,7 @@ def preview(path: Path, map_path: Path, classes: list[str], title: str, truth: P
     panels = [("predicted", read_classes(map_path, shape))]
     if truth is not None:
         panels.append(("true classes", read_classes(truth, shape)))
-    colors = [np.array(c) / 255 for c in palette(len(classes))]
+    colors = [np.array(c) / 255 for c in class_colors(classes)]
     nodata_color = (1.0, 1.0, 1.0)
     cmap = ListedColormap(colors + [nodata_color])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.8, 4.6), squeeze=False,
@@ -411,48 +585,226 @@ def preview(path: Path, map_path: Path, classes: list[str], title: str, truth: P
                 if NODATA in present else [])
     fig.legend(handles=handles, loc="outside right center", fontsize="small", title="class")
     fig.suptitle(title, fontsize="medium")
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return fig
 
 
-def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
+# ----------------------------------------------------------------------------- outputs never overwrite inputs
+
+def scene_outputs(out: Path, probabilities: bool) -> list[Path]:
+    """The files a scene's map writes: MAP.tif, MAP.png, MAP.json, MAP.qml (and MAP_prob.tif)."""
+    return [out, *(out.with_suffix(s) for s in (".png", ".json", ".qml")),
+            *([probabilities_path(out)] if probabilities else [])]
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` are one file: the same path once links are resolved, or (both existing) the same inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def manifest_files(csv_path: Path) -> list[Path]:
+    """Every cell of a manifest CSV as a path relative to its folder (the files it names, among other values)."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            return [csv_path.parent / value for row in csv.reader(f) for value in row if value.strip()]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def check_outputs(outputs: list[Path], inputs: list[Path], folders: list[Path]) -> None:
+    """Refuses, before anything is written, an output that is one of `inputs` (also through a link) or lies
+    inside one of `folders` (the run folder, a data folder)."""
+    for out in outputs:
+        for path in inputs:
+            if same_file(out, path):
+                raise PredictError(f"the output {out} is the input {path}: predict.py never overwrites its inputs; "
+                                   f"write elsewhere")
+        for folder in folders:
+            if out.resolve().is_relative_to(folder.resolve()):
+                raise PredictError(f"the output {out} lies inside {folder}, a folder predict.py reads (the run or "
+                                   f"its data); write elsewhere")
+
+
+def run_protected(run_path: Path) -> tuple[list[Path], list[Path]]:
+    """(files, folders) of a run given as a folder or as a checkpoint file alone."""
+    if run_path.is_dir():
+        return [p for p in run_path.rglob("*") if p.is_file()], [run_path]
+    return [run_path], []
+
+
+def check_args_outputs(args: argparse.Namespace, run: RunInfo) -> None:
+    """check_outputs on the files of this command (patches or one scene) against its inputs and the run."""
+    files, folders = run_protected(Path(args.run))
+    if args.s1 is not None:
+        outputs, inputs = scene_outputs(args.out, args.probabilities), [args.s1, args.s2, *filter(None, [args.truth])]
+    else:
+        outputs, inputs = [args.out], []
+        root = args.data_root or (Path(run.config["data_root"]) if (run.config or {}).get("data_root") else None)
+        if root is not None and root.is_dir():
+            folders.append(root)
+        elif root is not None:
+            inputs += [root, *manifest_files(root)]
+    check_outputs(outputs, files + inputs, folders)
+
+
+# ----------------------------------------------------------------------------- one scene, many scenes
+
+@dataclasses.dataclass
+class Predictor:
+    """What every scene of one command shares: the run, its network and how windows are read."""
+
+    run: RunInfo
+    classes: list[str]
+    checkpoint: Path
+    net: torch.nn.Module
+    window: int
+    stride: int
+    recipe: str
+    ctx: process.Context
+    batch_size: int
+    bands: tuple[int, int]
+
+
+def make_predictor(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> Predictor:
     config = run_args(run)
     window = args.window or config.eval_crop or config.crop
     stride = args.stride or window
+    if stride > window:
+        raise PredictError(f"--stride {stride} is larger than the window ({window} px): pixels between windows "
+                           f"would be classified unseen; pass a stride of at most the window")
     checkpoint = checkpoint_path(run, f"{args.weights}.pt")
-    grid = check_grids(args.s1, args.s2, checkpoint_bands(checkpoint), window)
-    if args.truth is not None:
-        check_truth(args.truth, grid, classes)
+    bands = checkpoint_bands(checkpoint)
     net = load_net(run, checkpoint, len(classes))
-    recipe = getattr(config, "normalize", None) or "seed"
-    windows = SceneWindows(args.s1, args.s2, grid, window, stride, recipe)
-    ctx = make_context(args, run)
-    log.info("%s: %d x %d windows of %d px every %d px over %d x %d px, normalisation %r, %s", run.path, windows.rows,
-             windows.cols, window, stride, grid["height"], grid["width"], recipe, checkpoint)
+    recipe = check_recipe(getattr(config, "normalize", None) or "seed")
     batch_size = args.batch_size or config.eval_batch_size or 2 * config.batch_size
-    cells, rate = classify_scene(net, scene_loader(windows, ctx, batch_size), ctx)
+    return Predictor(run, classes, checkpoint, net, window, stride, recipe, make_context(args, run), batch_size,
+                     bands)
 
-    tags = {"run": str(run.path), "weights": checkpoint.name, "window": window, "stride": stride, "normalize": recipe,
-            "s1": str(args.s1), "s2": str(args.s2),
-            "nodata_rule": f"255: no cell, or a window with over {MISSING_SHARE:.0%} of its pixels NaN or nodata "
-                           f"in S1 or S2"}
-    write_map(args.out, cells, grid, stride, classes, tags)
-    agree = agreement(args.out, args.truth) if args.truth else None
-    counts = np.bincount(cells.ravel(), minlength=256)
-    info = {**tags, "out": str(args.out), "classes": classes, "grid": [windows.rows, windows.cols],
-            "cells": int(cells.size), "nodata_cells": int(counts[NODATA]),
-            "class_cells": {name: int(counts[i]) for i, name in enumerate(classes)},
-            "windows_per_s": rate, "device": str(ctx.device), "nonfinite_values": windows.nonfinite_pixels,
-            "truth": str(args.truth) if args.truth else None, "agreement": agree}
-    title = (f"{run.config.get('name') or run.path.name} ({checkpoint.name}): {window} px windows every {stride} px"
-             + (f"\n{agree:.1f} % of the labelled pixels agree with the true classes" if agree is not None else ""))
-    preview(args.out.with_suffix(".png"), args.out, classes, title, args.truth)
-    args.out.with_suffix(".json").write_text(json.dumps(info, indent=2))
-    log.info("wrote %s, %s and %s: %d cells (%d nodata), %.1f windows/s on %s%s", args.out,
-             args.out.with_suffix(".png"), args.out.with_suffix(".json"), cells.size, info["nodata_cells"], rate,
-             ctx.device, "" if agree is None else f"; {agree:.1f} % agree with {args.truth}")
+
+def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | None = None,
+                  probabilities: bool = False, level: int = logging.INFO) -> dict:
+    """MAP.tif (+ MAP_prob.tif), MAP.qml, MAP.png and MAP.json of one scene; returns MAP.json's content."""
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise PredictError(f"the map {out} must end in .tif or .tiff (its .png, .json and .qml go beside it)")
+    with StackedScene(s1, s2) as scene:
+        check_scene(scene, (s1, s2), p.bands, p.window)
+        grid = scene.grid
+        if truth is not None:
+            check_truth(truth, grid, p.classes)
+        windows = SceneWindows(scene, p.window, p.stride, p.recipe)
+        log.log(level, "%s: %d x %d windows of %d px every %d px over %d x %d px, normalisation %r, %s", p.run.path,
+                windows.rows, windows.cols, p.window, p.stride, grid["height"], grid["width"], p.recipe,
+                p.checkpoint)
+        cells, probs, rate, counts = classify_scene(p.net, scene_loader(windows, p.ctx, p.batch_size), p.ctx,
+                                                    len(p.classes) if probabilities else 0)
+    tags = {"run": str(p.run.path), "weights": p.checkpoint.name, "window": p.window, "stride": p.stride,
+            "normalize": p.recipe, "s1": str(s1), "s2": str(s2),
+            "placement": "each window's class over the stride x stride cell centred in it; windows also flush with "
+                         "the right and bottom edges; the margins take the nearest window's class",
+            "nodata_rule": f"255: a window with over {MISSING_SHARE:.0%} of its pixels missing in S1 or S2 (dataset "
+                           f"mask or NaN)"}
+    write_map(out, cells, grid, p.window, p.stride, p.classes, tags, probs)
+    write_qml(out.with_suffix(".qml"), p.classes)
+    agree = agreement(out, truth) if truth else None
+    heights = np.diff([s for s, _ in paint_spans(grid["height"], p.window, p.stride)] + [grid["height"]])
+    widths = np.diff([s for s, _ in paint_spans(grid["width"], p.window, p.stride)] + [grid["width"]])
+    pixels = np.bincount(cells.ravel(), weights=np.outer(heights, widths).ravel(), minlength=256).astype(np.int64)
+    info = {**tags, "out": str(out), "classes": p.classes, "grid": list(cells.shape), "cells": int(cells.size),
+            "nodata_cells": int((cells == NODATA).sum()), "pixels": grid["height"] * grid["width"],
+            "nodata_pixels": int(pixels[NODATA]), "class_pixels": {n: int(pixels[i]) for i, n in enumerate(p.classes)},
+            "probabilities": str(probabilities_path(out)) if probabilities else None,
+            "windows_per_s": rate, "device": str(p.ctx.device),
+            "nonfinite_values": {m: dict(zip(("nan", "+inf", "-inf"), c)) for m, c in zip(("s1", "s2"),
+                                                                                          counts.tolist())},
+            "truth": str(truth) if truth else None, "agreement": agree}
+    title = (f"{p.run.config.get('name') or p.run.path.name} ({p.checkpoint.name}): {p.window} px windows every "
+             f"{p.stride} px" + (f"\n{agree:.1f} % of the labelled pixels agree with the true classes"
+                                 if agree is not None else ""))
+    preview(out.with_suffix(".png"), out, p.classes, title, truth)
+    atomic_write_json(out.with_suffix(".json"), info)  # last: its presence marks a finished map
+    log.log(level, "wrote %s (+ .png, .json, .qml%s): %d x %d windows, %d of %d px nodata, %.1f windows/s on %s%s",
+            out, ", _prob.tif" if probabilities else "", *cells.shape, info["nodata_pixels"], info["pixels"], rate,
+            p.ctx.device, "" if agree is None else f"; {agree:.1f} % agree with {truth}")
     return info
+
+
+def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+        return predict_scene(make_predictor(args, run, classes), args.s1, args.s2, args.out, args.truth,
+                             args.probabilities)
+
+
+def read_scenes(path: Path) -> list[dict]:
+    """The rows of a --scenes CSV (columns s1, s2, name, optional truth; paths relative to its folder)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except (OSError, UnicodeDecodeError) as error:
+        raise PredictError(f"--scenes {path} cannot be read: {error}") from None
+    missing = [c for c in ("s1", "s2", "name") if c not in columns]
+    if missing or not rows:
+        raise PredictError(f"--scenes {path}: expected a CSV with columns s1, s2, name (and optionally truth) and a "
+                           f"row per scene; {'no column ' + ', '.join(missing) if missing else 'no row'}")
+    scenes, lines = [], {}
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("name") or "").strip()
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise PredictError(f"--scenes {path} line {line}: name {row['name']!r} is not a plain file name")
+        if name in lines:
+            raise PredictError(f"--scenes {path}: the name {name!r} is on lines {lines[name]} and {line}")
+        lines[name] = line
+        files = {key: (row.get(key) or "").strip() for key in ("s1", "s2", "truth")}
+        if not files["s1"] or not files["s2"]:
+            raise PredictError(f"--scenes {path} line {line}: scene {name!r} needs both an s1 and an s2 file")
+        scenes.append({"name": name, "line": line, **{k: path.parent / v if v else None for k, v in files.items()}})
+    return scenes
+
+
+def main_scenes(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
+    """Every scene of --scenes (this rank's: scenes rank, rank + world, ... under torchrun) into --out_dir/NAME.tif;
+    a failing scene is logged and the others go on; a map whose JSON exists is skipped unless --overwrite."""
+    scenes = read_scenes(args.scenes)
+    files, folders = run_protected(Path(args.run))
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+        p = make_predictor(args, run, classes)
+        mine = scenes[p.ctx.rank::p.ctx.world]
+        status = {}
+        for i, scene in enumerate(mine, start=1):
+            out = args.out_dir / f"{scene['name']}.tif"
+            label = f"scene {i}/{len(mine)} {scene['name']!r} (line {scene['line']})"
+            if out.with_suffix(".json").exists() and not args.overwrite:
+                status[scene["name"]] = "skipped"
+                log.info("%s: skipped, %s exists (--overwrite to redo it)", label, out.with_suffix(".json"))
+                continue
+            try:
+                inputs = [args.scenes, scene["s1"], scene["s2"], *([scene["truth"]] if scene["truth"] else [])]
+                check_outputs(scene_outputs(out, args.probabilities), files + inputs, folders)
+                info = predict_scene(p, scene["s1"], scene["s2"], out, scene["truth"], args.probabilities,
+                                     level=logging.DEBUG)
+            except (PredictError, OSError, ValueError, rasterio.errors.RasterioError) as error:
+                status[scene["name"]] = "failed"
+                log.error("%s: failed: %s", label, error)
+                continue
+            status[scene["name"]] = "done"
+            log.info("%s: wrote %s, %d of %d px nodata, %.1f windows/s%s", label, out, info["nodata_pixels"],
+                     info["pixels"], info["windows_per_s"],
+                     "" if info["agreement"] is None else f", {info['agreement']:.1f} % agree with the truth")
+    counts = {s: sum(v == s for v in status.values()) for s in ("done", "skipped", "failed")}
+    failed = [name for name, s in status.items() if s == "failed"]
+    log.info("%d scene(s) of %s on rank %d of %d: %d done, %d skipped, %d failed%s", len(mine), args.scenes,
+             p.ctx.rank, p.ctx.world, *counts.values(), f" ({', '.join(failed)})" if failed else "")
+    if failed:
+        raise PredictError(f"{len(failed)} of {len(mine)} scenes failed: {', '.join(failed)} (their errors are "
+                           f"logged above); rerun to redo only those")
+    return {"out_dir": str(args.out_dir), "scenes": status}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -461,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = flags.parser(__doc__)
     p.add_argument("run", type=Path, metavar="RUN",
                    help="a run folder of dfc_finetune.py, or one of its checkpoints (last.pt, best.pt) alone")
-    p.add_argument("--out", type=Path, required=True, help="PRED.csv (patches) or MAP.tif (scene)")
+    p.add_argument("--out", type=Path, default=None, help="PRED.csv (patches) or MAP.tif (scene)")
     p.add_argument("--weights", choices=["last", "best"], default="last",
                    help="last.pt or best.pt of RUN (default last)")
     g = p.add_argument_group("patches")
@@ -476,6 +828,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step between windows, px (default: the window)")
     g.add_argument("--truth", type=Path, default=None,
                    help="a class raster on the scene's grid (255 nodata), shown beside the map and compared")
+    g.add_argument("--probabilities", action="store_true",
+                   help="also MAP_prob.tif: a uint8 band per class, probability x 200 (255 nodata)")
+    g = p.add_argument_group("many scenes")
+    g.add_argument("--scenes", type=Path, default=None,
+                   help="a CSV of scenes (columns s1, s2, name, optional truth; paths relative to it)")
+    g.add_argument("--out_dir", type=Path, default=None, help="with --scenes: where NAME.tif and its files go")
+    g.add_argument("--overwrite", action="store_true", help="with --scenes: redo the maps already finished")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--batch_size", type=flags.positive_int, default=None,
@@ -485,23 +844,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace, scene: bool) -> None:
+    """parser.error for flags that do not apply to the mode asked (patches, a scene, --scenes)."""
+    many = args.scenes is not None
+    mode = "--scenes" if many else "a scene (--s1, --s2)" if scene else "patches (--data_root, --split)"
+    foreign = {"--data_root": scene or many, "--split": scene or many, "--s1": many, "--s2": many, "--out": many,
+               "--window": not (scene or many), "--stride": not (scene or many), "--truth": not scene,
+               "--probabilities": not (scene or many), "--out_dir": not many, "--overwrite": not many}
+    wrong = [f for f, bad in foreign.items() if bad and getattr(args, f[2:]) not in (None, False)]
+    if wrong:
+        parser.error(f"{', '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to {mode}")
+    if many and args.out_dir is None:
+        parser.error("--scenes needs --out_dir")
+    if not many and args.out is None:
+        parser.error("--out is required (PRED.csv for patches, MAP.tif for a scene)")
+
+
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     scene = args.s1 is not None or args.s2 is not None
     if scene and (args.s1 is None or args.s2 is None):
         parser.error("a scene needs both --s1 and --s2")
-    wrong = [f for f in (["--data_root", "--split"] if scene else ["--window", "--stride", "--truth"])
-             if getattr(args, f[2:]) is not None]
-    if wrong:
-        parser.error(f"{', '.join(wrong)} {'do' if len(wrong) > 1 else 'does'} not apply to "
-                     f"{'a scene (--s1, --s2)' if scene else 'patches (--data_root, --split)'}")
+    check_modes(parser, args, scene)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         run = open_run(args.run, args.weights)
         if run.kind != "dfc_finetune":
             raise PredictError(f"{args.run} is a run of {run.kind}.py; predict.py applies runs of dfc_finetune.py")
         classes = run_classes(run)
+        if args.scenes is not None:
+            return main_scenes(args, run, classes)
+        check_args_outputs(args, run)
         return (main_scene if scene else main_patches)(args, run, classes)
     except (PredictError, NotARunError, RunFolderError, OSError, ValueError, process.DeviceError) as error:
         sys.exit(f"predict.py: error: {error}")

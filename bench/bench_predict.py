@@ -19,10 +19,18 @@ best pass's windows per second (the least disturbed by other processes on a shar
     python bench/bench_predict.py                 # resnet50, 224 px windows of 256 px patches (sized for a GPU)
     python bench/bench_predict.py --tiny          # resnet18, 32 px: CPU, seconds
     python bench/bench_predict.py --device cpu --patches 16 --mosaic 4 --passes 2   # resnet50 on a CPU
+
+Predict stage (--predict_scene PX): predict.py itself, in a subprocess, on a PX x PX stacked scene (the
+test patches tiled) with a tiny run (resnet18, 32 px windows, one epoch of dfc_finetune.py on the
+synthetic patches): its seconds and its peak memory, the proportional set size (PSS) summed over
+the process and its loader workers, sampled every 0.1 s.
+
+    python bench/bench_predict.py --tiny --predict_scene 2048 --passes 1
 """
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +40,14 @@ import numpy as np
 import rasterio
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import dfc_finetune  # noqa: E402
 import predict  # noqa: E402
 import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
 from models import DualResNet, MultiModalNet  # noqa: E402
-from util import (
-    flags,  # noqa: E402
-    metrics,  # noqa: E402
-    process,  # noqa: E402
-)
+from util import flags, metrics, process  # noqa: E402
 
 PRESETS = {
     "gpu": dict(arch="resnet50", window=224, patch_size=256, patches=64, mosaic=16, batch_size=128, passes=3,
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=flags.positive_int, default=None, help="timed passes of each (default 3; --tiny 1)")
     p.add_argument("--workers", type=flags.non_negative_int, default=None,
                    help="DataLoader workers (default: CPUs, at most 16; --tiny 1)")
+    p.add_argument("--predict_scene", type=flags.non_negative_int, default=0, metavar="PX",
+                   help="also time predict.py on a PX x PX scene with a tiny run, with its peak memory (0: no)")
     return p
 
 
@@ -90,6 +97,92 @@ def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
                            count=array.shape[0], dtype=array.dtype, crs="EPSG:32633", transform=transform) as dst:
             dst.write(array)
     return folder / "s1.tif", folder / "s2.tif"
+
+
+def write_large_scene(root: Path, folder: Path, size: int) -> tuple[Path, Path]:
+    """S1 and S2 scenes of size x size px: the test patches of `root` tiled, written by rows of patches (tiled,
+    deflate), never whole."""
+    patches = {m: [] for m in ("s1", "s2")}
+    test = dfc_finetune.build_eval_set(argparse.Namespace(eval_crop=0, eval_offset_seed=0, normalize="seed"), root,
+                                       "test")
+    for files in test.source.files:
+        for m in patches:
+            with rasterio.open(files[m]) as src:
+                patches[m].append(src.read())
+    paths = []
+    for m, tiles in patches.items():
+        side = tiles[0].shape[1]
+        profile = dict(driver="GTiff", width=size, height=size, count=tiles[0].shape[0], dtype=tiles[0].dtype,
+                       crs="EPSG:32633", transform=rasterio.Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0),
+                       tiled=True, compress="deflate", BIGTIFF="IF_SAFER")
+        with rasterio.open(folder / f"big_{m}.tif", "w", **profile) as dst:
+            for r, top in enumerate(range(0, size, side)):
+                rows = min(side, size - top)
+                row = np.concatenate([tiles[(r + c) % len(tiles)] for c in range(-(-size // side))], axis=2)
+                dst.write(row[:, :rows, :size], window=rasterio.windows.Window(0, top, size, rows))
+        paths.append(folder / f"big_{m}.tif")
+    return paths[0], paths[1]
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of proportional set size of process `pid` and of its descendants (0 for those gone)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, grown = {pid}, True
+    while grown:
+        children = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= children
+        grown = bool(children)
+    total = 0
+    for p in tree:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:")) * 1024
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+def measured(command: list[str]) -> tuple[float, int]:
+    """Seconds and peak summed PSS (bytes) of `command` run to its end (an error if it fails)."""
+    began = time.perf_counter()
+    process_ = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while process_.poll() is None:
+        peak = max(peak, tree_pss(process_.pid))
+        time.sleep(0.1)
+    seconds = time.perf_counter() - began
+    if process_.returncode:
+        raise SystemExit(f"bench_predict: {' '.join(command)} failed:\n{process_.stderr.read()[-3000:]}")
+    return seconds, peak
+
+
+def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace) -> None:
+    """predict.py on a size x size scene with a tiny run trained here: seconds and peak memory, printed."""
+    run = folder / "tiny_run"
+    data = synthetic_data.write_dfc2020(folder / "dfc_run", 8, 4, seed=0, size=40)
+    measured([sys.executable, str(ROOT / "dfc_finetune.py"), "--data_root", str(data), "--save_path", str(run),
+              "--arch", "resnet18", "--crop", "32", "--eval_crop", "32", "--epochs", "1", "--batch_size", "4",
+              "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head_lr", "1e-3", "--finetune"])
+    began = time.perf_counter()
+    with rasterio.Env(GDAL_CACHEMAX=predict.GDAL_CACHE):
+        s1, s2 = write_large_scene(root, folder, size)
+    print(f"bench_predict: wrote a {size} x {size} px scene in {time.perf_counter() - began:.1f} s", flush=True)
+    command = [sys.executable, str(ROOT / "predict.py"), str(run), "--s1", str(s1), "--s2", str(s2), "--out",
+               str(folder / "map.tif"), "--device", args.device, "--batch_size", str(args.batch_size), "--workers",
+               str(args.workers)]
+    seconds, peak = measured(command)
+    with rasterio.open(folder / "map.tif") as src:
+        windows = (-(-(src.width - 32) // 32) + 1) ** 2
+    print(f"predict stage: {size} x {size} px, {windows} windows of 32 px, resnet18 (tiny run), {args.device}, "
+          f"batch {args.batch_size}, workers {args.workers}: {seconds:.1f} s, peak memory {peak / 2**20:.0f} MB "
+          f"(PSS summed over predict.py and its workers)", flush=True)
 
 
 def main(argv=None) -> None:
@@ -120,8 +213,7 @@ def main(argv=None) -> None:
               f"{args.mosaic} x {args.mosaic} patch mosaic in {time.perf_counter() - began:.1f} s", flush=True)
         run = argparse.Namespace(eval_crop=args.window, eval_offset_seed=0, normalize="seed")
         eval_set = dfc_finetune.build_eval_set(run, root, "test")
-        windows = predict.SceneWindows(s1, s2, predict.check_grids(s1, s2, (2, 13), args.window), args.window,
-                                       args.window, "seed")
+        windows = predict.SceneWindows(predict.StackedScene(s1, s2), args.window, args.window, "seed")
         cycled = [i % len(eval_set) for i in range(len(windows))]
         loader = process.make_loader(eval_set, args.batch_size, ctx, argparse.Namespace(seed=0), train=False,
                                      indices=cycled)
@@ -148,6 +240,8 @@ def main(argv=None) -> None:
                 if timed:
                     rates[name].append(n / (time.perf_counter() - began))
                     print(f"bench_predict: {name} pass {len(rates[name])}: {rates[name][-1]:.1f} windows/s", flush=True)
+        if args.predict_scene:
+            predict_stage(root, Path(tmp), args.predict_scene, args)
     best = {name: max(r) for name, r in rates.items()}
     print(f"predict windows/s: scene {best['scene']:.1f} ({len(windows)} windows) | evaluation loop "
           f"{best['evaluation']:.1f} ({len(cycled)} windows) | scene / evaluation "

@@ -2,6 +2,9 @@
 known patches is predicted as those patches, on the scene's grid; bad scenes are refused."""
 import csv
 import json
+import logging
+import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -111,38 +114,46 @@ def test_a_mosaic_of_patches_is_predicted_as_each_patch_alone(run, dfc_root, mos
     assert (classes_map.reshape(2, PATCH, 3, PATCH) == cells.reshape(2, 1, 3, 1)).all()  # a cell fills its pixels
     assert info["grid"] == [2, 3] and info["nodata_cells"] == 0
 
-    windows = predict.SceneWindows(s1, s2, predict.check_grids(s1, s2, (2, 13), PATCH), PATCH, PATCH, "seed")
+    windows = predict.SceneWindows(predict.StackedScene(s1, s2), PATCH, PATCH, "seed")
     loader = torch.utils.data.DataLoader(windows, batch_size=4)
     ctx = predict.process.Context(device=torch.device("cpu"))
-    index, logits = (torch.cat(t) for t in zip(*predict.window_logits(net, loader, ctx)))
+    index, logits = (torch.cat(t) for t in list(zip(*predict.window_logits(net, loader, ctx)))[:2])
     torch.testing.assert_close(logits.softmax(1)[index.argsort()], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_the_map_keeps_the_scenes_grid(run, mosaic, tmp_path):
+def test_the_map_keeps_the_scenes_grid_and_opens_named_in_a_gis(run, mosaic, tmp_path):
     s1, s2, _ = mosaic
     out = tmp_path / "sub" / "map.tif"
-    predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--out", str(out), "--window", "32", "--stride", "40",
-                  "--device", "cpu", "--workers", "0"])
+    info = predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--out", str(out), "--window", "32", "--stride",
+                         "24", "--probabilities", "--device", "cpu", "--workers", "0"])
     classes = json.loads((run / "results.json").read_text())["last"]["classes"]
     with rasterio.open(s1) as scene, rasterio.open(out) as src:
         assert src.crs == scene.crs and src.transform == scene.transform
         assert src.bounds == scene.bounds and src.shape == scene.shape
         assert src.count == 1 and src.dtypes[0] == "uint8" and src.nodata == 255
         assert json.loads(src.tags()["classes"]) == classes
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and src.block_shapes == [(256, 256)]
+        assert src.colormap(1)[0][:3] == (0, 153, 0)  # DFC2020's legend: Forest
         image = src.read(1)
-    # 96 x 144 px, windows of 32 every 40 px: 2 x 3 windows; cells of 40 px, nodata past them.
-    assert (image[:80, :120] != 255).all() and (image[80:] == 255).all() and (image[:, 120:] == 255).all()
-    assert len(np.unique(image[:40, :40])) == 1
+    # 96 x 144 px, windows of 32 every 24 px and flush with the edges: 4 x 6 windows, every pixel classified.
+    assert (image != 255).all() and info["grid"] == [4, 6] and info["nodata_pixels"] == 0
+    with rasterio.open(out.with_name("map_prob.tif")) as prob:
+        assert prob.descriptions == tuple(classes) and prob.transform == scene.transform
+        assert prob.count == len(classes) and (prob.read().argmax(0) == image).all()
+    entries = ET.parse(out.with_suffix(".qml")).getroot().findall("./pipe/rasterrenderer/colorPalette/paletteEntry")
+    assert [(e.get("value"), e.get("label")) for e in entries] == [(str(i), c) for i, c in enumerate(classes)]
     assert out.with_suffix(".png").stat().st_size > 0
-    assert json.loads(out.with_suffix(".json").read_text())["grid"] == [2, 3]
+    assert json.loads(out.with_suffix(".json").read_text())["grid"] == [4, 6]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["map.json", "map.png", "map.qml", "map.tif",
+                                                            "map_prob.tif"]  # no temporary file left
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"crs": CRS.from_epsg(32634)}, "CRS"),
-    ({"transform": TRANSFORM @ rasterio.Affine.translation(1, 0)}, "transform"),
-    ({"size": 1}, "width"),
+@pytest.mark.parametrize("change", [
+    {"crs": CRS.from_epsg(32634)},
+    {"transform": TRANSFORM @ rasterio.Affine.translation(1e-3, 0)},  # a thousandth of a pixel
+    {"size": 1},
 ])
-def test_scenes_on_different_grids_are_refused_naming_both(run, mosaic, tmp_path, change, named):
+def test_scenes_on_different_grids_are_refused_naming_both_in_full(run, mosaic, tmp_path, change):
     s1, _, arrays = mosaic
     s2 = write_tif(tmp_path / "other_s2.tif", arrays["s2"][:, :, :-PATCH] if "size" in change else arrays["s2"],
                    crs=change.get("crs", CRS_UTM), transform=change.get("transform", TRANSFORM))
@@ -150,8 +161,28 @@ def test_scenes_on_different_grids_are_refused_naming_both(run, mosaic, tmp_path
     with pytest.raises(SystemExit) as error:
         predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--out", str(out), "--device", "cpu"])
     message = str(error.value)
-    assert f"{named} " in message and str(s1) in message and str(s2) in message, message
+    assert (f"{s1} is on {predict.grid_text(predict.read_grid(s1))}, "
+            f"{s2} on {predict.grid_text(predict.read_grid(s2))}") in message, message
     assert list(tmp_path.iterdir()) == [s2]  # nothing written
+
+
+def test_grids_equal_within_a_millionth_of_a_pixel_are_one_grid(run, mosaic, tmp_path):
+    s1, _, arrays = mosaic
+    shifted = TRANSFORM @ rasterio.Affine.translation(1e-10, 0)  # 1e-9 m: once refused, printed alike
+    s2 = write_tif(tmp_path / "s2.tif", arrays["s2"], transform=shifted)
+    labels = np.zeros((1, *arrays["s2"].shape[1:]), np.uint8)
+    truth = write_tif(tmp_path / "truth.tif", labels, transform=shifted)
+    info = predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--truth", str(truth), "--out",
+                         str(tmp_path / "map.tif"), "--window", str(PATCH), "--device", "cpu", "--workers", "0"])
+    assert info["grid"] == [2, 3]
+    elsewhere = write_tif(tmp_path / "t2.tif", labels, transform=TRANSFORM @ rasterio.Affine.translation(0.5, 0))
+    with pytest.raises(SystemExit) as error:
+        predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--truth", str(elsewhere), "--out",
+                      str(tmp_path / "map2.tif"), "--window", str(PATCH), "--device", "cpu", "--workers", "0"])
+    assert (f"--truth {elsewhere} is on another grid than the scene: "
+            f"{predict.grid_text(predict.read_grid(elsewhere))}; the scene is on "
+            f"{predict.grid_text(predict.read_grid(s2))}") in str(error.value)
+    assert "500005.0" in str(error.value) and not (tmp_path / "map2.tif").exists()
 
 
 def test_a_scene_smaller_than_a_window_is_refused(run, mosaic, tmp_path):
@@ -177,7 +208,7 @@ def test_mostly_missing_windows_are_nodata(run, mosaic, tmp_path):
     with rasterio.open(tmp_path / "map.tif") as src:
         cells = src.read(1)[::PATCH, ::PATCH]
     assert (cells == 255).tolist() == [[False, True, False], [False, False, True]]
-    assert info["nodata_cells"] == 2
+    assert info["nodata_cells"] == 2 and info["nodata_pixels"] == 2 * PATCH * PATCH
 
 
 def test_the_synthetic_scene_is_predicted_beside_its_true_classes_and_reported(run, tmp_path, capsys):
@@ -224,3 +255,157 @@ def test_a_checkpoint_alone_predicts_as_its_run_folder_and_an_older_one_by_its_c
     torch.save(state, alone)
     with pytest.raises(SystemExit, match="does not describe itself .* give its run folder"):
         predict.main([str(alone), "--out", str(tmp_path / "x.csv"), *common])
+
+
+def test_window_placement_by_hand():
+    # 100 px, windows of 32 every 8: origins 0 .. 64, then 68 flush with the edge; each paints the 8 px centred
+    # in it (from 12 px in), the first from the edge, the flush one what the one at 64 left (84 ..) to the edge.
+    assert predict.window_origins(100, 32, 8) == [0, 8, 16, 24, 32, 40, 48, 56, 64, 68]
+    assert predict.paint_spans(100, 32, 8) == [(0, 20), *((s, s + 8) for s in range(20, 84, 8)), (84, 100)]
+    assert predict.window_origins(96, 48, 48) == [0, 48] and predict.paint_spans(96, 48, 48) == [(0, 48), (48, 96)]
+    assert predict.paint_spans(100, 48, 48) == [(0, 48), (48, 96), (96, 100)]  # the flush window at 52
+    assert predict.paint_spans(40, 32, 7) == [(0, 19), (19, 26), (26, 40)]  # 12 px in ((32 - 7) // 2); flush at 8
+    assert predict.pixel_cells(10, 4, 2).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+
+
+class ArrayScene:
+    """A scene held in memory, with the interface predict reads scenes through."""
+
+    def __init__(self, s1, s2):
+        self.s1, self.s2 = s1, s2
+        self.grid = {"crs": CRS_UTM, "transform": TRANSFORM, "width": s1.shape[2], "height": s1.shape[1]}
+
+    def read(self, w):
+        rows, cols = slice(w.row_off, w.row_off + w.height), slice(w.col_off, w.col_off + w.width)
+        return self.s1[:, rows, cols].copy(), self.s2[:, rows, cols].copy()
+
+    def close(self):
+        pass
+
+
+class MajorityNet(torch.nn.Module):
+    """Classifies a window by the majority of its pixels' truth (S2 band 0: 0 or 1); logits (1 - f, f)."""
+
+    def forward(self, s1, s2):
+        share = (s2[:, 0] > 0.5).float().mean((1, 2))
+        return torch.stack([1 - share, share], 1)
+
+
+@pytest.mark.parametrize("boundary, tolerance", [(132, 0), (128, 4)])
+def test_a_boundary_lands_where_it_is(tmp_path, boundary, tolerance):
+    # Cells of 8 px start 12 px into windows placed every 8 px: at 4, 12, ... mod 8. A boundary at 132 is a cell
+    # edge and lands exactly; at 128 the window at 112 is split 16 / 16, so it lands half a cell away at most.
+    truth = np.zeros((100, 160), np.float32)
+    truth[:, boundary:] = 1
+    truth[60:] = 1 - truth[60:]  # a horizontal boundary too, at y = 60 (a cell edge)
+    scene = ArrayScene(np.zeros((2, 100, 160), np.float32), np.repeat(truth[None], 3, 0))
+    windows = predict.SceneWindows(scene, 32, 8, "none")
+    ctx = predict.process.Context(device=torch.device("cpu"))
+    cells, probs, _, _ = predict.classify_scene(MajorityNet(), torch.utils.data.DataLoader(windows, batch_size=64),
+                                                ctx, probabilities=2)
+    out = tmp_path / "map.tif"
+    predict.write_map(out, cells, scene.grid, 32, 8, ["left", "right"], {}, probs)
+    with rasterio.open(out) as src, rasterio.open(predict.probabilities_path(out)) as prob:
+        image, bands = src.read(1), prob.read()
+    assert (image != 255).all()  # every pixel some window covers has a class, margins included
+    row = image[20]
+    edges = np.flatnonzero(np.diff(row.astype(int))) + 1
+    assert len(edges) == 1 and abs(edges[0] - boundary) <= tolerance, edges
+    column = np.flatnonzero(np.diff(image[:, 10].astype(int))) + 1
+    assert column.tolist() == [60]
+    assert (bands.argmax(0) == image).all() and bands.max() <= 201  # ties in rounding go to the map's class
+    assert (np.abs(bands.astype(int).sum(0) - 200) <= 2).all()
+
+
+def test_missing_pixels_follow_the_files_masks(tmp_path):
+    s1 = np.full((2, 8, 8), -12.0, np.float32)
+    s1[:, :, :2] = -9999  # the nodata value along a swath edge
+    s2 = np.full((13, 8, 8), 1500, np.uint16)
+    s2[10] = 0  # an L2A stack padded with a zero B10, nodata 0: the pixels stay valid
+    s2[:, :3] = 0  # every band nodata: missing
+    s1_path = write_tif(tmp_path / "s1.tif", s1, nodata=-9999)
+    s2_path = write_tif(tmp_path / "s2.tif", s2, nodata=0)
+    masked = write_tif(tmp_path / "masked.tif", np.full((13, 8, 8), 1500, np.uint16))
+    with rasterio.open(masked, "r+") as dst:
+        mask = np.full((8, 8), 255, np.uint8)
+        mask[4:] = 0
+        dst.write_mask(mask)  # an internal mask
+    window = rasterio.windows.Window(0, 0, 8, 8)
+    with predict.StackedScene(s1_path, s2_path) as scene:
+        a, b = scene.read(window)
+    assert np.isnan(a[:, :, :2]).all() and not np.isnan(a[:, :, 2:]).any()
+    assert np.isnan(b[:, :3]).all() and (b[10, 3:] == 0).all() and not np.isnan(b[:, 3:]).any()
+    with predict.StackedScene(s1_path, masked) as scene:
+        assert np.isnan(scene.read(window)[1][:, 4:]).all() and not np.isnan(scene.read(window)[1][:, :4]).any()
+    x1, _, counts = predict.normalize(a, b, "seed")
+    assert counts[0, 0] == 2 * 8 * 2 and np.isfinite(x1.numpy()).all()  # missing -> NaN -> the recipe's NaN rule
+
+
+@pytest.mark.parametrize("target", ["s2", "s1 symlink", "s1 hard link", "truth", "last.pt", "run folder",
+                                    "run folder symlink", "manifest", "manifest file", "last.pt, patches"])
+def test_an_output_never_overwrites_an_input(run, mosaic, tmp_path, target):
+    s1, s2, _ = mosaic
+    truth = write_tif(tmp_path / "truth.tif", np.zeros((1, 96, 144), np.uint8))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("id,s1,s2,label,split\n1,p/s1.tif,p/s2.tif,Forest,val\n")
+    out = {"s2": s2, "s1 symlink": tmp_path / "link.tif", "s1 hard link": tmp_path / "hard.tif", "truth": truth,
+           "last.pt": run / "last.pt", "run folder": run / "maps" / "map.tif",
+           "run folder symlink": tmp_path / "run_link" / "map.tif", "manifest": pairs,
+           "manifest file": tmp_path / "p" / "s2.tif", "last.pt, patches": run / "last.pt"}[target]
+    if target == "s1 symlink":
+        out.symlink_to(s1)
+    elif target == "s1 hard link":
+        os.link(s1, out)
+    elif target == "run folder symlink":
+        out.parent.symlink_to(run)
+    before = {p: p.stat().st_mtime_ns for p in (s1, s2, truth, pairs, run / "last.pt")}
+    if target.startswith("manifest"):
+        argv = ["--data_root", str(pairs), "--split", "val"]
+    elif target.endswith("patches"):
+        argv = []  # the run's own data and split
+    else:
+        argv = ["--s1", str(s1), "--s2", str(s2), "--truth", str(truth), "--window", str(PATCH)]
+    with pytest.raises(SystemExit, match="predict.py: error: the output .* (is the input|lies inside) "):
+        predict.main([str(run), *argv, "--out", str(out), "--device", "cpu", "--workers", "0"])
+    assert before == {p: p.stat().st_mtime_ns for p in before} and not (run / "maps").exists()
+
+
+def test_many_scenes_one_failing_resumed_and_shared_by_ranks(run, mosaic, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="predict")
+    s1, s2, _ = mosaic
+    (tmp_path / "in").mkdir()
+    for name in ("s1.tif", "s2.tif"):
+        (tmp_path / "in" / name).symlink_to(s1 if name == "s1.tif" else s2)
+    scenes = tmp_path / "scenes.csv"
+    scenes.write_text("name,s1,s2\na,in/s1.tif,in/s2.tif\nbroken,in/s1.tif,in/none.tif\nc,in/s1.tif,in/s2.tif\n")
+    out = tmp_path / "maps"
+    argv = [str(run), "--scenes", str(scenes), "--out_dir", str(out), "--window", str(PATCH), "--device", "cpu",
+            "--workers", "0"]
+    with pytest.raises(SystemExit, match="1 of 3 scenes failed: broken"):
+        predict.main(argv)
+    assert sorted(p.name for p in out.glob("*.json")) == ["a.json", "c.json"]
+    assert "scene 2/3 'broken' (line 3): failed: " in caplog.text and "none.tif" in caplog.text
+    finished = (out / "a.json").stat().st_mtime_ns
+    scenes.write_text("name,s1,s2\na,in/s1.tif,in/s2.tif\nc,in/s1.tif,in/s2.tif\n")
+    caplog.clear()
+    assert predict.main(argv)["scenes"] == {"a": "skipped", "c": "skipped"}
+    assert (out / "a.json").stat().st_mtime_ns == finished
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert predict.main([*argv, "--overwrite"])["scenes"] == {"c": "done"}  # rank 1 of 2: scenes 1, 3, ...
+    assert (out / "a.json").stat().st_mtime_ns == finished
+    assert "on rank 1 of 2: 1 done, 0 skipped, 0 failed" in caplog.text
+
+
+def test_a_large_map_has_overviews_by_mode_and_other_classes_a_fixed_palette(tmp_path):
+    grid = {"crs": CRS_UTM, "transform": TRANSFORM, "width": 600, "height": 520}
+    cells = np.zeros((len(predict.window_origins(520, 16, 8)), len(predict.window_origins(600, 16, 8))), np.uint8)
+    cells[:, ::3] = 2  # stripes of 8 px of class 2 every 24 px: a third of the area; the mode keeps class 0
+    cells[-1, -1] = 255
+    predict.write_map(tmp_path / "map.tif", cells, grid, 16, 8, ["paddy", "maize", "soy"], {})
+    with rasterio.open(tmp_path / "map.tif") as src:
+        assert src.overviews(1) == [2, 4] and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.colormap(1)[2][:3] == (44, 160, 44)  # tab10's third colour
+        full, coarse = src.read(1), src.read(1, out_shape=(130, 150))  # the 4x overview
+    assert (full == 255).sum() == 12 * 12  # the last window's cell: from 508 and 588 to the edges
+    assert set(np.unique(coarse)) <= {0, 2, 255} and (coarse == 0).mean() > 0.5

@@ -221,8 +221,8 @@ def maps_section(out: Path, maps: list[dict]) -> list[str]:
                  f"agree with the true classes (`{m['truth']}`).")
         lines += [f"![predicted map {Path(m['out']).name}]({name})", "",
                   f"`predict.py` with `{m['run']}` ({m['weights']}) on `{m['s1']}` and `{m['s2']}`: {m['window']} px "
-                  f"windows every {m['stride']} px, each giving its class to the {m['stride']} px cell it starts at; "
-                  f"{m['grid'][0]} x {m['grid'][1]} cells, {m['nodata_cells']} nodata; "
+                  f"windows every {m['stride']} px, each giving its class to the {m['stride']} px cell centred in it; "
+                  f"{m['grid'][0]} x {m['grid'][1]} windows, {m.get('nodata_pixels', '?')} nodata pixels; "
                   f"{m['windows_per_s']:.0f} windows/s on {m['device']}.{agree}", ""]
     return lines
 
