@@ -6,14 +6,15 @@ from .dfc2020 import DFC2020Dataset
 from .labels import DFC_CLASSES
 from .manifest import ManifestDataset, is_manifest
 from .meterml import MeterMLDataset, split_overlap
+from .normalization import NORMALIZATIONS, band_statistics, normalize, seed_normalize, ssl4eo_normalize
 from .packed import packed_index
-from .patches import NORMALIZATIONS, PatchDataset, seed_normalize, ssl4eo_normalize
+from .patches import PatchDataset
 from .sen12ms import SEASONS, SEN12MSDataset
 
 __all__ = [
     "IGNORE", "CropError", "DataFileError", "balanced_indices", "DFC2020Dataset", "DFC_CLASSES", "ManifestDataset",
     "is_manifest", "MeterMLDataset", "split_overlap", "packed_index", "NORMALIZATIONS", "PatchDataset",
-    "seed_normalize", "ssl4eo_normalize", "SEASONS", "SEN12MSDataset", "patch_dataset",
+    "seed_normalize", "ssl4eo_normalize", "normalize", "band_statistics", "SEASONS", "SEN12MSDataset", "patch_dataset",
 ]
 
 
