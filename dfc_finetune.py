@@ -21,14 +21,16 @@ not fit the data's band counts are refused unless --fresh_first_conv.
 """
 import argparse
 import logging
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import Views, dfc_augment
-from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
+from datasets import CropError, PatchDataset, balanced_indices, is_manifest, patch_dataset, seed_normalize
 from engine import train_one_epoch
 from losses import SupConCELoss
 from models import (
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "number of copies, the original's list (datasets.balanced_indices); weighted draws "
                         "with replacement weighted by 1 / class frequency")
     flags.add_normalize_arg(g)
+    flags.add_s2_bands_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50")
     flags.add_backbone_args(g)
     flags.add_finetune_flag(g, default=False)
@@ -115,12 +118,61 @@ def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[l
     return indices, 1.0 / torch.bincount(labels)[labels].float()
 
 
-def build_eval_set(args: argparse.Namespace, root, split: str) -> PatchDataset:
+def build_eval_set(args: argparse.Namespace, root, split: str, *, classes: list[str] | None = None,
+                   norm_stats: dict | None = None) -> PatchDataset:
     """The evaluation data as the run reads it: one --eval_crop window per patch at its fixed
-    --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize; DFC2020 or a
-    manifest. predict.py calls it with a run's config.json, to read the windows its evaluations read."""
+    --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize (stats: the
+    training split's, `norm_stats`); DFC2020 or a manifest, whose labels are numbered by `classes` (a run's)
+    when given. predict.py calls it with a run's config.json, to read the windows its evaluations read."""
+    # a run from before --normalize existed: the original's seed recipe
     return patch_dataset(root, split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed,
-                         normalize=args.normalize)
+                         normalize=args.normalize or "seed", norm_stats=norm_stats, classes=classes,
+                         s2_bands=getattr(args, "s2_bands", None))
+
+
+def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[PatchDataset, PatchDataset]:
+    """The training and evaluation data, every label map read once, before the run folder exists: a
+    data error (a missing or unreadable file, undocumented label codes, a bad manifest row) ends the
+    script in one line. Resolves --normalize (stats for a manifest, else seed) and warns about a
+    manifest's rows that neither split takes and evaluation labels without a training row."""
+    manifest = is_manifest(args.data_root)
+    args.normalize = args.normalize or ("stats" if manifest else "seed")
+    try:
+        if args.s2_bands and not manifest:
+            raise ValueError(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest "
+                             "(DFC2020's S2 are the 13 L1C bands)")
+        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
+                                  normalize=args.normalize, s2_bands=args.s2_bands)
+        eval_set = build_eval_set(args, args.data_root, args.eval_split, norm_stats=train_set.norm_stats)
+        found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
+                                                                       (args.eval_split, eval_set))}
+    except CropError as error:
+        parser.exit(2, f"{parser.prog}: error: {error} (--crop {args.crop}, --eval_crop {args.eval_crop})\n")
+    except ValueError as error:  # an unknown split, a bad manifest row, undocumented label codes
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    for split, report in found.items():
+        if report["ignored_label_patches"]:
+            log.warning("%s split: %d of %d patches have an ignored majority label (no label, or a class outside "
+                        "%s: DFC2020 Savanna 3 and Snow/Ice 8); cross-entropy and the metrics skip them; pixels of "
+                        "ignored codes: %s", split, report["ignored_label_patches"], report["patches"],
+                        ", ".join(eval_set.classes), report.get("ignored_pixels_by_code", {}))
+    if manifest:
+        other = {s: n for s, n in train_set.split_counts.items() if s not in (args.train_split, args.eval_split)}
+        if other:
+            log.warning("%s: %d rows of other splits than --train_split %r and --eval_split %r are not used (split: "
+                        "rows): %s", args.data_root, sum(other.values()), args.train_split, args.eval_split,
+                        ", ".join(f"{s!r}: {n}" for s, n in sorted(other.items())))
+        unseen = Counter(n for n in eval_set.label_names if n and n not in set(train_set.label_names))
+        if unseen:
+            log.warning("evaluation labels with no training row (their per-class accuracy is 0 by construction; "
+                        "label: rows): %s", ", ".join(f"{n}: {k}" for n, k in sorted(unseen.items())))
+    return train_set, eval_set
+
+
+def data_record(args: argparse.Namespace, train_set: PatchDataset) -> dict:
+    """What results.json records of the data: the manifest's file name, the S2 band names, the band statistics."""
+    record = {"s2_band_names": list(train_set.s2_band_names), "norm_stats": train_set.norm_stats}
+    return {"manifest": Path(args.data_root).name, **record} if is_manifest(args.data_root) else record
 
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
@@ -193,23 +245,7 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args, ctx = process.start(parser, argv, check_args, script="dfc_finetune")
 
-    try:
-        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
-                                  normalize=args.normalize)
-        eval_set = build_eval_set(args, args.data_root, args.eval_split)
-        # Every label map read once: undocumented codes stop here, before the run folder exists.
-        found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
-                                                                       (args.eval_split, eval_set))}
-    except CropError as error:
-        parser.error(f"{error} (--crop {args.crop}, --eval_crop {args.eval_crop})")
-    except ValueError as error:  # an unknown split, a bad manifest row, undocumented label codes
-        parser.error(str(error))
-    for split, report in found.items():
-        if report["ignored_label_patches"]:
-            log.warning("%s split: %d of %d patches have an ignored majority label (no label, or a class outside "
-                        "%s: DFC2020 Savanna 3 and Snow/Ice 8); cross-entropy and the metrics skip them; pixels of "
-                        "ignored codes: %s", split, report["ignored_label_patches"], report["patches"],
-                        ", ".join(eval_set.classes), report.get("ignored_pixels_by_code", {}))
+    train_set, eval_set = open_data(parser, args)
     indices, weights = training_items(args, train_set)
     loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
     eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
@@ -230,7 +266,9 @@ def main(argv=None) -> dict:
                  "joint (augmented, original) pass updates, which evaluation uses")
 
     eval_epochs = metrics.eval_schedule(args.epochs, args.eval_every, args.eval_dense_after)
-    with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, script="dfc_finetune", dataset="DFC2020",
+    manifest = is_manifest(args.data_root)
+    with RunDir(args.save_path or default_run_path("dfc_finetune"), args, ctx, script="dfc_finetune",
+                dataset="manifest" if manifest else "DFC2020",
                 modules={"state_dict": net}, optimizer=optimizer, extra={"arch": args.arch}, select="AA",
                 steps_per_epoch=len(loader)) as run:
         for epoch in range(run.start, args.epochs):
@@ -240,7 +278,8 @@ def main(argv=None) -> dict:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
             run.end_epoch(epoch, row)
         return run.finish(process.environment(ctx),
-                          data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}))
+                          data=run.data_report({args.train_split: train_set, args.eval_split: eval_set}),
+                          **data_record(args, train_set))
 
 
 if __name__ == "__main__":

@@ -121,24 +121,26 @@ def predict_patches(net: DualResNet, loader: DataLoader, ctx: process.Context) -
     net.to(ctx.device)
     if ctx.channels_last:
         net.to(memory_format=torch.channels_last)
-    ids, labels, preds, probs = [], [], [], []
+    ids, labels, preds, probs, names = [], [], [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not ctx.progress):
+        names += batch.get("label_name", [None] * len(batch["label"]))  # a manifest row's own label
         with ctx.autocast():
             logits = net(ctx.to_device(batch["s1"]), ctx.to_device(batch["s2"])).float()
         ids += batch["id"].tolist() if isinstance(batch["id"], Tensor) else list(batch["id"])
         labels.append(torch.as_tensor(batch["label"]))
         preds.append(logits.argmax(1).cpu())
         probs.append(logits.softmax(1).cpu())
-    return ids, torch.cat(labels), torch.cat(preds), torch.cat(probs)
+    return ids, torch.cat(labels), torch.cat(preds), torch.cat(probs), names
 
 
-def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor, preds: Tensor, probs: Tensor) -> None:
+def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor, preds: Tensor, probs: Tensor,
+                      names: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["id", "label", "prediction", *(f"p_{c}" for c in classes)])
-        for i, label, pred, p in zip(ids, labels.tolist(), preds.tolist(), probs.tolist()):
-            name = classes[label] if 0 <= label < len(classes) and label != IGNORE else ""
+        for i, label, pred, p, own in zip(ids, labels.tolist(), preds.tolist(), probs.tolist(), names):
+            name = own if own is not None else classes[label] if 0 <= label < len(classes) else ""
             out.writerow([i, name, classes[pred], *(f"{v:.6f}" for v in p)])
 
 
@@ -147,7 +149,8 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
     root = args.data_root or Path(config.data_root)
     split = args.split or config.eval_split
     try:
-        dataset = dfc_finetune.build_eval_set(config, root, split)
+        dataset = dfc_finetune.build_eval_set(config, root, split, classes=classes,
+                                              norm_stats=(run.results or {}).get("norm_stats"))
     except (CropError, ValueError) as error:
         raise PredictError(f"{root} ({split}): {error}") from None
     checkpoint = checkpoint_path(run, f"{args.weights}.pt")
@@ -155,8 +158,8 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
     ctx = make_context(args, run)
     batch_size = args.batch_size or config.eval_batch_size or 2 * config.batch_size
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=ctx.workers, pin_memory=ctx.pin_memory)
-    ids, labels, preds, probs = predict_patches(net, loader, ctx)
-    write_predictions(args.out, classes, ids, labels, preds, probs)
+    ids, labels, preds, probs, names = predict_patches(net, loader, ctx)
+    write_predictions(args.out, classes, ids, labels, preds, probs, names)
     counted = labels != IGNORE
     accuracy = 100.0 * (preds[counted] == labels[counted]).double().mean().item() if counted.any() else None
     log.info("wrote %s: %d patches of %s (%s) by %s; OA %s on %d labelled patches", args.out, len(ids), root, split,

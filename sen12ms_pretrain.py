@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seasons to read (default: all four; not for a manifest)")
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
     flags.add_normalize_arg(g)
+    flags.add_s2_bands_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
     flags.add_backbone_args(g)
     g.add_argument("--sync_bn", action="store_true",
@@ -157,17 +159,23 @@ def main(argv=None) -> dict:
     if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 
+    manifest = is_manifest(args.data_root)
+    args.normalize = args.normalize or ("stats" if manifest else "seed")  # recorded in config.json as resolved
     try:
-        if is_manifest(args.data_root):
+        if manifest:
             dataset = ManifestDataset(args.data_root, None, crop=args.crop, train=True, seed=args.seed,
-                                      normalize=args.normalize, require_labels=args.supervised_lc)
+                                      normalize=args.normalize, require_labels=args.supervised_lc,
+                                      s2_bands=args.s2_bands)
+        elif args.s2_bands:
+            raise ValueError(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest "
+                             "(SEN12MS's S2 are the 13 L1C bands)")
         else:
             dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed,
                                      normalize=args.normalize)
     except CropError as error:
-        parser.error(f"{error} (--crop {args.crop})")
-    except ValueError as error:  # a bad manifest row
-        parser.error(str(error))
+        parser.exit(2, f"{parser.prog}: error: {error} (--crop {args.crop})\n")
+    except ValueError as error:  # a bad manifest row: one line, no usage text
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     dataset[0]  # one item read now: unreadable data stops here
     indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
     # The original drops the last partial batch of every epoch.
@@ -193,8 +201,8 @@ def main(argv=None) -> dict:
              len(loader.dataset), count_trainable(backbones))
 
     with RunDir(args.save_path or default_run_path("sen12ms_pretrain"), args, ctx, script="sen12ms_pretrain",
-                dataset="SEN12MS pre-training", modules={"state_dict": backbones}, optimizer=optimizer,
-                extra={"arch": args.arch}, steps_per_epoch=len(loader)) as run:
+                dataset="manifest" if manifest else "SEN12MS pre-training", modules={"state_dict": backbones},
+                optimizer=optimizer, extra={"arch": args.arch}, steps_per_epoch=len(loader)) as run:
         for epoch in range(run.start, args.epochs):
             # the schedule is a function of the epoch: a resumed run gets the same rates
             for group in optimizer.param_groups:
@@ -216,7 +224,10 @@ def main(argv=None) -> dict:
         if ctx.is_main and run.start < args.epochs:
             (run.path / "checkpoint.pth").unlink(missing_ok=True)
             os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
-        return run.finish(process.environment(ctx), data=data)
+        names = {"s2_band_names": list(dataset.s2_band_names), "norm_stats": dataset.norm_stats}
+        if manifest:
+            names["manifest"] = Path(args.data_root).name
+        return run.finish(process.environment(ctx), data=data, **names)
 
 
 if __name__ == "__main__":
