@@ -176,7 +176,7 @@ def data_record(args: argparse.Namespace, train_set: PatchDataset) -> dict:
 
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
-                bands: tuple[int, int]) -> tuple[DualResNet, MultiModalNet]:
+                bands: tuple[int, int], s2_band_names: list[str] | None = None) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
     the classifier trains without --finetune) and the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
@@ -188,7 +188,8 @@ def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int
     if backbones:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv,
+                                      s2_band_names=s2_band_names)
     if args.backbones and args.normalize != "ssl4eo":
         log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
                     "--normalize %s inputs", args.backbones, args.normalize)
@@ -251,7 +252,8 @@ def main(argv=None) -> dict:
     eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
 
     try:
-        net, model = build_model(args, ctx, len(eval_set.classes), (train_set.bands["s1"], train_set.bands["s2"]))
+        net, model = build_model(args, ctx, len(eval_set.classes), (train_set.bands["s1"], train_set.bands["s2"]),
+                                 train_set.s2_band_names)
     except BandCountError as error:
         parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     criterion = build_loss(args, ctx)

@@ -13,7 +13,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -468,16 +468,28 @@ class BandCountError(ValueError):
     """A checkpoint's first layer takes another number of bands than the model built for the data."""
 
 
+# The S2 band order of 13-band first layers (SSL4EO-S12, SEN12MS, DFC2020): Sentinel-2 L1C.
+L1C_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+
+
 def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first: dict[str, str],
-                    path: Path, fresh: bool) -> list[str]:
+                    path: Path, fresh: bool, band_names: Sequence[str] | None = None) -> list[str]:
     """Input bands of the first convs `first` (key -> modality): a difference raises BandCountError, or with `fresh`
-    drops the key (returned). Other shapes are the caller's."""
+    drops the key (returned). A 13-band (L1C) layer given the data's `band_names`, all L1C names, keeps the kernels
+    of those bands, by name, in their order. Other shapes are the caller's."""
     dropped = []
     for key, modality in first.items():
         if key not in state or key not in expected:
             continue
         found, wanted = state[key].shape, expected[key].shape
         if found[1] == wanted[1] or (found[0], *found[2:]) != (wanted[0], *wanted[2:]):
+            continue
+        if (band_names is not None and found[1] == len(L1C_BANDS) and len(band_names) == wanted[1]
+                and set(band_names) <= set(L1C_BANDS)):
+            state[key] = state[key][:, [L1C_BANDS.index(name) for name in band_names]].contiguous()
+            logger.info("%s: its %s first layer (%s) takes the 13 L1C bands; kept the kernels of the data's %d by "
+                        "name, dropped %s", path, modality, key, wanted[1],
+                        ", ".join(b for b in L1C_BANDS if b not in band_names))
             continue
         if not fresh:
             raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {_bands(found[1])}, but the data "
@@ -549,9 +561,11 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
 
 
 def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
-                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
+                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False,
+                          s2_band_names: Sequence[str] | None = None) -> list[str]:
     """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
-    ignored. Returns the first-layer keys that `fresh_first_conv` left fresh."""
+    ignored. A 13-band S2 first layer on data of fewer L1C bands (`s2_band_names`) keeps their kernels by name.
+    Returns the first-layer keys that `fresh_first_conv` left fresh."""
     net = _unwrap(net)
     kept = []
     for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
@@ -564,7 +578,8 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
         for k in ignored:
             del state[k]
         expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-        fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv)
+        fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv,
+                                s2_band_names if modality == "S2" else None)
         kept += [prefix + k for k in fresh]
         missing = [k for k in expected if k not in state and k not in fresh and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in expected]

@@ -101,13 +101,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     flags.check_backbone_args(p, args)
 
 
-def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
+def build_net(args: argparse.Namespace, bands: tuple[int, int], s2_band_names: list[str] | None = None) -> DualResNet:
     """The dual ResNet for the data's (S1, S2) `bands`, backbones from the backbone flags if given."""
     net = DualResNet(args.arch, s1_channels=bands[0], s2_channels=bands[1])
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv, s2_band_names=s2_band_names)
     if args.backbones and args.normalize != "ssl4eo":
         log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
                     "--normalize %s inputs", args.backbones, args.normalize)
@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
     loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices, drop_last=True)
 
     try:
-        net = build_net(args, (dataset.bands["s1"], dataset.bands["s2"]))
+        net = build_net(args, (dataset.bands["s1"], dataset.bands["s2"]), dataset.s2_band_names)
     except BandCountError as error:
         parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     # What the checkpoints hold: the two backbones with their projection heads, no classifier.

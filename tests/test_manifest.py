@@ -2,6 +2,7 @@
 refused before a run starts, packed copies equal to their source."""
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -16,6 +17,8 @@ import predict
 import sen12ms_pretrain
 import summarize
 from datasets import DataFileError, ManifestDataset, is_manifest, patch_dataset
+from helpers import ssl4eo_file
+from models import DualResNet, load_backbone_weights
 from synthetic_data import MANIFEST_CLASSES, write_manifest
 
 
@@ -253,3 +256,17 @@ def test_pretraining_on_a_manifest_finishes_with_its_checkpoint_and_results(pair
     results = json.loads((run / "results.json").read_text())
     assert (run / "checkpoint.pth").is_file() and results["dataset"] == "manifest"
     assert results["manifest"] == "pairs.csv" and results["config"]["normalize"] == "stats"
+
+
+def test_a_13_band_pretrained_first_layer_keeps_the_kernels_of_the_datas_bands_by_name(tmp_path, caplog):
+    state = ssl4eo_file(tmp_path / "s2.pth", 13)
+    l1c = list(datasets.L1C_BANDS)
+    for names in (list(datasets.L2A_BANDS), ["B04", "B03", "B02", "B08"]):
+        net = DualResNet("resnet18", s2_channels=len(names))
+        with caplog.at_level(logging.INFO, logger="models"):
+            assert load_backbone_weights(net, s2=tmp_path / "s2.pth", s2_band_names=names) == []
+        kept = state["conv1.weight"][:, [l1c.index(n) for n in names]]
+        assert torch.equal(net.backbone2.conv1.weight.detach(), kept)
+    assert "dropped B10" in caplog.text
+    with pytest.raises(ValueError, match="takes 13 bands, but the data has 12 S2 bands"):  # names unknown: refused
+        load_backbone_weights(DualResNet("resnet18", s2_channels=12), s2=tmp_path / "s2.pth")
