@@ -547,7 +547,12 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
         cached = path.is_file()
         if not cached:
             logger.info("Downloading the %s %s backbone: %s -> %s", name, modality.upper(), url, path)
-            _fetch(url, path, progress)
+            try:
+                _fetch(url, path, progress)
+            except OSError as error:  # URLError (offline, DNS, proxy) and HTTP errors included
+                raise ValueError(f"cannot download the {name} {modality.upper()} backbone from {url} "
+                                 f"({getattr(error, 'reason', error)}): download it elsewhere and put it at {path}, "
+                                 f"or give files of your own with --s1_backbone / --s2_backbone") from None
         found = _sha256(path)
         if not found.startswith(expected):
             if cached:

@@ -270,3 +270,37 @@ def test_a_13_band_pretrained_first_layer_keeps_the_kernels_of_the_datas_bands_b
     assert "dropped B10" in caplog.text
     with pytest.raises(ValueError, match="takes 13 bands, but the data has 12 S2 bands"):  # names unknown: refused
         load_backbone_weights(DualResNet("resnet18", s2_channels=12), s2=tmp_path / "s2.pth")
+
+
+def test_an_offline_download_names_the_url_the_cache_path_and_the_alternative(tmp_path, monkeypatch):
+    import urllib.error
+
+    import models
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(url, path, progress):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(models, "_fetch", offline)
+    with pytest.raises(ValueError) as error:
+        models.pretrained_backbone_files("ssl4eo-moco")
+    message = str(error.value)
+    url = models.PRETRAINED_BACKBONES["ssl4eo-moco"]["s1"]
+    assert url in message and str(tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]) in message
+    assert "Name or service not known" in message and "--s1_backbone / --s2_backbone" in message
+    assert "\n" not in message
+
+
+def test_ssl4eo_scaling_of_a_one_band_s1_is_refused_before_the_run_folder(pairs, tmp_path, capsys):
+    csv = _rewrite(pairs, tmp_path, lambda lines: lines)
+    for i in range(20):
+        path = csv.parent / "s1" / f"pair{i:04d}.tif"
+        with rasterio.open(path) as src:
+            vv = src.read()[:1]
+        _write_like(path, vv, path)
+    with pytest.raises(SystemExit) as exit_info:
+        dfc_finetune.main(["--data_root", str(csv), "--train_split", "train", "--eval_split", "val", "--normalize",
+                           "ssl4eo", "--save_path", str(tmp_path / "run"), "--device", "cpu"])
+    assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
+    assert "--normalize ssl4eo standardises S1 VV, VH" in capsys.readouterr().err
