@@ -301,6 +301,6 @@ def test_ssl4eo_scaling_of_a_one_band_s1_is_refused_before_the_run_folder(pairs,
         _write_like(path, vv, path)
     with pytest.raises(SystemExit) as exit_info:
         dfc_finetune.main(["--data_root", str(csv), "--train_split", "train", "--eval_split", "val", "--normalize",
-                           "ssl4eo", "--save_path", str(tmp_path / "run"), "--device", "cpu"])
+                           "ssl4eo", "--crop", "16", "--eval_crop", "16", "--save_path", str(tmp_path / "run"), "--device", "cpu"])
     assert exit_info.value.code == 2 and not (tmp_path / "run").exists()
     assert "--normalize ssl4eo standardises S1 VV, VH" in capsys.readouterr().err
