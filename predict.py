@@ -394,6 +394,7 @@ def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> di
     net = load_net(run, checkpoint, len(classes))
     recipe = getattr(config, "normalize", None) or "seed"
     windows = SceneWindows(args.s1, args.s2, grid, window, stride, recipe)
+    windows.norm_stats = (run.results or {}).get("norm_stats")  # --normalize stats: the training split's
     ctx = make_context(args, run)
     log.info("%s: %d x %d windows of %d px every %d px over %d x %d px, normalisation %r, %s", run.path, windows.rows,
              windows.cols, window, stride, grid["height"], grid["width"], recipe, checkpoint)

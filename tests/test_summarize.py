@@ -540,3 +540,17 @@ def test_manifest_runs_get_their_own_tables_titled_by_the_manifests_name(tmp_pat
     summarize.main([str(tmp_path)])
     out = capsys.readouterr().out
     assert "### manifest rice.csv: last epoch" in out and "### manifest fields.csv: last epoch" in out
+
+
+def test_the_per_class_legend_leaves_the_title_clear():
+    from util.report import per_class_figure
+
+    rows = ["Forest", "Shrubland", "Grassland", "Water", "AA", "OA"]
+    labels = ["frozen CE", "frozen SupCon+CE", "fine-tuned CE", "fine-tuned SupCon+CE"]
+    bars = {"rows": rows, "labels": labels, "mean": [[60.0] * 6] * 4, "std": [[2.0] * 6] * 4}
+    fig = per_class_figure("DFC2020", bars, published=True)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig.axes[0].title.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not title.overlaps(legend) and not fig.axes[0].get_window_extent(renderer).overlaps(legend)
