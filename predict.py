@@ -5,8 +5,9 @@
 
 Patches: every patch of SPLIT under ROOT (default: the run's data_root and eval_split), read as
 the run's evaluations read it (dfc_finetune.build_eval_set on the run's config.json: the same
-window, offset and normalisation). One CSV row per patch: id, label (class name; empty where the
-patch's label is ignored), prediction, and p_<class> (softmax) per class. With the run's split and
+window, offset and normalisation; a manifest's labels numbered by the run's classes, by name). One CSV
+row per patch: id, label (the patch's own class name; empty where ignored; a label the run never learnt
+kept by name, out of the printed accuracy), prediction, and p_<class> (softmax) per class. With the run's split and
 weights, its confusion matrix is results.json's last.confusion.
 
 Scene: co-registered S1 and S2 GeoTIFFs (same CRS, transform and size) of any size, read one
