@@ -109,12 +109,13 @@ S1_CHECKED_ROWS = 4
 
 def check_s1_units(path: Path, files: Sequence[Path]) -> None:
     """Refuse S1 that does not look like backscatter in dB: a value above S1_MAX_DB in a file, or no
-    negative value among all the pixels of ``files`` (linear power and amplitude are never negative)."""
+    negative value among all the pixels of ``files`` (linear power and amplitude are never negative);
+    missing pixels (nodata, NaN) and zeros left out."""
     low, high, pixels = np.inf, -np.inf, 0
     for file in files:
         with rasterio.open(file) as src:
             x = src.read(masked=True).astype(np.float64).filled(np.nan)
-        x = x[np.isfinite(x)]
+        x = x[np.isfinite(x) & (x != 0)]  # 0: the fill value of swath edges, not a measurement
         if x.size and x.max() > S1_MAX_DB:
             raise DataFileError(f"{path}: S1 {file} holds values up to {x.max():.4g}, above {S1_MAX_DB:g} dB: it does "
                                 "not look like backscatter in dB (linear power or amplitude?); convert it to dB, "
