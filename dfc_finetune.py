@@ -21,14 +21,16 @@ not fit the data's band counts are refused unless --fresh_first_conv.
 """
 import argparse
 import logging
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Views, dfc_augment
-from datasets import CropError, PatchDataset, balanced_indices, patch_dataset, seed_normalize
+from datasets import CropError, PatchDataset, balanced_indices, is_manifest, patch_dataset, seed_normalize
 from engine import data_report, epoch_summary, train_one_epoch
 from losses import SupConCELoss
 from models import (
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "number of copies, the original's list (datasets.balanced_indices); weighted draws "
                         "with replacement weighted by 1 / class frequency")
     flags.add_normalize_arg(g)
+    flags.add_s2_bands_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50")
     flags.add_backbone_args(g, backbones=PRETRAINED_BACKBONES)
     flags.add_finetune_flag(g, default=False)
@@ -98,6 +101,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
+    manifest = is_manifest(args.data_root)
+    args.normalize = args.normalize or ("stats" if manifest else "seed")
+    if args.s2_bands and not manifest:
+        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (DFC2020's S2 "
+                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
     backbones = args.backbones or args.s1_backbone or args.s2_backbone
     if args.backbones and args.normalize != "ssl4eo":
@@ -138,12 +146,56 @@ def training_items(args: argparse.Namespace, train_set: PatchDataset) -> tuple[l
     return indices, 1.0 / torch.bincount(labels)[labels].float()
 
 
-def build_eval_set(args: argparse.Namespace, root, split: str) -> PatchDataset:
+def build_eval_set(args: argparse.Namespace, root, split: str, *, classes: list[str] | None = None,
+                   norm_stats: dict | None = None) -> PatchDataset:
     """The evaluation data as the run reads it: one --eval_crop window per patch at its fixed
-    --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize; DFC2020 or a
-    manifest. predict.py reads the same windows, from the checkpoint's meta (`describe`)."""
+    --eval_offset_seed offset (whole patches with --eval_crop 0), the run's --normalize (stats: the
+    training split's, `norm_stats`); DFC2020 or a manifest, whose labels are numbered by `classes` (a run's)
+    when given. predict.py reads the same windows, from the checkpoint's meta (`describe`)."""
     return patch_dataset(root, split, crop=args.eval_crop or None, offset_seed=args.eval_offset_seed,
-                         normalize=args.normalize)
+                         normalize=args.normalize or "seed", norm_stats=norm_stats, classes=classes,
+                         s2_bands=getattr(args, "s2_bands", None))
+
+
+def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[PatchDataset, PatchDataset]:
+    """The training and evaluation data, every label map read once, before the run folder exists: a
+    data error (a missing or unreadable file, undocumented label codes, a bad manifest row) ends the
+    script in one line. Warns about a manifest's rows that neither split takes and evaluation labels without a
+    training row."""
+    manifest = is_manifest(args.data_root)
+    try:
+        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
+                                  normalize=args.normalize, s2_bands=args.s2_bands)
+        eval_set = build_eval_set(args, args.data_root, args.eval_split, norm_stats=train_set.norm_stats)
+        found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
+                                                                       (args.eval_split, eval_set))}
+    except CropError as error:
+        parser.exit(2, f"{parser.prog}: error: {error} (--crop {args.crop}, --eval_crop {args.eval_crop})\n")
+    except ValueError as error:  # an unknown split, a bad manifest row, undocumented label codes
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    for split, report in found.items():
+        if report["ignored_label_patches"]:
+            log.warning("%s split: %d of %d patches have an ignored majority label (no label, or a class outside "
+                        "%s: DFC2020 Savanna 3 and Snow/Ice 8); cross-entropy and the metrics skip them; pixels of "
+                        "ignored codes: %s", split, report["ignored_label_patches"], report["patches"],
+                        ", ".join(eval_set.classes), report.get("ignored_pixels_by_code", {}))
+    if manifest:
+        other = {s: n for s, n in train_set.split_counts.items() if s not in (args.train_split, args.eval_split)}
+        if other:
+            log.warning("%s: %d rows of other splits than --train_split %r and --eval_split %r are not used (split: "
+                        "rows): %s", args.data_root, sum(other.values()), args.train_split, args.eval_split,
+                        ", ".join(f"{s!r}: {n}" for s, n in sorted(other.items())))
+        unseen = Counter(n for n in eval_set.label_names if n and n not in set(train_set.label_names))
+        if unseen:
+            log.warning("evaluation labels with no training row (their per-class accuracy is 0 by construction; "
+                        "label: rows): %s", ", ".join(f"{n}: {k}" for n, k in sorted(unseen.items())))
+    return train_set, eval_set
+
+
+def data_record(args: argparse.Namespace, train_set: PatchDataset) -> dict:
+    """What results.json records of the data: the manifest's file name, the S2 band names, the band statistics."""
+    record = {"s2_band_names": list(train_set.s2_band_names), "norm_stats": train_set.norm_stats}
+    return {"manifest": Path(args.data_root).name, **record} if is_manifest(args.data_root) else record
 
 
 def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDataset, eval_set: PatchDataset) -> dict:
@@ -157,7 +209,7 @@ def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDat
 
 
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
-                bands: tuple[int, int]) -> tuple[DualResNet, MultiModalNet]:
+                bands: tuple[int, int], s2_band_names: list[str] | None = None) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
     the classifier trains without --finetune) and the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
@@ -166,7 +218,7 @@ def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv, s2_band_names=s2_band_names)
     if not args.finetune:
         freeze_all_but(net, net.fc)
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
@@ -210,29 +262,14 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args, ctx = process.start(parser, argv, check_args, script="dfc_finetune")
 
-    try:
-        train_set = patch_dataset(args.data_root, args.train_split, crop=args.crop, train=True, seed=args.seed,
-                                  normalize=args.normalize)
-        eval_set = build_eval_set(args, args.data_root, args.eval_split)
-        # Every label map read once: undocumented codes stop here, before the run folder exists.
-        found = {split: dataset.label_report() for split, dataset in ((args.train_split, train_set),
-                                                                       (args.eval_split, eval_set))}
-    except CropError as error:
-        parser.error(f"{error} (--crop {args.crop}, --eval_crop {args.eval_crop})")
-    except ValueError as error:  # an unknown split, a bad manifest row, undocumented label codes
-        parser.error(str(error))
-    for split, report in found.items():
-        if report["ignored_label_patches"]:
-            log.warning("%s split: %d of %d patches have an ignored majority label (no label, or a class outside "
-                        "%s: DFC2020 Savanna 3 and Snow/Ice 8); cross-entropy and the metrics skip them; pixels of "
-                        "ignored codes: %s", split, report["ignored_label_patches"], report["patches"],
-                        ", ".join(eval_set.classes), report.get("ignored_pixels_by_code", {}))
+    train_set, eval_set = open_data(parser, args)
     indices, weights = training_items(args, train_set)
     loader = process.make_loader(train_set, args.batch_size, ctx, args, train=True, indices=indices, weights=weights)
     eval_loader = process.make_loader(eval_set, args.eval_batch_size or 2 * args.batch_size, ctx, args, train=False)
 
     try:
-        net, model = build_model(args, ctx, len(eval_set.classes), (train_set.bands["s1"], train_set.bands["s2"]))
+        net, model = build_model(args, ctx, len(eval_set.classes), (train_set.bands["s1"], train_set.bands["s2"]),
+                                 train_set.s2_band_names)
     except BandCountError as error:
         parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     criterion = build_loss(args, ctx)
@@ -252,7 +289,8 @@ def main(argv=None) -> dict:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
             run.end_epoch(epoch, row, epoch_summary(row))
         data = data_report(run, {args.train_split: train_set, args.eval_split: eval_set}, ctx)
-        return run.finish(process.environment(ctx), "DFC2020", data=data)
+        return run.finish(process.environment(ctx), "manifest" if is_manifest(args.data_root) else "DFC2020",
+                          data=data, **data_record(args, train_set))
 
 
 if __name__ == "__main__":

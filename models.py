@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from util.checkpoint import (  # noqa: F401
     save_checkpoint,
     unwrap,
 )
+from util.labels import L1C_BANDS  # the S2 band order of 13-band first layers (SSL4EO-S12, SEN12MS, DFC2020)
 from util.training import count_trainable, freeze_all_but, param_groups, set_frozen_bn_eval  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -298,15 +300,23 @@ class BandCountError(ValueError):
 
 
 def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first: dict[str, str],
-                    path: Path, fresh: bool) -> list[str]:
+                    path: Path, fresh: bool, band_names: Sequence[str] | None = None) -> list[str]:
     """Input bands of the first convs `first` (key -> modality): a difference raises BandCountError, or with `fresh`
-    drops the key (returned). Other shapes are the caller's."""
+    drops the key (returned). A 13-band (L1C) layer given the data's `band_names`, all L1C names, keeps the kernels
+    of those bands, by name, in their order. Other shapes are the caller's."""
     dropped = []
     for key, modality in first.items():
         if key not in state or key not in expected:
             continue
         found, wanted = state[key].shape, expected[key].shape
         if found[1] == wanted[1] or (found[0], *found[2:]) != (wanted[0], *wanted[2:]):
+            continue
+        if (band_names is not None and found[1] == len(L1C_BANDS) and len(band_names) == wanted[1]
+                and set(band_names) <= set(L1C_BANDS)):
+            state[key] = state[key][:, [L1C_BANDS.index(name) for name in band_names]].contiguous()
+            logger.info("%s: its %s first layer (%s) takes the 13 L1C bands; kept the kernels of the data's %d by "
+                        "name, dropped %s", path, modality, key, wanted[1],
+                        ", ".join(b for b in L1C_BANDS if b not in band_names))
             continue
         if not fresh:
             raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {_bands(found[1])}, but the data "
@@ -346,14 +356,17 @@ def pretrained_backbone_files(name: str, progress: bool = True) -> dict[str, Pat
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for modality, url in PRETRAINED_BACKBONES[name].items():
-        files[modality] = cached_download(url, folder, f"the {name} {modality.upper()} backbone", progress)
+        files[modality] = cached_download(url, folder, f"the {name} {modality.upper()} backbone", progress,
+                                          instead="give files of your own with --s1_backbone / --s2_backbone")
     return files
 
 
 def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
-                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False) -> list[str]:
+                          s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False,
+                          s2_band_names: Sequence[str] | None = None) -> list[str]:
     """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
-    ignored. Returns the first-layer keys that `fresh_first_conv` left fresh."""
+    ignored. A 13-band S2 first layer on data of fewer L1C bands (`s2_band_names`) keeps their kernels by name.
+    Returns the first-layer keys that `fresh_first_conv` left fresh."""
     net = unwrap(net)
     kept = []
     for modality, path, prefix in (("S1", s1, "backbone1."), ("S2", s2, "backbone2.")):
@@ -366,7 +379,8 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
         for k in ignored:
             del state[k]
         expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-        fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv)
+        fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv,
+                                s2_band_names if modality == "S2" else None)
         kept += [prefix + k for k in fresh]
         missing = [k for k in expected if k not in state and k not in fresh and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in expected]

@@ -6,8 +6,9 @@
 
 Patches: every patch of SPLIT under ROOT (default: the run's data_root and eval_split), read as
 the run's evaluations read it (dfc_finetune.build_eval_set on the run's config.json: the same
-window, offset and normalisation). One CSV row per patch: id, label (class name; empty where the
-patch's label is ignored), prediction, and p_<class> (softmax) per class. With the run's split and
+window, offset and normalisation; a manifest's labels numbered by the run's classes, by name). One CSV
+row per patch: id, label (the patch's own class name; empty where ignored; a label the run never learnt
+kept by name, out of the printed accuracy), prediction, and p_<class> (softmax) per class. With the run's split and
 weights, its confusion matrix is results.json's last.confusion.
 
 Scene: co-registered S1 and S2 GeoTIFFs (same CRS, size, transform within a millionth of a pixel) of
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from datasets import NORMALIZATIONS, CropError, PatchDataset, patch_dataset
+from datasets import NORMALIZATIONS, CropError, normalize, patch_dataset
 from models import DualResNet, load_checkpoint
 from util import cli, flags, process
 from util.checkpoint import read_meta
@@ -123,7 +123,7 @@ RUN_DEFAULTS = {"arch": "resnet50", "crop": 224, "eval_crop": 224, "eval_offset_
                 "eval_split": "test"}
 # What a checkpoint's "meta" says in the names of config.json.
 META_FLAGS = ("arch", "crop", "eval_crop", "eval_offset_seed", "normalize", "norm_stats", "eval_batch_size", "amp",
-              "name")
+              "name", "s2_band_names")
 
 
 def run_args(run: RunInfo) -> argparse.Namespace:
@@ -164,24 +164,28 @@ def predict_patches(net: DualResNet, loader: DataLoader, ctx: process.Context) -
     net.to(ctx.device)
     if ctx.channels_last:
         net.to(memory_format=torch.channels_last)
-    ids, labels, preds, probs = [], [], [], []
+    ids, labels, preds, probs, names = [], [], [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not ctx.progress):
+        names += batch.get("label_name", [None] * len(batch["label"]))  # a manifest row's own label
         with ctx.autocast():
             logits = net(ctx.to_device(batch["s1"]), ctx.to_device(batch["s2"])).float()
         ids += batch["id"].tolist() if isinstance(batch["id"], Tensor) else list(batch["id"])
         labels.append(torch.as_tensor(batch["label"]))
         preds.append(logits.argmax(1).cpu())
         probs.append(logits.softmax(1).cpu())
-    return ids, torch.cat(labels), torch.cat(preds), torch.cat(probs)
+    return ids, torch.cat(labels), torch.cat(preds), torch.cat(probs), names
 
 
-def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor, preds: Tensor, probs: Tensor) -> None:
+def write_predictions(path: Path, classes: list[str], ids: list, labels: Tensor, preds: Tensor, probs: Tensor,
+                      names: list) -> None:
+    """PRED.csv: the `label` column is each patch's own label name (`names`; None: the class of `labels`, empty
+    where ignored), also for labels the run never learnt."""
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(["id", "label", "prediction", *(f"p_{c}" for c in classes)])
-            for i, label, pred, p in zip(ids, labels.tolist(), preds.tolist(), probs.tolist()):
-                name = classes[label] if 0 <= label < len(classes) and label != IGNORE else ""
+            for i, label, pred, p, own in zip(ids, labels.tolist(), preds.tolist(), probs.tolist(), names):
+                name = own if own is not None else classes[label] if 0 <= label < len(classes) else ""
                 out.writerow([i, name, classes[pred], *(f"{v:.6f}" for v in p)])
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,9 +198,11 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
         raise PredictError(f"{run.checkpoint} is a checkpoint alone: pass --data_root (and --split) to predict patches")
     root = args.data_root or Path(config.data_root)
     split = args.split or config.eval_split
-    try:  # the windows the run's evaluations read (dfc_finetune.build_eval_set)
+    stats = getattr(config, "norm_stats", None) or (run.results or {}).get("norm_stats")
+    bands = getattr(config, "s2_band_names", None) or getattr(config, "s2_bands", None)
+    try:  # the windows the run's evaluations read (dfc_finetune.build_eval_set), labels matched by name
         dataset = patch_dataset(root, split, crop=config.eval_crop or None, offset_seed=config.eval_offset_seed,
-                                normalize=config.normalize)
+                                normalize=config.normalize, norm_stats=stats, classes=classes, s2_bands=bands)
     except (CropError, ValueError) as error:
         raise PredictError(f"{root} ({split}): {error}") from None
     checkpoint = checkpoint_path(run, f"{args.weights}.pt")
@@ -204,8 +210,8 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
     ctx = make_context(args, run)
     batch_size = args.batch_size or config.eval_batch_size or 2 * config.batch_size
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=ctx.workers, pin_memory=ctx.pin_memory)
-    ids, labels, preds, probs = predict_patches(net, loader, ctx)
-    write_predictions(args.out, classes, ids, labels, preds, probs)
+    ids, labels, preds, probs, names = predict_patches(net, loader, ctx)
+    write_predictions(args.out, classes, ids, labels, preds, probs, names)
     counted = labels != IGNORE
     accuracy = 100.0 * (preds[counted] == labels[counted]).double().mean().item() if counted.any() else None
     log.info("wrote %s: %d patches of %s (%s) by %s; OA %s on %d labelled patches", args.out, len(ids), root, split,
@@ -228,22 +234,6 @@ def check_recipe(recipe: str) -> str:
         raise PredictError(f"the run's input normalisation {recipe!r} (config.json 'normalize') is not one this "
                            f"code knows ({', '.join(NORMALIZATIONS)})")
     return recipe
-
-
-@functools.cache
-def _recipe(recipe: str) -> PatchDataset:
-    patches = PatchDataset(None, False, recipe, False, 0, None)
-    with torch.inference_mode(False):  # its counters are updated in and out of inference mode
-        patches._init_counts(1)
-    return patches
-
-
-def normalize(s1: np.ndarray, s2: np.ndarray, recipe: str) -> tuple[Tensor, Tensor, np.ndarray]:
-    """Stand-in for datasets.normalize (the patch data sets' recipes on one window; NaN = missing): the network's
-    inputs (C, h, w) float32 and the NaN, +inf, -inf counts (2, 3) of S1 and S2."""
-    counts = np.array([[np.isnan(x).sum(), np.isposinf(x).sum(), np.isneginf(x).sum()] for x in (s1, s2)])
-    x1, x2 = _recipe(recipe).normalized(s1, s2, ("the scene's S1", "the scene's S2"), 0)
-    return x1, x2, counts
 
 
 def window_origins(size: int, window: int, stride: int) -> list[int]:
@@ -354,8 +344,9 @@ class SceneWindows(Dataset):
     "s1", "s2" the network's inputs (zeros for a nodata window: more than MISSING_SHARE of its pixels missing in S1
     or in S2), "valid", "index" i, "counts" (2, 3) the NaN, +inf, -inf values of S1 and S2 normalised."""
 
-    def __init__(self, scene, window: int, stride: int, recipe: str) -> None:
+    def __init__(self, scene, window: int, stride: int, recipe: str, norm_stats: dict | None = None) -> None:
         self.scene, self.window, self.stride, self.recipe = scene, window, stride, check_recipe(recipe)
+        self.norm_stats = norm_stats
         self.grid = scene.grid
         self.tops = window_origins(self.grid["height"], window, stride)
         self.lefts = window_origins(self.grid["width"], window, stride)
@@ -373,7 +364,7 @@ class SceneWindows(Dataset):
         s1, s2 = self.scene.read(Window(self.lefts[col], self.tops[row], self.window, self.window))
         valid = missing_share(s1) <= MISSING_SHARE and missing_share(s2) <= MISSING_SHARE
         if valid:
-            s1, s2, counts = normalize(s1, s2, self.recipe)
+            s1, s2, counts = normalize(s1, s2, self.recipe, self.norm_stats)
         else:
             s1, s2, counts = torch.zeros(s1.shape), torch.zeros(s2.shape), np.zeros((2, 3), np.int64)
         return {"s1": s1, "s2": s2, "valid": valid, "index": index, "counts": torch.as_tensor(counts)}
@@ -666,6 +657,7 @@ class Predictor:
     window: int
     stride: int
     recipe: str
+    norm_stats: dict | None  # --normalize stats: the training split's band statistics
     ctx: process.Context
     batch_size: int
     bands: tuple[int, int]
@@ -682,9 +674,10 @@ def make_predictor(args: argparse.Namespace, run: RunInfo, classes: list[str]) -
     bands = checkpoint_bands(checkpoint)
     net = load_net(run, checkpoint, len(classes))
     recipe = check_recipe(getattr(config, "normalize", None) or "seed")
+    norm_stats = getattr(config, "norm_stats", None) or (run.results or {}).get("norm_stats")
     batch_size = args.batch_size or config.eval_batch_size or 2 * config.batch_size
-    return Predictor(run, classes, checkpoint, net, window, stride, recipe, make_context(args, run), batch_size,
-                     bands)
+    return Predictor(run, classes, checkpoint, net, window, stride, recipe, norm_stats, make_context(args, run),
+                     batch_size, bands)
 
 
 def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | None = None,
@@ -697,7 +690,7 @@ def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | Non
         grid = scene.grid
         if truth is not None:
             check_truth(truth, grid, p.classes)
-        windows = SceneWindows(scene, p.window, p.stride, p.recipe)
+        windows = SceneWindows(scene, p.window, p.stride, p.recipe, p.norm_stats)
         log.log(level, "%s: %d x %d windows of %d px every %d px over %d x %d px, normalisation %r, %s", p.run.path,
                 windows.rows, windows.cols, p.window, p.stride, grid["height"], grid["width"], p.recipe,
                 p.checkpoint)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seasons to read (default: all four; not for a manifest)")
     g.add_argument("--crop", type=flags.positive_int, default=128, help="random crop of each patch, px (default 128)")
     flags.add_normalize_arg(g)
+    flags.add_s2_bands_arg(g)
     g = flags.add_model_args(p, archs=RESNETS, arch="resnet50", weights=False)
     flags.add_backbone_args(g, backbones=PRETRAINED_BACKBONES)
     g.add_argument("--sync_bn", action="store_true",
@@ -99,19 +101,24 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.schedule == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine of --schedule cosine "
                 f"(--epochs {args.epochs})")
+    manifest = is_manifest(args.data_root)
+    args.normalize = args.normalize or ("stats" if manifest else "seed")  # recorded in config.json as resolved
+    if args.s2_bands and not manifest:
+        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (SEN12MS's S2 "
+                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
     if args.backbones and args.normalize != "ssl4eo":
         log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
                     "--normalize %s inputs", args.backbones, args.normalize)
 
 
-def build_net(args: argparse.Namespace, bands: tuple[int, int]) -> DualResNet:
+def build_net(args: argparse.Namespace, bands: tuple[int, int], s2_band_names: list[str] | None = None) -> DualResNet:
     """The dual ResNet for the data's (S1, S2) `bands`, backbones from the backbone flags if given."""
     net = DualResNet(args.arch, s1_channels=bands[0], s2_channels=bands[1])
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv)
+        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv, s2_band_names=s2_band_names)
     return net
 
 
@@ -160,24 +167,26 @@ def main(argv=None) -> dict:
     if args.sync_bn and ctx.world > 1 and ctx.device.type != "cuda":
         parser.error(f"--sync_bn on {ctx.device}: torch.nn.SyncBatchNorm synchronises CUDA tensors only")
 
+    manifest = is_manifest(args.data_root)
     try:
-        if is_manifest(args.data_root):
+        if manifest:
             dataset = ManifestDataset(args.data_root, None, crop=args.crop, train=True, seed=args.seed,
-                                      normalize=args.normalize, require_labels=args.supervised_lc)
+                                      normalize=args.normalize, require_labels=args.supervised_lc,
+                                      s2_bands=args.s2_bands)
         else:
             dataset = SEN12MSDataset(args.data_root, args.seasons, crop=args.crop, train=True, seed=args.seed,
                                      normalize=args.normalize)
     except CropError as error:
-        parser.error(f"{error} (--crop {args.crop})")
-    except ValueError as error:  # a bad manifest row
-        parser.error(str(error))
+        parser.exit(2, f"{parser.prog}: error: {error} (--crop {args.crop})\n")
+    except ValueError as error:  # a bad manifest row: one line, no usage text
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     dataset[0]  # one item read now: unreadable data stops here
     indices = process.subset_indices(len(dataset), args.data_ratio, args.subset, args.subset_seed)
     # The original drops the last partial batch of every epoch.
     loader = process.make_loader(dataset, args.batch_size, ctx, args, train=True, indices=indices, drop_last=True)
 
     try:
-        net = build_net(args, (dataset.bands["s1"], dataset.bands["s2"]))
+        net = build_net(args, (dataset.bands["s1"], dataset.bands["s2"]), dataset.s2_band_names)
     except BandCountError as error:
         parser.error(f"{error}; --fresh_first_conv starts that layer afresh")
     # What the checkpoints hold: the two backbones with their projection heads, no classifier.
@@ -219,7 +228,11 @@ def main(argv=None) -> dict:
         if ctx.is_main and run.start < args.epochs:
             (run.path / "checkpoint.pth").unlink(missing_ok=True)
             os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
-        return run.finish(process.environment(ctx), "SEN12MS pre-training", data=data)
+        names = {"s2_band_names": list(dataset.s2_band_names), "norm_stats": dataset.norm_stats}
+        if manifest:
+            names["manifest"] = Path(args.data_root).name
+        return run.finish(process.environment(ctx), "manifest" if manifest else "SEN12MS pre-training", data=data,
+                          **names)
 
 
 if __name__ == "__main__":

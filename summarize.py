@@ -56,7 +56,14 @@ class Run:
 
     @property
     def dataset(self) -> str:
-        return self.results.get("dataset") or "runs"
+        """The data set's name; a manifest's runs by the manifest's file name, never with DFC2020's (runs
+        written before results.json named manifests said "DFC2020": their data_root tells)."""
+        dataset = self.results.get("dataset") or "runs"
+        root = str(self.config.get("data_root") or "")
+        manifest = self.results.get("manifest") or (Path(root).name if root.lower().endswith(".csv") else None)
+        if dataset == "manifest" or manifest:
+            return f"manifest {manifest or Path(root).name or '(unnamed)'}"
+        return dataset
 
     @property
     def config(self) -> dict:

@@ -9,6 +9,7 @@ second (band ratios, texture), so only S1 and S2 together tell all classes apart
     python synthetic_data.py sen12ms OUT --n 20 --seed 0
     python synthetic_data.py manifest OUT --n 40 --seed 0
     python synthetic_data.py scene OUT --rows 4 --cols 4 --size 64 --seed 0
+    python synthetic_data.py scene OUT --like own/pairs.csv   # or --classes a,b,c --bands 12
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ from PIL import Image
 from rasterio.crs import CRS
 
 from datasets.labels import DFC_CLASSES, LABEL_CODES
+from datasets.manifest import read_manifest
 from datasets.sen12ms import SEASONS
 from util import cli
 
@@ -302,6 +304,44 @@ def write_scene(root: str | Path, rows: int = 4, cols: int = 4, size: int = 64, 
     return paths
 
 
+def manifest_like(csv: str | Path) -> tuple[list[str], int]:
+    """The sorted class names of a manifest and its first row's S2 band count (what a run on it learns)."""
+    rows = read_manifest(Path(csv))
+    with rasterio.open(rows[0].s2) as src:
+        return sorted({row.label for row in rows if row.label}), src.count
+
+
+def write_class_scene(root: str | Path, classes: list[str], bands: int = 12, rows: int = 4, cols: int = 4,
+                      size: int = 32, seed: int = 0) -> dict[str, Path]:
+    """A scene for a run on your own pairs: ``s1.tif``, ``s2.tif`` (``bands``: 13 L1C or 12 L2A, no B10) of
+    rows x cols uniform fields of ``size`` px, one of ``classes`` each, drawn as ``write_manifest`` draws the
+    class of that name (other names: DFC codes in turn); ``truth.tif``: the class indices, names in its tags."""
+    if bands not in (12, 13):
+        raise ValueError(f"--bands must be 12 (L2A) or 13 (L1C), got {bands}")
+    root = Path(root)
+    rng = np.random.default_rng([seed, 400])
+    crs, transform = _georeference(rng)
+    spare = iter(code for code in np.tile([1, 2, 4, 5, 6, 7, 9, 10], len(classes))
+                 if code not in MANIFEST_CLASSES.values())
+    codes = [MANIFEST_CLASSES.get(name) or int(next(spare)) for name in classes]
+    picked = rng.integers(0, len(classes), (rows, cols))
+    s1 = np.empty((2, rows * size, cols * size), np.float32)
+    s2 = np.empty((13, rows * size, cols * size), np.float32)
+    for r in range(rows):
+        for c in range(cols):
+            code = np.full((size, size), codes[picked[r, c]], dtype=np.int64)
+            cell = (slice(None), slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size))
+            s1[cell], s2[cell] = _pixels(rng, _S1_CODE[code], _S2_CODE[code])
+    paths = {m: root / f"{m}.tif" for m in ("s1", "s2", "truth")}
+    _write_tif(paths["s1"], s1, crs, transform)
+    _write_tif(paths["s2"], np.clip(s2[_L2A_BANDS] if bands == 12 else s2, 0, 65535).astype(np.uint16), crs, transform)
+    truth = np.kron(picked, np.ones((size, size), dtype=np.int64)).astype(np.uint8)[None]
+    _write_tif(paths["truth"], truth, crs, transform)
+    with rasterio.open(paths["truth"], "r+") as dst:
+        dst.update_tags(classes=json.dumps(list(classes)))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     commands = parser.add_subparsers(dest="dataset", required=True)
@@ -339,7 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     scene.add_argument("--cols", type=int, default=4, help="patches across; default 4")
     scene.add_argument("--size", type=int, default=64, help="patch size in px; default 64")
     scene.add_argument("--seed", type=int, default=0)
+    scene.add_argument("--like", type=Path, default=None, metavar="PAIRS.csv",
+                       help="a scene for a run on this manifest: its classes and S2 band count (uniform fields)")
+    scene.add_argument("--classes", default=None, help="or name the classes: a comma list (uniform fields)")
+    scene.add_argument("--bands", type=int, choices=[12, 13], default=None,
+                       help="S2 bands with --classes: 12 (L2A, no B10) or 13 (L1C); default 13")
     args = parser.parse_args(argv)
+    if args.dataset == "scene" and args.like is not None and (args.classes or args.bands):
+        parser.error("--like takes the classes and bands from the manifest: give it, or --classes / --bands")
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.dataset == "meterml":
@@ -350,6 +397,12 @@ def main(argv: list[str] | None = None) -> None:
         write_manifest(args.out, args.n, args.seed, args.size)
     elif args.dataset == "sen12ms":
         write_sen12ms(args.out, args.n, args.seed, args.size)
+    elif args.like is not None:
+        classes, bands = manifest_like(args.like)
+        write_class_scene(args.out, classes, bands, args.rows, args.cols, args.size, args.seed)
+    elif args.classes or args.bands:
+        classes = [name.strip() for name in (args.classes or ",".join(DFC_CLASSES)).split(",") if name.strip()]
+        write_class_scene(args.out, classes, args.bands or 13, args.rows, args.cols, args.size, args.seed)
     else:
         write_scene(args.out, args.rows, args.cols, args.size, args.seed)
     logger.info("wrote a synthetic %s data set to %s", args.dataset, args.out)

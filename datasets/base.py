@@ -3,6 +3,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
@@ -122,6 +123,23 @@ class PairedDataset(Dataset):
                     count, nan, count - nan, path, replacement, type(self).__name__,
                 )
         return nonfinite
+
+    def _add_nonfinite(self, counts: np.ndarray, names: Sequence[str], replacements: Sequence[str],
+                       index: int) -> None:
+        """Add a window's (2, 3) NaN, +inf, -inf counts of S1, S2 (read from ``names``) to item ``index``;
+        logged the first time in this process, as ``_count_nonfinite``."""
+        if not counts.any():
+            return
+        self._nonfinite[index] += torch.from_numpy(counts)
+        if not self._nonfinite_logged:
+            self._nonfinite_logged = True
+            modality = 0 if counts[0].any() else 1
+            count, nan = int(counts[modality].sum()), int(counts[modality, 0])
+            logger.warning(
+                "%d non-finite values (NaN: %d, +-inf: %d) in %s, replaced by %s; further ones are "
+                "replaced and counted in %s.nonfinite_pixels without more messages",
+                count, nan, count - nan, names[modality], replacements[modality], type(self).__name__,
+            )
 
     def _count_all_zero(self, zero: Sequence[str | Path]) -> None:
         """Count a sample once when some of its images (``zero``: their files) are zero everywhere."""

@@ -47,9 +47,10 @@ class DFC2020Dataset(PatchDataset):
 
     def __init__(self, root: str | Path, split: Literal["validation", "test"] = "validation", crop: int | None = None,
                  train: bool = False, *, label_source: Literal["dfc", "lc"] = "dfc",
-                 normalize: Literal["seed", "ssl4eo", "none"] = "seed", return_label_map: bool = False, seed: int = 0,
-                 strict: bool = False, offset_seed: int | None = None) -> None:
-        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
+                 normalize: Literal["seed", "ssl4eo", "stats", "none"] = "seed", return_label_map: bool = False,
+                 seed: int = 0, strict: bool = False, offset_seed: int | None = None,
+                 norm_stats: dict[str, list[float]] | None = None) -> None:
+        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed, norm_stats)
         if split not in FOLDERS:
             raise ValueError(f"split must be one of {tuple(FOLDERS)}, got {split!r}")
         if label_source not in LABEL_CODES:

@@ -2,10 +2,8 @@
 
 ``"label"``: the window's majority class (IGNORE when ignore pixels win); ``"multilabel"``: the
 classes covering >= 10 % of it. Windows: random per (seed, epoch, index) in training, else centred,
-or at an offset drawn once per patch from ``offset_seed``. ``normalize="seed"``, the released
-DualResNet50's recipe: S1 NaN -> 0 dB, clip [-25, 0] dB (-inf -> -25, +inf -> 0, as the original's
-``np.clip``) + 25, S2 clip [0, 10000], each channel / (its window maximum + 1e-5). ``"none"``: S1 dB
-and raw S2, non-finite -> 0.
+or at an offset drawn once per patch from ``offset_seed``. Pixels become the network's inputs by
+``normalization.normalize`` (``normalize=``: "seed", the original's, by default).
 """
 import logging
 from collections import Counter
@@ -18,48 +16,18 @@ from rasterio.windows import Window
 from torch import Tensor
 from tqdm import tqdm
 
+from util.labels import L1C_BANDS, L2A_BANDS
 from util.seeding import keyed_generator
 
 from .base import IGNORE, CropError, DataFileError, PairedDataset, log_summary
 from .labels import DFC_CLASSES, LabelCodes, class_map, labels_of_map
+from .normalization import NORMALIZATIONS, REPLACEMENTS, band_statistics, check_recipe, normalize
 from .packed import INDEX
 
 logger = logging.getLogger("datasets")
-NORMALIZATIONS = ("seed", "ssl4eo", "none")
-# The input scaling of TorchGeo's SSL4EO-S12 ResNets (torchgeo/models/resnet.py): S1 VV, VH in dB.
-SSL4EO_S1_MEAN = (-12.59, -20.26)
-SSL4EO_S1_STD = (5.26, 5.91)
-SSL4EO_S2_SCALE = 10000.0
-
-
-def seed_normalize(x: Tensor) -> Tensor:
-    """Each channel of ``x`` (C, H, W) or (B, C, H, W), non-negative, / (its maximum + 1e-5): the last
-    step of the seed recipe, on the image the network sees (the crop, or an augmented view)."""
-    if x.ndim not in (3, 4):
-        raise ValueError(f"seed_normalize expects an image (C, H, W) or a batch (B, C, H, W), "
-                         f"got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"seed_normalize expects a floating-point tensor, got {x.dtype}")
-    return x / (x.amax(dim=(-2, -1), keepdim=True) + 1e-5)
-
-
-def ssl4eo_normalize(s1: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-    """S1 dB standardised per band, S2 / 10000, (C, H, W) or batched, as TorchGeo's SSL4EO-S12 weights
-    expect; no clipping; non-finite values -> 0 after scaling (S1: the band mean)."""
-    if s1.ndim not in (3, 4) or s1.shape[-3] != len(SSL4EO_S1_MEAN):
-        raise ValueError(f"ssl4eo_normalize expects S1 of shape (2, H, W) or (B, 2, H, W) (VV, VH), "
-                         f"got {tuple(s1.shape)}")
-    shape = (len(SSL4EO_S1_MEAN), 1, 1)
-    mean = torch.tensor(SSL4EO_S1_MEAN, dtype=s1.dtype, device=s1.device).view(shape)
-    std = torch.tensor(SSL4EO_S1_STD, dtype=s1.dtype, device=s1.device).view(shape)
-    return (torch.nan_to_num((s1 - mean) / std, nan=0.0, posinf=0.0, neginf=0.0),
-            torch.nan_to_num(s2 / SSL4EO_S2_SCALE, nan=0.0, posinf=0.0, neginf=0.0))
-
-
-def _divide_by_maxima(x: np.ndarray, maxima: np.ndarray) -> Tensor:
-    """``seed_normalize`` in place on a fresh float32 array whose channel maxima are known."""
-    t = torch.from_numpy(x)
-    return t.div_(torch.from_numpy(maxima.astype(np.float32)).view(-1, 1, 1).add_(1e-5))
+# Sentinel-2 band names in the order of DFC2020 / SEN12MS (L1C); L2A products have no B10.
+DEFAULT_S2_BANDS = {13: L1C_BANDS, 12: L2A_BANDS}
+STATS_PATCHES = 1000  # at most this many whole patches, evenly spread, give --normalize stats
 
 
 class PatchDataset(PairedDataset):
@@ -74,9 +42,11 @@ class PatchDataset(PairedDataset):
     _offset_keys: list[tuple[int, ...]]
     _keys = ("s1", "s2", "label")  # what the source holds per patch
     bands = {"s1": 2, "s2": 13}
+    s2_band_names: list[str] = list(L1C_BANDS)
+    unreadable = 0  # loads replaced by another patch (SEN12MSDataset counts them)
 
     def __init__(self, crop: int | None, train: bool, normalize: str, return_label_map: bool, seed: int,
-                 offset_seed: int | None) -> None:
+                 offset_seed: int | None, norm_stats: dict[str, list[float]] | None = None) -> None:
         super().__init__(seed)
         if crop is not None and crop <= 0:
             raise ValueError(f"crop must be a positive number of pixels or None, got {crop}")
@@ -88,6 +58,8 @@ class PatchDataset(PairedDataset):
                              f"train={train}")
         self.crop, self.train, self.normalize = crop, train, normalize
         self.return_label_map, self.offset_seed = return_label_map, offset_seed
+        # "stats": given (an evaluation split takes its training split's), else computed in _finish
+        self.norm_stats = norm_stats if normalize == "stats" else None
         self._majority: Tensor | None = None
         self.label_summary: dict[str, Any] | None = None  # set by label_report
 
@@ -110,6 +82,32 @@ class PatchDataset(PairedDataset):
                            root, bad, len(self), root / INDEX)
         self._init_counts(len(self.patch_ids))
         log_summary(name, len(self.patch_ids), total, skipped)
+        check_recipe(self.normalize, self.bands, self.norm_stats)
+        if self.normalize == "stats" and self.norm_stats is None:
+            self.norm_stats = self.band_statistics()
+
+    def band_statistics(self) -> dict[str, list[float]]:
+        """Per-band mean and std of S1 and S2 (``normalization.band_statistics``) over the whole patches,
+        up to STATS_PATCHES of them evenly spread; patches whose files cannot be read are left out."""
+        picked = np.unique(np.linspace(0, len(self) - 1, min(len(self), STATS_PATCHES)).round().astype(int))
+        unreadable: list[str] = []
+
+        def windows():
+            for i in tqdm(picked.tolist(), desc="band statistics", leave=False, disable=None):
+                try:
+                    arrays, _ = self.source.read(i, None, ("s1", "s2"))
+                except DataFileError as error:
+                    unreadable.append(str(error))
+                    continue
+                yield arrays["s1"], arrays["s2"]
+
+        stats = band_statistics(windows())
+        if unreadable:
+            logger.warning("band statistics: %d of %d patches left out, unreadable (first: %s)", len(unreadable),
+                           len(picked), unreadable[0])
+        logger.info("band statistics of %d whole patches: S1 mean %s, S2 mean %s", len(picked) - len(unreadable),
+                    [round(v, 2) for v in stats["s1_mean"]], [round(v, 1) for v in stats["s2_mean"]])
+        return stats
 
     def source_name(self, index: int, modality: int) -> str:
         return self.source.name(index, ("s1", "s2")[modality])
@@ -132,49 +130,13 @@ class PatchDataset(PairedDataset):
             top, left = (height - self.crop) // 2, (width - self.crop) // 2
         return Window(left, top, self.crop, self.crop)
 
-    def _s1(self, raw: np.ndarray, name: str, index: int) -> Tensor:
-        """S1 (C, h, w) in dB -> float32, normalised but for ``ssl4eo``; non-finite values counted."""
-        x = np.array(raw, dtype=np.float32)
-        nan = None
-        if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
-            how = {"seed": "NaN by 0 dB, +-inf clipped to 0 / -25 dB", "ssl4eo": "0 after SSL4EO scaling", "none": "0"}
-            mask = self._count_nonfinite(torch.from_numpy(x), name, how[self.normalize], index, 0).numpy()
-            nan = np.isnan(x) if self.normalize == "seed" else mask
-        if self.normalize != "seed":
-            if nan is not None and self.normalize == "none":
-                x[nan] = 0.0
-            return torch.from_numpy(x)
-        np.clip(x, -25.0, 0.0, out=x)
-        x += 25.0
-        if nan is not None:
-            x[nan] = 25.0  # NaN -> 0 dB before clipping
-        return _divide_by_maxima(x, x.max(axis=(1, 2)))
-
-    def _s2(self, raw: np.ndarray, name: str, index: int) -> Tensor:
-        """S2 (C, h, w) window (uint16 reflectance x 10000) -> float32, normalised but for ``ssl4eo``."""
-        if raw.dtype.kind != "u" or self.normalize != "seed":
-            x = np.array(raw, dtype=np.float32)
-            if raw.dtype.kind == "f" and not np.isfinite(x.sum()):
-                how = {"seed": "NaN by 0, +-inf clipped", "ssl4eo": "0 after SSL4EO scaling", "none": "0"}
-                mask = self._count_nonfinite(torch.from_numpy(x), name, how[self.normalize], index, 1).numpy()
-                if self.normalize != "ssl4eo":
-                    x[np.isnan(x) if self.normalize == "seed" else mask] = 0.0
-            if self.normalize != "seed":
-                return torch.from_numpy(x)
-            np.clip(x, 0.0, 10000.0, out=x)
-            return _divide_by_maxima(x, x.max(axis=(1, 2)))
-        x = raw.astype(np.float32)
-        maxima = x.max(axis=(1, 2))  # on the contiguous copy: faster than on a window of the memory map
-        if maxima.max() > 10000:  # a cloud above the L1C range: clip (unsigned: nothing below 0)
-            np.minimum(x, 10000.0, out=x)
-            maxima = np.minimum(maxima, 10000)
-        return _divide_by_maxima(x, maxima)
-
     def normalized(self, s1: np.ndarray, s2: np.ndarray, names: tuple[str, str],
                    index: int) -> tuple[Tensor, Tensor]:
-        """The network's inputs (C, h, w) float32 of the windows read from ``names``, by ``normalize``."""
-        x1, x2 = self._s1(s1, names[0], index), self._s2(s2, names[1], index)
-        return ssl4eo_normalize(x1, x2) if self.normalize == "ssl4eo" else (x1, x2)
+        """The network's inputs (C, h, w) float32 of the windows read from ``names``, by ``normalize``
+        (``normalization.normalize``); the non-finite values met are counted for item ``index``."""
+        x1, x2, counts = normalize(s1, s2, self.normalize, self.norm_stats)
+        self._add_nonfinite(counts, names, REPLACEMENTS[self.normalize], index)
+        return x1, x2
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         arrays, names = self.source.read(index, lambda h, w, path: self._window(index, self._generator(index), h, w,

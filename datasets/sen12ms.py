@@ -71,9 +71,10 @@ class SEN12MSDataset(PatchDataset):
     _MAX_SUBSTITUTES = 10
 
     def __init__(self, root: str | Path, seasons: Sequence[str] = tuple(SEASONS), crop: int | None = None,
-                 train: bool = False, *, normalize: Literal["seed", "ssl4eo", "none"] = "seed",
-                 return_label_map: bool = False, seed: int = 0, offset_seed: int | None = None) -> None:
-        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed)
+                 train: bool = False, *, normalize: Literal["seed", "ssl4eo", "stats", "none"] = "seed",
+                 return_label_map: bool = False, seed: int = 0, offset_seed: int | None = None,
+                 norm_stats: dict[str, list[float]] | None = None) -> None:
+        super().__init__(crop, train, normalize, return_label_map, seed, offset_seed, norm_stats)
         check_seasons(seasons)
         self.root, self.seasons = Path(root), tuple(seasons)
         if not self.root.is_dir():

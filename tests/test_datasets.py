@@ -357,8 +357,73 @@ def test_dfc_items_with_ssl4eo_normalisation_are_standardised_db_and_reflectance
     assert ds.nan_pixels == np.isnan(window).sum() >= 1
     s2 = _tif(_dfc_path(dfc, "s2", number))[:, 6:26, 6:26].astype(np.float64)
     np.testing.assert_allclose(item["s2"].numpy(), s2 / 10000, rtol=1e-6)
-    with pytest.raises(ValueError, match=r"normalize must be one of \('seed', 'ssl4eo', 'none'\)"):
+    with pytest.raises(ValueError, match=r"normalize must be one of \('seed', 'ssl4eo', 'stats', 'none'\)"):
         datasets.DFC2020Dataset(dfc, normalize="imagenet")
+
+
+def _old_recipe(s1: np.ndarray, s2: np.ndarray, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data sets' recipes as PatchDataset._s1 / _s2 wrote them before normalize(), float32 step by step."""
+    x1, x2 = s1.astype(np.float32), s2.astype(np.float32)
+    bad1, bad2 = ~np.isfinite(x1), ~np.isfinite(x2)
+    if recipe == "none":
+        x1[bad1], x2[bad2] = 0, 0
+        return torch.from_numpy(x1), torch.from_numpy(x2)
+    if recipe == "ssl4eo":
+        return datasets.ssl4eo_normalize(torch.from_numpy(x1), torch.from_numpy(x2))
+    nan1 = np.isnan(x1)
+    x1 = np.clip(x1, np.float32(-25), np.float32(0)) + np.float32(25)
+    x1[nan1] = 25
+    x2[np.isnan(x2)] = 0
+    x2 = np.clip(x2, np.float32(0), np.float32(10000))
+    return tuple(torch.from_numpy(x) / (torch.from_numpy(x.max(axis=(1, 2))).view(-1, 1, 1) + 1e-5) for x in (x1, x2))
+
+
+def test_normalize_is_the_data_sets_old_recipes_bit_for_bit_and_counts_nonfinite_values():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        h, w = rng.integers(1, 9, 2)
+        s1 = rng.normal(-12, 8, (2, h, w)).astype(np.float32)
+        s2 = rng.integers(0, 13000, (13, h, w))  # some above 10000: clouds
+        s2 = s2.astype(np.uint16) if trial % 2 else (s2 - 500).astype(np.float32)
+        expected = np.zeros((2, 3), np.int64)
+        for m, x in enumerate([s1] + ([s2] if trial % 2 == 0 else [])):
+            draw = rng.random(x.shape)
+            x[draw < 0.05], x[(draw > 0.05) & (draw < 0.08)], x[draw > 0.97] = np.nan, np.inf, -np.inf
+            expected[m] = np.isnan(x).sum(), np.isposinf(x).sum(), np.isneginf(x).sum()
+        for recipe in ("seed", "ssl4eo", "none"):
+            out1, out2, counts = datasets.normalize(s1, s2, recipe)
+            old1, old2 = _old_recipe(s1, s2, recipe)
+            assert out1.dtype == out2.dtype == torch.float32 and torch.equal(out1, old1) and torch.equal(out2, old2)
+            assert counts.tolist() == expected.tolist()
+
+
+def test_stats_standardises_by_the_training_splits_band_statistics(dfc):
+    train = datasets.DFC2020Dataset(dfc, normalize="stats")
+    whole = [(_tif(_dfc_path(dfc, "s1", n)).astype(np.float64), _tif(_dfc_path(dfc, "s2", n)).astype(np.float64))
+             for n in train.patch_ids]
+    for m, key in enumerate(("s1", "s2")):
+        pixels = np.concatenate([pair[m].reshape(pair[m].shape[0], -1) for pair in whole], axis=1)
+        pixels = np.where(np.isfinite(pixels), pixels, np.nan)
+        np.testing.assert_allclose(train.norm_stats[f"{key}_mean"], np.nanmean(pixels, 1), rtol=1e-9)
+        np.testing.assert_allclose(train.norm_stats[f"{key}_std"], np.nanstd(pixels, 1), rtol=1e-9)
+    test = datasets.DFC2020Dataset(dfc, "test", crop=16, normalize="stats", norm_stats=train.norm_stats)
+    item, raw = test[0], _tif(_dfc_path(dfc, "s2", test[0]["id"], "test"))[:, 8:24, 8:24]
+    mean, std = (np.array(train.norm_stats[k])[:, None, None] for k in ("s2_mean", "s2_std"))
+    np.testing.assert_allclose(item["s2"].numpy(), (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="s2_mean hold 12 values for 13 S2 bands"):
+        datasets.DFC2020Dataset(dfc, normalize="stats", norm_stats={**train.norm_stats, "s2_mean": [0.0] * 12})
+
+
+def test_stats_keeps_the_spectra_that_seed_erases():
+    """Three classes of uniform fields told apart by their mean spectrum only (issue: 3 crop classes)."""
+    spectra = np.array([[800, 900, 3000], [1600, 1800, 3000], [400, 450, 1500]], np.float32)  # x2 and /2 of class 0
+    fields = [(np.full((2, 8, 8), -10, np.float32), np.broadcast_to(sp[:, None, None], (3, 8, 8)).copy())
+              for sp in spectra]
+    stats = datasets.band_statistics(fields)
+    seed = [datasets.normalize(s1, s2, "seed")[1][:, 0, 0] for s1, s2 in fields]
+    standardised = [datasets.normalize(s1, s2, "stats", stats)[1][:, 0, 0] for s1, s2 in fields]
+    assert all(torch.allclose(seed[0], x, atol=1e-6) for x in seed)  # every band ~1: the classes look alike
+    assert min((a - b).abs().max() for i, a in enumerate(standardised) for b in standardised[i + 1:]) > 0.5
 
 
 def _window_offset(full: torch.Tensor, crop: torch.Tensor) -> tuple[int, int]:

@@ -91,7 +91,7 @@ def test_best_weights_and_other_runs(run, dfc_root, tmp_path):
     (other / "config.json").write_text(json.dumps({"script": "sen12ms_pretrain"}))
     with pytest.raises(SystemExit, match="sen12ms_pretrain.py; predict.py applies runs of dfc_finetune.py"):
         predict.main([str(other), "--out", str(tmp_path / "x.csv")])
-    with pytest.raises(predict.PredictError, match="'imagenet'.*knows \\(seed, ssl4eo, none\\)"):
+    with pytest.raises(predict.PredictError, match="'imagenet'.*knows \\(seed, ssl4eo, stats, none\\)"):
         predict.check_recipe("imagenet")
 
 

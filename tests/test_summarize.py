@@ -527,3 +527,30 @@ def test_kappa_and_macro_f1_rows_and_the_printed_paired_comparison(tmp_path, cap
     assert f"| {1 - t * (t * t + 6) / (t * t + 4) ** 1.5:.1e} | 0.062 | A > B (t-test p < 0.05) |" in out
     groups = summarize.group_runs(runs_in(tmp_path))["DFC2020"]
     assert summarize.bars_of(groups)["rows"] == ["Forest", "Water", "AA", "OA"]  # the accuracy figure keeps its rows
+
+
+def test_manifest_runs_get_their_own_tables_titled_by_the_manifests_name(tmp_path, capsys):
+    last = evaluation(3, {"Forest": 60.0, "Water": 100.0}, 80.0, 70.0)
+    write_run(tmp_path / "dfc", "CE", 0, last)
+    write_run(tmp_path / "own", "CE", 0, last, dataset="manifest")
+    results = json.loads((tmp_path / "own" / "results.json").read_text())
+    (tmp_path / "own" / "results.json").write_text(json.dumps({**results, "manifest": "rice.csv"}))
+    write_run(tmp_path / "older", "CE", 1, last, data_root="/data/fields.csv")  # before "manifest" was recorded
+    assert set(summarize.group_runs(runs_in(tmp_path))) == {"DFC2020", "manifest rice.csv", "manifest fields.csv"}
+    summarize.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "### manifest rice.csv: last epoch" in out and "### manifest fields.csv: last epoch" in out
+
+
+def test_the_per_class_legend_leaves_the_title_clear():
+    from util.report import per_class_figure
+
+    rows = ["Forest", "Shrubland", "Grassland", "Water", "AA", "OA"]
+    labels = ["frozen CE", "frozen SupCon+CE", "fine-tuned CE", "fine-tuned SupCon+CE"]
+    bars = {"rows": rows, "labels": labels, "mean": [[60.0] * 6] * 4, "std": [[2.0] * 6] * 4}
+    fig = per_class_figure("DFC2020", bars, published=True)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig.axes[0].title.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not title.overlaps(legend) and not fig.axes[0].get_window_extent(renderer).overlaps(legend)

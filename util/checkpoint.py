@@ -281,15 +281,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_download(url: str, folder: Path, what: str, progress: bool = True) -> Path:
+def cached_download(url: str, folder: Path, what: str, progress: bool = True, instead: str = "") -> Path:
     """`url` in `folder`, downloaded once; the hex after its file name's last "-" starts its SHA-256 (torch hub's
-    convention), checked on every call. `what` names the file in messages."""
+    convention), checked on every call. `what` names the file in messages; `instead`, the way round a failed
+    download."""
     path = folder / url.rsplit("/", 1)[1]
     expected = path.stem.rsplit("-", 1)[1]
     cached = path.is_file()
     if not cached:
         logger.info("Downloading %s: %s -> %s", what, url, path)
-        fetch(url, path, progress)
+        try:
+            fetch(url, path, progress)
+        except OSError as error:  # URLError (offline, DNS, proxy) and HTTP errors included
+            raise ValueError(f"cannot download {what} from {url} ({getattr(error, 'reason', error)}): download it "
+                             f"elsewhere and put it at {path}{f', or {instead}' if instead else ''}") from None
     found = sha256(path)
     if not found.startswith(expected):
         if cached:

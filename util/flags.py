@@ -195,10 +195,19 @@ def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace, pr
 
 
 def add_normalize_arg(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--normalize", choices=["seed", "ssl4eo"], default="seed",
-                   help="input scaling: seed, every channel of every crop (and augmented view) divided by its maximum "
-                        "after clipping, the original's (default); ssl4eo, S1 dB standardised with SSL4EO-S12's band "
-                        "statistics and S2 / 10000, what --backbones expect (datasets.ssl4eo_normalize)")
+    g.add_argument("--normalize", choices=["seed", "ssl4eo", "stats"], default=None,
+                   help="input scaling (datasets.normalize): seed, every channel of every crop (and augmented view) "
+                        "divided by its maximum after clipping, the original's; ssl4eo, S1 dB standardised with "
+                        "SSL4EO-S12's band statistics and S2 / 10000, what --backbones expect; stats, every band "
+                        "standardised by the training split's mean and std (docs/data.md). Default: stats for a "
+                        "manifest, seed for DFC2020 / SEN12MS; config.json records the value used")
+
+
+def add_s2_bands_arg(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--s2_bands", type=lambda text: [b.strip() for b in text.split(",") if b.strip()], default=None,
+                   metavar="B01,B02,...",
+                   help="a manifest's S2 band names in file order (default: the 13 L1C bands B01-B08, B8A, B09-B12 "
+                        "for 13-band S2, the 12 L2A bands, no B10, for 12-band S2; other counts need it)")
 
 
 def add_finetune_flag(g: argparse._ArgumentGroup, *, default: bool, eval_mode_alias: bool = False) -> None:

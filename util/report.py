@@ -104,7 +104,8 @@ def per_class_figure(dataset: str, bars: dict, published: bool = False) -> Figur
     ax.set_ylim(0, max(tops) + 5)
     ax.set_title(f"{dataset}: per-class accuracy, AA and OA at the last epoch\n"
                  "(bars: mean over seeds, error bars: sample std; n: samples of the class in one evaluation)")
-    fig.legend(fontsize="small", loc="outside right upper")  # outside: the bars fill the axes
+    # below the axes: at the right it sat under the two-line title, which is wider than the axes
+    fig.legend(fontsize="small", loc="outside lower center", ncols=min(3, len(labels) + (2 if published else 0)))
     ax.grid(axis="y", alpha=0.3)
     return fig
 
