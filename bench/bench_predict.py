@@ -19,10 +19,18 @@ best pass's windows per second (the least disturbed by other processes on a shar
     python bench/bench_predict.py                 # resnet50, 224 px windows of 256 px patches (sized for a GPU)
     python bench/bench_predict.py --tiny          # resnet18, 32 px: CPU, seconds
     python bench/bench_predict.py --device cpu --patches 16 --mosaic 4 --passes 2   # resnet50 on a CPU
+
+Prepare stage (--prepare): prepare_scene.py, in its own process, on a synthetic L1C product of
+--size px at 10 m (JPEG 2000 at 10/20/60 m, baseline 04.00; S1 linear power in EPSG:4326): seconds,
+and peak memory as the proportional set size summed over its process tree (sampled every 0.1 s).
+
+    python bench/bench_predict.py --prepare --size 2048
 """
 import argparse
 import logging
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +77,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=flags.positive_int, default=None, help="timed passes of each (default 3; --tiny 1)")
     p.add_argument("--workers", type=flags.non_negative_int, default=None,
                    help="DataLoader workers (default: CPUs, at most 16; --tiny 1)")
+    p.add_argument("--prepare", action="store_true", help="measure prepare_scene.py instead (the prepare stage)")
+    p.add_argument("--size", type=flags.positive_int, default=10980,
+                   help="--prepare: the synthetic tile's side at 10 m, px (default 10980, a Sentinel-2 tile)")
     return p
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size, bytes, of process `pid` and its descendants (0 for those gone)."""
+    total, pids = 0, [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pids += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def bench_prepare(size: int) -> None:
+    """The prepare stage: prepare_scene.py on a synthetic product of `size` px, timed and sampled."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    import products
+
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        safe, s1 = products.l1c_large(Path(tmp), size)
+        print(f"bench_predict: wrote a {size} px L1C product and S1 in {time.perf_counter() - began:.1f} s", flush=True)
+        command = [sys.executable, str(root / "prepare_scene.py"), "--s1", str(s1), "--s2", str(safe), "--out_s1",
+                   str(Path(tmp) / "S1.tif"), "--out_s2", str(Path(tmp) / "S2.tif"), "--s1_scale", "power"]
+        peak = 0
+        with open(Path(tmp) / "prepare.log", "w+") as log_file:
+            began = time.perf_counter()
+            process_ = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            while process_.poll() is None:
+                peak = max(peak, tree_pss(process_.pid))
+                time.sleep(0.1)
+            seconds = time.perf_counter() - began
+            if process_.returncode:
+                log_file.seek(0)
+                sys.exit(f"bench_predict: prepare_scene.py failed:\n{log_file.read()}")
+        sizes = {p.name: p.stat().st_size / 2**20 for p in (Path(tmp) / "S1.tif", Path(tmp) / "S2.tif")}
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"prepare {size} px: {seconds:.1f} s, peak {peak / 2**20:.0f} MB (PSS summed over its processes; "
+          f"max RSS {maxrss:.0f} MB); S1.tif {sizes['S1.tif']:.0f} MB, S2.tif {sizes['S2.tif']:.0f} MB", flush=True)
 
 
 def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
@@ -94,6 +150,8 @@ def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.prepare:
+        return bench_prepare(args.size)
     for key, value in PRESETS["tiny" if args.tiny else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -39,7 +39,7 @@ S1_SCALES = ("db", "power", "amplitude")
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
 METADATA = {"MTD_MSIL1C.xml": "RADIO_ADD_OFFSET", "MTD_MSIL2A.xml": "BOA_ADD_OFFSET"}
 MAX_DB = 30.0  # backscatter above +30 dB is rare; more than 1 % of the pixels read above it is not dB
-SAMPLE_PX = 512  # side of the decimated read that checks the S1 units
+SAMPLE = 16  # the S1 units are checked on 16 x 16 windows of 16 px (or a 256 px overview)
 
 _BAND = re.compile(r"(?<![A-Z0-9])B(0?[1-9]|1[0-2]|8A)(?:_(10|20|60)M)?(?![A-Z0-9])", re.IGNORECASE)
 _POLARISATION = re.compile(r"(?<![A-Z])(VV|VH)(?![A-Z])", re.IGNORECASE)
@@ -242,15 +242,24 @@ def s1_sources(s1: Path | Sequence[Path]) -> list[Source]:
 
 
 def check_s1_units(sources: list[Source], scale: str) -> None:
-    """Refuses S1 whose values do not fit `scale`, from a decimated read of each file (cheap on any size)."""
+    """Refuses S1 whose values do not fit `scale`, from a sample of each file: its overview when it has
+    one, else SAMPLE windows x SAMPLE windows of SAMPLE px spread over it (cheap on any size)."""
     for source in sources:
         with _open(source.path) as src:
-            shape = (min(src.height, SAMPLE_PX), min(src.width, SAMPLE_PX))
-            values = src.read(source.indexes, out_shape=(len(source.indexes), *shape), masked=True,
-                              resampling=Resampling.nearest).astype("float64").filled(np.nan)
+            if src.overviews(source.indexes[0]):
+                shape = (min(src.height, SAMPLE ** 2), min(src.width, SAMPLE ** 2))
+                windows = [Window(0, 0, src.width, src.height)]
+            else:
+                shape = None
+                windows = [Window(col, row, min(SAMPLE, src.width - col), min(SAMPLE, src.height - row))
+                           for row in np.linspace(0, max(src.height - SAMPLE, 0), SAMPLE).astype(int)
+                           for col in np.linspace(0, max(src.width - SAMPLE, 0), SAMPLE).astype(int)]
+            values = np.concatenate([
+                src.read(source.indexes, window=w, masked=True, out_shape=shape and (len(source.indexes), *shape))
+                .astype("float64").filled(np.nan).ravel() for w in windows])
         values = values[np.isfinite(values)]
         if values.size == 0:
-            raise SceneError(f"{source.path}: no valid S1 pixel among the {shape[0]} x {shape[1]} read")
+            raise SceneError(f"{source.path}: no valid S1 pixel among the {len(windows)} windows read")
         negative = float((values < 0).mean())
         if scale == "db":
             high = float((values > MAX_DB).mean())

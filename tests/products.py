@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+import rasterio.windows
 from rasterio.transform import from_origin
 from rasterio.warp import transform_bounds
 
@@ -130,3 +132,52 @@ def s1_power(path: Path, size: int = 60, seed: int = 0, nodata: float | None = N
     with rasterio.open(path, "r+") as dst:
         dst.descriptions = ("VV", "VH")
     return path, power, transform
+
+
+def _streamed(path: Path, width: int, height: int, count: int, dtype: str, transform, crs: str, fill, **profile):
+    """A GeoTIFF written 1024 rows at a time: `fill(band, top, rows)` gives each strip (rows, width)."""
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=count, dtype=dtype, crs=crs,
+                       transform=transform, tiled=True, compress="zstd", zstd_level=1, bigtiff="if_safer",
+                       **profile) as dst:
+        for top in range(0, height, 1024):
+            rows = min(1024, height - top)
+            for band in range(count):
+                dst.write(fill(band, top, rows), band + 1, window=rasterio.windows.Window(0, top, width, rows))
+    return path
+
+
+def l1c_large(root: Path, size: int = 10980, seed: int = 0) -> tuple[Path, Path]:
+    """An L1C product of `size` px at 10 m (JPEG 2000, lossless, 1024 px tiles, baseline 04.00) and
+    S1 linear power in EPSG:4326 over it, written strip by strip (memory does not grow with the size)
+    for the benchmark; returns (S2 folder, S1 file)."""
+    safe, _ = l1c(root, 6, seed, values={b: np.ones((6 * 10 // r, 6 * 10 // r), np.uint16)
+                                         for b, r in RESOLUTION.items() if r == 60 or b == "B02"})
+    img = next(safe.rglob("IMG_DATA"))
+    for old in img.glob("*_B*.jp2"):
+        old.unlink()
+    for i, (band, res) in enumerate(RESOLUTION.items()):
+        n = size * 10 // res
+        rng = np.random.default_rng([seed, i])
+
+        def fill(_, top, rows, n=n, rng=rng, i=i):
+            y, x = np.ogrid[top:top + rows, 0:n]
+            field = 1000 + 100 * i + (x // 7 + y // 5) % 1500 + ((x * y) >> 10) % 700
+            return (field + rng.integers(0, 30, (rows, n))).astype(np.uint16)
+
+        tif = _streamed(root / f"{band}.tif", n, n, 1, "uint16", from_origin(*ORIGIN, res, res), CRS, fill)
+        rasterio.shutil.copy(tif, img / f"{TILE}_{band}.jp2", driver="JP2OpenJPEG", QUALITY=100, REVERSIBLE="YES",
+                             BLOCKXSIZE=1024, BLOCKYSIZE=1024)
+        tif.unlink()
+    west, south, east, north = transform_bounds(CRS, "EPSG:4326", ORIGIN[0], ORIGIN[1] - 10 * size,
+                                                ORIGIN[0] + 10 * size, ORIGIN[1])
+    res = 0.0001
+    width, height = int((east - west) / res) + 20, int((north - south) / res) + 20
+    rng = np.random.default_rng(seed)
+
+    def power(band, top, rows):
+        y, x = np.ogrid[top:top + rows, 0:width]
+        return ((1 + (x // 9 + y // 13 + band) % 300) * rng.uniform(0.5, 1.5, (rows, width)) / 1000).astype(np.float32)
+
+    s1 = _streamed(root / "s1_power.tif", width, height, 2, "float32",
+                   from_origin(west - 10 * res, north + 10 * res, res, res), "EPSG:4326", power)
+    return safe, s1
