@@ -98,7 +98,8 @@ def test_l2a_finest_copy_offset_bands_by_name_and_pickling(tmp_path):
 
 def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
     """A plain folder of GeoTIFF band files (no metadata): --s2_offset applies, clipped at 0; a 12-band
-    run takes its 12 from a 13-band stack, by the stack's band descriptions."""
+    run takes its 12 from a 13-band stack, by the stack's band descriptions; S1 as a folder of a VH
+    and a VV file."""
     values = products.band_values(SIZE, 1)
     for band, array in values.items():
         res = products.RESOLUTION[band]
@@ -115,6 +116,10 @@ def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
         s1_read, s2 = scene.read(Window(5, 5, 10, 10))
     assert s2[:, 0, 0].tolist() == [S2_BANDS.index(b) + 1 for b in L2A_BANDS]
     assert np.all(s1_read == -12.0)
+    for name, value in (("s1a-iw-grd-vh-001.tif", -20.0), ("s1a-iw-grd-vv-001.tif", -10.0)):
+        write_stack(tmp_path / "s1" / name, np.full((1, SIZE, SIZE), value, np.float32))
+    with open_scene(tmp_path / "s1", path) as scene:
+        assert scene.read(Window(0, 0, 4, 4))[0][:, 0, 0].tolist() == [-10.0, -20.0]
 
 
 def test_missing_pixels_become_nan(tmp_path):
