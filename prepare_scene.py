@@ -11,8 +11,10 @@ product's MTD_MSIL1C.xml RADIO_ADD_OFFSET or MTD_MSIL2A.xml BOA_ADD_OFFSET, else
 clipped at 0; 0 where missing (nodata 0: a pixel is missing where every band is 0).
 --s1: a 2-band GeoTIFF (VV, VH), a folder or two files named with VV and VH, in any CRS and
 resolution: warped bilinearly onto the S2 grid in the file's own units, then to dB by --s1_scale;
-float32, NaN where missing. Both are written block by block (GDAL's cache capped), never whole, to a
-temporary name, then renamed; an output that is one of the inputs is refused. docs/predict.md.
+float32, NaN where missing. Both are written block by block (GDAL's cache capped), never whole, into
+uncompressed tiled GeoTIFFs beside the outputs (a 10,980 px tile: about 4.3 GB of disk for a while),
+then copied as cloud-optimised GeoTIFFs (deflate, overviews) to a temporary name and renamed; an
+output that is one of the inputs is refused. docs/predict.md.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 from tqdm import tqdm
 
@@ -48,6 +51,19 @@ def check_outputs(scene: Scene, inputs: Sequence[Path], outputs: Sequence[Path])
         raise SceneError(f"--out_s1 and --out_s2 are both {outputs[0]}")
 
 
+def grid_side(scene: Scene) -> int:
+    return max(scene.grid["width"], scene.grid["height"])
+
+
+def overview_factors(side: int, block: int = 512) -> list[int]:
+    """2, 4, 8, ... until an overview fits one block (the COG driver's own rule)."""
+    factors, factor = [], 2
+    while -(-side // (factor // 2)) > block:
+        factors.append(factor)
+        factor *= 2
+    return factors
+
+
 def temporary(path: Path, what: str) -> Path:
     return path.with_name(f".{path.name}.{what}.{os.getpid()}.tmp")
 
@@ -56,8 +72,7 @@ def write_blocks(scene: Scene, targets: dict[str, Path], block: int) -> None:
     """The scene into tiled GeoTIFFs (S1 float32 NaN nodata, S2 uint16 nodata 0), one block at a time."""
     grid = scene.grid
     profile = dict(driver="GTiff", width=grid["width"], height=grid["height"], crs=grid["crs"],
-                   transform=grid["transform"], tiled=True, blockxsize=512, blockysize=512, compress="zstd",
-                   zstd_level=1, bigtiff="if_safer")
+                   transform=grid["transform"], tiled=True, blockxsize=512, blockysize=512, bigtiff="if_safer")
     names = {"s1": scene.s1_band_names, "s2": scene.s2_band_names}
     kinds = {"s1": ("float32", np.nan), "s2": ("uint16", 0)}
     outs = {}
@@ -99,11 +114,15 @@ def prepare(s1, s2: Path, out_s1: Path, out_s2: Path, *, s1_scale: str = "db", s
                 path.parent.mkdir(parents=True, exist_ok=True)
             write_blocks(scene, tiled, block)
             for key in outputs:
-                # overviews for viewing only: S2 keeps its digital numbers (nearest), S1 is averaged; deflate
-                # level 1: five times faster than the default level, files 5 % larger (measured)
+                # Overviews built in the uncompressed tiled file, in place (compressed blocks rewritten by GDAL's
+                # overview pass, or the COG driver's own, grew a 10,980 px tile's temporary file past 4 GB), then
+                # copied as they are. For viewing only: S2 keeps its digital numbers (nearest), S1 is averaged.
+                with rasterio.open(tiled[key], "r+") as dst:
+                    dst.build_overviews(overview_factors(grid_side(scene)), Resampling.nearest if key == "s2"
+                                        else Resampling.average)
+                # deflate level 1: five times faster than the default level, files 5 % larger (measured)
                 rasterio.shutil.copy(tiled[key], finals[key], driver="COG", compress="deflate", level=1,
-                                     predictor=2 if key == "s2" else 3, blocksize=512, bigtiff="if_safer",
-                                     overview_resampling="nearest" if key == "s2" else "average")
+                                     predictor=2 if key == "s2" else 3, blocksize=512, bigtiff="if_safer")
                 tiled[key].unlink()
             for key, path in outputs.items():
                 os.replace(finals[key], path)

@@ -123,9 +123,15 @@ def bench_prepare(size: int) -> None:
                 log_file.seek(0)
                 sys.exit(f"bench_predict: prepare_scene.py failed:\n{log_file.read()}")
         sizes = {p.name: p.stat().st_size / 2**20 for p in (Path(tmp) / "S1.tif", Path(tmp) / "S2.tif")}
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"prepare {size} px: {seconds:.1f} s, peak {peak / 2**20:.0f} MB (PSS summed over its processes; "
-          f"max RSS {maxrss:.0f} MB); S1.tif {sizes['S1.tif']:.0f} MB, S2.tif {sizes['S2.tif']:.0f} MB", flush=True)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import prepare_scene; "
+            "print(open('/proc/self/smaps_rollup').read())")
+    imports = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True).stdout
+    baseline = next(int(line.split()[1]) for line in imports.splitlines() if line.startswith("Pss:")) / 1024
+    print(f"prepare {size} px: {seconds:.1f} s ({usage.ru_utime + usage.ru_stime:.1f} CPU s), peak {peak / 2**20:.0f} "
+          f"MB (PSS summed over its processes, of which {baseline:.0f} MB the interpreter and its imports; max RSS "
+          f"{usage.ru_maxrss / 1024:.0f} MB); S1.tif {sizes['S1.tif']:.0f} MB, S2.tif {sizes['S2.tif']:.0f} MB",
+          flush=True)
 
 
 def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
