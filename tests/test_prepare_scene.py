@@ -71,8 +71,8 @@ def test_l2a_finest_copy_offset_bands_by_name_and_pickling(tmp_path):
     product's NODATA) is missing; bands are taken by name; B10 asked of L2A is refused naming it."""
     safe, stored = products.l2a(tmp_path, SIZE)
     first = next(safe.rglob("*_B02_10m.jp2"))
-    with rasterio.open(first, "r+") as dst:  # JPEG 2000 cannot be updated in place: rewrite it
-        array = dst.read(1)
+    with rasterio.open(first) as src:  # JPEG 2000 cannot be updated in place: rewrite it
+        array = src.read(1)
     array[:4, :4] = 0
     products.write_raster(first, array, products.s2_grid()["transform"])
     s1, power, s1_transform = products.s1_power(tmp_path / "s1.tif", SIZE)
