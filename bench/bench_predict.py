@@ -26,10 +26,17 @@ synthetic patches): its seconds and its peak memory, the proportional set size (
 the process and its loader workers, sampled every 0.1 s.
 
     python bench/bench_predict.py --tiny --predict_scene 2048 --passes 1
+
+Prepare stage (--prepare): prepare_scene.py, in its own process, on a synthetic L1C product of
+--size px at 10 m (JPEG 2000 at 10/20/60 m, baseline 04.00; S1 linear power in EPSG:4326): seconds,
+and peak memory as the proportional set size summed over its process tree (sampled every 0.1 s).
+
+    python bench/bench_predict.py --prepare --size 2048
 """
 import argparse
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -76,7 +83,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers (default: CPUs, at most 16; --tiny 1)")
     p.add_argument("--predict_scene", type=flags.non_negative_int, default=0, metavar="PX",
                    help="also time predict.py on a PX x PX scene with a tiny run, with its peak memory (0: no)")
+    p.add_argument("--prepare", action="store_true", help="measure prepare_scene.py instead (the prepare stage)")
+    p.add_argument("--size", type=flags.positive_int, default=10980,
+                   help="--prepare: the synthetic tile's side at 10 m, px (default 10980, a Sentinel-2 tile)")
     return p
+
+
+def bench_prepare(size: int) -> None:
+    """The prepare stage: prepare_scene.py on a synthetic product of `size` px, timed and sampled."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests"))
+    import products
+
+    with tempfile.TemporaryDirectory() as tmp:
+        began = time.perf_counter()
+        safe, s1 = products.l1c_large(Path(tmp), size)
+        print(f"bench_predict: wrote a {size} px L1C product and S1 in {time.perf_counter() - began:.1f} s", flush=True)
+        command = [sys.executable, str(root / "prepare_scene.py"), "--s1", str(s1), "--s2", str(safe), "--out_s1",
+                   str(Path(tmp) / "S1.tif"), "--out_s2", str(Path(tmp) / "S2.tif"), "--s1_scale", "power"]
+        seconds, peak = measured(command)
+        sizes = {p.name: p.stat().st_size / 2**20 for p in (Path(tmp) / "S1.tif", Path(tmp) / "S2.tif")}
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import prepare_scene; "
+            "print(open('/proc/self/smaps_rollup').read())")
+    imports = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True).stdout
+    baseline = next(int(line.split()[1]) for line in imports.splitlines() if line.startswith("Pss:")) / 1024
+    print(f"prepare {size} px: {seconds:.1f} s ({usage.ru_utime + usage.ru_stime:.1f} CPU s), peak {peak / 2**20:.0f} "
+          f"MB (PSS summed over its processes, of which {baseline:.0f} MB the interpreter and its imports; max RSS "
+          f"{usage.ru_maxrss / 1024:.0f} MB); S1.tif {sizes['S1.tif']:.0f} MB, S2.tif {sizes['S2.tif']:.0f} MB",
+          flush=True)
 
 
 def write_mosaic(root: Path, folder: Path, n: int) -> tuple[Path, Path]:
@@ -187,6 +222,8 @@ def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace)
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.prepare:
+        return bench_prepare(args.size)
     for key, value in PRESETS["tiny" if args.tiny else "gpu"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

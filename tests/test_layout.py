@@ -63,7 +63,7 @@ def test_no_import_cycle():
 def test_the_top_level_holds_entry_points_and_the_methods_modules():
     top = sorted(p.stem for p in REPO.glob("*.py"))
     assert top == sorted(["augment", "dfc_finetune", "embed", "engine", "losses", "meterml_finetune",
-                          "meterml_pretrain", "models", "pack", "predict", "sen12ms_pretrain", "summarize",
+                          "meterml_pretrain", "models", "pack", "predict", "prepare_scene", "sen12ms_pretrain", "summarize",
                           "synthetic_data"])
 
 
