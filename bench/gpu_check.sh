@@ -38,15 +38,15 @@ if [ "$TINY" = 1 ]; then
   # are functional checks, and a busy machine (a test suite in parallel) can be several times slower.
   BUDGET=600
   DFC_DATA=(--n 8 --n_test 4 --size 40)
-  METER_DATA=(--n 20 --val_fraction 0.4)
+  METER_DATA=(--n 10 --val_fraction 0.4)  # 6 training image sets (2 steps), 4 validation
   COMMON=(--device cpu --workers 0 --epochs 1 --eval_every 1 --batch_size 4)
   DFC=(--arch resnet18 --crop 32 --eval_crop 32)
   METER=(--model shared)  # half the parameters of the dual SmallAlexNet (140 M): shorter steps and checkpoints
   PRETRAIN=(--device cpu --workers 0 --epochs 1 --batch_size 4 --model shared)
-  SEN12MS_DATA=(--n 2 --size 40)
+  SEN12MS_DATA=(--n 1 --size 40)  # 4 triplets: one step
   SEN12MS=(--device cpu --workers 0 --epochs 1 --batch_size 4 --arch resnet18 --crop 32)
-  BENCH=(--tiny --device cpu)
-  PACKED=(--tiny --device cpu)
+  BENCH=(--tiny --device cpu --steps 1)
+  PACKED=(--tiny --device cpu --steps 1)
   PREDICT=(--tiny --device cpu)
   CAP_PREDICT=120
   CAP_DATA=90; CAP_DFC=150; CAP_METER=150; CAP_PRETRAIN=150; CAP_SEN12MS=150; CAP_PACKED=150

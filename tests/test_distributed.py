@@ -13,9 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from datasets import DFC2020Dataset
 from losses import NTXent, PairwiseNTXent, SupConLoss
-from synthetic_data import write_dfc2020
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,6 +107,10 @@ def test_gather_without_process_group_is_single_process():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_and_write_one_result(tmp_path):
+    # Imported here: the processes mp.spawn starts import this file, and need neither.
+    from datasets import DFC2020Dataset
+    from synthetic_data import write_dfc2020
+
     root = write_dfc2020(tmp_path / "dfc", n_validation=8, n_test=5, seed=0, size=48)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -1,8 +1,10 @@
 """End-to-end runs of the three scripts on tiny synthetic data (CPU, a few steps each)."""
 import argparse
+import functools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,13 @@ from helpers import read_jsonl, ssl4eo_file
 from losses import SupConCELoss
 from models import CheckpointError, DualEncoder, DualResNet, SharedNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_manifest, write_meterml
-from util import checkpoint, process
+from util import checkpoint, cli, process
 from util.rundir import RunFolderError
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1", "--momentum", "0.9"]
+FAST = ["--workers", "0", "--batch_size", "8", "--epochs", "1"]
 SHARED = ["--model", "shared"]  # half the parameters of the dual encoder: faster steps and checkpoints
+MOMENTUM = ["--momentum", "0.9"]  # optimizer state for the resume tests to restore (plain SGD keeps none)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,33 @@ def meter_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dfc_root(tmp_path_factory):
     return write_dfc2020(tmp_path_factory.mktemp("dfc"), n_validation=12, n_test=6, seed=0, size=64)
+
+
+@pytest.fixture(scope="module")
+def s1_run(meter_root, tmp_path_factory):
+    """One finished 1-epoch run that several tests read or copy (a copy costs less than a run): (argv without
+    --save_path, results, run folder)."""
+    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, *MOMENTUM, "--scenario", "s1", "--eval_every",
+            "1", "--no-save_best"]
+    run = tmp_path_factory.mktemp("s1_run") / "run"
+    return argv, meterml_finetune.main([*argv, "--save_path", str(run)]), run
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(meter_root, tmp_path_factory):
+    """meterml_pretrain.py runs by their flags, each run once per test process: flags -> run folder."""
+    @functools.cache
+    def run(*flags):
+        folder = tmp_path_factory.mktemp("pretrain") / "run"
+        meterml_pretrain.main(["--data_root", str(meter_root), "--save_path", str(folder), *FAST, *flags])
+        return folder
+    return run
+
+
+@functools.cache
+def shared_net_state():
+    """A SharedNet's state dict, built once per process (66 M parameters take a second to initialise)."""
+    return SharedNet().state_dict()
 
 
 def without_timing(records):
@@ -64,11 +94,11 @@ def reevaluate(run, root, scenario, model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [
-    ["--scenario", "s1", "--no-exclude_negatives"],
-    ["--scenario", "s2", "--use_augs", "--use_sup_con", *SHARED],
-    ["--scenario", "s1s2", "--use_augs", "--use_sup_con", "--dont_include_negatives", *SHARED],
-    ["--scenario", "s1s2_fused", "--use_sup_con", "--ce_from", "joint", *SHARED],
+@pytest.mark.parametrize("flags", [  # --data_ratio 0.5: one training step
+    ["--scenario", "s1", "--no-exclude_negatives", "--data_ratio", "0.5"],
+    ["--scenario", "s2", "--use_augs", "--use_sup_con", "--data_ratio", "0.5", *SHARED],
+    ["--scenario", "s1s2", "--use_augs", "--use_sup_con", "--dont_include_negatives", "--data_ratio", "0.5", *SHARED],
+    ["--scenario", "s1s2_fused", "--use_sup_con", "--ce_from", "joint", "--data_ratio", "0.5", *SHARED],
     ["--scenario", "s1s2_fused", "--eval_mode", "linear", "--data_ratio", "0.5", "--no-exclude_negatives", *SHARED],
 ])
 def test_meterml_finetune_runs(meter_root, tmp_path, flags):
@@ -103,21 +133,20 @@ def test_linear_eval_changes_only_the_heads(meter_root, tmp_path):
     torch.save(SharedNet().state_dict(), weights)
     run = tmp_path / "run"
     meterml_finetune.main([str(weights), "--data_root", str(meter_root), "--save_path", str(run), *FAST, *SHARED,
-                           "--eval_mode", "linear"])
+                           "--eval_mode", "linear", "--no-save_best"])
     before, after = torch.load(weights), torch.load(run / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics included
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [
+@pytest.mark.parametrize("flags", [  # --data_ratio 0.5: one training step
     ["--data_ratio", "0.5"],
-    ["--use_pairs", *SHARED],
-    ["--use_pairs", "--no_augs", "--use_negative_labels", *SHARED],
-    ["--scenario", "s2", *SHARED],
+    ["--use_pairs", "--data_ratio", "0.5", *SHARED],
+    ["--use_pairs", "--no_augs", "--use_negative_labels", "--data_ratio", "0.5", *SHARED],
+    ["--scenario", "s2", "--data_ratio", "0.5", *SHARED],
 ])
-def test_meterml_pretrain_runs(meter_root, tmp_path, flags):
-    run = tmp_path / "run"
-    meterml_pretrain.main(["--data_root", str(meter_root), "--save_path", str(run), *FAST, *flags])
+def test_meterml_pretrain_runs(pretrain_run, flags):
+    run = pretrain_run(*flags)
     loss = read_jsonl(run / "metrics.jsonl")[0]["train_loss"]
     assert loss > 0 and loss == loss
     encoder = SharedNet() if "shared" in flags else DualEncoder()
@@ -125,12 +154,12 @@ def test_meterml_pretrain_runs(meter_root, tmp_path, flags):
 
 
 @pytest.mark.slow
-def test_pretrained_encoder_feeds_finetuning(meter_root, tmp_path):
-    meterml_pretrain.main(["--data_root", str(meter_root), "--save_path", str(tmp_path / "pre"), *FAST, *SHARED])
+def test_pretrained_encoder_feeds_finetuning(meter_root, pretrain_run, tmp_path):
+    encoder = pretrain_run("--use_pairs", "--data_ratio", "0.5", *SHARED) / "encoder.pth"  # test_meterml_pretrain_runs
     pre = SharedNet()
-    load_checkpoint(pre, tmp_path / "pre" / "encoder.pth")
-    meterml_finetune.main([str(tmp_path / "pre" / "encoder.pth"), "--data_root", str(meter_root),
-                           "--save_path", str(tmp_path / "ft"), *FAST, *SHARED, "--lr", "0"])
+    load_checkpoint(pre, encoder)
+    meterml_finetune.main([str(encoder), "--data_root", str(meter_root), "--save_path", str(tmp_path / "ft"), *FAST,
+                           *SHARED, "--lr", "0", "--no-save_best"])
     tuned = torch.load(tmp_path / "ft" / "last.pt", weights_only=True)["state_dict"]
     # lr 0: the encoder's weights are the pre-trained ones (batch-norm statistics move, weights do not)
     assert all(torch.equal(v, tuned[k]) for k, v in pre.state_dict().items() if k.endswith("weight"))
@@ -207,7 +236,7 @@ def test_invalid_flag_combinations_are_refused(script, argv, message, capsys):
 @pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(meter_root, tmp_path, monkeypatch):
     argv = ["random", "--data_root", str(meter_root), "--scenario", "s1", "--use_augs", "--use_sup_con", *SHARED,
-            "--batch_size", "8", "--epochs", "2", "--momentum", "0.9", "--eval_every", "1"]
+            "--batch_size", "8", "--epochs", "2", "--momentum", "0.9", "--eval_every", "1", "--no-save_best"]
     whole = meterml_finetune.main([*argv, "--workers", "0", "--save_path", str(tmp_path / "whole")])
 
     real_step, calls = torch.optim.SGD.step, []
@@ -235,10 +264,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(meter_root, tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_can_extend_a_finished_run(meter_root, tmp_path):
-    argv = ["random", "--data_root", str(meter_root), "--scenario", "s1", *FAST, *SHARED, "--eval_every", "1"]
+def test_resume_can_extend_a_finished_run(s1_run, tmp_path):
+    argv, _, one = s1_run
     two = meterml_finetune.main([*argv, "--epochs", "2", "--save_path", str(tmp_path / "two")])
-    meterml_finetune.main([*argv, "--epochs", "1", "--save_path", str(tmp_path / "one")])
+    shutil.copytree(one, tmp_path / "one")
     extended = meterml_finetune.main(["--resume", str(tmp_path / "one"), "--epochs", "2"])
     assert extended["last"] == two["last"]
 
@@ -267,9 +296,9 @@ def test_non_finite_loss_stops_with_the_batch_ids(meter_root, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, tmp_path):
-    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
-    meterml_finetune.main(argv)
+def test_a_folder_holding_a_run_is_refused_before_anything_changes(s1_run, tmp_path):
+    shutil.copytree(s1_run[2], tmp_path / "run")
+    argv = [*s1_run[0], "--save_path", str(tmp_path / "run")]
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     with pytest.raises(RunFolderError, match="holds a run"):
         meterml_finetune.main([*argv, "--lr", "0.5"])
@@ -286,9 +315,9 @@ def test_a_folder_holding_a_run_is_refused_before_anything_changes(meter_root, t
 
 
 @pytest.mark.slow
-def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(meter_root, tmp_path):
-    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1"]
-    whole = meterml_finetune.main([*argv, "--save_path", str(tmp_path / "killed"), "--no-save_best"])
+def test_resume_of_a_run_killed_in_its_first_epoch_starts_over(s1_run, tmp_path):
+    _, whole, run = s1_run  # a --no-save_best run
+    shutil.copytree(run, tmp_path / "killed")
     assert not (tmp_path / "killed" / "best.pt").exists()
     (tmp_path / "killed" / "last.pt").unlink()
     (tmp_path / "killed" / "results.json").unlink()
@@ -306,7 +335,7 @@ class Payload:
 
 def pickled(protocol):
     """A checkpoint holding an argparse.Namespace beside the weights, pickled with `protocol`."""
-    return lambda path: torch.save({"state_dict": SharedNet().state_dict(), "args": argparse.Namespace(lr=0.1)}, path,
+    return lambda path: torch.save({"state_dict": shared_net_state(), "args": argparse.Namespace(lr=0.1)}, path,
                                    pickle_protocol=protocol)
 
 
@@ -314,7 +343,7 @@ def pickled(protocol):
     (None, "not found"), (b"", "empty"), (b"PK\x03\x04 cut", "is not a PyTorch checkpoint, or is truncated"),
     (pickled(2), r"holds pickled Python objects \(argparse.Namespace\), which were not loaded"),
     (pickled(4), r"holds pickled Python objects \(argparse.Namespace\), which were not loaded"),
-    (lambda path: torch.save(SharedNet().state_dict(), path, pickle_protocol=4), "pickled with protocol 4"),
+    (lambda path: torch.save(shared_net_state(), path, pickle_protocol=4), "pickled with protocol 4"),
 ])
 def test_bad_checkpoints_are_named_before_the_run_folder_exists(meter_root, tmp_path, content, message):
     weights = tmp_path / "weights.pth"
@@ -554,20 +583,20 @@ def test_a_bare_meterml_finetune_command_is_the_recorded_run():
     assert bare.exclude_negatives and not parse(["w.pth", "--no-exclude_negatives"]).exclude_negatives
 
 
-def test_resume_with_another_script_names_both_before_checking_flags(meter_root, tmp_path, capsys):
-    argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(tmp_path / "run")]
-    meterml_finetune.main(argv)
+@pytest.mark.slow
+def test_resume_with_another_script_names_both_before_checking_flags(s1_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        meterml_pretrain.main(["--resume", str(tmp_path / "run")])
+        meterml_pretrain.main(["--resume", str(s1_run[2])])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "is a run of meterml_finetune.py, not of meterml_pretrain.py: resume it with meterml_finetune.py" in err
     assert "positive pair" not in err
 
 
-def test_resume_with_a_truncated_config_names_the_file(meter_root, tmp_path, capsys):
+@pytest.mark.slow
+def test_resume_with_a_truncated_config_names_the_file(s1_run, tmp_path, capsys):
     run = tmp_path / "run"
-    meterml_finetune.main(["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--save_path", str(run)])
+    shutil.copytree(s1_run[2], run)
     (run / "config.json").write_text((run / "config.json").read_text()[:40])  # cut short
     with pytest.raises(SystemExit) as exit_info:
         meterml_finetune.main(["--resume", str(run)])
@@ -575,6 +604,7 @@ def test_resume_with_a_truncated_config_names_the_file(meter_root, tmp_path, cap
     assert re.search(r"--resume .*run: .*config.json is not valid JSON \(truncated or edited\?", capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_frozen_random_dfc_backbones_are_a_loud_warning(dfc_root, tmp_path, caplog):
     argv = ["--data_root", str(dfc_root), "--arch", "resnet18", "--crop", "32", "--eval_crop", "0", "--workers", "0",
             "--batch_size", "4", "--epochs", "1", "--eval_every", "0"]
@@ -587,6 +617,7 @@ def test_frozen_random_dfc_backbones_are_a_loud_warning(dfc_root, tmp_path, capl
     assert "RANDOM" not in caplog.text
 
 
+@pytest.mark.slow
 def test_train_image_dirs_restricts_the_meterml_training_split(meter_root, tmp_path):
     there = {p.name for p in (meter_root / "train_images_1").iterdir()}
     argv = ["random", "--data_root", str(meter_root), *FAST, *SHARED, "--scenario", "s1", "--eval_every", "0"]
@@ -600,16 +631,24 @@ def test_train_image_dirs_restricts_the_meterml_training_split(meter_root, tmp_p
     assert json.loads((tmp_path / "pre" / "config.json").read_text())["train_image_dirs"] == ["train_images_1"]
 
 
-@pytest.mark.parametrize("debug", [False, True])
-def test_a_user_error_is_one_line_without_traceback_unless_debugging(tmp_path, debug):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DEBUG": "1" if debug else ""}
-    done = subprocess.run([sys.executable, str(REPO / "meterml_finetune.py"), str(tmp_path / "missing.pth"),
-                           "--data_root", str(tmp_path / "nodata"), "--save_path", str(tmp_path / "run")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert done.returncode == 1
-    assert ("Traceback" in done.stderr) == debug
-    if not debug:
-        assert done.stderr.splitlines()[0].startswith("meterml_finetune.py: error: METER-ML root")
+@pytest.mark.slow
+def test_a_user_error_is_one_line_without_traceback(tmp_path):
+    argv = [str(tmp_path / "missing.pth"), "--data_root", str(tmp_path / "nodata"), "--save_path", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SUPCON_DEBUG": ""}
+    done = subprocess.run([sys.executable, str(REPO / "meterml_finetune.py"), *argv], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0].startswith("meterml_finetune.py: error: METER-ML root")
+
+
+def test_debugging_keeps_the_traceback(tmp_path, monkeypatch):
+    """SUPCON_DEBUG=1: the same user error escapes cli.run, so Python prints its traceback (in-process: the
+    subprocess above proves the entry point)."""
+    argv = [str(tmp_path / "missing.pth"), "--data_root", str(tmp_path / "nodata"), "--save_path", str(tmp_path / "run")]
+    monkeypatch.setenv("SUPCON_DEBUG", "1")
+    with pytest.raises(Exception, match="METER-ML root") as error:
+        cli.run(meterml_finetune.main, argv)
+    assert cli.user_error(error.value)
 
 
 def test_every_script_and_tool_enters_through_cli_run():

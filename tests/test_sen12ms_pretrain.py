@@ -242,8 +242,6 @@ def _torchrun(tmp_path, *args):
 def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp_path):
     run = tmp_path / "run"
     argv = ["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY, "--batch_size", "2"]  # 2 x 2 = 4 a step
-    refused = _torchrun(tmp_path, *argv, "--sync_bn")
-    assert refused.returncode != 0 and "--sync_bn on cpu" in refused.stderr and not run.exists()
     done = _torchrun(tmp_path, *argv)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-epoch0.pth", "checkpoint.pth", "config.json", "data_report.json", "last.pt",
@@ -252,6 +250,17 @@ def test_torchrun_two_processes_train_and_write_one_checkpoint(sen12ms_root, tmp
     assert load_checkpoint(DualResNet("resnet18"), run / "checkpoint.pth") == (["fc.weight", "fc.bias"], [])
     results = json.loads((run / "results.json").read_text())
     assert results["environment"]["world"] == 2 and results["data"]["nonfinite_values"]["train"]["nan"] > 0
+
+
+def test_sync_bn_on_cpu_is_refused_under_torchrun_before_the_run_folder(sen12ms_root, tmp_path, monkeypatch, capsys):
+    """Rank 0 of two as torchrun starts it (its environment), in-process: the process group is not joined."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(process.dist, "init_process_group", lambda *args, **kwargs: None)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        sen12ms_pretrain.main(["--data_root", str(sen12ms_root), "--save_path", str(run), *TINY, "--sync_bn"])
+    assert exit_info.value.code == 2 and "--sync_bn on cpu" in capsys.readouterr().err and not run.exists()
 
 
 def test_shell_script_runs_the_published_recipe(tmp_path):
