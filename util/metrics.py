@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.metrics import confusion_matrix
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -28,6 +27,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: 
     """Ignored classes get no entry. AA averages the classes present; kappa (a fraction, None with one class
     everywhere) and macro F1 (%, over the classes true or predicted) match sklearn's. per_class: % or None if absent;
     n: samples counted; classes: all K names; confusion: (K, K) counts of the counted samples, rows true."""
+    from sklearn.metrics import confusion_matrix  # here: importing sklearn costs every script start about a second
+
     keep = ~np.isin(y_true, list(ignore))
     y_true, y_pred = y_true[keep], y_pred[keep]
     k = len(class_names)
