@@ -16,6 +16,7 @@ import dfc_finetune
 import predict
 import summarize
 from datasets import DFC2020Dataset
+from datasets.scenes import describe_grid, open_scene, read_grid
 from models import DualResNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_scene
 from util.metrics import classification_metrics
@@ -114,7 +115,7 @@ def test_a_mosaic_of_patches_is_predicted_as_each_patch_alone(run, dfc_root, mos
     assert (classes_map.reshape(2, PATCH, 3, PATCH) == cells.reshape(2, 1, 3, 1)).all()  # a cell fills its pixels
     assert info["grid"] == [2, 3] and info["nodata_cells"] == 0
 
-    windows = predict.SceneWindows(predict.StackedScene(s1, s2), PATCH, PATCH, "seed")
+    windows = predict.SceneWindows(open_scene(s1, s2), PATCH, PATCH, "seed")
     loader = torch.utils.data.DataLoader(windows, batch_size=4)
     ctx = predict.process.Context(device=torch.device("cpu"))
     index, logits = (torch.cat(t) for t in list(zip(*predict.window_logits(net, loader, ctx)))[:2])
@@ -161,8 +162,8 @@ def test_scenes_on_different_grids_are_refused_naming_both_in_full(run, mosaic, 
     with pytest.raises(SystemExit) as error:
         predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--out", str(out), "--device", "cpu"])
     message = str(error.value)
-    assert (f"{s1} is on {predict.grid_text(predict.read_grid(s1))}, "
-            f"{s2} on {predict.grid_text(predict.read_grid(s2))}") in message, message
+    assert (f"{s1} is on {describe_grid(read_grid(s1))}, "
+            f"{s2} on {describe_grid(read_grid(s2))}") in message, message
     assert list(tmp_path.iterdir()) == [s2]  # nothing written
 
 
@@ -180,8 +181,8 @@ def test_grids_equal_within_a_millionth_of_a_pixel_are_one_grid(run, mosaic, tmp
         predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--truth", str(elsewhere), "--out",
                       str(tmp_path / "map2.tif"), "--window", str(PATCH), "--device", "cpu", "--workers", "0"])
     assert (f"--truth {elsewhere} is on another grid than the scene: "
-            f"{predict.grid_text(predict.read_grid(elsewhere))}; the scene is on "
-            f"{predict.grid_text(predict.read_grid(s2))}") in str(error.value)
+            f"{describe_grid(read_grid(elsewhere))}; the scene is on "
+            f"{describe_grid(read_grid(s2))}") in str(error.value)
     assert "500005.0" in str(error.value) and not (tmp_path / "map2.tif").exists()
 
 
@@ -331,11 +332,11 @@ def test_missing_pixels_follow_the_files_masks(tmp_path):
         mask[4:] = 0
         dst.write_mask(mask)  # an internal mask
     window = rasterio.windows.Window(0, 0, 8, 8)
-    with predict.StackedScene(s1_path, s2_path) as scene:
+    with open_scene(s1_path, s2_path) as scene:
         a, b = scene.read(window)
     assert np.isnan(a[:, :, :2]).all() and not np.isnan(a[:, :, 2:]).any()
     assert np.isnan(b[:, :3]).all() and (b[10, 3:] == 0).all() and not np.isnan(b[:, 3:]).any()
-    with predict.StackedScene(s1_path, masked) as scene:
+    with open_scene(s1_path, masked) as scene:
         assert np.isnan(scene.read(window)[1][:, 4:]).all() and not np.isnan(scene.read(window)[1][:, :4]).any()
     x1, _, counts = predict.normalize(a, b, "seed")
     assert counts[0, 0] == 2 * 8 * 2 and np.isfinite(x1.numpy()).all()  # missing -> NaN -> the recipe's NaN rule
