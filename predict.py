@@ -1,7 +1,8 @@
 """Apply a trained dfc_finetune.py run to new data: patches to a CSV, S1 / S2 scenes to class maps.
 
     python predict.py RUN --data_root ROOT --split SPLIT --out PRED.csv [--weights last|best]
-    python predict.py RUN --s1 S1.tif --s2 S2.tif --out MAP.tif [--window PX] [--stride PX] [--probabilities]
+    python predict.py RUN --s1 S1 --s2 S2 --out MAP.tif [--s1_scale db|power|amplitude] [--s2_offset N]
+        [--window PX] [--stride PX] [--probabilities]
     python predict.py RUN --scenes scenes.csv --out_dir DIR [--overwrite]     # columns s1, s2, name[, truth]
 
 Patches: every patch of SPLIT under ROOT (default: the run's data_root and eval_split), read as
@@ -11,20 +12,25 @@ row per patch: id, label (the patch's own class name; empty where ignored; a lab
 kept by name, out of the printed accuracy), prediction, and p_<class> (softmax) per class. With the run's split and
 weights, its confusion matrix is results.json's last.confusion.
 
-Scene: co-registered S1 and S2 GeoTIFFs (same CRS, size, transform within a millionth of a pixel) of
-any size, read one window at a time, never whole. A WINDOW px window (default: the run's
---eval_crop, else its --crop) is taken every STRIDE px (default WINDOW, at most WINDOW), and also
-flush with the right and bottom edges; its class goes to the STRIDE x STRIDE cell centred in it
-(the flush window's cell takes the pixels the one before leaves; the outer margins take the nearest
-window's class): docs/flags.md draws it. MAP.tif has the scene's size, CRS and transform: a
-cloud-optimised GeoTIFF of uint8 class indices in results.json's order (last.classes), 255 nodata,
-class names in its tags, a colour table (the DFC2020 legend for its classes); MAP.qml beside it, a
-QGIS style. Nodata: the cells of windows with more than half of their pixels missing in S1 or in S2
-(the file's dataset mask: nodata value, alpha, internal mask; or a NaN band); missing pixels are
-NaN before the run's normalisation (config.json "normalize", default "seed"). Also MAP.png, a
-preview (beside --truth, a class raster on the scene's grid), MAP.json, its numbers, and with
---probabilities MAP_prob.tif, a uint8 band per class (probability x 200, 255 nodata). Every file is
-written under a temporary name and renamed; an output that is an input or in the run is refused.
+Scene: what prepare_scene.py takes, read lazily through the same code (datasets.scenes.open_scene: warped
+views, no intermediate file), so the map is the one of prepare_scene.py's stacks. --s2: a GeoTIFF stack or a
+folder of band files (a SAFE product, L1C or L2A); --s1: a 2-band GeoTIFF (VV, VH), a folder or two files
+named VV and VH, in any CRS, warped bilinearly onto the S2 grid, to dB by --s1_scale. The run's S2 bands (its
+checkpoint's s2_band_names, else results.json's, else 13 = L1C, 12 = L2A) are taken by name; a band the input
+lacks is refused, naming it. Two stacks (S1 and S2 GeoTIFFs) must share one grid (CRS, size, transform within
+a millionth of a pixel). Scenes of any size are read one window at a time, never whole. A WINDOW px window
+(default: the run's --eval_crop, else its --crop) is taken every STRIDE px (default WINDOW, at most WINDOW),
+and also flush with the right and bottom edges; its class goes to the STRIDE x STRIDE cell centred in it (the
+flush window's cell takes the pixels the one before leaves; the outer margins take the nearest window's
+class): docs/flags.md draws it. MAP.tif has the scene's size, CRS and transform: a cloud-optimised GeoTIFF of
+uint8 class indices in results.json's order (last.classes), 255 nodata, class names in its tags, a colour
+table (the DFC2020 legend for its classes); MAP.qml beside it, a QGIS style. Nodata: the cells of windows with
+more than half of their pixels missing in S1 or in S2 (the file's dataset mask: nodata value, alpha, internal
+mask; or a NaN band); missing pixels are NaN before the run's normalisation (config.json "normalize", default
+"seed"). Also MAP.png, a preview (beside --truth, a class raster on the scene's grid), MAP.json, its numbers,
+and with --probabilities MAP_prob.tif, a uint8 band per class (probability x 200, 255 nodata). Every file is
+written under a temporary name and renamed; an output that is an input, or lies in the run or an input folder
+(a SAFE product), is refused.
 """
 from __future__ import annotations
 
