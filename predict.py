@@ -1,7 +1,8 @@
 """Apply a trained dfc_finetune.py run to new data: patches to a CSV, S1 / S2 scenes to class maps.
 
     python predict.py RUN --data_root ROOT --split SPLIT --out PRED.csv [--weights last|best]
-    python predict.py RUN --s1 S1.tif --s2 S2.tif --out MAP.tif [--window PX] [--stride PX] [--probabilities]
+    python predict.py RUN --s1 S1 --s2 S2 --out MAP.tif [--s1_scale db|power|amplitude] [--s2_offset N]
+        [--window PX] [--stride PX] [--probabilities]
     python predict.py RUN --scenes scenes.csv --out_dir DIR [--overwrite]     # columns s1, s2, name[, truth]
 
 Patches: every patch of SPLIT under ROOT (default: the run's data_root and eval_split), read as
@@ -11,20 +12,25 @@ row per patch: id, label (the patch's own class name; empty where ignored; a lab
 kept by name, out of the printed accuracy), prediction, and p_<class> (softmax) per class. With the run's split and
 weights, its confusion matrix is results.json's last.confusion.
 
-Scene: co-registered S1 and S2 GeoTIFFs (same CRS, size, transform within a millionth of a pixel) of
-any size, read one window at a time, never whole. A WINDOW px window (default: the run's
---eval_crop, else its --crop) is taken every STRIDE px (default WINDOW, at most WINDOW), and also
-flush with the right and bottom edges; its class goes to the STRIDE x STRIDE cell centred in it
-(the flush window's cell takes the pixels the one before leaves; the outer margins take the nearest
-window's class): docs/flags.md draws it. MAP.tif has the scene's size, CRS and transform: a
-cloud-optimised GeoTIFF of uint8 class indices in results.json's order (last.classes), 255 nodata,
-class names in its tags, a colour table (the DFC2020 legend for its classes); MAP.qml beside it, a
-QGIS style. Nodata: the cells of windows with more than half of their pixels missing in S1 or in S2
-(the file's dataset mask: nodata value, alpha, internal mask; or a NaN band); missing pixels are
-NaN before the run's normalisation (config.json "normalize", default "seed"). Also MAP.png, a
-preview (beside --truth, a class raster on the scene's grid), MAP.json, its numbers, and with
---probabilities MAP_prob.tif, a uint8 band per class (probability x 200, 255 nodata). Every file is
-written under a temporary name and renamed; an output that is an input or in the run is refused.
+Scene: what prepare_scene.py takes, read lazily through the same code (datasets.scenes.open_scene: warped
+views, no intermediate file), so the map is the one of prepare_scene.py's stacks. --s2: a GeoTIFF stack or a
+folder of band files (a SAFE product, L1C or L2A); --s1: a 2-band GeoTIFF (VV, VH), a folder or two files
+named VV and VH, in any CRS, warped bilinearly onto the S2 grid, to dB by --s1_scale. The run's S2 bands (its
+checkpoint's s2_band_names, else results.json's, else 13 = L1C, 12 = L2A) are taken by name; a band the input
+lacks is refused, naming it. Two stacks (S1 and S2 GeoTIFFs) must share one grid (CRS, size, transform within
+a millionth of a pixel). Scenes of any size are read one window at a time, never whole. A WINDOW px window
+(default: the run's --eval_crop, else its --crop) is taken every STRIDE px (default WINDOW, at most WINDOW),
+and also flush with the right and bottom edges; its class goes to the STRIDE x STRIDE cell centred in it (the
+flush window's cell takes the pixels the one before leaves; the outer margins take the nearest window's
+class): docs/flags.md draws it. MAP.tif has the scene's size, CRS and transform: a cloud-optimised GeoTIFF of
+uint8 class indices in results.json's order (last.classes), 255 nodata, class names in its tags, a colour
+table (the DFC2020 legend for its classes); MAP.qml beside it, a QGIS style. Nodata: the cells of windows with
+more than half of their pixels missing in S1 or in S2 (the file's dataset mask: nodata value, alpha, internal
+mask; or a NaN band); missing pixels are NaN before the run's normalisation (config.json "normalize", default
+"seed"). Also MAP.png, a preview (beside --truth, a class raster on the scene's grid), MAP.json, its numbers,
+and with --probabilities MAP_prob.tif, a uint8 band per class (probability x 200, 255 nodata). Every file is
+written under a temporary name and renamed; an output that is an input, or lies in the run or an input folder
+(a SAFE product), is refused.
 """
 from __future__ import annotations
 
@@ -46,18 +52,19 @@ import rasterio.env
 import rasterio.errors
 import rasterio.shutil
 import torch
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import NORMALIZATIONS, CropError, normalize, patch_dataset
+from datasets.scenes import S1_SCALES, describe_grid, open_scene, read_grid, same_grid
 from models import DualResNet, load_checkpoint
 from util import cli, flags, process
 from util.checkpoint import read_meta
 from util.io import atomic_write, atomic_write_json
-from util.labels import IGNORE
+from util.labels import IGNORE, L1C_BANDS, L2A_BANDS
 from util.lock import RunFolderError
 from util.runs import NotARunError, RunInfo, checkpoint_path, read_run
 
@@ -259,78 +266,42 @@ def pixel_cells(size: int, window: int, stride: int) -> np.ndarray:
     return np.repeat(np.arange(len(spans)), [stop - start for start, stop in spans])
 
 
-def grid_text(grid: dict) -> str:
-    """A grid in full, on one line: CRS, size and the six transform coefficients as stored."""
-    return (f"{grid['crs']}, {grid['width']} x {grid['height']} px, transform "
-            f"({', '.join(repr(float(v)) for v in tuple(grid['transform'])[:6])})")
+def run_s2_bands(run: RunInfo, count: int) -> list[str]:
+    """The names of the run's `count` S2 bands, in its model's order: its checkpoint's meta (or config.json)
+    "s2_band_names", else results.json's, else a manifest run's --s2_bands, else by the count (13: L1C, 12: L2A)."""
+    config, results = run.config or {}, run.results or {}
+    names = config.get("s2_band_names") or results.get("s2_band_names") or config.get("s2_bands")
+    if not names:
+        names = {13: L1C_BANDS, 12: L2A_BANDS}.get(count)
+        if names is None:
+            raise PredictError(f"{run.path} does not name its {count} S2 bands (no s2_band_names in its checkpoint or "
+                               f"results.json): predict.py takes a scene's bands by name")
+    if len(names) != count:
+        raise PredictError(f"{run.path} names {len(names)} S2 bands ({', '.join(names)}); its model takes {count}")
+    return list(names)
 
 
-def same_grid(a: dict, b: dict) -> bool:
-    """Same CRS and size, and transforms equal within a millionth of a pixel."""
-    transform = a["transform"]
-    pixel = abs(transform.a * transform.e - transform.b * transform.d) ** 0.5
-    return (a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"])
-            and transform.almost_equals(b["transform"], precision=1e-6 * pixel))
+def check_stacks(s1: Path | list[Path], s2: Path) -> None:
+    """Refuses an S1 and an S2 GeoTIFF stack on different grids (same CRS, size, transform within a millionth of a
+    pixel), naming both in full: two stacks are taken as the model's, co-registered. Provider files (a folder, VV
+    and VH files) are warped onto the S2 grid instead."""
+    if isinstance(s1, list) or not Path(s1).is_file() or not Path(s2).is_file():
+        return
+    grids = read_grid(s1), read_grid(s2)
+    if not same_grid(*grids):
+        raise PredictError(f"the S1 and S2 stacks are not co-registered: {s1} is on {describe_grid(grids[0])}, {s2} "
+                           f"on {describe_grid(grids[1])}; warp S1 onto the S2 grid first (prepare_scene.py)")
 
 
-def read_grid(path: Path) -> dict:
-    try:
-        with rasterio.open(path) as src:
-            return {"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height}
-    except rasterio.errors.RasterioIOError as error:
-        raise PredictError(f"{path} cannot be read as a raster: {error}") from None
-
-
-class StackedScene:
-    """Stand-in for datasets.scenes.open_scene on two stacked GeoTIFFs (S1 in dB, S2) on one grid: `grid` (crs,
-    transform, width, height), `read(window)` -> S1, S2 float32 (C, h, w), NaN where the file's dataset mask
-    (nodata value, alpha band, internal mask) says missing. The files open once per process; picklable."""
-
-    def __init__(self, s1: Path, s2: Path) -> None:
-        self.paths = (Path(s1), Path(s2))
-        grids = [read_grid(p) for p in self.paths]
-        if not same_grid(*grids):
-            raise PredictError(f"the S1 and S2 scenes are not co-registered: {self.paths[0]} is on "
-                               f"{grid_text(grids[0])}, {self.paths[1]} on {grid_text(grids[1])}; resample them onto "
-                               f"one grid first (prepare_scene.py)")
-        self.grid = grids[1]
-        self._sources, self._pid = None, None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_sources": None, "_pid": None}
-
-    def __enter__(self) -> StackedScene:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        if self._pid != os.getpid():  # GDAL handles are never shared with a forked worker
-            self._sources, self._pid = tuple(rasterio.open(p) for p in self.paths), os.getpid()
-        arrays = []
-        for src in self._sources:
-            x = src.read(window=window, out_dtype="float32")
-            if any(MaskFlags.all_valid not in flags for flags in src.mask_flag_enums):  # else no pixel is masked
-                x[:, src.dataset_mask(window=window) == 0] = np.nan
-            arrays.append(x)
-        return arrays[0], arrays[1]
-
-    def close(self) -> None:
-        for src in self._sources or ():
-            src.close()
-        self._sources, self._pid = None, None
-
-
-def check_scene(scene, names: tuple[Path, Path], bands: tuple[int, int], window: int) -> None:
-    """Refuses a scene without the model's band counts or smaller than one window."""
+def check_scene(scene, bands: tuple[int, int], window: int) -> None:
+    """Refuses a scene smaller than one window, or a run whose model takes other than VV and VH."""
     grid = scene.grid
     if min(grid["width"], grid["height"]) < window:
-        raise PredictError(f"the scene ({names[0]}, {names[1]}) is {grid['height']} x {grid['width']} px, smaller "
-                           f"than one window of {window} px; pass a smaller --window")
-    for x, path, name, count in zip(scene.read(Window(0, 0, 1, 1)), names, ("S1", "S2"), bands):
-        if x.shape[0] != count:
-            raise PredictError(f"{path} has {x.shape[0]} bands; the run's model takes {count} {name} bands")
+        raise PredictError(f"the scene ({scene.name}) is {grid['height']} x {grid['width']} px, smaller than one "
+                           f"window of {window} px; pass a smaller --window")
+    if bands[0] != len(scene.s1_band_names):
+        raise PredictError(f"the run's model takes {bands[0]} S1 bands; a scene gives {len(scene.s1_band_names)} "
+                           f"({', '.join(scene.s1_band_names)})")
 
 
 def missing_share(x: np.ndarray) -> float:
@@ -522,8 +493,8 @@ def check_truth(path: Path, grid: dict, classes: list[str]) -> None:
     """Refuses a --truth raster on another grid than the scene's (naming both in full) or naming other classes."""
     truth = read_grid(path)
     if not same_grid(truth, grid):
-        raise PredictError(f"--truth {path} is on another grid than the scene: {grid_text(truth)}; the scene is on "
-                           f"{grid_text(grid)}")
+        raise PredictError(f"--truth {path} is on another grid than the scene: {describe_grid(truth)}; the scene is "
+                           f"on {describe_grid(grid)}")
     with rasterio.open(path) as src:
         named = src.tags().get("classes")
     if named is not None and json.loads(named) != classes:
@@ -618,8 +589,8 @@ def check_outputs(outputs: list[Path], inputs: list[Path], folders: list[Path]) 
                                    f"write elsewhere")
         for folder in folders:
             if out.resolve().is_relative_to(folder.resolve()):
-                raise PredictError(f"the output {out} lies inside {folder}, a folder predict.py reads (the run or "
-                                   f"its data); write elsewhere")
+                raise PredictError(f"the output {out} lies inside {folder}, a folder predict.py reads (the run, its "
+                                   f"data or a scene's product); write elsewhere")
 
 
 def run_protected(run_path: Path) -> tuple[list[Path], list[Path]]:
@@ -633,7 +604,8 @@ def check_args_outputs(args: argparse.Namespace, run: RunInfo) -> None:
     """check_outputs on the files of this command (patches or one scene) against its inputs and the run."""
     files, folders = run_protected(Path(args.run))
     if args.s1 is not None:
-        outputs, inputs = scene_outputs(args.out, args.probabilities), [args.s1, args.s2, *filter(None, [args.truth])]
+        outputs, inputs = scene_outputs(args.out, args.probabilities), [*args.s1, args.s2, *filter(None, [args.truth])]
+        folders += [p for p in (*args.s1, args.s2) if p.is_dir()]  # a SAFE product, a folder of band files
     else:
         outputs, inputs = [args.out], []
         root = args.data_root or (Path(run.config["data_root"]) if (run.config or {}).get("data_root") else None)
@@ -661,6 +633,9 @@ class Predictor:
     ctx: process.Context
     batch_size: int
     bands: tuple[int, int]
+    s2_band_names: list[str]  # the model's S2 bands, taken from each scene by name
+    s1_scale: str  # --s1_scale
+    s2_offset: float | None  # --s2_offset (None: the product's metadata, else 0)
 
 
 def make_predictor(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> Predictor:
@@ -677,16 +652,19 @@ def make_predictor(args: argparse.Namespace, run: RunInfo, classes: list[str]) -
     norm_stats = getattr(config, "norm_stats", None) or (run.results or {}).get("norm_stats")
     batch_size = args.batch_size or config.eval_batch_size or 2 * config.batch_size
     return Predictor(run, classes, checkpoint, net, window, stride, recipe, norm_stats, make_context(args, run),
-                     batch_size, bands)
+                     batch_size, bands, run_s2_bands(run, bands[1]), args.s1_scale or "db", args.s2_offset)
 
 
-def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | None = None,
+def predict_scene(p: Predictor, s1: Path | list[Path], s2: Path, out: Path, truth: Path | None = None,
                   probabilities: bool = False, level: int = logging.INFO) -> dict:
-    """MAP.tif (+ MAP_prob.tif), MAP.qml, MAP.png and MAP.json of one scene; returns MAP.json's content."""
+    """MAP.tif (+ MAP_prob.tif), MAP.qml, MAP.png and MAP.json of one scene (`s1`, `s2` as open_scene takes them);
+    returns MAP.json's content."""
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise PredictError(f"the map {out} must end in .tif or .tiff (its .png, .json and .qml go beside it)")
-    with StackedScene(s1, s2) as scene:
-        check_scene(scene, (s1, s2), p.bands, p.window)
+    check_stacks(s1, s2)
+    with open_scene(s1, s2, s1_scale=p.s1_scale, s2_offset=p.s2_offset, s2_bands=p.s2_band_names) as scene:
+        check_outputs(scene_outputs(out, probabilities), scene.files, [])  # also the files a folder's links reach
+        check_scene(scene, p.bands, p.window)
         grid = scene.grid
         if truth is not None:
             check_truth(truth, grid, p.classes)
@@ -697,7 +675,8 @@ def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | Non
         cells, probs, rate, counts = classify_scene(p.net, scene_loader(windows, p.ctx, p.batch_size), p.ctx,
                                                     len(p.classes) if probabilities else 0)
     tags = {"run": str(p.run.path), "weights": p.checkpoint.name, "window": p.window, "stride": p.stride,
-            "normalize": p.recipe, "s1": str(s1), "s2": str(s2),
+            "normalize": p.recipe, "s1": ", ".join(map(str, s1 if isinstance(s1, list) else [s1])), "s2": str(s2),
+            "s1_scale": p.s1_scale, "s2_bands": ",".join(p.s2_band_names),
             "placement": "each window's class over the stride x stride cell centred in it; windows also flush with "
                          "the right and bottom edges; the margins take the nearest window's class",
             "nodata_rule": f"255: a window with over {MISSING_SHARE:.0%} of its pixels missing in S1 or S2 (dataset "
@@ -729,8 +708,8 @@ def predict_scene(p: Predictor, s1: Path, s2: Path, out: Path, truth: Path | Non
 
 def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
-        return predict_scene(make_predictor(args, run, classes), args.s1, args.s2, args.out, args.truth,
-                             args.probabilities)
+        return predict_scene(make_predictor(args, run, classes), args.s1[0] if len(args.s1) == 1 else args.s1,
+                             args.s2, args.out, args.truth, args.probabilities)
 
 
 def read_scenes(path: Path) -> list[dict]:
@@ -779,7 +758,8 @@ def main_scenes(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> d
                 continue
             try:
                 inputs = [args.scenes, scene["s1"], scene["s2"], *([scene["truth"]] if scene["truth"] else [])]
-                check_outputs(scene_outputs(out, args.probabilities), files + inputs, folders)
+                check_outputs(scene_outputs(out, args.probabilities), files + inputs,
+                              folders + [p for p in (scene["s1"], scene["s2"]) if p.is_dir()])
                 info = predict_scene(p, scene["s1"], scene["s2"], out, scene["truth"], args.probabilities,
                                      level=logging.DEBUG)
             except (PredictError, OSError, ValueError, rasterio.errors.RasterioError) as error:
@@ -813,8 +793,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_root", type=Path, default=None, help="data the run's script reads (default: the run's)")
     g.add_argument("--split", default=None, help="split to predict (default: the run's eval_split)")
     g = p.add_argument_group("scene")
-    g.add_argument("--s1", type=Path, default=None, help="S1 GeoTIFF scene (VV, VH in dB)")
-    g.add_argument("--s2", type=Path, default=None, help="S2 GeoTIFF scene on the same grid")
+    g.add_argument("--s1", type=Path, nargs="+", default=None, metavar="S1",
+                   help="a 2-band GeoTIFF (VV, VH), a folder, or two files whose names hold VV and VH")
+    g.add_argument("--s2", type=Path, default=None, help="a GeoTIFF stack, or a folder of band files (SAFE)")
+    g.add_argument("--s1_scale", choices=S1_SCALES, default=None,
+                   help="what S1 holds: db (default), power (dB = 10 log10), amplitude (dB = 20 log10)")
+    g.add_argument("--s2_offset", type=float, default=None,
+                   help="added to S2 digital numbers when the product has no metadata file (default 0; "
+                        "-1000 for processing baseline 04.00 and later)")
     g.add_argument("--window", type=flags.positive_int, default=None,
                    help="window side, px (default: the run's --eval_crop, else its --crop)")
     g.add_argument("--stride", type=flags.positive_int, default=None,
@@ -842,6 +828,7 @@ def check_modes(parser: argparse.ArgumentParser, args: argparse.Namespace, scene
     many = args.scenes is not None
     mode = "--scenes" if many else "a scene (--s1, --s2)" if scene else "patches (--data_root, --split)"
     foreign = {"--data_root": scene or many, "--split": scene or many, "--s1": many, "--s2": many, "--out": many,
+               "--s1_scale": not (scene or many), "--s2_offset": not (scene or many),
                "--window": not (scene or many), "--stride": not (scene or many), "--truth": not scene,
                "--probabilities": not (scene or many), "--out_dir": not many, "--overwrite": not many}
     wrong = [f for f, bad in foreign.items() if bad and getattr(args, f[2:]) not in (None, False)]
@@ -859,6 +846,8 @@ def main(argv=None) -> dict:
     scene = args.s1 is not None or args.s2 is not None
     if scene and (args.s1 is None or args.s2 is None):
         parser.error("a scene needs both --s1 and --s2")
+    if scene and len(args.s1) > 2:
+        parser.error("--s1 takes one file or folder, or two files (VV and VH)")
     check_modes(parser, args, scene)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -37,7 +37,8 @@ from util import cli, flags
 log = logging.getLogger("prepare_scene")
 
 BLOCK = 1024  # px a side read and written at once: S2's JPEG 2000 tiles are 1024 px at 10 m
-GDAL_CACHE_MB = 256  # holds a row of blocks of every band; GDAL's default is 5 % of the machine's RAM
+GDAL_CACHE = 256 * 2**20  # bytes (rasterio.Env takes GDAL_CACHEMAX in bytes: 256 would be 256 bytes); holds a
+# row of blocks of every band. GDAL's default is 5 % of the machine's RAM
 
 
 def check_outputs(scene: Scene, inputs: Sequence[Path], outputs: Sequence[Path]) -> None:
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
         build_parser().error("--s1 takes one file or folder, or two files (VV and VH)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s1 = args.s1[0] if len(args.s1) == 1 else args.s1
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
         return prepare(s1, args.s2, args.out_s1, args.out_s2, s1_scale=args.s1_scale, s2_offset=args.s2_offset,
                        s2_bands=args.s2_bands, block=args.block)
 

@@ -53,6 +53,7 @@ import dfc_finetune  # noqa: E402
 import predict  # noqa: E402
 import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
+from datasets.scenes import open_scene  # noqa: E402
 from models import DualResNet, MultiModalNet  # noqa: E402
 from util import flags, metrics, process  # noqa: E402
 
@@ -250,7 +251,7 @@ def main(argv=None) -> None:
               f"{args.mosaic} x {args.mosaic} patch mosaic in {time.perf_counter() - began:.1f} s", flush=True)
         run = argparse.Namespace(eval_crop=args.window, eval_offset_seed=0, normalize="seed")
         eval_set = dfc_finetune.build_eval_set(run, root, "test")
-        windows = predict.SceneWindows(predict.StackedScene(s1, s2), args.window, args.window, "seed")
+        windows = predict.SceneWindows(open_scene(s1, s2), args.window, args.window, "seed")
         cycled = [i % len(eval_set) for i in range(len(windows))]
         loader = process.make_loader(eval_set, args.batch_size, ctx, argparse.Namespace(seed=0), train=False,
                                      indices=cycled)

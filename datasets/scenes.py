@@ -68,6 +68,12 @@ def grid_of(src) -> dict:
     return {"crs": src.crs, "transform": src.transform, "width": src.width, "height": src.height}
 
 
+def read_grid(path: str | Path) -> dict:
+    """The grid of the raster at `path`; SceneError naming it when it cannot be read."""
+    with _open(Path(path)) as src:
+        return grid_of(src)
+
+
 def describe_grid(grid: dict) -> str:
     return f"{grid['height']} x {grid['width']} px, {grid['crs']}, transform {tuple(grid['transform'])[:6]}"
 

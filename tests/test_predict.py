@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -14,11 +15,16 @@ from rasterio.crs import CRS
 
 import dfc_finetune
 import predict
+import prepare_scene
+import products
 import summarize
 from datasets import DFC2020Dataset
+from datasets.scenes import describe_grid, open_scene, read_grid
 from models import DualResNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_scene
+from util.labels import L1C_BANDS, L2A_BANDS
 from util.metrics import classification_metrics
+from util.runs import RunInfo
 
 PATCH = 48
 CRS_UTM = CRS.from_epsg(32633)
@@ -114,7 +120,7 @@ def test_a_mosaic_of_patches_is_predicted_as_each_patch_alone(run, dfc_root, mos
     assert (classes_map.reshape(2, PATCH, 3, PATCH) == cells.reshape(2, 1, 3, 1)).all()  # a cell fills its pixels
     assert info["grid"] == [2, 3] and info["nodata_cells"] == 0
 
-    windows = predict.SceneWindows(predict.StackedScene(s1, s2), PATCH, PATCH, "seed")
+    windows = predict.SceneWindows(open_scene(s1, s2), PATCH, PATCH, "seed")
     loader = torch.utils.data.DataLoader(windows, batch_size=4)
     ctx = predict.process.Context(device=torch.device("cpu"))
     index, logits = (torch.cat(t) for t in list(zip(*predict.window_logits(net, loader, ctx)))[:2])
@@ -161,8 +167,8 @@ def test_scenes_on_different_grids_are_refused_naming_both_in_full(run, mosaic, 
     with pytest.raises(SystemExit) as error:
         predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--out", str(out), "--device", "cpu"])
     message = str(error.value)
-    assert (f"{s1} is on {predict.grid_text(predict.read_grid(s1))}, "
-            f"{s2} on {predict.grid_text(predict.read_grid(s2))}") in message, message
+    assert (f"{s1} is on {describe_grid(read_grid(s1))}, "
+            f"{s2} on {describe_grid(read_grid(s2))}") in message, message
     assert list(tmp_path.iterdir()) == [s2]  # nothing written
 
 
@@ -180,8 +186,8 @@ def test_grids_equal_within_a_millionth_of_a_pixel_are_one_grid(run, mosaic, tmp
         predict.main([str(run), "--s1", str(s1), "--s2", str(s2), "--truth", str(elsewhere), "--out",
                       str(tmp_path / "map2.tif"), "--window", str(PATCH), "--device", "cpu", "--workers", "0"])
     assert (f"--truth {elsewhere} is on another grid than the scene: "
-            f"{predict.grid_text(predict.read_grid(elsewhere))}; the scene is on "
-            f"{predict.grid_text(predict.read_grid(s2))}") in str(error.value)
+            f"{describe_grid(read_grid(elsewhere))}; the scene is on "
+            f"{describe_grid(read_grid(s2))}") in str(error.value)
     assert "500005.0" in str(error.value) and not (tmp_path / "map2.tif").exists()
 
 
@@ -331,11 +337,11 @@ def test_missing_pixels_follow_the_files_masks(tmp_path):
         mask[4:] = 0
         dst.write_mask(mask)  # an internal mask
     window = rasterio.windows.Window(0, 0, 8, 8)
-    with predict.StackedScene(s1_path, s2_path) as scene:
+    with open_scene(s1_path, s2_path) as scene:
         a, b = scene.read(window)
     assert np.isnan(a[:, :, :2]).all() and not np.isnan(a[:, :, 2:]).any()
     assert np.isnan(b[:, :3]).all() and (b[10, 3:] == 0).all() and not np.isnan(b[:, 3:]).any()
-    with predict.StackedScene(s1_path, masked) as scene:
+    with open_scene(s1_path, masked) as scene:
         assert np.isnan(scene.read(window)[1][:, 4:]).all() and not np.isnan(scene.read(window)[1][:, :4]).any()
     x1, _, counts = predict.normalize(a, b, "seed")
     assert counts[0, 0] == 2 * 8 * 2 and np.isfinite(x1.numpy()).all()  # missing -> NaN -> the recipe's NaN rule
@@ -409,3 +415,86 @@ def test_a_large_map_has_overviews_by_mode_and_other_classes_a_fixed_palette(tmp
         full, coarse = src.read(1), src.read(1, out_shape=(130, 150))  # the 4x overview
     assert (full == 255).sum() == 12 * 12  # the last window's cell: from 508 and 588 to the edges
     assert set(np.unique(coarse)) <= {0, 2, 255} and (coarse == 0).mean() > 0.5
+
+
+SIZE = 72  # px a side of the synthetic products: 3 x 3 of the run's 32 px windows, the last ones flush
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory):
+    """An L1C SAFE product (JPEG 2000 at 10/20/60 m, baseline 04.00) and S1 in linear power in EPSG:4326."""
+    folder = tmp_path_factory.mktemp("product")
+    safe, _ = products.l1c(folder, SIZE)
+    return safe, products.s1_power(folder / "s1_power.tif", SIZE)[0]
+
+
+def test_a_product_is_predicted_as_its_prepared_stacks(run, product, tmp_path):
+    """predict.py on the provider's files gives the map (and the inputs) of prepare_scene.py's stacks."""
+    safe, s1 = product
+    stacks = tmp_path / "S1.tif", tmp_path / "S2.tif"
+    prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(stacks[0]), "--out_s2", str(stacks[1]),
+                        "--s1_scale", "power", "--block", "40"])  # blocks that cut across predict's windows
+    common = ["--probabilities", "--device", "cpu", "--workers", "0"]
+    predict.main([str(run), "--s1", str(stacks[0]), "--s2", str(stacks[1]), "--out", str(tmp_path / "stacked.tif"),
+                  *common])
+    info = predict.main([str(run), "--s1", str(s1), "--s2", str(safe), "--s1_scale", "power", "--out",
+                         str(tmp_path / "direct.tif"), *common])
+    assert info["grid"] == [3, 3] and info["s2_bands"] == ",".join(L1C_BANDS)
+    for name in ("", "_prob"):
+        with rasterio.open(tmp_path / f"stacked{name}.tif") as a, rasterio.open(tmp_path / f"direct{name}.tif") as b:
+            assert (b.crs, b.transform, b.shape) == (a.crs, a.transform, a.shape)
+            np.testing.assert_array_equal(b.read(), a.read())
+    grid = products.s2_grid(SIZE)
+    assert (a.crs, a.transform, a.shape) == (grid["crs"], grid["transform"], (SIZE, SIZE))
+    prepared = predict.SceneWindows(open_scene(*stacks), 32, 20, "seed")
+    direct = predict.SceneWindows(open_scene(s1, safe, s1_scale="power", s2_bands=L1C_BANDS), 32, 20, "seed")
+    for i in range(len(direct)):
+        for m in ("s1", "s2"):
+            assert torch.equal(direct[i][m], prepared[i][m])
+    assert sorted(p.name for p in tmp_path.glob("direct*")) == [f"direct{s}" for s in (
+        ".json", ".png", ".qml", ".tif", "_prob.tif")]  # no intermediate file
+
+
+def test_a_13_band_run_on_an_l2a_product_is_refused_naming_b10(run, tmp_path):
+    safe, _ = products.l2a(tmp_path, SIZE)
+    s1 = products.s1_power(tmp_path / "s1_power.tif", SIZE)[0]
+    with pytest.raises(SystemExit) as error:
+        predict.main([str(run), "--s1", str(s1), "--s2", str(safe), "--s1_scale", "power", "--out",
+                      str(tmp_path / "map.tif"), "--device", "cpu", "--workers", "0"])
+    message = str(error.value)
+    assert message.startswith(f"predict.py: error: {safe} lacks S2 band B10 ") and "\n" not in message
+    assert "train a 12-band run" in message and not (tmp_path / "map.tif").exists()
+
+
+@pytest.mark.parametrize("mode", ["--out", "--out_dir"])
+def test_a_map_inside_an_input_product_is_refused(run, product, tmp_path, mode, caplog):
+    safe, s1 = product
+    before = {p: p.stat().st_mtime_ns for p in safe.rglob("*")}
+    if mode == "--out":
+        argv = ["--s1", str(s1), "--s2", str(safe), "--out", str(safe / "GRANULE" / "map.tif")]
+    else:
+        scenes = tmp_path / "scenes.csv"
+        scenes.write_text(f"name,s1,s2\nmap,{s1},{safe}\n")
+        argv = ["--scenes", str(scenes), "--out_dir", str(safe / "maps")]
+    refused = f"lies inside {safe}, a folder predict.py reads"
+    with pytest.raises(SystemExit, match=re.escape(refused) if mode == "--out" else "1 of 1 scenes failed: map"):
+        predict.main([str(run), *argv, "--s1_scale", "power", "--device", "cpu", "--workers", "0"])
+    assert mode == "--out" or refused in caplog.text
+    assert before == {p: p.stat().st_mtime_ns for p in safe.rglob("*")}
+
+
+def test_the_runs_s2_bands_come_by_name(run, product):
+    """The checkpoint's meta, else results.json, else a manifest's --s2_bands, else by count; a 12-band run
+    takes its 12 from a 13-band L1C product."""
+    assert predict.run_s2_bands(predict.open_run(run, "last"), 13) == list(L1C_BANDS)
+    twelve = RunInfo(run, "dfc_finetune", "manifest", {}, {"s2_band_names": list(L2A_BANDS)})
+    assert predict.run_s2_bands(twelve, 12) == list(L2A_BANDS)
+    assert predict.run_s2_bands(RunInfo(run, "dfc_finetune", "manifest", {"s2_bands": ["B04", "B08"]}, None),
+                                2) == ["B04", "B08"]
+    assert predict.run_s2_bands(RunInfo(run, "dfc_finetune", "DFC2020", {}, None), 12) == list(L2A_BANDS)
+    with pytest.raises(predict.PredictError, match="does not name its 4 S2 bands"):
+        predict.run_s2_bands(RunInfo(run, "dfc_finetune", "manifest", {}, None), 4)
+    safe, s1 = product
+    with open_scene(s1, safe, s1_scale="power", s2_bands=predict.run_s2_bands(twelve, 12)) as scene:
+        _, s2 = scene.read(rasterio.windows.Window(0, 0, 8, 8))
+        assert scene.s2_band_names == list(L2A_BANDS) and s2.shape == (12, 8, 8)
