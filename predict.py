@@ -42,17 +42,13 @@ import logging
 import os
 import sys
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import rasterio
 import rasterio.env
 import rasterio.errors
-import rasterio.shutil
 import torch
-from rasterio.enums import Resampling
 from rasterio.windows import Window
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -61,16 +57,15 @@ from tqdm import tqdm
 from datasets import NORMALIZATIONS, CropError, normalize, patch_dataset
 from datasets.scenes import S1_SCALES, describe_grid, open_scene, read_grid, same_grid
 from models import DualResNet, load_checkpoint
-from util import cli, flags, process
+from util import cli, flags, maps, process
 from util.checkpoint import read_meta
-from util.io import atomic_write, atomic_write_json
+from util.io import atomic_write, atomic_write_json, same_file
 from util.labels import IGNORE, L1C_BANDS, L2A_BANDS
 from util.lock import RunFolderError
 from util.runs import NotARunError, RunInfo, checkpoint_path, read_run
 
 log = logging.getLogger("predict")
 
-NODATA = 255
 MISSING_SHARE = 0.5  # a window with more than this share of missing pixels (S1 or S2) is nodata
 
 
@@ -228,42 +223,12 @@ def main_patches(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> 
 
 # ----------------------------------------------------------------------------- scenes
 
-GDAL_CACHE = 64 * 2**20  # bytes of GDAL block cache per process: windows are read once, a cache buys nothing
-TILE = 256  # map tile side, px; the map is written TILE rows at a time
-# The DFC2020 / SEN12MS legend (IEEE GRSS Data Fusion Contest 2020), for runs on those classes.
-DFC_COLORS = {"Forest": "#009900", "Shrubland": "#c6b044", "Grassland": "#b6ff05", "Wetlands": "#27ff87",
-              "Croplands": "#c24f44", "Urban/Built-up": "#a5a5a5", "Barren": "#f9ffa4", "Water": "#1c0dff"}
-
-
 def check_recipe(recipe: str) -> str:
     """The run's input normalisation (config.json "normalize"), refused when this code has no such recipe."""
     if recipe not in NORMALIZATIONS:
         raise PredictError(f"the run's input normalisation {recipe!r} (config.json 'normalize') is not one this "
                            f"code knows ({', '.join(NORMALIZATIONS)})")
     return recipe
-
-
-def window_origins(size: int, window: int, stride: int) -> list[int]:
-    """Offsets (px) of the windows along an axis of `size` px: every `stride` px from 0, and one more flush with
-    the far edge when those stop short of it (size >= window)."""
-    origins = list(range(0, size - window + 1, stride))
-    return origins if origins[-1] == size - window else [*origins, size - window]
-
-
-def paint_spans(size: int, window: int, stride: int) -> list[tuple[int, int]]:
-    """The pixels [start, stop) that each window of `window_origins` paints with its class along the axis: the
-    `stride` px centred in it (from (window - stride) // 2 px in); the flush last window takes what the one before
-    leaves, and the first and last windows the margins to the edges. The spans tile 0 .. size."""
-    origins = window_origins(size, window, stride)
-    offset = (window - stride) // 2
-    stops = [o + offset + stride for o in origins[:-1]] + [size]
-    return list(zip([0, *stops[:-1]], stops))
-
-
-def pixel_cells(size: int, window: int, stride: int) -> np.ndarray:
-    """(size,) int: the window (cell) index that paints each pixel along the axis."""
-    spans = paint_spans(size, window, stride)
-    return np.repeat(np.arange(len(spans)), [stop - start for start, stop in spans])
 
 
 def run_s2_bands(run: RunInfo, count: int) -> list[str]:
@@ -311,7 +276,7 @@ def missing_share(x: np.ndarray) -> float:
 
 class SceneWindows(Dataset):
     """The windows of a scene (an object with `grid` and `read(window) -> (s1, s2)`, NaN where missing), row by
-    row: item i is window (row, col) = divmod(i, cols) at pixel (tops[row], lefts[col]) (`window_origins`). Item:
+    row: item i is window (row, col) = divmod(i, cols) at pixel (tops[row], lefts[col]) (`maps.window_origins`). Item:
     "s1", "s2" the network's inputs (zeros for a nodata window: more than MISSING_SHARE of its pixels missing in S1
     or in S2), "valid", "index" i, "counts" (2, 3) the NaN, +inf, -inf values of S1 and S2 normalised."""
 
@@ -319,8 +284,8 @@ class SceneWindows(Dataset):
         self.scene, self.window, self.stride, self.recipe = scene, window, stride, check_recipe(recipe)
         self.norm_stats = norm_stats
         self.grid = scene.grid
-        self.tops = window_origins(self.grid["height"], window, stride)
-        self.lefts = window_origins(self.grid["width"], window, stride)
+        self.tops = maps.window_origins(self.grid["height"], window, stride)
+        self.lefts = maps.window_origins(self.grid["width"], window, stride)
         self.rows, self.cols = len(self.tops), len(self.lefts)
         self._pid = None
 
@@ -329,7 +294,7 @@ class SceneWindows(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if self._pid != os.getpid():
-            rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE)  # each loader worker has its own cache
+            rasterio.env.set_gdal_config("GDAL_CACHEMAX", maps.GDAL_CACHE)  # each loader worker has its own cache
             self._pid = os.getpid()
         row, col = divmod(index, self.cols)
         s1, s2 = self.scene.read(Window(self.lefts[col], self.tops[row], self.window, self.window))
@@ -380,8 +345,8 @@ def classify_scene(net: torch.nn.Module, loader: DataLoader, ctx: process.Contex
     NODATA for nodata windows), else None; the windows per second; the NaN, +inf, -inf counts (2, 3) of S1 and
     S2 in the windows classified."""
     windows = loader.dataset
-    cells = np.full(len(windows), NODATA, dtype=np.uint8)
-    probs = np.full((len(windows), probabilities), NODATA, dtype=np.uint8) if probabilities else None
+    cells = np.full(len(windows), maps.NODATA, dtype=np.uint8)
+    probs = np.full((len(windows), probabilities), maps.NODATA, dtype=np.uint8) if probabilities else None
     counts = np.zeros((2, 3), np.int64)
     began = time.perf_counter()
     with tqdm(total=len(windows), desc="windows", unit="window", disable=None) as bar:
@@ -402,93 +367,6 @@ def classify_scene(net: torch.nn.Module, loader: DataLoader, ctx: process.Contex
             len(windows) / max(time.perf_counter() - began, 1e-9), counts)
 
 
-def class_colors(classes: list[str]) -> list[tuple[int, int, int]]:
-    """One RGB colour per class: the DFC2020 legend when every class is one of DFC2020's, else a fixed
-    qualitative palette (matplotlib's tab10 up to 10 classes, tab20 up to 20, then repeated)."""
-    if set(classes) <= set(DFC_COLORS):
-        return [tuple(int(DFC_COLORS[c][i:i + 2], 16) for i in (1, 3, 5)) for c in classes]
-    import matplotlib
-
-    colors = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"].colors
-    return [tuple(round(255 * v) for v in colors[i % len(colors)][:3]) for i in range(len(classes))]
-
-
-def write_cog(path: Path, grid: dict, bands: int, block: Callable[[int, int], np.ndarray], resampling: str,
-              colormap: dict | None = None, descriptions: list[str] | None = None, tags: dict | None = None) -> None:
-    """A cloud-optimised GeoTIFF of `bands` uint8 bands on `grid` (NODATA nodata): `block(top, bottom)` gives its
-    rows (bands, bottom - top, width), asked TILE rows at a time into a tiled GTiff beside `path`, then copied by
-    GDAL's COG driver (deflate, overviews by `resampling`) with GDAL's cache capped (GDAL_CACHE)."""
-    height, width = grid["height"], grid["width"]
-    staging = path.with_name(path.name + ".staging.tif")
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE), rasterio.open(
-                staging, "w", driver="GTiff", width=width, height=height, count=bands, dtype="uint8",
-                crs=grid["crs"], transform=grid["transform"], nodata=NODATA, tiled=True, blockxsize=TILE,
-                blockysize=TILE, compress="deflate", BIGTIFF="IF_SAFER") as dst:
-            if colormap is not None:
-                dst.write_colormap(1, colormap)
-            for i, name in enumerate(descriptions or ()):
-                dst.set_band_description(i + 1, name)
-            dst.update_tags(**(tags or {}))
-            for top in range(0, height, TILE):
-                bottom = min(top + TILE, height)
-                dst.write(block(top, bottom), window=Window(0, top, width, bottom - top))
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
-            rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=TILE,
-                                 RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER")
-    finally:
-        staging.unlink(missing_ok=True)
-
-
-def write_map(path: Path, cells: np.ndarray, grid: dict, window: int, stride: int, classes: list[str], tags: dict,
-              probs: np.ndarray | None = None) -> None:
-    """MAP.tif at the scene's resolution, each window's class (`cells` (rows, cols)) over the pixels it paints
-    (`paint_spans`), a COG with the class colours, names in its tags, overviews by mode; with `probs`
-    (rows, cols, K) also MAP_prob.tif, one band per class named by it, overviews by average. Each file is
-    written under a temporary name and renamed."""
-    row_of = pixel_cells(grid["height"], window, stride)
-    col_of = pixel_cells(grid["width"], window, stride)
-    colormap = {i: (*rgb, 255) for i, rgb in enumerate(class_colors(classes))} | {NODATA: (0, 0, 0, 0)}
-    tags = {"classes": json.dumps(classes), **{f"class_{i}": name for i, name in enumerate(classes)}, **tags}
-
-    def class_rows(top: int, bottom: int) -> np.ndarray:
-        return cells[row_of[top:bottom]][None, :, col_of]
-
-    def probability_rows(top: int, bottom: int) -> np.ndarray:
-        return probs[row_of[top:bottom]][:, col_of].transpose(2, 0, 1)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: write_cog(tmp, grid, 1, class_rows, "mode", colormap, ["class"], tags))
-    if probs is not None:
-        atomic_write(probabilities_path(path), lambda tmp: write_cog(
-            tmp, grid, len(classes), probability_rows, "average", None, classes,
-            {**tags, "scale": "probability x 200, 255 nodata"}))
-
-
-def probabilities_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}_prob.tif")
-
-
-def write_qml(path: Path, classes: list[str]) -> None:
-    """MAP.qml: a QGIS paletted-raster style (band 1: each class value with its name and colour)."""
-    qgis = ET.Element("qgis", version="3.28", styleCategories="AllStyleCategories")
-    renderer = ET.SubElement(ET.SubElement(qgis, "pipe"), "rasterrenderer", type="paletted", band="1",
-                             opacity="1", alphaBand="-1", nodataColor="")
-    palette_xml = ET.SubElement(renderer, "colorPalette")
-    for i, (name, rgb) in enumerate(zip(classes, class_colors(classes))):
-        ET.SubElement(palette_xml, "paletteEntry", value=str(i), label=name, alpha="255",
-                      color="#{:02x}{:02x}{:02x}".format(*rgb))
-    ET.indent(qgis)
-    text = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(qgis, encoding="unicode")
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def read_classes(path: Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Band 1 of a class raster, whole or resampled (nearest) to `shape`."""
-    with rasterio.open(path) as src:
-        return src.read(1, out_shape=shape, resampling=Resampling.nearest)
-
-
 def check_truth(path: Path, grid: dict, classes: list[str]) -> None:
     """Refuses a --truth raster on another grid than the scene's (naming both in full) or naming other classes."""
     truth = read_grid(path)
@@ -501,73 +379,12 @@ def check_truth(path: Path, grid: dict, classes: list[str]) -> None:
         raise PredictError(f"--truth {path} names the classes {json.loads(named)}; the run's are {classes}")
 
 
-def agreement(map_path: Path, truth_path: Path, rows: int = 1024) -> float | None:
-    """% of the pixels labelled in both rasters where they agree, read in blocks of rows."""
-    hits = total = 0
-    with rasterio.open(map_path) as a, rasterio.open(truth_path) as b:
-        for top in range(0, a.height, rows):
-            window = Window(0, top, a.width, min(rows, a.height - top))
-            pred, true = a.read(1, window=window), b.read(1, window=window)
-            both = (pred != NODATA) & (true != NODATA)
-            hits += int((pred[both] == true[both]).sum())
-            total += int(both.sum())
-    return 100.0 * hits / total if total else None
-
-
-def preview(path: Path, map_path: Path, classes: list[str], title: str, truth: Path | None = None, largest: int = 800):
-    """MAP.png: the map (beside the true classes when given), at most `largest` px a side, one
-    legend for both. Returns the matplotlib Figure (closed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    with rasterio.open(map_path) as src:
-        scale = max(src.width, src.height) / largest
-        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale))) if scale > 1 else None
-    panels = [("predicted", read_classes(map_path, shape))]
-    if truth is not None:
-        panels.append(("true classes", read_classes(truth, shape)))
-    colors = [np.array(c) / 255 for c in class_colors(classes)]
-    nodata_color = (1.0, 1.0, 1.0)
-    cmap = ListedColormap(colors + [nodata_color])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.8, 4.6), squeeze=False,
-                             layout="constrained")
-    for ax, (name, image) in zip(axes[0], panels):
-        shown = np.where(image == NODATA, len(classes), np.minimum(image, len(classes)))
-        ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=len(classes) + 0.5, interpolation="nearest")
-        ax.set_title(name)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    present = set(np.unique(np.concatenate([image.ravel() for _, image in panels])).tolist())
-    handles = [Patch(color=colors[i], label=name) for i, name in enumerate(classes) if i in present]
-    handles += ([Patch(facecolor=nodata_color, edgecolor="black", label="nodata or ignored")]
-                if NODATA in present else [])
-    fig.legend(handles=handles, loc="outside right center", fontsize="small", title="class")
-    fig.suptitle(title, fontsize="medium")
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-    return fig
-
-
 # ----------------------------------------------------------------------------- outputs never overwrite inputs
 
 def scene_outputs(out: Path, probabilities: bool) -> list[Path]:
     """The files a scene's map writes: MAP.tif, MAP.png, MAP.json, MAP.qml (and MAP_prob.tif)."""
     return [out, *(out.with_suffix(s) for s in (".png", ".json", ".qml")),
-            *([probabilities_path(out)] if probabilities else [])]
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """`a` and `b` are one file: the same path once links are resolved, or (both existing) the same inode."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
+            *([maps.probabilities_path(out)] if probabilities else [])]
 
 
 def manifest_files(csv_path: Path) -> list[Path]:
@@ -681,16 +498,15 @@ def predict_scene(p: Predictor, s1: Path | list[Path], s2: Path, out: Path, trut
                          "the right and bottom edges; the margins take the nearest window's class",
             "nodata_rule": f"255: a window with over {MISSING_SHARE:.0%} of its pixels missing in S1 or S2 (dataset "
                            f"mask or NaN)"}
-    write_map(out, cells, grid, p.window, p.stride, p.classes, tags, probs)
-    write_qml(out.with_suffix(".qml"), p.classes)
-    agree = agreement(out, truth) if truth else None
-    heights = np.diff([s for s, _ in paint_spans(grid["height"], p.window, p.stride)] + [grid["height"]])
-    widths = np.diff([s for s, _ in paint_spans(grid["width"], p.window, p.stride)] + [grid["width"]])
-    pixels = np.bincount(cells.ravel(), weights=np.outer(heights, widths).ravel(), minlength=256).astype(np.int64)
+    maps.write_map(out, cells, grid, p.window, p.stride, p.classes, tags, probs)
+    maps.write_qml(out.with_suffix(".qml"), p.classes)
+    agree = maps.agreement(out, truth) if truth else None
+    pixels = maps.value_pixels(cells, grid, p.window, p.stride)
     info = {**tags, "out": str(out), "classes": p.classes, "grid": list(cells.shape), "cells": int(cells.size),
-            "nodata_cells": int((cells == NODATA).sum()), "pixels": grid["height"] * grid["width"],
-            "nodata_pixels": int(pixels[NODATA]), "class_pixels": {n: int(pixels[i]) for i, n in enumerate(p.classes)},
-            "probabilities": str(probabilities_path(out)) if probabilities else None,
+            "nodata_cells": int((cells == maps.NODATA).sum()), "pixels": grid["height"] * grid["width"],
+            "nodata_pixels": int(pixels[maps.NODATA]),
+            "class_pixels": {n: int(pixels[i]) for i, n in enumerate(p.classes)},
+            "probabilities": str(maps.probabilities_path(out)) if probabilities else None,
             "windows_per_s": rate, "device": str(p.ctx.device),
             "nonfinite_values": {m: dict(zip(("nan", "+inf", "-inf"), c)) for m, c in zip(("s1", "s2"),
                                                                                           counts.tolist())},
@@ -698,7 +514,7 @@ def predict_scene(p: Predictor, s1: Path | list[Path], s2: Path, out: Path, trut
     title = (f"{p.run.config.get('name') or p.run.path.name} ({p.checkpoint.name}): {p.window} px windows every "
              f"{p.stride} px" + (f"\n{agree:.1f} % of the labelled pixels agree with the true classes"
                                  if agree is not None else ""))
-    preview(out.with_suffix(".png"), out, p.classes, title, truth)
+    maps.preview(out.with_suffix(".png"), out, p.classes, title, truth)
     atomic_write_json(out.with_suffix(".json"), info)  # last: its presence marks a finished map
     log.log(level, "wrote %s (+ .png, .json, .qml%s): %d x %d windows, %d of %d px nodata, %.1f windows/s on %s%s",
             out, ", _prob.tif" if probabilities else "", *cells.shape, info["nodata_pixels"], info["pixels"], rate,
@@ -707,7 +523,7 @@ def predict_scene(p: Predictor, s1: Path | list[Path], s2: Path, out: Path, trut
 
 
 def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
         return predict_scene(make_predictor(args, run, classes), args.s1[0] if len(args.s1) == 1 else args.s1,
                              args.s2, args.out, args.truth, args.probabilities)
 
@@ -745,7 +561,7 @@ def main_scenes(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> d
     a failing scene is logged and the others go on; a map whose JSON exists is skipped unless --overwrite."""
     scenes = read_scenes(args.scenes)
     files, folders = run_protected(Path(args.run))
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
         p = make_predictor(args, run, classes)
         mine = scenes[p.ctx.rank::p.ctx.world]
         status = {}

@@ -55,7 +55,7 @@ import synthetic_data  # noqa: E402
 from augment import Views  # noqa: E402
 from datasets.scenes import open_scene  # noqa: E402
 from models import DualResNet, MultiModalNet  # noqa: E402
-from util import flags, metrics, process  # noqa: E402
+from util import flags, maps, metrics, process  # noqa: E402
 
 PRESETS = {
     "gpu": dict(arch="resnet50", window=224, patch_size=256, patches=64, mosaic=16, batch_size=128, passes=3,
@@ -207,7 +207,7 @@ def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace)
               "--arch", "resnet18", "--crop", "32", "--eval_crop", "32", "--epochs", "1", "--batch_size", "4",
               "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head_lr", "1e-3", "--finetune"])
     began = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=predict.GDAL_CACHE):
+    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
         s1, s2 = write_large_scene(root, folder, size)
     print(f"bench_predict: wrote a {size} x {size} px scene in {time.perf_counter() - began:.1f} s", flush=True)
     command = [sys.executable, str(ROOT / "predict.py"), str(run), "--s1", str(s1), "--s2", str(s2), "--out",

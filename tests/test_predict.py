@@ -22,6 +22,7 @@ from datasets import DFC2020Dataset
 from datasets.scenes import describe_grid, open_scene, read_grid
 from models import DualResNet, load_checkpoint
 from synthetic_data import write_dfc2020, write_scene
+from util import maps
 from util.labels import L1C_BANDS, L2A_BANDS
 from util.metrics import classification_metrics
 from util.runs import RunInfo
@@ -266,12 +267,12 @@ def test_a_checkpoint_alone_predicts_as_its_run_folder_and_an_older_one_by_its_c
 def test_window_placement_by_hand():
     # 100 px, windows of 32 every 8: origins 0 .. 64, then 68 flush with the edge; each paints the 8 px centred
     # in it (from 12 px in), the first from the edge, the flush one what the one at 64 left (84 ..) to the edge.
-    assert predict.window_origins(100, 32, 8) == [0, 8, 16, 24, 32, 40, 48, 56, 64, 68]
-    assert predict.paint_spans(100, 32, 8) == [(0, 20), *((s, s + 8) for s in range(20, 84, 8)), (84, 100)]
-    assert predict.window_origins(96, 48, 48) == [0, 48] and predict.paint_spans(96, 48, 48) == [(0, 48), (48, 96)]
-    assert predict.paint_spans(100, 48, 48) == [(0, 48), (48, 96), (96, 100)]  # the flush window at 52
-    assert predict.paint_spans(40, 32, 7) == [(0, 19), (19, 26), (26, 40)]  # 12 px in ((32 - 7) // 2); flush at 8
-    assert predict.pixel_cells(10, 4, 2).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
+    assert maps.window_origins(100, 32, 8) == [0, 8, 16, 24, 32, 40, 48, 56, 64, 68]
+    assert maps.paint_spans(100, 32, 8) == [(0, 20), *((s, s + 8) for s in range(20, 84, 8)), (84, 100)]
+    assert maps.window_origins(96, 48, 48) == [0, 48] and maps.paint_spans(96, 48, 48) == [(0, 48), (48, 96)]
+    assert maps.paint_spans(100, 48, 48) == [(0, 48), (48, 96), (96, 100)]  # the flush window at 52
+    assert maps.paint_spans(40, 32, 7) == [(0, 19), (19, 26), (26, 40)]  # 12 px in ((32 - 7) // 2); flush at 8
+    assert maps.pixel_cells(10, 4, 2).tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
 
 
 class ArrayScene:
@@ -310,8 +311,8 @@ def test_a_boundary_lands_where_it_is(tmp_path, boundary, tolerance):
     cells, probs, _, _ = predict.classify_scene(MajorityNet(), torch.utils.data.DataLoader(windows, batch_size=64),
                                                 ctx, probabilities=2)
     out = tmp_path / "map.tif"
-    predict.write_map(out, cells, scene.grid, 32, 8, ["left", "right"], {}, probs)
-    with rasterio.open(out) as src, rasterio.open(predict.probabilities_path(out)) as prob:
+    maps.write_map(out, cells, scene.grid, 32, 8, ["left", "right"], {}, probs)
+    with rasterio.open(out) as src, rasterio.open(maps.probabilities_path(out)) as prob:
         image, bands = src.read(1), prob.read()
     assert (image != 255).all()  # every pixel some window covers has a class, margins included
     row = image[20]
@@ -405,10 +406,10 @@ def test_many_scenes_one_failing_resumed_and_shared_by_ranks(run, mosaic, tmp_pa
 
 def test_a_large_map_has_overviews_by_mode_and_other_classes_a_fixed_palette(tmp_path):
     grid = {"crs": CRS_UTM, "transform": TRANSFORM, "width": 600, "height": 520}
-    cells = np.zeros((len(predict.window_origins(520, 16, 8)), len(predict.window_origins(600, 16, 8))), np.uint8)
+    cells = np.zeros((len(maps.window_origins(520, 16, 8)), len(maps.window_origins(600, 16, 8))), np.uint8)
     cells[:, ::3] = 2  # stripes of 8 px of class 2 every 24 px: a third of the area; the mode keeps class 0
     cells[-1, -1] = 255
-    predict.write_map(tmp_path / "map.tif", cells, grid, 16, 8, ["paddy", "maize", "soy"], {})
+    maps.write_map(tmp_path / "map.tif", cells, grid, 16, 8, ["paddy", "maize", "soy"], {})
     with rasterio.open(tmp_path / "map.tif") as src:
         assert src.overviews(1) == [2, 4] and src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert src.colormap(1)[2][:3] == (44, 160, 44)  # tab10's third colour

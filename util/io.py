@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and JSON read with the damaged file named."""
+"""Files written whole or not at all, JSON read with the damaged file named, and whether two paths are one file."""
 import json
 import os
 from collections.abc import Callable
@@ -32,3 +32,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, content: Any, indent: int | None = 2) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(content, indent=indent)))
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` are one file: the same path once links are resolved, or (both existing) the same inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
