@@ -1,5 +1,6 @@
 """Real-product inputs (datasets/scenes.py, prepare_scene.py) against stacks built independently here:
 nearest upsampling by np.repeat, bilinear by hand from the pixel centres' coordinates, dB by log10."""
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -203,3 +204,15 @@ def test_script_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.startswith("prepare_scene.py: error: ") and "--s1_scale" in done.stderr.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_bench_measured_reads_a_chatty_childs_stderr():
+    """bench_predict.measured on a failing child that writes 200 KB to stderr (past a pipe's buffer): it ends,
+    quoting the tail; `timeout` ends the child should the bench leave its stderr unread."""
+    spec = importlib.util.spec_from_file_location("bench_predict", ROOT / "bench" / "bench_predict.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = "import sys; sys.stderr.write('x' * 200000 + 'END'); sys.exit(3)"
+    with pytest.raises(SystemExit, match=r"failed:\nx+END$"):
+        bench.measured(["timeout", "20", sys.executable, "-c", code])
