@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from datasets.scenes import S1_SCALES, Scene, SceneError, describe_grid, open_scene
-from util import cli, flags
+from util import cli, flags, maps
 
 log = logging.getLogger("prepare_scene")
 
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         build_parser().error("--s1 takes one file or folder, or two files (VV and VH)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s1 = args.s1[0] if len(args.s1) == 1 else args.s1
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+    with maps.gdal_cache(GDAL_CACHE):
         return prepare(s1, args.s2, args.out_s1, args.out_s2, s1_scale=args.s1_scale, s2_offset=args.s2_offset,
                        s2_bands=args.s2_bands, block=args.block)
 

@@ -208,7 +208,7 @@ def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace)
               "--arch", "resnet18", "--crop", "32", "--eval_crop", "32", "--epochs", "1", "--batch_size", "4",
               "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head_lr", "1e-3", "--finetune"])
     began = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
+    with maps.gdal_cache():
         s1, s2 = write_large_scene(root, folder, size)
     print(f"bench_predict: wrote a {size} x {size} px scene in {time.perf_counter() - began:.1f} s", flush=True)
     command = [sys.executable, str(ROOT / "predict.py"), str(run), "--s1", str(s1), "--s2", str(s2), "--out",

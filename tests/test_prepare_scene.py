@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp
+from rasterio.env import get_gdal_config
 from rasterio.warp import transform
 from rasterio.windows import Window
 
@@ -49,12 +50,16 @@ def write_stack(path: Path, array: np.ndarray, **profile) -> Path:
 
 def test_l1c_product_prepared_as_built_by_hand(tmp_path):
     """An L1C SAFE (JPEG 2000 at 10/20/60 m, baseline 04.00) and S1 power in EPSG:4326 -> COGs on the
-    S2 grid: S2 = repeated DNs - 1000 (the metadata's offset), S1 = 10 log10 of bilinear power."""
+    S2 grid: S2 = repeated DNs - 1000 (the metadata's offset), S1 = 10 log10 of bilinear power; GDAL's cache
+    size as it was after, inside an outer rasterio.Env."""
     safe, stored = products.l1c(tmp_path, SIZE)
     s1, power, s1_transform = products.s1_power(tmp_path / "s1_power.tif", SIZE)
     out_s1, out_s2 = tmp_path / "out" / "S1.tif", tmp_path / "out" / "S2.tif"
-    info = prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(out_s1), "--out_s2", str(out_s2),
-                               "--s1_scale", "power", "--block", "32"])
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):  # an outer environment, as gdal_env's
+        cache = get_gdal_config("GDAL_CACHEMAX")
+        info = prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(out_s1), "--out_s2",
+                                   str(out_s2), "--s1_scale", "power", "--block", "32"])
+        assert get_gdal_config("GDAL_CACHEMAX") == cache  # the cap is lifted on return
     assert info["s2_offsets"] == [-1000.0] and info["s2_bands"] == list(S2_BANDS)
     with rasterio.open(out_s2) as src:
         assert src.descriptions == S2_BANDS and src.dtypes[0] == "uint16" and src.nodata == 0
