@@ -615,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--s1_scale", choices=S1_SCALES, default=None,
                    help="what S1 holds: db (default), power (dB = 10 log10), amplitude (dB = 20 log10)")
     g.add_argument("--s2_offset", type=float, default=None,
-                   help="added to S2 digital numbers when the product has no metadata file (default 0; "
-                        "-1000 for processing baseline 04.00 and later)")
+                   help="added to S2 digital numbers, in place of the product's metadata offsets when given "
+                        "(default: the metadata's, else 0; -1000 for processing baseline 04.00 and later)")
     g.add_argument("--window", type=flags.positive_int, default=None,
                    help="window side, px (default: the run's --eval_crop, else its --crop)")
     g.add_argument("--stride", type=flags.positive_int, default=None,

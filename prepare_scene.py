@@ -6,8 +6,8 @@
 --s2: a GeoTIFF stack in the model's band order, or a folder (a SAFE product or any folder of band
 files): every JPEG 2000 or GeoTIFF file named with a band (B01 ... B12, B8A, optionally _10m, _20m,
 _60m), the finest copy of each band, resampled by nearest neighbour onto the finest band's grid,
-out in the order B01-B08, B8A, B09-B12 (no B10 for L2A): uint16, digital numbers + offset (the
-product's MTD_MSIL1C.xml RADIO_ADD_OFFSET or MTD_MSIL2A.xml BOA_ADD_OFFSET, else --s2_offset),
+out in the order B01-B08, B8A, B09-B12 (no B10 for L2A): uint16, digital numbers + offset (--s2_offset
+when given, else the product's MTD_MSIL1C.xml RADIO_ADD_OFFSET or MTD_MSIL2A.xml BOA_ADD_OFFSET, else 0),
 clipped at 0; 0 where missing (nodata 0: a pixel is missing where every band is 0).
 --s1: a 2-band GeoTIFF (VV, VH), a folder or two files named with VV and VH, in any CRS and
 resolution: warped bilinearly onto the S2 grid in the file's own units, then to dB by --s1_scale;
@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s1_scale", choices=S1_SCALES, default="db",
                    help="what S1 holds: db (default), power (dB = 10 log10), amplitude (dB = 20 log10)")
     p.add_argument("--s2_offset", type=float, default=None,
-                   help="added to S2 digital numbers when the product has no metadata file (default 0; "
-                        "-1000 for processing baseline 04.00 and later)")
+                   help="added to S2 digital numbers, in place of the product's metadata offsets when given "
+                        "(default: the metadata's, else 0; -1000 for processing baseline 04.00 and later)")
     p.add_argument("--s2_bands", type=lambda text: [b.strip() for b in text.split(",") if b.strip()], default=None,
                    help="comma list of the S2 bands to write, in that order (default: all the input holds)")
     p.add_argument("--block", type=flags.positive_int, default=BLOCK, help=f"px read at once (default {BLOCK})")

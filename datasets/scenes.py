@@ -6,7 +6,7 @@
   whose name holds a band token (B01-B12, B8A, optionally _10m/_20m/_60m), the finest copy of each
   band; bands not on the finest band's grid are resampled by nearest neighbour (digital numbers
   unchanged, as the data sets were exported). Offset: MTD_MSIL1C.xml's RADIO_ADD_OFFSET or
-  MTD_MSIL2A.xml's BOA_ADD_OFFSET when the folder holds one, else ``s2_offset`` (default 0).
+  MTD_MSIL2A.xml's BOA_ADD_OFFSET when the folder holds one, unless ``s2_offset`` is given (default 0).
 - S1: a 2-band GeoTIFF (VV, VH), a folder or two files whose names hold VV and VH; any CRS and
   resolution, warped bilinearly in the file's own units onto the S2 grid, then to dB by ``s1_scale``.
 Nothing is read whole: ``Scene.read(window)`` reads one window through warped views (WarpedVRT).
