@@ -30,15 +30,17 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from util.labels import L1C_BANDS
+
+from .patches import DEFAULT_S2_BANDS
+
 log = logging.getLogger("datasets")
 
-S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
-L2A_BANDS = tuple(b for b in S2_BANDS if b != "B10")
 S1_BANDS = ("VV", "VH")
 S1_SCALES = ("db", "power", "amplitude")
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
 METADATA = {"MTD_MSIL1C.xml": "RADIO_ADD_OFFSET", "MTD_MSIL2A.xml": "BOA_ADD_OFFSET"}
-MAX_DB = 30.0  # backscatter above +30 dB is rare; more than 1 % of the pixels read above it is not dB
+S1_MAX_DB = 30.0  # backscatter above +30 dB is rare (ships, corner reflectors); more than 1 % of the pixels is not dB
 SAMPLE = 16  # the S1 units are checked on 16 x 16 windows of 16 px (or a 256 px overview)
 
 _BAND = re.compile(r"(?<![A-Z0-9])B(0?[1-9]|1[0-2]|8A)(?:_(10|20|60)M)?(?![A-Z0-9])", re.IGNORECASE)
@@ -60,8 +62,9 @@ def band_name(text: str) -> str | None:
 
 def same_grid(a: dict, b: dict) -> bool:
     """Same CRS and size, transforms equal to a millionth of a pixel."""
+    pixel = min(abs(a["transform"].a), abs(a["transform"].e)) or 1.0
     return (a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"])
-            and a["transform"].almost_equals(b["transform"], precision=1e-6 * abs(a["transform"].a)))
+            and a["transform"].almost_equals(b["transform"], precision=1e-6 * pixel))
 
 
 def grid_of(src) -> dict:
@@ -116,7 +119,7 @@ def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None
         offsets = {}
         for element in root.iter():
             if element.tag.split("}")[-1] == tag:
-                offsets[S2_BANDS[int(element.get("band_id"))]] = float(element.text)
+                offsets[L1C_BANDS[int(element.get("band_id"))]] = float(element.text)
         nodata = None
         for special in root.iter():
             if special.tag.split("}")[-1] == "Special_Values":
@@ -147,7 +150,7 @@ def band_files(folder: Path) -> dict[str, Path]:
             raise SceneError(f"{folder} holds two files of band {name} at {found[0][0]:g} m: {found[0][1]} and "
                              f"{found[1][1]}; keep one")
         files[name] = found[0][1]
-    return {name: files[name] for name in S2_BANDS if name in files}
+    return {name: files[name] for name in L1C_BANDS if name in files}
 
 
 def stack_band_names(src, path: Path, asked: Sequence[str] | None) -> list[str]:
@@ -159,7 +162,7 @@ def stack_band_names(src, path: Path, asked: Sequence[str] | None) -> list[str]:
         return described
     if asked is not None and len(asked) == len(indexes):
         return list(asked)
-    by_count = {13: S2_BANDS, 12: L2A_BANDS}.get(len(indexes))
+    by_count = DEFAULT_S2_BANDS.get(len(indexes))
     if by_count is None:
         raise SceneError(f"{path} has {len(indexes)} bands without band descriptions naming them (B01 ... B12); "
                          f"13 are read as L1C, 12 as L2A (no B10); name the bands in the file's descriptions")
@@ -247,6 +250,17 @@ def s1_sources(s1: Path | Sequence[Path]) -> list[Source]:
     return [Source(found[b][0], [1], [b], [0.0]) for b in S1_BANDS]
 
 
+def s1_db_problem(values: np.ndarray) -> str | None:
+    """Why S1 pixel values (finite, any shape) are not backscatter in dB, or None: no negative value (linear
+    power and amplitude never are), or more than 1 % of them above +S1_MAX_DB dB."""
+    high = float((values > S1_MAX_DB).mean()) if values.size else 0.0
+    if values.size and not (values < 0).any():
+        return f"no negative value among the {values.size} S1 pixels read (largest {values.max():g})"
+    if high > 0.01:
+        return f"{high:.1%} of the S1 pixels read above +{S1_MAX_DB:g} dB (largest {values.max():g})"
+    return None
+
+
 def check_s1_units(sources: list[Source], scale: str) -> None:
     """Refuses S1 whose values do not fit `scale`, from a sample of each file: its overview when it has
     one, else SAMPLE windows x SAMPLE windows of SAMPLE px spread over it (cheap on any size)."""
@@ -268,14 +282,10 @@ def check_s1_units(sources: list[Source], scale: str) -> None:
             raise SceneError(f"{source.path}: no valid S1 pixel among the {len(windows)} windows read")
         negative = float((values < 0).mean())
         if scale == "db":
-            high = float((values > MAX_DB).mean())
-            if negative == 0:
-                raise SceneError(f"{source.path}: no negative value among the {values.size} S1 pixels read (largest "
-                                 f"{values.max():g}): not backscatter in dB; pass --s1_scale power or amplitude for "
-                                 f"linear values")
-            if high > 0.01:
-                raise SceneError(f"{source.path}: {high:.1%} of the S1 pixels read above +{MAX_DB:g} dB (largest "
-                                 f"{values.max():g}): not backscatter in dB; pass --s1_scale power or amplitude")
+            problem = s1_db_problem(values)
+            if problem is not None:
+                raise SceneError(f"{source.path}: {problem}: not backscatter in dB; pass --s1_scale power or "
+                                 f"amplitude for linear values")
         elif negative > 0.5:
             raise SceneError(f"{source.path}: {negative:.0%} of the S1 pixels read are negative: values in dB, not "
                              f"linear {scale}; pass --s1_scale db")

@@ -16,7 +16,8 @@ from rasterio.windows import Window
 
 import prepare_scene
 import products
-from datasets.scenes import L2A_BANDS, S2_BANDS, SceneError, open_scene
+from datasets.scenes import SceneError, open_scene
+from util.labels import L1C_BANDS, L2A_BANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 60
@@ -60,9 +61,9 @@ def test_l1c_product_prepared_as_built_by_hand(tmp_path):
         info = prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(out_s1), "--out_s2",
                                    str(out_s2), "--s1_scale", "power", "--block", "32"])
         assert get_gdal_config("GDAL_CACHEMAX") == cache  # the cap is lifted on return
-    assert info["s2_offsets"] == [-1000.0] and info["s2_bands"] == list(S2_BANDS)
+    assert info["s2_offsets"] == [-1000.0] and info["s2_bands"] == list(L1C_BANDS)
     with rasterio.open(out_s2) as src:
-        assert src.descriptions == S2_BANDS and src.dtypes[0] == "uint16" and src.nodata == 0
+        assert src.descriptions == L1C_BANDS and src.dtypes[0] == "uint16" and src.nodata == 0
         assert src.crs == products.s2_grid()["crs"] and src.transform == products.s2_grid()["transform"]
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         np.testing.assert_array_equal(src.read(), upsampled(stored, products.RESOLUTION) - 1000)
@@ -99,7 +100,7 @@ def test_l2a_finest_copy_offset_bands_by_name_and_pickling(tmp_path):
         assert scene.s2_band_names == asked
         np.testing.assert_array_equal(scene.read(window)[1], expected[[3, 2, 1, 8], 3:53, 7:48])
     with pytest.raises(SceneError, match=r"S2A_MSIL2A.*SAFE lacks S2 band B10 .*train a 12-band run"):
-        open_scene(s1, safe, s1_scale="power", s2_bands=S2_BANDS)
+        open_scene(s1, safe, s1_scale="power", s2_bands=L1C_BANDS)
 
 
 def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
@@ -117,10 +118,10 @@ def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
     stack = np.stack([np.full((SIZE, SIZE), i + 1, np.uint16) for i in range(13)])[::-1]
     path = write_stack(tmp_path / "s2_13.tif", stack)
     with rasterio.open(path, "r+") as dst:
-        dst.descriptions = S2_BANDS[::-1]  # stored in reverse: names, not positions, decide
+        dst.descriptions = L1C_BANDS[::-1]  # stored in reverse: names, not positions, decide
     with open_scene(s1, path, s2_bands=L2A_BANDS) as scene:
         s1_read, s2 = scene.read(Window(5, 5, 10, 10))
-    assert s2[:, 0, 0].tolist() == [S2_BANDS.index(b) + 1 for b in L2A_BANDS]
+    assert s2[:, 0, 0].tolist() == [L1C_BANDS.index(b) + 1 for b in L2A_BANDS]
     assert np.all(s1_read == -12.0)
     for name, value in (("s1a-iw-grd-vh-001.tif", -20.0), ("s1a-iw-grd-vv-001.tif", -10.0)):
         write_stack(tmp_path / "s1" / name, np.full((1, SIZE, SIZE), value, np.float32))
