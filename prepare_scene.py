@@ -101,10 +101,9 @@ def prepare(s1, s2: Path, out_s1: Path, out_s2: Path, *, s1_scale: str = "db", s
     with open_scene(s1, s2, s1_scale=s1_scale, s2_offset=s2_offset, s2_bands=s2_bands) as scene:
         check_outputs(scene, inputs, [out_s1, out_s2])
         for source in scene.s2_sources:
-            with rasterio.open(source.path) as src:
-                if np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
-                    raise SceneError(f"{source.path} holds {src.dtypes[0]} values; prepare_scene.py writes uint16 "
-                                     f"digital numbers: give the stack to predict.py as it is")
+            if np.issubdtype(np.dtype(source.dtype), np.floating):
+                raise SceneError(f"{source.path} holds {source.dtype} values; prepare_scene.py writes uint16 "
+                                 f"digital numbers: give the stack to predict.py as it is")
         log.info("%s: S2 %s -> %s, S1 %s (%s) -> %s", scene, ",".join(scene.s2_band_names), out_s2,
                  ",".join(scene.s1_band_names), s1_scale, out_s1)
         outputs = {"s1": out_s1, "s2": out_s2}

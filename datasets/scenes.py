@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.errors
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -104,6 +104,21 @@ class Source:
     names: list[str]
     offsets: list[float]
     nodata: float | None = None  # the product's NODATA value, for band files that carry no mask
+    dtype: str | None = None  # the file's data type, S2 only
+
+
+@dataclass
+class View:
+    """An opened Source and what its reads need, worked out once: `dataset` the file itself, or its warped
+    view (float32, NaN where missing, `opened` both). On the file itself: `masked` whether GDAL gives it a
+    mask (nodata, alpha, internal mask), `alpha` the alpha band that mask leaves out (files of other than 2
+    or 4 bands), `nodata` a value marking a pixel missing where any band read holds it."""
+
+    dataset: object
+    opened: tuple
+    masked: bool = False
+    alpha: int | None = None
+    nodata: float | None = None
 
 
 def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None] | None:
@@ -130,9 +145,10 @@ def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None
     return None
 
 
-def band_files(folder: Path) -> dict[str, Path]:
-    """Band name -> its finest-resolution file under `folder` (quality masks under QI_DATA and MSK_* skipped)."""
-    candidates: dict[str, list[tuple[float, Path]]] = {}
+def band_files(folder: Path) -> dict[str, tuple[Path, dict, str]]:
+    """Band name -> (its finest-resolution file under `folder`, that file's grid, data type); quality masks
+    under QI_DATA and MSK_* skipped."""
+    candidates: dict[str, list[tuple[float, Path, dict, str]]] = {}
     for path in sorted(folder.rglob("*")):
         if (path.suffix.lower() not in RASTER_SUFFIXES or not path.is_file() or "QI_DATA" in path.parts
                 or path.name.upper().startswith("MSK_")):
@@ -140,16 +156,16 @@ def band_files(folder: Path) -> dict[str, Path]:
         name = band_name(path.stem)
         if name is not None:
             with _open(path) as src:
-                candidates.setdefault(name, []).append((abs(src.transform.a), path))
+                candidates.setdefault(name, []).append((abs(src.transform.a), path, grid_of(src), src.dtypes[0]))
     if not candidates:
         raise SceneError(f"{folder} holds no JPEG 2000 or GeoTIFF file named with an S2 band (B01 ... B12, B8A)")
     files = {}
     for name, found in candidates.items():
-        found.sort()
+        found.sort(key=lambda c: c[:2])
         if len(found) > 1 and np.isclose(found[0][0], found[1][0]):
             raise SceneError(f"{folder} holds two files of band {name} at {found[0][0]:g} m: {found[0][1]} and "
                              f"{found[1][1]}; keep one")
-        files[name] = found[0][1]
+        files[name] = found[0][1:]
     return {name: files[name] for name in L1C_BANDS if name in files}
 
 
@@ -184,23 +200,21 @@ def s2_sources(s2: Path, asked: Sequence[str] | None, s2_offset: float | None) -
                 offsets = {name: found.get(name, 0.0) for name in files}
                 log.info("%s: S2 offsets from %s: %s", s2, xml.name, sorted(set(offsets.values())))
         available = list(files)
-        sources = {name: Source(path, [1], [name], [offsets[name]], nodata) for name, path in files.items()}
-        resolutions = {}
-        for name, path in files.items():
-            with _open(path) as src:
-                resolutions[name] = (abs(src.transform.a), grid_of(src))
-        finest = min(r for r, _ in resolutions.values())
-        on_finest = {name: g for name, (r, g) in resolutions.items() if np.isclose(r, finest)}
+        sources = {name: Source(path, [1], [name], [offsets[name]], nodata, dtype)
+                   for name, (path, _, dtype) in files.items()}
+        finest = min(abs(g["transform"].a) for _, g, _ in files.values())
+        on_finest = {name: g for name, (_, g, _) in files.items() if np.isclose(abs(g["transform"].a), finest)}
         grid = next(iter(on_finest.values()))
         for name, other in on_finest.items():
             if not same_grid(grid, other):
-                raise SceneError(f"{s2}: the {finest:g} m bands lie on different grids: {files[name]} is "
+                raise SceneError(f"{s2}: the {finest:g} m bands lie on different grids: {files[name][0]} is "
                                  f"{describe_grid(other)}, {next(iter(on_finest))} {describe_grid(grid)}")
     elif s2.is_file():
         with _open(s2) as src:
             grid = grid_of(src)
             available = stack_band_names(src, s2, asked)
             indexes = dict(zip(available, _data_bands(src)))
+            dtype = src.dtypes[0]
         offset = 0.0 if s2_offset is None else float(s2_offset)
         sources = None
     else:
@@ -212,7 +226,7 @@ def s2_sources(s2: Path, asked: Sequence[str] | None, s2_offset: float | None) -
                    if "B10" in absent else "train a run on the bands the input holds (--s2_bands)")
         raise SceneError(f"{s2} lacks S2 band {', '.join(absent)} (it holds {', '.join(available)}); {way_out}")
     if sources is None:
-        return [Source(s2, [indexes[b] for b in names], names, [offset] * len(names))], grid, names
+        return [Source(s2, [indexes[b] for b in names], names, [offset] * len(names), dtype=dtype)], grid, names
     return [sources[b] for b in names], grid, names
 
 
@@ -318,6 +332,7 @@ class Scene:
         self.s2_band_names = [n for source in s2 for n in source.names]
         self.s1_band_names = list(S1_BANDS)
         self.files = [source.path for source in (*s1, *s2)]
+        self._offsets = [np.asarray(s.offsets, np.float32)[:, None, None] if any(s.offsets) else None for s in s2]
         self._handles, self._pid = None, None
 
     def __getstate__(self) -> dict:
@@ -332,47 +347,49 @@ class Scene:
     def __repr__(self) -> str:
         return f"Scene({self.name}: {describe_grid(self.grid)}, S2 {','.join(self.s2_band_names)}, S1 {self.s1_scale})"
 
-    def _view(self, source: Source, resampling: Resampling) -> tuple:
-        """(dataset to read, opened files): the file itself when on the grid, else a warped view in
-        float32 with NaN where the file has no data."""
+    def _view(self, source: Source, resampling: Resampling, per_band: bool) -> View:
+        """The file itself when on the grid, else a warped view. `per_band`: the file's nodata value in any
+        band marks the pixel missing (S1's two bands are one measurement), not only in all (GDAL's mask)."""
         src = _open(source.path)
         if src.crs is not None and same_grid(grid_of(src), self.grid):
-            return src, (src,)
+            alpha = [i for i, c in zip(src.indexes, src.colorinterp) if c == ColorInterp.alpha]
+            masked = any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+            nodata = source.nodata if src.nodata is None else src.nodata if per_band else None
+            return View(src, (src,), masked, alpha[0] if alpha else None, nodata)
         nodata = {} if source.nodata is None or src.nodata is not None else {"src_nodata": source.nodata}
         # XSCALE = YSCALE = 1: the kernel never widens with the window's scale, so that a pixel's value is the
         # same whatever window reads it
         vrt = WarpedVRT(src, crs=self.grid["crs"], transform=self.grid["transform"], width=self.grid["width"],
                         height=self.grid["height"], resampling=resampling, dtype="float32", nodata=np.nan,
                         XSCALE=1, YSCALE=1, **nodata)
-        return vrt, (vrt, src)
+        return View(vrt, (vrt, src))
 
     def _open(self) -> tuple[list, list]:
         if self._pid != os.getpid():  # GDAL handles are never shared with a forked worker
-            s1 = [self._view(s, Resampling.bilinear) for s in self.s1_sources]
-            s2 = [self._view(s, Resampling.nearest) for s in self.s2_sources]
+            s1 = [self._view(s, Resampling.bilinear, True) for s in self.s1_sources]
+            s2 = [self._view(s, Resampling.nearest, False) for s in self.s2_sources]
             self._handles, self._pid = (s1, s2), os.getpid()
         return self._handles
 
     def close(self) -> None:
         for views in self._handles or ():
-            for _, opened in views:
-                for handle in opened:
+            for view in views:
+                for handle in view.opened:
                     handle.close()
         self._handles, self._pid = None, None
 
     @staticmethod
-    def _read(view, source: Source, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def _read(view: View, source: Source, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(bands, h, w) float32 and the (h, w) missing pixels: the dataset's mask (nodata, alpha,
-        internal mask; NaN in warped views) or a NaN band."""
-        values = view.read(source.indexes, window=window, out_dtype="float32")
+        internal mask; NaN in warped views), its alpha band, a band NaN or at `view.nodata`."""
+        values = view.dataset.read(source.indexes, window=window, out_dtype="float32")
         missing = np.isnan(values).any(0)
-        if not isinstance(view, WarpedVRT):
-            missing |= view.dataset_mask(window=window) == 0
-            alpha = [i for i, c in zip(view.indexes, view.colorinterp) if c == ColorInterp.alpha]
-            if alpha:  # GDAL's mask takes an alpha band only in 2- and 4-band files
-                missing |= view.read(alpha[0], window=window) == 0
-            if source.nodata is not None and view.nodata is None:
-                missing |= (values == source.nodata).any(0)
+        if view.masked:
+            missing |= view.dataset.dataset_mask(window=window) == 0
+        if view.alpha is not None:
+            missing |= view.dataset.read(view.alpha, window=window) == 0
+        if view.nodata is not None:
+            missing |= (values == view.nodata).any(0)
         return values, missing
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -383,11 +400,10 @@ class Scene:
         s2 = np.empty((len(self.s2_band_names), h, w), np.float32)
         missing = np.zeros((h, w), bool)
         band = 0
-        for (view, _), source in zip(s2_views, self.s2_sources):
+        for view, source, offsets in zip(s2_views, self.s2_sources, self._offsets):
             values, gone = self._read(view, source, window)
-            offsets = np.asarray(source.offsets, np.float32)
-            if offsets.any():
-                values = np.maximum(values + offsets[:, None, None], 0)
+            if offsets is not None:
+                values = np.maximum(values + offsets, 0)
             s2[band:band + len(source.names)] = values
             missing |= gone
             band += len(source.names)
@@ -395,7 +411,7 @@ class Scene:
         s1 = np.empty((2, h, w), np.float32)
         missing = np.zeros((h, w), bool)
         band = 0
-        for (view, _), source in zip(s1_views, self.s1_sources):
+        for view, source in zip(s1_views, self.s1_sources):
             values, gone = self._read(view, source, window)
             s1[band:band + len(source.names)] = values
             missing |= gone

@@ -130,8 +130,9 @@ def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
 
 
 def test_missing_pixels_become_nan(tmp_path):
-    """nodata (a per-dataset mask: a zero-padded B10 with nodata 0 is not all missing), an alpha band,
-    an internal mask, NaN, and S1 nodata warped from EPSG:4326 -> NaN in every band of those pixels."""
+    """nodata (S2: a per-dataset mask: a zero-padded B10 with nodata 0 is not all missing; S1: in any band),
+    an alpha band, an internal mask, NaN, and S1 nodata warped from EPSG:4326 -> NaN in every band of those
+    pixels."""
     rng = np.random.default_rng(0)
     s2 = rng.integers(1, 5000, (13, SIZE, SIZE)).astype(np.uint16)
     s2[10] = 0  # B10 padded
@@ -167,6 +168,14 @@ def test_missing_pixels_become_nan(tmp_path):
     alpha_missing = np.zeros((SIZE, SIZE), bool)  # no nodata value: the zeros are data
     alpha_missing[40:, 50:] = True
     np.testing.assert_array_equal(np.isnan(s2_read).all(0), alpha_missing)
+    db = rng.uniform(-25, -5, (2, SIZE, SIZE)).astype(np.float32)
+    db[1, 2:4] = -9999.0  # VH only: the pixel is missing in both bands
+    with open_scene(write_stack(tmp_path / "s1_vh_nodata.tif", db, nodata=-9999.0), padded) as scene:
+        s1 = scene.read(window)[0]
+    vh_missing = np.zeros((SIZE, SIZE), bool)
+    vh_missing[2:4] = True
+    np.testing.assert_array_equal(np.isnan(s1), np.broadcast_to(vh_missing, s1.shape))
+    np.testing.assert_array_equal(s1[:, ~vh_missing], db[:, ~vh_missing])
     s1_path, power, s1_transform = products.s1_power(tmp_path / "s1_nodata.tif", SIZE, nodata=-9999.0)
     power[:, :, : power.shape[2] // 2] = -9999.0  # the western half missing
     with rasterio.open(s1_path, "r+") as dst:
