@@ -523,7 +523,7 @@ def predict_scene(p: Predictor, s1: Path | list[Path], s2: Path, out: Path, trut
 
 
 def main_scene(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> dict:
-    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
+    with maps.gdal_cache():
         return predict_scene(make_predictor(args, run, classes), args.s1[0] if len(args.s1) == 1 else args.s1,
                              args.s2, args.out, args.truth, args.probabilities)
 
@@ -561,7 +561,7 @@ def main_scenes(args: argparse.Namespace, run: RunInfo, classes: list[str]) -> d
     a failing scene is logged and the others go on; a map whose JSON exists is skipped unless --overwrite."""
     scenes = read_scenes(args.scenes)
     files, folders = run_protected(Path(args.run))
-    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
+    with maps.gdal_cache():
         p = make_predictor(args, run, classes)
         mine = scenes[p.ctx.rank::p.ctx.world]
         status = {}
@@ -615,8 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--s1_scale", choices=S1_SCALES, default=None,
                    help="what S1 holds: db (default), power (dB = 10 log10), amplitude (dB = 20 log10)")
     g.add_argument("--s2_offset", type=float, default=None,
-                   help="added to S2 digital numbers when the product has no metadata file (default 0; "
-                        "-1000 for processing baseline 04.00 and later)")
+                   help="added to S2 digital numbers, in place of the product's metadata offsets when given "
+                        "(default: the metadata's, else 0; -1000 for processing baseline 04.00 and later)")
     g.add_argument("--window", type=flags.positive_int, default=None,
                    help="window side, px (default: the run's --eval_crop, else its --crop)")
     g.add_argument("--stride", type=flags.positive_int, default=None,

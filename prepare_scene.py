@@ -6,8 +6,8 @@
 --s2: a GeoTIFF stack in the model's band order, or a folder (a SAFE product or any folder of band
 files): every JPEG 2000 or GeoTIFF file named with a band (B01 ... B12, B8A, optionally _10m, _20m,
 _60m), the finest copy of each band, resampled by nearest neighbour onto the finest band's grid,
-out in the order B01-B08, B8A, B09-B12 (no B10 for L2A): uint16, digital numbers + offset (the
-product's MTD_MSIL1C.xml RADIO_ADD_OFFSET or MTD_MSIL2A.xml BOA_ADD_OFFSET, else --s2_offset),
+out in the order B01-B08, B8A, B09-B12 (no B10 for L2A): uint16, digital numbers + offset (--s2_offset
+when given, else the product's MTD_MSIL1C.xml RADIO_ADD_OFFSET or MTD_MSIL2A.xml BOA_ADD_OFFSET, else 0),
 clipped at 0; 0 where missing (nodata 0: a pixel is missing where every band is 0).
 --s1: a 2-band GeoTIFF (VV, VH), a folder or two files named with VV and VH, in any CRS and
 resolution: warped bilinearly onto the S2 grid in the file's own units, then to dB by --s1_scale;
@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from datasets.scenes import S1_SCALES, Scene, SceneError, describe_grid, open_scene
-from util import cli, flags
+from util import cli, flags, maps
 
 log = logging.getLogger("prepare_scene")
 
@@ -101,10 +101,9 @@ def prepare(s1, s2: Path, out_s1: Path, out_s2: Path, *, s1_scale: str = "db", s
     with open_scene(s1, s2, s1_scale=s1_scale, s2_offset=s2_offset, s2_bands=s2_bands) as scene:
         check_outputs(scene, inputs, [out_s1, out_s2])
         for source in scene.s2_sources:
-            with rasterio.open(source.path) as src:
-                if np.issubdtype(np.dtype(src.dtypes[0]), np.floating):
-                    raise SceneError(f"{source.path} holds {src.dtypes[0]} values; prepare_scene.py writes uint16 "
-                                     f"digital numbers: give the stack to predict.py as it is")
+            if np.issubdtype(np.dtype(source.dtype), np.floating):
+                raise SceneError(f"{source.path} holds {source.dtype} values; prepare_scene.py writes uint16 "
+                                 f"digital numbers: give the stack to predict.py as it is")
         log.info("%s: S2 %s -> %s, S1 %s (%s) -> %s", scene, ",".join(scene.s2_band_names), out_s2,
                  ",".join(scene.s1_band_names), s1_scale, out_s1)
         outputs = {"s1": out_s1, "s2": out_s2}
@@ -147,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s1_scale", choices=S1_SCALES, default="db",
                    help="what S1 holds: db (default), power (dB = 10 log10), amplitude (dB = 20 log10)")
     p.add_argument("--s2_offset", type=float, default=None,
-                   help="added to S2 digital numbers when the product has no metadata file (default 0; "
-                        "-1000 for processing baseline 04.00 and later)")
+                   help="added to S2 digital numbers, in place of the product's metadata offsets when given "
+                        "(default: the metadata's, else 0; -1000 for processing baseline 04.00 and later)")
     p.add_argument("--s2_bands", type=lambda text: [b.strip() for b in text.split(",") if b.strip()], default=None,
                    help="comma list of the S2 bands to write, in that order (default: all the input holds)")
     p.add_argument("--block", type=flags.positive_int, default=BLOCK, help=f"px read at once (default {BLOCK})")
@@ -161,7 +160,7 @@ def main(argv=None) -> dict:
         build_parser().error("--s1 takes one file or folder, or two files (VV and VH)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     s1 = args.s1[0] if len(args.s1) == 1 else args.s1
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+    with maps.gdal_cache(GDAL_CACHE):
         return prepare(s1, args.s2, args.out_s1, args.out_s2, s1_scale=args.s1_scale, s2_offset=args.s2_offset,
                        s2_bands=args.s2_bands, block=args.block)
 

@@ -92,22 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench_prepare(size: int) -> None:
     """The prepare stage: prepare_scene.py on a synthetic product of `size` px, timed and sampled."""
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "tests"))
+    sys.path.insert(0, str(ROOT / "tests"))
     import products
 
     with tempfile.TemporaryDirectory() as tmp:
         began = time.perf_counter()
         safe, s1 = products.l1c_large(Path(tmp), size)
         print(f"bench_predict: wrote a {size} px L1C product and S1 in {time.perf_counter() - began:.1f} s", flush=True)
-        command = [sys.executable, str(root / "prepare_scene.py"), "--s1", str(s1), "--s2", str(safe), "--out_s1",
+        command = [sys.executable, str(ROOT / "prepare_scene.py"), "--s1", str(s1), "--s2", str(safe), "--out_s1",
                    str(Path(tmp) / "S1.tif"), "--out_s2", str(Path(tmp) / "S2.tif"), "--s1_scale", "power"]
         seconds, peak = measured(command)
         sizes = {p.name: p.stat().st_size / 2**20 for p in (Path(tmp) / "S1.tif", Path(tmp) / "S2.tif")}
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import prepare_scene; "
             "print(open('/proc/self/smaps_rollup').read())")
-    imports = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, check=True).stdout
+    imports = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, check=True).stdout
     baseline = next(int(line.split()[1]) for line in imports.splitlines() if line.startswith("Pss:")) / 1024
     print(f"prepare {size} px: {seconds:.1f} s ({usage.ru_utime + usage.ru_stime:.1f} CPU s), peak {peak / 2**20:.0f} "
           f"MB (PSS summed over its processes, of which {baseline:.0f} MB the interpreter and its imports; max RSS "
@@ -187,15 +186,17 @@ def tree_pss(pid: int) -> int:
 
 def measured(command: list[str]) -> tuple[float, int]:
     """Seconds and peak summed PSS (bytes) of `command` run to its end (an error if it fails)."""
-    began = time.perf_counter()
-    process_ = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while process_.poll() is None:
-        peak = max(peak, tree_pss(process_.pid))
-        time.sleep(0.1)
-    seconds = time.perf_counter() - began
-    if process_.returncode:
-        raise SystemExit(f"bench_predict: {' '.join(command)} failed:\n{process_.stderr.read()[-3000:]}")
+    with tempfile.TemporaryFile("w+") as stderr:  # a pipe unread while polling would block a chatty child
+        began = time.perf_counter()
+        process_ = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        peak = 0
+        while process_.poll() is None:
+            peak = max(peak, tree_pss(process_.pid))
+            time.sleep(0.1)
+        seconds = time.perf_counter() - began
+        if process_.returncode:
+            stderr.seek(0)
+            raise SystemExit(f"bench_predict: {' '.join(command)} failed:\n{stderr.read()[-3000:]}")
     return seconds, peak
 
 
@@ -207,7 +208,7 @@ def predict_stage(root: Path, folder: Path, size: int, args: argparse.Namespace)
               "--arch", "resnet18", "--crop", "32", "--eval_crop", "32", "--epochs", "1", "--batch_size", "4",
               "--workers", "0", "--device", "cpu", "--lr", "1e-3", "--head_lr", "1e-3", "--finetune"])
     began = time.perf_counter()
-    with rasterio.Env(GDAL_CACHEMAX=maps.GDAL_CACHE):
+    with maps.gdal_cache():
         s1, s2 = write_large_scene(root, folder, size)
     print(f"bench_predict: wrote a {size} x {size} px scene in {time.perf_counter() - began:.1f} s", flush=True)
     command = [sys.executable, str(ROOT / "predict.py"), str(run), "--s1", str(s1), "--s2", str(s2), "--out",

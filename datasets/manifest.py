@@ -23,6 +23,7 @@ import torch
 from .base import IGNORE, DataFileError
 from .packed import INDEX, PackedSource, PackedSplit, SplitPlan, check_rows, packed_index, patch_columns
 from .patches import DEFAULT_S2_BANDS, L1C_BANDS, PatchDataset
+from .scenes import describe_grid, s1_db_problem, same_grid
 from .sources import GDAL_OPTIONS, TiffSource
 
 logger = logging.getLogger("datasets")
@@ -92,40 +93,19 @@ class Grid(NamedTuple):
     count: int
 
 
-def _grid_text(src: Grid) -> str:
-    return f"{src.crs}, {src.width} x {src.height} px, transform {tuple(src.transform)[:6]}"
-
-
-def _same_grid(a: Grid, b: Grid) -> bool:
-    """CRS, size and transform (to a millionth of a pixel) alike."""
-    pixel = min(abs(a.transform.a), abs(a.transform.e)) or 1.0
-    return (a.crs == b.crs and (a.width, a.height) == (b.width, b.height)
-            and a.transform.almost_equals(b.transform, precision=1e-6 * pixel))
-
-
-S1_MAX_DB = 30.0  # brighter than any backscatter in dB: linear power or amplitude
 S1_CHECKED_ROWS = 4
 
 
 def check_s1_units(path: Path, files: Sequence[Path]) -> None:
-    """Refuse S1 that does not look like backscatter in dB: a value above S1_MAX_DB in a file, or no
-    negative value among all the pixels of ``files`` (linear power and amplitude are never negative);
-    missing pixels (nodata, NaN) and zeros left out."""
-    low, high, pixels = np.inf, -np.inf, 0
+    """Refuse an S1 file that does not look like backscatter in dB (``scenes.s1_db_problem``: no negative
+    value, or more than 1 % of its pixels above +30 dB); missing pixels (nodata, NaN) and zeros left out."""
     for file in files:
         with rasterio.open(file) as src:
             x = src.read(masked=True).astype(np.float64).filled(np.nan)
-        x = x[np.isfinite(x) & (x != 0)]  # 0: the fill value of swath edges, not a measurement
-        if x.size and x.max() > S1_MAX_DB:
-            raise DataFileError(f"{path}: S1 {file} holds values up to {x.max():.4g}, above {S1_MAX_DB:g} dB: it does "
-                                "not look like backscatter in dB (linear power or amplitude?); convert it to dB, "
-                                "10 log10(power) or 20 log10(amplitude)")
-        if x.size:
-            low, high, pixels = min(low, x.min()), max(high, x.max()), pixels + x.size
-    if pixels and low >= 0:
-        raise DataFileError(f"{path}: S1 {', '.join(map(str, files))}: no negative value among {pixels} pixels "
-                            f"(from {low:.4g} to {high:.4g}): it does not look like backscatter in dB (linear power or "
-                            "amplitude?); convert it to dB, 10 log10(power) or 20 log10(amplitude)")
+        problem = s1_db_problem(x[np.isfinite(x) & (x != 0)])  # 0: the fill value of swath edges, not a measurement
+        if problem is not None:
+            raise DataFileError(f"{path}: S1 {file}: {problem}: it does not look like backscatter in dB (linear power "
+                                "or amplitude?); convert it to dB, 10 log10(power) or 20 log10(amplitude)")
 
 
 def check_files(path: Path, rows: Sequence[Row]) -> tuple[int, int]:
@@ -147,9 +127,10 @@ def check_files(path: Path, rows: Sequence[Row]) -> tuple[int, int]:
             if (a.height, a.width) != (b.height, b.width):
                 raise DataFileError(f"{path}, line {row.line}: {row.s2} is {b.height} x {b.width} px, its S1 {row.s1} "
                                     f"{a.height} x {a.width}")
-            if not _same_grid(a, b):
+            if not same_grid(a._asdict(), b._asdict()):
                 raise DataFileError(f"{path}, line {row.line}: S1 and S2 are not co-registered: {row.s1} on "
-                                    f"{_grid_text(a)}, {row.s2} on {_grid_text(b)}; resample them onto one grid")
+                                    f"{describe_grid(a._asdict())}, {row.s2} on {describe_grid(b._asdict())}; "
+                                    "resample them onto one grid")
             if bands is None:
                 bands = (a.count, b.count)
             elif (a.count, b.count) != bands:

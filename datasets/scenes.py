@@ -6,7 +6,7 @@
   whose name holds a band token (B01-B12, B8A, optionally _10m/_20m/_60m), the finest copy of each
   band; bands not on the finest band's grid are resampled by nearest neighbour (digital numbers
   unchanged, as the data sets were exported). Offset: MTD_MSIL1C.xml's RADIO_ADD_OFFSET or
-  MTD_MSIL2A.xml's BOA_ADD_OFFSET when the folder holds one, else ``s2_offset`` (default 0).
+  MTD_MSIL2A.xml's BOA_ADD_OFFSET when the folder holds one, unless ``s2_offset`` is given (default 0).
 - S1: a 2-band GeoTIFF (VV, VH), a folder or two files whose names hold VV and VH; any CRS and
   resolution, warped bilinearly in the file's own units onto the S2 grid, then to dB by ``s1_scale``.
 Nothing is read whole: ``Scene.read(window)`` reads one window through warped views (WarpedVRT).
@@ -25,20 +25,22 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.errors
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from util.labels import L1C_BANDS
+
+from .patches import DEFAULT_S2_BANDS
+
 log = logging.getLogger("datasets")
 
-S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
-L2A_BANDS = tuple(b for b in S2_BANDS if b != "B10")
 S1_BANDS = ("VV", "VH")
 S1_SCALES = ("db", "power", "amplitude")
 RASTER_SUFFIXES = (".jp2", ".tif", ".tiff")
 METADATA = {"MTD_MSIL1C.xml": "RADIO_ADD_OFFSET", "MTD_MSIL2A.xml": "BOA_ADD_OFFSET"}
-MAX_DB = 30.0  # backscatter above +30 dB is rare; more than 1 % of the pixels read above it is not dB
+S1_MAX_DB = 30.0  # backscatter above +30 dB is rare (ships, corner reflectors); more than 1 % of the pixels is not dB
 SAMPLE = 16  # the S1 units are checked on 16 x 16 windows of 16 px (or a 256 px overview)
 
 _BAND = re.compile(r"(?<![A-Z0-9])B(0?[1-9]|1[0-2]|8A)(?:_(10|20|60)M)?(?![A-Z0-9])", re.IGNORECASE)
@@ -60,8 +62,9 @@ def band_name(text: str) -> str | None:
 
 def same_grid(a: dict, b: dict) -> bool:
     """Same CRS and size, transforms equal to a millionth of a pixel."""
+    pixel = min(abs(a["transform"].a), abs(a["transform"].e)) or 1.0
     return (a["crs"] == b["crs"] and (a["width"], a["height"]) == (b["width"], b["height"])
-            and a["transform"].almost_equals(b["transform"], precision=1e-6 * abs(a["transform"].a)))
+            and a["transform"].almost_equals(b["transform"], precision=1e-6 * pixel))
 
 
 def grid_of(src) -> dict:
@@ -101,6 +104,21 @@ class Source:
     names: list[str]
     offsets: list[float]
     nodata: float | None = None  # the product's NODATA value, for band files that carry no mask
+    dtype: str | None = None  # the file's data type, S2 only
+
+
+@dataclass
+class View:
+    """An opened Source and what its reads need, worked out once: `dataset` the file itself, or its warped
+    view (float32, NaN where missing, `opened` both). On the file itself: `masked` whether GDAL gives it a
+    mask (nodata, alpha, internal mask), `alpha` the alpha band that mask leaves out (files of other than 2
+    or 4 bands), `nodata` a value marking a pixel missing where any band read holds it."""
+
+    dataset: object
+    opened: tuple
+    masked: bool = False
+    alpha: int | None = None
+    nodata: float | None = None
 
 
 def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None] | None:
@@ -116,7 +134,7 @@ def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None
         offsets = {}
         for element in root.iter():
             if element.tag.split("}")[-1] == tag:
-                offsets[S2_BANDS[int(element.get("band_id"))]] = float(element.text)
+                offsets[L1C_BANDS[int(element.get("band_id"))]] = float(element.text)
         nodata = None
         for special in root.iter():
             if special.tag.split("}")[-1] == "Special_Values":
@@ -127,9 +145,10 @@ def product_metadata(folder: Path) -> tuple[Path, dict[str, float], float | None
     return None
 
 
-def band_files(folder: Path) -> dict[str, Path]:
-    """Band name -> its finest-resolution file under `folder` (quality masks under QI_DATA and MSK_* skipped)."""
-    candidates: dict[str, list[tuple[float, Path]]] = {}
+def band_files(folder: Path) -> dict[str, tuple[Path, dict, str]]:
+    """Band name -> (its finest-resolution file under `folder`, that file's grid, data type); quality masks
+    under QI_DATA and MSK_* skipped."""
+    candidates: dict[str, list[tuple[float, Path, dict, str]]] = {}
     for path in sorted(folder.rglob("*")):
         if (path.suffix.lower() not in RASTER_SUFFIXES or not path.is_file() or "QI_DATA" in path.parts
                 or path.name.upper().startswith("MSK_")):
@@ -137,17 +156,17 @@ def band_files(folder: Path) -> dict[str, Path]:
         name = band_name(path.stem)
         if name is not None:
             with _open(path) as src:
-                candidates.setdefault(name, []).append((abs(src.transform.a), path))
+                candidates.setdefault(name, []).append((abs(src.transform.a), path, grid_of(src), src.dtypes[0]))
     if not candidates:
         raise SceneError(f"{folder} holds no JPEG 2000 or GeoTIFF file named with an S2 band (B01 ... B12, B8A)")
     files = {}
     for name, found in candidates.items():
-        found.sort()
+        found.sort(key=lambda c: c[:2])
         if len(found) > 1 and np.isclose(found[0][0], found[1][0]):
             raise SceneError(f"{folder} holds two files of band {name} at {found[0][0]:g} m: {found[0][1]} and "
                              f"{found[1][1]}; keep one")
-        files[name] = found[0][1]
-    return {name: files[name] for name in S2_BANDS if name in files}
+        files[name] = found[0][1:]
+    return {name: files[name] for name in L1C_BANDS if name in files}
 
 
 def stack_band_names(src, path: Path, asked: Sequence[str] | None) -> list[str]:
@@ -159,7 +178,7 @@ def stack_band_names(src, path: Path, asked: Sequence[str] | None) -> list[str]:
         return described
     if asked is not None and len(asked) == len(indexes):
         return list(asked)
-    by_count = {13: S2_BANDS, 12: L2A_BANDS}.get(len(indexes))
+    by_count = DEFAULT_S2_BANDS.get(len(indexes))
     if by_count is None:
         raise SceneError(f"{path} has {len(indexes)} bands without band descriptions naming them (B01 ... B12); "
                          f"13 are read as L1C, 12 as L2A (no B10); name the bands in the file's descriptions")
@@ -181,23 +200,21 @@ def s2_sources(s2: Path, asked: Sequence[str] | None, s2_offset: float | None) -
                 offsets = {name: found.get(name, 0.0) for name in files}
                 log.info("%s: S2 offsets from %s: %s", s2, xml.name, sorted(set(offsets.values())))
         available = list(files)
-        sources = {name: Source(path, [1], [name], [offsets[name]], nodata) for name, path in files.items()}
-        resolutions = {}
-        for name, path in files.items():
-            with _open(path) as src:
-                resolutions[name] = (abs(src.transform.a), grid_of(src))
-        finest = min(r for r, _ in resolutions.values())
-        on_finest = {name: g for name, (r, g) in resolutions.items() if np.isclose(r, finest)}
+        sources = {name: Source(path, [1], [name], [offsets[name]], nodata, dtype)
+                   for name, (path, _, dtype) in files.items()}
+        finest = min(abs(g["transform"].a) for _, g, _ in files.values())
+        on_finest = {name: g for name, (_, g, _) in files.items() if np.isclose(abs(g["transform"].a), finest)}
         grid = next(iter(on_finest.values()))
         for name, other in on_finest.items():
             if not same_grid(grid, other):
-                raise SceneError(f"{s2}: the {finest:g} m bands lie on different grids: {files[name]} is "
+                raise SceneError(f"{s2}: the {finest:g} m bands lie on different grids: {files[name][0]} is "
                                  f"{describe_grid(other)}, {next(iter(on_finest))} {describe_grid(grid)}")
     elif s2.is_file():
         with _open(s2) as src:
             grid = grid_of(src)
             available = stack_band_names(src, s2, asked)
             indexes = dict(zip(available, _data_bands(src)))
+            dtype = src.dtypes[0]
         offset = 0.0 if s2_offset is None else float(s2_offset)
         sources = None
     else:
@@ -209,7 +226,7 @@ def s2_sources(s2: Path, asked: Sequence[str] | None, s2_offset: float | None) -
                    if "B10" in absent else "train a run on the bands the input holds (--s2_bands)")
         raise SceneError(f"{s2} lacks S2 band {', '.join(absent)} (it holds {', '.join(available)}); {way_out}")
     if sources is None:
-        return [Source(s2, [indexes[b] for b in names], names, [offset] * len(names))], grid, names
+        return [Source(s2, [indexes[b] for b in names], names, [offset] * len(names), dtype=dtype)], grid, names
     return [sources[b] for b in names], grid, names
 
 
@@ -247,6 +264,17 @@ def s1_sources(s1: Path | Sequence[Path]) -> list[Source]:
     return [Source(found[b][0], [1], [b], [0.0]) for b in S1_BANDS]
 
 
+def s1_db_problem(values: np.ndarray) -> str | None:
+    """Why S1 pixel values (finite, any shape) are not backscatter in dB, or None: no negative value (linear
+    power and amplitude never are), or more than 1 % of them above +S1_MAX_DB dB."""
+    high = float((values > S1_MAX_DB).mean()) if values.size else 0.0
+    if values.size and not (values < 0).any():
+        return f"no negative value among the {values.size} S1 pixels read (largest {values.max():g})"
+    if high > 0.01:
+        return f"{high:.1%} of the S1 pixels read above +{S1_MAX_DB:g} dB (largest {values.max():g})"
+    return None
+
+
 def check_s1_units(sources: list[Source], scale: str) -> None:
     """Refuses S1 whose values do not fit `scale`, from a sample of each file: its overview when it has
     one, else SAMPLE windows x SAMPLE windows of SAMPLE px spread over it (cheap on any size)."""
@@ -268,14 +296,10 @@ def check_s1_units(sources: list[Source], scale: str) -> None:
             raise SceneError(f"{source.path}: no valid S1 pixel among the {len(windows)} windows read")
         negative = float((values < 0).mean())
         if scale == "db":
-            high = float((values > MAX_DB).mean())
-            if negative == 0:
-                raise SceneError(f"{source.path}: no negative value among the {values.size} S1 pixels read (largest "
-                                 f"{values.max():g}): not backscatter in dB; pass --s1_scale power or amplitude for "
-                                 f"linear values")
-            if high > 0.01:
-                raise SceneError(f"{source.path}: {high:.1%} of the S1 pixels read above +{MAX_DB:g} dB (largest "
-                                 f"{values.max():g}): not backscatter in dB; pass --s1_scale power or amplitude")
+            problem = s1_db_problem(values)
+            if problem is not None:
+                raise SceneError(f"{source.path}: {problem}: not backscatter in dB; pass --s1_scale power or "
+                                 f"amplitude for linear values")
         elif negative > 0.5:
             raise SceneError(f"{source.path}: {negative:.0%} of the S1 pixels read are negative: values in dB, not "
                              f"linear {scale}; pass --s1_scale db")
@@ -308,6 +332,7 @@ class Scene:
         self.s2_band_names = [n for source in s2 for n in source.names]
         self.s1_band_names = list(S1_BANDS)
         self.files = [source.path for source in (*s1, *s2)]
+        self._offsets = [np.asarray(s.offsets, np.float32)[:, None, None] if any(s.offsets) else None for s in s2]
         self._handles, self._pid = None, None
 
     def __getstate__(self) -> dict:
@@ -322,47 +347,49 @@ class Scene:
     def __repr__(self) -> str:
         return f"Scene({self.name}: {describe_grid(self.grid)}, S2 {','.join(self.s2_band_names)}, S1 {self.s1_scale})"
 
-    def _view(self, source: Source, resampling: Resampling) -> tuple:
-        """(dataset to read, opened files): the file itself when on the grid, else a warped view in
-        float32 with NaN where the file has no data."""
+    def _view(self, source: Source, resampling: Resampling, per_band: bool) -> View:
+        """The file itself when on the grid, else a warped view. `per_band`: the file's nodata value in any
+        band marks the pixel missing (S1's two bands are one measurement), not only in all (GDAL's mask)."""
         src = _open(source.path)
         if src.crs is not None and same_grid(grid_of(src), self.grid):
-            return src, (src,)
+            alpha = [i for i, c in zip(src.indexes, src.colorinterp) if c == ColorInterp.alpha]
+            masked = any(flags != [MaskFlags.all_valid] for flags in src.mask_flag_enums)
+            nodata = source.nodata if src.nodata is None else src.nodata if per_band else None
+            return View(src, (src,), masked, alpha[0] if alpha else None, nodata)
         nodata = {} if source.nodata is None or src.nodata is not None else {"src_nodata": source.nodata}
         # XSCALE = YSCALE = 1: the kernel never widens with the window's scale, so that a pixel's value is the
         # same whatever window reads it
         vrt = WarpedVRT(src, crs=self.grid["crs"], transform=self.grid["transform"], width=self.grid["width"],
                         height=self.grid["height"], resampling=resampling, dtype="float32", nodata=np.nan,
                         XSCALE=1, YSCALE=1, **nodata)
-        return vrt, (vrt, src)
+        return View(vrt, (vrt, src))
 
     def _open(self) -> tuple[list, list]:
         if self._pid != os.getpid():  # GDAL handles are never shared with a forked worker
-            s1 = [self._view(s, Resampling.bilinear) for s in self.s1_sources]
-            s2 = [self._view(s, Resampling.nearest) for s in self.s2_sources]
+            s1 = [self._view(s, Resampling.bilinear, True) for s in self.s1_sources]
+            s2 = [self._view(s, Resampling.nearest, False) for s in self.s2_sources]
             self._handles, self._pid = (s1, s2), os.getpid()
         return self._handles
 
     def close(self) -> None:
         for views in self._handles or ():
-            for _, opened in views:
-                for handle in opened:
+            for view in views:
+                for handle in view.opened:
                     handle.close()
         self._handles, self._pid = None, None
 
     @staticmethod
-    def _read(view, source: Source, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def _read(view: View, source: Source, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """(bands, h, w) float32 and the (h, w) missing pixels: the dataset's mask (nodata, alpha,
-        internal mask; NaN in warped views) or a NaN band."""
-        values = view.read(source.indexes, window=window, out_dtype="float32")
+        internal mask; NaN in warped views), its alpha band, a band NaN or at `view.nodata`."""
+        values = view.dataset.read(source.indexes, window=window, out_dtype="float32")
         missing = np.isnan(values).any(0)
-        if not isinstance(view, WarpedVRT):
-            missing |= view.dataset_mask(window=window) == 0
-            alpha = [i for i, c in zip(view.indexes, view.colorinterp) if c == ColorInterp.alpha]
-            if alpha:  # GDAL's mask takes an alpha band only in 2- and 4-band files
-                missing |= view.read(alpha[0], window=window) == 0
-            if source.nodata is not None and view.nodata is None:
-                missing |= (values == source.nodata).any(0)
+        if view.masked:
+            missing |= view.dataset.dataset_mask(window=window) == 0
+        if view.alpha is not None:
+            missing |= view.dataset.read(view.alpha, window=window) == 0
+        if view.nodata is not None:
+            missing |= (values == view.nodata).any(0)
         return values, missing
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -373,11 +400,10 @@ class Scene:
         s2 = np.empty((len(self.s2_band_names), h, w), np.float32)
         missing = np.zeros((h, w), bool)
         band = 0
-        for (view, _), source in zip(s2_views, self.s2_sources):
+        for view, source, offsets in zip(s2_views, self.s2_sources, self._offsets):
             values, gone = self._read(view, source, window)
-            offsets = np.asarray(source.offsets, np.float32)
-            if offsets.any():
-                values = np.maximum(values + offsets[:, None, None], 0)
+            if offsets is not None:
+                values = np.maximum(values + offsets, 0)
             s2[band:band + len(source.names)] = values
             missing |= gone
             band += len(source.names)
@@ -385,7 +411,7 @@ class Scene:
         s1 = np.empty((2, h, w), np.float32)
         missing = np.zeros((h, w), bool)
         band = 0
-        for (view, _), source in zip(s1_views, self.s1_sources):
+        for view, source in zip(s1_views, self.s1_sources):
             values, gone = self._read(view, source, window)
             s1[band:band + len(source.names)] = values
             missing |= gone

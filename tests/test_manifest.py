@@ -188,11 +188,18 @@ def test_s1_that_is_not_in_db_is_refused_naming_the_file(pairs, tmp_path):
         with rasterio.open(path) as src:
             db = src.read()
         _write_like(path, (10 ** (db / 10)).astype(np.float32), path)  # linear power
-    with pytest.raises(DataFileError, match=r"S1 .*pair0000.tif.*: no negative value among 4608 pixels .*not look "
-                                            r"like backscatter in dB"):
+    with pytest.raises(DataFileError, match=r"S1 .*pair0000.tif: no negative value among the 1152 S1 pixels .*not "
+                                            r"look like backscatter in dB"):
         ManifestDataset(csv, "train")
-    _write_like(path, np.full((2, 24, 24), 40.0, np.float32), path)
-    with pytest.raises(DataFileError, match=r"S1 .*pair0003.tif holds values up to 40, above 30 dB"):
+    for i in range(4):  # back to dB, a ship at +45 dB in one: backscatter still (scenes.check_s1_units' rule)
+        path = csv.parent / "s1" / f"pair{i:04d}.tif"
+        ship = np.full((2, 24, 24), -15.0, np.float32)
+        ship[:, 5, 5] = 45.0
+        _write_like(path, ship, path)
+    ManifestDataset(csv, "train")
+    ship[:, :6] = 40.0  # a quarter of the pixels: amplitude or DN, not dB
+    _write_like(path, ship, path)
+    with pytest.raises(DataFileError, match=r"S1 .*pair0003.tif: 25.0% of the S1 pixels read above \+30 dB"):
         ManifestDataset(csv, "train")
 
 

@@ -1,5 +1,6 @@
 """Real-product inputs (datasets/scenes.py, prepare_scene.py) against stacks built independently here:
 nearest upsampling by np.repeat, bilinear by hand from the pixel centres' coordinates, dB by log10."""
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -9,12 +10,14 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp
+from rasterio.env import get_gdal_config
 from rasterio.warp import transform
 from rasterio.windows import Window
 
 import prepare_scene
 import products
-from datasets.scenes import L2A_BANDS, S2_BANDS, SceneError, open_scene
+from datasets.scenes import SceneError, open_scene
+from util.labels import L1C_BANDS, L2A_BANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 60
@@ -48,15 +51,19 @@ def write_stack(path: Path, array: np.ndarray, **profile) -> Path:
 
 def test_l1c_product_prepared_as_built_by_hand(tmp_path):
     """An L1C SAFE (JPEG 2000 at 10/20/60 m, baseline 04.00) and S1 power in EPSG:4326 -> COGs on the
-    S2 grid: S2 = repeated DNs - 1000 (the metadata's offset), S1 = 10 log10 of bilinear power."""
+    S2 grid: S2 = repeated DNs - 1000 (the metadata's offset), S1 = 10 log10 of bilinear power; GDAL's cache
+    size as it was after, inside an outer rasterio.Env."""
     safe, stored = products.l1c(tmp_path, SIZE)
     s1, power, s1_transform = products.s1_power(tmp_path / "s1_power.tif", SIZE)
     out_s1, out_s2 = tmp_path / "out" / "S1.tif", tmp_path / "out" / "S2.tif"
-    info = prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(out_s1), "--out_s2", str(out_s2),
-                               "--s1_scale", "power", "--block", "32"])
-    assert info["s2_offsets"] == [-1000.0] and info["s2_bands"] == list(S2_BANDS)
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):  # an outer environment, as gdal_env's
+        cache = get_gdal_config("GDAL_CACHEMAX")
+        info = prepare_scene.main(["--s1", str(s1), "--s2", str(safe), "--out_s1", str(out_s1), "--out_s2",
+                                   str(out_s2), "--s1_scale", "power", "--block", "32"])
+        assert get_gdal_config("GDAL_CACHEMAX") == cache  # the cap is lifted on return
+    assert info["s2_offsets"] == [-1000.0] and info["s2_bands"] == list(L1C_BANDS)
     with rasterio.open(out_s2) as src:
-        assert src.descriptions == S2_BANDS and src.dtypes[0] == "uint16" and src.nodata == 0
+        assert src.descriptions == L1C_BANDS and src.dtypes[0] == "uint16" and src.nodata == 0
         assert src.crs == products.s2_grid()["crs"] and src.transform == products.s2_grid()["transform"]
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         np.testing.assert_array_equal(src.read(), upsampled(stored, products.RESOLUTION) - 1000)
@@ -93,7 +100,7 @@ def test_l2a_finest_copy_offset_bands_by_name_and_pickling(tmp_path):
         assert scene.s2_band_names == asked
         np.testing.assert_array_equal(scene.read(window)[1], expected[[3, 2, 1, 8], 3:53, 7:48])
     with pytest.raises(SceneError, match=r"S2A_MSIL2A.*SAFE lacks S2 band B10 .*train a 12-band run"):
-        open_scene(s1, safe, s1_scale="power", s2_bands=S2_BANDS)
+        open_scene(s1, safe, s1_scale="power", s2_bands=L1C_BANDS)
 
 
 def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
@@ -111,10 +118,10 @@ def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
     stack = np.stack([np.full((SIZE, SIZE), i + 1, np.uint16) for i in range(13)])[::-1]
     path = write_stack(tmp_path / "s2_13.tif", stack)
     with rasterio.open(path, "r+") as dst:
-        dst.descriptions = S2_BANDS[::-1]  # stored in reverse: names, not positions, decide
+        dst.descriptions = L1C_BANDS[::-1]  # stored in reverse: names, not positions, decide
     with open_scene(s1, path, s2_bands=L2A_BANDS) as scene:
         s1_read, s2 = scene.read(Window(5, 5, 10, 10))
-    assert s2[:, 0, 0].tolist() == [S2_BANDS.index(b) + 1 for b in L2A_BANDS]
+    assert s2[:, 0, 0].tolist() == [L1C_BANDS.index(b) + 1 for b in L2A_BANDS]
     assert np.all(s1_read == -12.0)
     for name, value in (("s1a-iw-grd-vh-001.tif", -20.0), ("s1a-iw-grd-vv-001.tif", -10.0)):
         write_stack(tmp_path / "s1" / name, np.full((1, SIZE, SIZE), value, np.float32))
@@ -123,8 +130,9 @@ def test_band_files_folder_offset_flag_and_12_of_13(tmp_path):
 
 
 def test_missing_pixels_become_nan(tmp_path):
-    """nodata (a per-dataset mask: a zero-padded B10 with nodata 0 is not all missing), an alpha band,
-    an internal mask, NaN, and S1 nodata warped from EPSG:4326 -> NaN in every band of those pixels."""
+    """nodata (S2: a per-dataset mask: a zero-padded B10 with nodata 0 is not all missing; S1: in any band),
+    an alpha band, an internal mask, NaN, and S1 nodata warped from EPSG:4326 -> NaN in every band of those
+    pixels."""
     rng = np.random.default_rng(0)
     s2 = rng.integers(1, 5000, (13, SIZE, SIZE)).astype(np.uint16)
     s2[10] = 0  # B10 padded
@@ -160,6 +168,14 @@ def test_missing_pixels_become_nan(tmp_path):
     alpha_missing = np.zeros((SIZE, SIZE), bool)  # no nodata value: the zeros are data
     alpha_missing[40:, 50:] = True
     np.testing.assert_array_equal(np.isnan(s2_read).all(0), alpha_missing)
+    db = rng.uniform(-25, -5, (2, SIZE, SIZE)).astype(np.float32)
+    db[1, 2:4] = -9999.0  # VH only: the pixel is missing in both bands
+    with open_scene(write_stack(tmp_path / "s1_vh_nodata.tif", db, nodata=-9999.0), padded) as scene:
+        s1 = scene.read(window)[0]
+    vh_missing = np.zeros((SIZE, SIZE), bool)
+    vh_missing[2:4] = True
+    np.testing.assert_array_equal(np.isnan(s1), np.broadcast_to(vh_missing, s1.shape))
+    np.testing.assert_array_equal(s1[:, ~vh_missing], db[:, ~vh_missing])
     s1_path, power, s1_transform = products.s1_power(tmp_path / "s1_nodata.tif", SIZE, nodata=-9999.0)
     power[:, :, : power.shape[2] // 2] = -9999.0  # the western half missing
     with rasterio.open(s1_path, "r+") as dst:
@@ -203,3 +219,15 @@ def test_script_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.startswith("prepare_scene.py: error: ") and "--s1_scale" in done.stderr.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_bench_measured_reads_a_chatty_childs_stderr():
+    """bench_predict.measured on a failing child that writes 200 KB to stderr (past a pipe's buffer): it ends,
+    quoting the tail; `timeout` ends the child should the bench leave its stderr unread."""
+    spec = importlib.util.spec_from_file_location("bench_predict", ROOT / "bench" / "bench_predict.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = "import sys; sys.stderr.write('x' * 200000 + 'END'); sys.exit(3)"
+    with pytest.raises(SystemExit, match=r"failed:\nx+END$"):
+        bench.measured(["timeout", "20", sys.executable, "-c", code])

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.env
 import rasterio.shutil
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -23,6 +25,18 @@ TILE = 256  # map tile side, px; the map is written TILE rows at a time
 # The DFC2020 / SEN12MS legend (IEEE GRSS Data Fusion Contest 2020), for runs on those classes.
 DFC_COLORS = {"Forest": "#009900", "Shrubland": "#c6b044", "Grassland": "#b6ff05", "Wetlands": "#27ff87",
               "Croplands": "#c24f44", "Urban/Built-up": "#a5a5a5", "Barren": "#f9ffa4", "Water": "#1c0dff"}
+
+
+@contextmanager
+def gdal_cache(nbytes: int = GDAL_CACHE) -> Iterator[None]:
+    """GDAL's block cache capped at `nbytes` bytes inside, its previous size back after: rasterio.Env alone
+    leaves the cap set when an outer environment is active (datasets.sources.gdal_env's never exits)."""
+    before = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=nbytes):
+            yield
+    finally:
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", before)
 
 
 def window_origins(size: int, window: int, stride: int) -> list[int]:
@@ -74,7 +88,7 @@ def write_cog(path: Path, grid: dict, bands: int, block: Callable[[int, int], np
     height, width = grid["height"], grid["width"]
     staging = path.with_name(path.name + ".staging.tif")
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE), rasterio.open(
+        with gdal_cache(), rasterio.open(
                 staging, "w", driver="GTiff", width=width, height=height, count=bands, dtype="uint8",
                 crs=grid["crs"], transform=grid["transform"], nodata=NODATA, tiled=True, blockxsize=TILE,
                 blockysize=TILE, compress="deflate", BIGTIFF="IF_SAFER") as dst:
@@ -86,7 +100,7 @@ def write_cog(path: Path, grid: dict, bands: int, block: Callable[[int, int], np
             for top in range(0, height, TILE):
                 bottom = min(top + TILE, height)
                 dst.write(block(top, bottom), window=Window(0, top, width, bottom - top))
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE):
+        with gdal_cache():
             rasterio.shutil.copy(staging, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=TILE,
                                  RESAMPLING=resampling.upper(), BIGTIFF="IF_SAFER")
     finally:
