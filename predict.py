@@ -55,12 +55,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import NORMALIZATIONS, CropError, normalize, patch_dataset
+from datasets.patches import DEFAULT_S2_BANDS
 from datasets.scenes import S1_SCALES, describe_grid, open_scene, read_grid, same_grid
 from models import DualResNet, load_checkpoint
 from util import cli, flags, maps, process
 from util.checkpoint import read_meta
 from util.io import atomic_write, atomic_write_json, same_file
-from util.labels import IGNORE, L1C_BANDS, L2A_BANDS
+from util.labels import IGNORE
 from util.lock import RunFolderError
 from util.runs import NotARunError, RunInfo, checkpoint_path, read_run
 
@@ -237,7 +238,7 @@ def run_s2_bands(run: RunInfo, count: int) -> list[str]:
     config, results = run.config or {}, run.results or {}
     names = config.get("s2_band_names") or results.get("s2_band_names") or config.get("s2_bands")
     if not names:
-        names = {13: L1C_BANDS, 12: L2A_BANDS}.get(count)
+        names = DEFAULT_S2_BANDS.get(count)
         if names is None:
             raise PredictError(f"{run.path} does not name its {count} S2 bands (no s2_band_names in its checkpoint or "
                                f"results.json): predict.py takes a scene's bands by name")
