@@ -262,7 +262,7 @@ def test_pretraining_on_a_manifest_finishes_with_its_checkpoint_and_results(pair
 def test_a_13_band_pretrained_first_layer_keeps_the_kernels_of_the_datas_bands_by_name(tmp_path, caplog):
     state = ssl4eo_file(tmp_path / "s2.pth", 13)
     l1c = list(datasets.L1C_BANDS)
-    for names in (list(datasets.L2A_BANDS), ["B04", "B03", "B02", "B08"]):
+    for names in (list(datasets.L2A_BANDS), ["B04", "B03", "B02", "B08"], l1c[::-1], l1c):  # 13 reordered: by name
         net = DualResNet("resnet18", s2_channels=len(names))
         with caplog.at_level(logging.INFO, logger="models"):
             assert load_backbone_weights(net, s2=tmp_path / "s2.pth", s2_band_names=names) == []
