@@ -114,9 +114,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if backbones and not args.finetune:
         log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
                     "projections of the pre-trained features")
-    if args.fresh_first_conv and not args.finetune:
-        log.warning("--fresh_first_conv without --finetune: a first layer that starts fresh stays frozen, a random "
-                    "first layer")
     if args.model_path in (None, "random") and not backbones and not args.finetune:
         log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
                     "only the classifier trains, on random features: a lower bound, not the method (the original "
@@ -211,16 +208,22 @@ def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDat
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
                 bands: tuple[int, int], s2_band_names: list[str] | None = None) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
-    the classifier trains without --finetune) and the method's forward pass over it, on the device."""
+    the classifier trains without --finetune; warns of a first layer --fresh_first_conv left random and frozen) and
+    the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
+    fresh = []
     if args.model_path not in (None, "random"):
-        load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+        missing, _ = load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+        fresh = [k for k in missing if k in ("backbone1.conv1.weight", "backbone2.conv1.weight")]
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv, s2_band_names=s2_band_names)
+        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv,
+                                      s2_band_names=s2_band_names)
     if not args.finetune:
         freeze_all_but(net, net.fc)
+        if fresh:  # what --fresh_first_conv did, known only now
+            log.warning("%s started fresh and stay frozen without --finetune: a random first layer", ", ".join(fresh))
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
     return net, process.wrap(model, ctx, args)
 
