@@ -23,7 +23,6 @@ import argparse
 import logging
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, is_manifest, patch_dataset, seed_normalize
-from engine import data_report, epoch_summary, train_one_epoch
+from engine import data_record, data_report, epoch_summary, train_one_epoch
 from losses import SupConCELoss
 from models import (
     PRETRAINED_ARCH,
@@ -189,12 +188,6 @@ def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
     return train_set, eval_set
 
 
-def data_record(args: argparse.Namespace, train_set: PatchDataset) -> dict:
-    """What results.json records of the data: the manifest's file name, the S2 band names, the band statistics."""
-    record = {"s2_band_names": list(train_set.s2_band_names), "norm_stats": train_set.norm_stats}
-    return {"manifest": Path(args.data_root).name, **record} if is_manifest(args.data_root) else record
-
-
 def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDataset, eval_set: PatchDataset) -> dict:
     """The checkpoints' "meta": what predict.py needs to apply them alone (docs/modules.md). The evaluation window:
     --eval_crop, or with 0 the patches' size (None where they differ in height and width)."""
@@ -292,8 +285,9 @@ def main(argv=None) -> dict:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
             run.end_epoch(epoch, row, epoch_summary(row))
         data = data_report(run, {args.train_split: train_set, args.eval_split: eval_set}, ctx)
-        return run.finish(process.environment(ctx), "manifest" if is_manifest(args.data_root) else "DFC2020",
-                          data=data, **data_record(args, train_set))
+        manifest = is_manifest(args.data_root)
+        return run.finish(process.environment(ctx), "manifest" if manifest else "DFC2020",
+                          data=data, **data_record(args.data_root, train_set, manifest))
 
 
 if __name__ == "__main__":

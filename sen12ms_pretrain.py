@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
-from engine import data_report, epoch_summary, train_one_epoch
+from engine import data_record, data_report, epoch_summary, train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import (
     PRETRAINED_ARCH,
@@ -228,11 +227,8 @@ def main(argv=None) -> dict:
         if ctx.is_main and run.start < args.epochs:
             (run.path / "checkpoint.pth").unlink(missing_ok=True)
             os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
-        names = {"s2_band_names": list(dataset.s2_band_names), "norm_stats": dataset.norm_stats}
-        if manifest:
-            names["manifest"] = Path(args.data_root).name
         return run.finish(process.environment(ctx), "manifest" if manifest else "SEN12MS pre-training", data=data,
-                          **names)
+                          **data_record(args.data_root, dataset, manifest))
 
 
 if __name__ == "__main__":
