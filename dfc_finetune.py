@@ -100,16 +100,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
-    manifest = is_manifest(args.data_root)
-    args.normalize = args.normalize or ("stats" if manifest else "seed")
-    if args.s2_bands and not manifest:
-        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (DFC2020's S2 "
-                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
+    flags.check_data_args(p, args, is_manifest(args.data_root), "DFC2020")
     backbones = args.backbones or args.s1_backbone or args.s2_backbone
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
     if backbones and not args.finetune:
         log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
                     "projections of the pre-trained features")

@@ -100,15 +100,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.schedule == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine of --schedule cosine "
                 f"(--epochs {args.epochs})")
-    manifest = is_manifest(args.data_root)
-    args.normalize = args.normalize or ("stats" if manifest else "seed")  # recorded in config.json as resolved
-    if args.s2_bands and not manifest:
-        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (SEN12MS's S2 "
-                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
+    flags.check_data_args(p, args, is_manifest(args.data_root), "SEN12MS")
 
 
 def build_net(args: argparse.Namespace, bands: tuple[int, int], s2_band_names: list[str] | None = None) -> DualResNet:

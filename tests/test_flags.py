@@ -104,3 +104,21 @@ def test_dfc_finetune_warns_of_a_frozen_fresh_first_layer_only_where_one_started
         with caplog.at_level("WARNING", logger="dfc_finetune"):
             dfc_finetune.build_model(args, ctx, 8, (2, 13))
         assert ("backbone2.conv1.weight started fresh and stay frozen" in caplog.text) is warned
+
+
+def test_the_data_flags_default_normalize_refuse_s2_bands_off_a_manifest_and_warn_of_other_inputs(caplog, capsys):
+    import dfc_finetune
+
+    p = dfc_finetune.build_parser()
+    for manifest, normalize in ((True, "stats"), (False, "seed")):
+        args = p.parse_args(["--s2_bands", "B02,B03"] if manifest else [])
+        flags.check_data_args(p, args, manifest, "DFC2020")
+        assert args.normalize == normalize
+    with pytest.raises(SystemExit):
+        flags.check_data_args(p, p.parse_args(["--data_root", "d", "--s2_bands", "B02"]), False, "SEN12MS")
+    assert "d is not a manifest (SEN12MS's S2 are the 13 L1C bands)" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        flags.check_data_args(p, p.parse_args(["--backbones", "ssl4eo-moco", "--normalize", "ssl4eo"]), False, "")
+        assert not caplog.text
+        flags.check_data_args(p, p.parse_args(["--backbones", "ssl4eo-moco"]), True, "")
+    assert "this run feeds --normalize stats inputs" in caplog.text
