@@ -174,7 +174,8 @@ def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             log.warning("%s: %d rows of other splits than --train_split %r and --eval_split %r are not used (split: "
                         "rows): %s", args.data_root, sum(other.values()), args.train_split, args.eval_split,
                         ", ".join(f"{s!r}: {n}" for s, n in sorted(other.items())))
-        unseen = Counter(n for n in eval_set.label_names if n and n not in set(train_set.label_names))
+        trained = set(train_set.label_names)
+        unseen = Counter(n for n in eval_set.label_names if n and n not in trained)
         if unseen:
             log.warning("evaluation labels with no training row (their per-class accuracy is 0 by construction; "
                         "label: rows): %s", ", ".join(f"{n}: {k}" for n, k in sorted(unseen.items())))
