@@ -366,7 +366,7 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                           s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False,
                           s2_band_names: Sequence[str] | None = None) -> list[str]:
     """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
-    ignored. A 13-band S2 first layer on data of fewer L1C bands (`s2_band_names`) keeps their kernels by name.
+    ignored. A 13-band S2 first layer on data of L1C bands (`s2_band_names`: fewer, or reordered) keeps theirs by name.
     Returns the first-layer keys that `fresh_first_conv` left fresh."""
     net = unwrap(net)
     kept = []
