@@ -23,7 +23,6 @@ import argparse
 import logging
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -31,7 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Views, dfc_augment
 from datasets import CropError, PatchDataset, balanced_indices, is_manifest, patch_dataset, seed_normalize
-from engine import data_report, epoch_summary, train_one_epoch
+from engine import data_record, data_report, epoch_summary, train_one_epoch
 from losses import SupConCELoss
 from models import (
     PRETRAINED_ARCH,
@@ -101,22 +100,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.train_split == args.eval_split and not args.allow_same_split:
         p.error(f"--train_split and --eval_split are both {args.train_split!r}: the evaluation would measure the "
                 "training data; pass --allow_same_split if that is what you want")
-    manifest = is_manifest(args.data_root)
-    args.normalize = args.normalize or ("stats" if manifest else "seed")
-    if args.s2_bands and not manifest:
-        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (DFC2020's S2 "
-                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
+    flags.check_data_args(p, args, is_manifest(args.data_root), "DFC2020")
     backbones = args.backbones or args.s1_backbone or args.s2_backbone
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
     if backbones and not args.finetune:
         log.warning("the projection heads start fresh and stay frozen without --finetune: the classifier reads random "
                     "projections of the pre-trained features")
-    if args.fresh_first_conv and not args.finetune:
-        log.warning("--fresh_first_conv without --finetune: a first layer that starts fresh stays frozen, a random "
-                    "first layer")
     if args.model_path in (None, "random") and not backbones and not args.finetune:
         log.warning("--model_path %s without --finetune: the backbones keep their RANDOM initialisation, frozen, and "
                     "only the classifier trains, on random features: a lower bound, not the method (the original "
@@ -185,17 +174,12 @@ def open_data(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             log.warning("%s: %d rows of other splits than --train_split %r and --eval_split %r are not used (split: "
                         "rows): %s", args.data_root, sum(other.values()), args.train_split, args.eval_split,
                         ", ".join(f"{s!r}: {n}" for s, n in sorted(other.items())))
-        unseen = Counter(n for n in eval_set.label_names if n and n not in set(train_set.label_names))
+        trained = set(train_set.label_names)
+        unseen = Counter(n for n in eval_set.label_names if n and n not in trained)
         if unseen:
             log.warning("evaluation labels with no training row (their per-class accuracy is 0 by construction; "
                         "label: rows): %s", ", ".join(f"{n}: {k}" for n, k in sorted(unseen.items())))
     return train_set, eval_set
-
-
-def data_record(args: argparse.Namespace, train_set: PatchDataset) -> dict:
-    """What results.json records of the data: the manifest's file name, the S2 band names, the band statistics."""
-    record = {"s2_band_names": list(train_set.s2_band_names), "norm_stats": train_set.norm_stats}
-    return {"manifest": Path(args.data_root).name, **record} if is_manifest(args.data_root) else record
 
 
 def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDataset, eval_set: PatchDataset) -> dict:
@@ -211,16 +195,22 @@ def describe(args: argparse.Namespace, ctx: process.Context, train_set: PatchDat
 def build_model(args: argparse.Namespace, ctx: process.Context, num_classes: int,
                 bands: tuple[int, int], s2_band_names: list[str] | None = None) -> tuple[DualResNet, MultiModalNet]:
     """The dual ResNet for the data's (S1, S2) `bands` (weights from --model_path or the backbone flags; only
-    the classifier trains without --finetune) and the method's forward pass over it, on the device."""
+    the classifier trains without --finetune; warns of a first layer --fresh_first_conv left random and frozen) and
+    the method's forward pass over it, on the device."""
     net = DualResNet(args.arch, num_classes=num_classes, s1_channels=bands[0], s2_channels=bands[1])
+    fresh = []
     if args.model_path not in (None, "random"):
-        load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+        missing, _ = load_checkpoint(net, args.model_path, fresh_first_conv=args.fresh_first_conv)
+        fresh = [k for k in missing if k in ("backbone1.conv1.weight", "backbone2.conv1.weight")]
     if args.backbones or args.s1_backbone or args.s2_backbone:
         files = (pretrained_backbone_files(args.backbones) if args.backbones
                  else {"s1": args.s1_backbone, "s2": args.s2_backbone})
-        load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv, s2_band_names=s2_band_names)
+        fresh = load_backbone_weights(net, **files, fresh_first_conv=args.fresh_first_conv,
+                                      s2_band_names=s2_band_names)
     if not args.finetune:
         freeze_all_but(net, net.fc)
+        if fresh:  # what --fresh_first_conv did, known only now
+            log.warning("%s started fresh and stay frozen without --finetune: a random first layer", ", ".join(fresh))
     model = MultiModalNet({"s1": net.backbone1, "s2": net.backbone2}, fused_head=net.fc, ce_from=args.ce_from)
     return net, process.wrap(model, ctx, args)
 
@@ -289,8 +279,9 @@ def main(argv=None) -> dict:
                 row |= run.evaluated(epoch, metrics.evaluate(model, eval_loader, views, ctx, eval_set.classes))
             run.end_epoch(epoch, row, epoch_summary(row))
         data = data_report(run, {args.train_split: train_set, args.eval_split: eval_set}, ctx)
-        return run.finish(process.environment(ctx), "manifest" if is_manifest(args.data_root) else "DFC2020",
-                          data=data, **data_record(args, train_set))
+        manifest = is_manifest(args.data_root)
+        return run.finish(process.environment(ctx), "manifest" if manifest else "DFC2020",
+                          data=data, **data_record(args.data_root, train_set, manifest))
 
 
 if __name__ == "__main__":

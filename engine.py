@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,3 +112,10 @@ def data_report(run, splits: dict, ctx) -> dict:
     labels = {name: d.label_summary for name, d in splits.items() if getattr(d, "label_summary", None)}
     run.write_json("data_report.json", {"nonfinite_values": files, "labels": labels})
     return {"nonfinite_values": totals}
+
+
+def data_record(data_root, dataset, manifest: bool) -> dict:
+    """What results.json records of the training data `dataset`: its S2 band names and band statistics, and for a
+    manifest (`manifest`: the script's `is_manifest(data_root)`) the CSV's file name."""
+    record = {"s2_band_names": list(dataset.s2_band_names), "norm_stats": dataset.norm_stats}
+    return {"manifest": Path(data_root).name, **record} if manifest else record

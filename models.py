@@ -303,20 +303,21 @@ def _fit_first_conv(state: dict[str, Tensor], expected: dict[str, Tensor], first
                     path: Path, fresh: bool, band_names: Sequence[str] | None = None) -> list[str]:
     """Input bands of the first convs `first` (key -> modality): a difference raises BandCountError, or with `fresh`
     drops the key (returned). A 13-band (L1C) layer given the data's `band_names`, all L1C names, keeps the kernels
-    of those bands, by name, in their order. Other shapes are the caller's."""
+    of those bands, by name, in their order (13 in another order too). Other shapes are the caller's."""
     dropped = []
     for key, modality in first.items():
         if key not in state or key not in expected:
             continue
         found, wanted = state[key].shape, expected[key].shape
-        if found[1] == wanted[1] or (found[0], *found[2:]) != (wanted[0], *wanted[2:]):
+        by_name = (band_names is not None and found[1] == len(L1C_BANDS) and len(band_names) == wanted[1]
+                   and set(band_names) <= set(L1C_BANDS) and list(band_names) != list(L1C_BANDS))
+        if (found[0], *found[2:]) != (wanted[0], *wanted[2:]) or (found[1] == wanted[1] and not by_name):
             continue
-        if (band_names is not None and found[1] == len(L1C_BANDS) and len(band_names) == wanted[1]
-                and set(band_names) <= set(L1C_BANDS)):
+        if by_name:
             state[key] = state[key][:, [L1C_BANDS.index(name) for name in band_names]].contiguous()
             logger.info("%s: its %s first layer (%s) takes the 13 L1C bands; kept the kernels of the data's %d by "
-                        "name, dropped %s", path, modality, key, wanted[1],
-                        ", ".join(b for b in L1C_BANDS if b not in band_names))
+                        "name, in its order; dropped %s", path, modality, key, wanted[1],
+                        ", ".join(b for b in L1C_BANDS if b not in band_names) or "none")
             continue
         if not fresh:
             raise BandCountError(f"{path}: its {modality} first layer ({key}) takes {_bands(found[1])}, but the data "
@@ -365,7 +366,7 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
                           s2: str | os.PathLike | None = None, *, fresh_first_conv: bool = False,
                           s2_band_names: Sequence[str] | None = None) -> list[str]:
     """ResNet state dicts in torchvision / timm layout into `net`'s backbones (docs/backbones.md); a file's `fc.*` is
-    ignored. A 13-band S2 first layer on data of fewer L1C bands (`s2_band_names`) keeps their kernels by name.
+    ignored. A 13-band S2 first layer on data of L1C bands (`s2_band_names`: fewer, or reordered) keeps theirs by name.
     Returns the first-layer keys that `fresh_first_conv` left fresh."""
     net = unwrap(net)
     kept = []
@@ -376,8 +377,7 @@ def load_backbone_weights(net: DualResNet, s1: str | os.PathLike | None = None,
         path = Path(path)
         state = read_state_dict(path)
         ignored = [k for k in state if k.startswith("fc.")]
-        for k in ignored:
-            del state[k]
+        state = {k: v for k, v in state.items() if k not in ignored}
         expected = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
         fresh = _fit_first_conv(state, expected, {"conv1.weight": modality}, path, fresh_first_conv,
                                 s2_band_names if modality == "S2" else None)

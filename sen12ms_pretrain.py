@@ -13,7 +13,6 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from augment import AUGMENT_IMPLS, Augment, RandomFlipRotation, RandomResizedCrop, Views
 from datasets import SEASONS, CropError, ManifestDataset, SEN12MSDataset, is_manifest, seed_normalize
-from engine import data_report, epoch_summary, train_one_epoch
+from engine import data_record, data_report, epoch_summary, train_one_epoch
 from losses import NTXent, PairwiseNTXent, SupConLoss, multimodal_views, supcon_labels
 from models import (
     PRETRAINED_ARCH,
@@ -101,15 +100,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.schedule == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"--warmup_epochs {args.warmup_epochs} leaves no epoch of the cosine of --schedule cosine "
                 f"(--epochs {args.epochs})")
-    manifest = is_manifest(args.data_root)
-    args.normalize = args.normalize or ("stats" if manifest else "seed")  # recorded in config.json as resolved
-    if args.s2_bands and not manifest:
-        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest (SEN12MS's S2 "
-                "are the 13 L1C bands)")
     flags.check_backbone_args(p, args, PRETRAINED_ARCH)
-    if args.backbones and args.normalize != "ssl4eo":
-        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
-                    "--normalize %s inputs", args.backbones, args.normalize)
+    flags.check_data_args(p, args, is_manifest(args.data_root), "SEN12MS")
 
 
 def build_net(args: argparse.Namespace, bands: tuple[int, int], s2_band_names: list[str] | None = None) -> DualResNet:
@@ -228,11 +220,8 @@ def main(argv=None) -> dict:
         if ctx.is_main and run.start < args.epochs:
             (run.path / "checkpoint.pth").unlink(missing_ok=True)
             os.link(run.path / snapshot_name(args.epochs - 1), run.path / "checkpoint.pth")  # the last weights, no copy
-        names = {"s2_band_names": list(dataset.s2_band_names), "norm_stats": dataset.norm_stats}
-        if manifest:
-            names["manifest"] = Path(args.data_root).name
         return run.finish(process.environment(ctx), "manifest" if manifest else "SEN12MS pre-training", data=data,
-                          **names)
+                          **data_record(args.data_root, dataset, manifest))
 
 
 if __name__ == "__main__":

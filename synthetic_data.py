@@ -311,19 +311,34 @@ def manifest_like(csv: str | Path) -> tuple[list[str], int]:
         return sorted({row.label for row in rows if row.label}), src.count
 
 
+def _class_codes(classes: list[str]) -> list[int]:
+    """A DFC code per class, each with its own (S1, S2) signature: `write_manifest`'s names and the DFC class names
+    their own code where not taken yet, others the free ones (those `write_manifest` leaves unused first)."""
+    dfc = {name: int(np.flatnonzero(LABEL_CODES["dfc"].lut == k)[0]) for k, name in enumerate(DFC_CLASSES)}
+    distinct = [*dfc.values(), 3]  # Savanna (3) and Snow/Ice (8) share a signature: one of them
+    if len(classes) > len(distinct):
+        raise ValueError(f"a synthetic scene tells at most {len(distinct)} classes apart, got {len(classes)}")
+    named = {**dfc, **MANIFEST_CLASSES}
+    codes: list[int | None] = []
+    for name in classes:
+        code = named.get(name)
+        codes.append(None if code in codes else code)
+    free = iter(sorted((c for c in distinct if c not in codes), key=lambda c: c in MANIFEST_CLASSES.values()))
+    return [int(next(free)) if code is None else int(code) for code in codes]
+
+
 def write_class_scene(root: str | Path, classes: list[str], bands: int = 12, rows: int = 4, cols: int = 4,
                       size: int = 32, seed: int = 0) -> dict[str, Path]:
     """A scene for a run on your own pairs: ``s1.tif``, ``s2.tif`` (``bands``: 13 L1C or 12 L2A, no B10) of
     rows x cols uniform fields of ``size`` px, one of ``classes`` each, drawn as ``write_manifest`` draws the
-    class of that name (other names: DFC codes in turn); ``truth.tif``: the class indices, names in its tags."""
+    class of that name, a DFC class name as its DFC code, other names as distinct unused codes (9 classes at most);
+    ``truth.tif``: the class indices, names in its tags."""
     if bands not in (12, 13):
         raise ValueError(f"--bands must be 12 (L2A) or 13 (L1C), got {bands}")
     root = Path(root)
     rng = np.random.default_rng([seed, 400])
     crs, transform = _georeference(rng)
-    spare = iter(code for code in np.tile([1, 2, 4, 5, 6, 7, 9, 10], len(classes))
-                 if code not in MANIFEST_CLASSES.values())
-    codes = [MANIFEST_CLASSES.get(name) or int(next(spare)) for name in classes]
+    codes = _class_codes(classes)
     picked = rng.integers(0, len(classes), (rows, cols))
     s1 = np.empty((2, rows * size, cols * size), np.float32)
     s2 = np.empty((13, rows * size, cols * size), np.float32)

@@ -108,26 +108,22 @@ class PairedDataset(Dataset):
         return keyed_generator(self.seed, self.epoch, index)
 
     def _count_nonfinite(self, x: Tensor, path: str | Path, replacement: str, index: int, modality: int) -> Tensor:
-        """Mask of the non-finite values of ``x``, counted by kind, logged the first time in this process."""
+        """Mask of the non-finite values of ``x`` (``modality`` 0 S1, 1 S2, read from ``path``), counted by kind
+        (``_add_nonfinite``)."""
         nonfinite = ~torch.isfinite(x)
         count = int(nonfinite.sum())
         if count:
             nan = int(torch.isnan(x).sum())
             positive = int((x == float("inf")).sum())
-            self._nonfinite[index, modality] += torch.tensor([nan, positive, count - nan - positive])
-            if not self._nonfinite_logged:
-                self._nonfinite_logged = True
-                logger.warning(
-                    "%d non-finite values (NaN: %d, +-inf: %d) in %s, replaced by %s; further ones are "
-                    "replaced and counted in %s.nonfinite_pixels without more messages",
-                    count, nan, count - nan, path, replacement, type(self).__name__,
-                )
+            counts = np.zeros((2, 3), dtype=np.int64)
+            counts[modality] = nan, positive, count - nan - positive
+            self._add_nonfinite(counts, [path] * 2, [replacement] * 2, index)
         return nonfinite
 
     def _add_nonfinite(self, counts: np.ndarray, names: Sequence[str], replacements: Sequence[str],
                        index: int) -> None:
         """Add a window's (2, 3) NaN, +inf, -inf counts of S1, S2 (read from ``names``) to item ``index``;
-        logged the first time in this process, as ``_count_nonfinite``."""
+        logged the first time in this process."""
         if not counts.any():
             return
         self._nonfinite[index] += torch.from_numpy(counts)

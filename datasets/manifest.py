@@ -10,6 +10,7 @@ numbers them alike (or a trained run's ``classes``, matched by name). Pixels are
 """
 import csv
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,8 @@ def is_manifest(root: str | Path) -> bool:
 
 def read_manifest(path: Path) -> list[Row]:
     """Every row of the CSV (UTF-8, a byte-order mark and CRLF line ends fine), paths resolved; a missing
-    column or an empty path names the line; two rows with one id, or labels spelt two ways (case, spaces
-    around), are refused naming both lines."""
+    column, an empty path or more fields than the header names the line; two rows with one id, or labels
+    spelt two ways (case; surrounding spaces are stripped), are refused naming both lines."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
             reader = csv.DictReader(file)
@@ -60,19 +61,21 @@ def read_manifest(path: Path) -> list[Row]:
                                     "expected columns s1, s2, label and optionally split, id")
             rows, ids, spellings = [], {}, {}
             for line, raw in enumerate(reader, start=2):
+                if None in raw:  # csv.DictReader's key of the fields beyond the header's
+                    raise DataFileError(f"{path}, line {line}: {len(header) + len(raw[None])} fields, the header "
+                                        f"names {len(header)}; quote a field that holds a comma")
                 record = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
                 for key in ("s1", "s2"):
                     if not record[key]:
                         raise DataFileError(f"{path}, line {line}: empty {key} path")
-                label = next((v or "" for k, v in raw.items() if (k or "").strip() == "label"), "")
-                key = label.strip().casefold()
-                if key and spellings.setdefault(key, (label, line))[0] != label:
-                    first, first_line = spellings[key]
+                label = record.get("label", "")
+                if label and spellings.setdefault(label.casefold(), (label, line))[0] != label:
+                    first, first_line = spellings[label.casefold()]
                     raise DataFileError(f"{path}: labels {first!r} (line {first_line}) and {label!r} (line {line}) "
-                                        "differ only in case or surrounding spaces; spell each class one way")
+                                        "differ only in case; spell each class one way")
                 s1, s2 = (Path(record[key]) if Path(record[key]).is_absolute() else path.parent / record[key]
                           for key in ("s1", "s2"))
-                row = Row(line, s1, s2, record.get("label", ""), record.get("split", ""),
+                row = Row(line, s1, s2, label, record.get("split", ""),
                           record.get("id") or Path(record["s2"]).stem)
                 if ids.setdefault(row.id, line) != line:
                     raise DataFileError(f"{path}: lines {ids[row.id]} and {line} have the same id {row.id!r} (the id "
@@ -140,11 +143,19 @@ def check_files(path: Path, rows: Sequence[Row]) -> tuple[int, int]:
     return bands
 
 
+def _band_name(name: str) -> str:
+    """A stripped --s2_bands name, an S2 band's made canonical ("B2", "b8a" -> "B02", "B8A"), others as given."""
+    match = re.fullmatch(r"B(0?[1-9]|1[0-2]|8A)", name.strip(), re.IGNORECASE)
+    if match is None:
+        return name.strip()
+    return "B8A" if match.group(1).upper() == "8A" else f"B{int(match.group(1)):02d}"
+
+
 def s2_band_names(count: int, names: Sequence[str] | None, where: str) -> list[str]:
     """The names of a manifest's S2 bands: ``names`` (their count checked), else the 13 L1C names for
     13 bands, the 12 L2A names (no B10) for 12; other counts must be named."""
     if names is not None:
-        names = [name.strip() for name in names]
+        names = [_band_name(name) for name in names]
         if len(names) != count or len(set(names)) != count:
             raise DataFileError(f"{where}: S2 has {count} bands, but --s2_bands names {len(names)} "
                                 f"({', '.join(names)}){'' if len(set(names)) == len(names) else ', some twice'}")

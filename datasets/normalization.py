@@ -7,6 +7,7 @@ by the training split's mean and standard deviation (``band_statistics``). ``"no
 raw S2. Non-finite values are counted, and after scaling become 0 (``"seed"``: as stated above).
 Why ``"stats"`` is the manifests' default: docs/data.md.
 """
+import functools
 from collections.abc import Iterable
 
 import numpy as np
@@ -110,10 +111,17 @@ def _seed_s2(raw: np.ndarray, x: np.ndarray, nonfinite: np.ndarray | None) -> Te
     return _divide_by_maxima(x, x.max(axis=(1, 2)))
 
 
+@functools.lru_cache(maxsize=8)
+def _band_tensors(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """float32 (C, 1, 1) views of a run's band statistics, made once rather than every item; read only."""
+    return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+
 def _standardised(x: np.ndarray, mean, std) -> Tensor:
     t = torch.from_numpy(x)
-    shape = (-1, 1, 1)
-    t.sub_(torch.tensor(mean, dtype=torch.float32).view(shape)).div_(torch.tensor(std, dtype=torch.float32).view(shape))
+    mean, std = _band_tensors(tuple(mean), tuple(std))
+    t.sub_(mean).div_(std)
     return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 

@@ -73,9 +73,7 @@ def test_resume_accepts_flags_given_again_with_their_saved_values(tmp_path, caps
 
 def test_dfc_finetunes_warnings_come_from_its_one_check_before_any_data(caplog):
     """Every warning about the flags is given by check_args (no data read: the root does not exist); build_model
-    only builds."""
-    import inspect
-
+    warns only of what loading the weights did."""
     import dfc_finetune
 
     p = dfc_finetune.build_parser()
@@ -83,9 +81,44 @@ def test_dfc_finetunes_warnings_come_from_its_one_check_before_any_data(caplog):
                          "--use_sup_con"])
     with caplog.at_level("INFO"):
         dfc_finetune.check_args(p, args)
-    for text in ("were trained on SSL4EO-S12 inputs", "projection heads start fresh", "--fresh_first_conv without "
-                 "--finetune", "SupCon trains no parameter"):
+    for text in ("were trained on SSL4EO-S12 inputs", "projection heads start fresh", "SupCon trains no parameter"):
         assert text in caplog.text
-    assert "log." not in inspect.getsource(dfc_finetune.build_model)
+    assert "first layer" not in caplog.text  # --fresh_first_conv resets a layer only where the bands differ
     with pytest.raises(SystemExit):
         dfc_finetune.check_args(p, p.parse_args(["--backbones", "ssl4eo-moco", "--arch", "resnet18"]))
+
+
+def test_dfc_finetune_warns_of_a_frozen_fresh_first_layer_only_where_one_started_fresh(tmp_path, caplog):
+    import torch
+
+    import dfc_finetune
+    from helpers import ssl4eo_file
+    from util import process
+
+    p, ctx = dfc_finetune.build_parser(), process.Context(torch.device("cpu"))
+    for bands, warned in ((13, False), (12, True)):
+        ssl4eo_file(tmp_path / f"s2_{bands}.pth", bands)
+        args = p.parse_args(["--arch", "resnet18", "--s2_backbone", str(tmp_path / f"s2_{bands}.pth"),
+                             "--fresh_first_conv"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dfc_finetune"):
+            dfc_finetune.build_model(args, ctx, 8, (2, 13))
+        assert ("backbone2.conv1.weight started fresh and stay frozen" in caplog.text) is warned
+
+
+def test_the_data_flags_default_normalize_refuse_s2_bands_off_a_manifest_and_warn_of_other_inputs(caplog, capsys):
+    import dfc_finetune
+
+    p = dfc_finetune.build_parser()
+    for manifest, normalize in ((True, "stats"), (False, "seed")):
+        args = p.parse_args(["--s2_bands", "B02,B03"] if manifest else [])
+        flags.check_data_args(p, args, manifest, "DFC2020")
+        assert args.normalize == normalize
+    with pytest.raises(SystemExit):
+        flags.check_data_args(p, p.parse_args(["--data_root", "d", "--s2_bands", "B02"]), False, "SEN12MS")
+    assert "d is not a manifest (SEN12MS's S2 are the 13 L1C bands)" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        flags.check_data_args(p, p.parse_args(["--backbones", "ssl4eo-moco", "--normalize", "ssl4eo"]), False, "")
+        assert not caplog.text
+        flags.check_data_args(p, p.parse_args(["--backbones", "ssl4eo-moco"]), True, "")
+    assert "this run feeds --normalize stats inputs" in caplog.text

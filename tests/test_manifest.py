@@ -17,6 +17,7 @@ import predict
 import sen12ms_pretrain
 import summarize
 from datasets import DataFileError, ManifestDataset, is_manifest, patch_dataset
+from datasets.manifest import read_manifest
 from helpers import ssl4eo_file
 from models import DualResNet, load_backbone_weights
 from synthetic_data import MANIFEST_CLASSES, write_manifest
@@ -157,15 +158,21 @@ def test_a_spreadsheets_bom_and_crlf_line_ends_are_read(pairs, tmp_path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda lines: [lines[0], lines[1].replace("barley", "Barley")] + lines[2:],
-     r"labels 'Barley' \(line 2\) and 'barley' \(line 7\) differ only in case or surrounding spaces"),
-    (lambda lines: [lines[0], lines[1].replace(",barley,", ",barley ,")] + lines[2:],
-     r"labels 'barley ' \(line 2\) and 'barley' \(line 7\) differ only in case"),
+     r"labels 'Barley' \(line 2\) and 'barley' \(line 7\) differ only in case; spell"),
+    (lambda lines: [lines[0], lines[1].replace(",barley,", ",Barley ,")] + lines[2:],
+     r"labels 'Barley' \(line 2\) and 'barley' \(line 7\) differ only in case"),
+    (lambda lines: [lines[0], lines[1] + ",one too many"] + lines[2:], r"line 2: 7 fields, the header names 6"),
     (lambda lines: [lines[0], lines[1], lines[2].replace("pair0001,", "pair0000,", 1)] + lines[3:],
      r"lines 2 and 3 have the same id 'pair0000'"),
 ])
 def test_labels_spelt_two_ways_and_repeated_ids_are_refused_naming_both_lines(pairs, tmp_path, edit, message):
     with pytest.raises(DataFileError, match=message):
         ManifestDataset(_rewrite(pairs, tmp_path, edit), "train")
+
+
+def test_a_label_with_surrounding_spaces_is_its_class(pairs, tmp_path):
+    csv = _rewrite(pairs, tmp_path, lambda lines: [lines[0], lines[1].replace(",barley,", ", barley ,")] + lines[2:])
+    assert [row.label for row in read_manifest(csv)] == [row.label for row in read_manifest(pairs)]
 
 
 def test_pairs_on_other_grids_are_refused_naming_both_files(pairs, tmp_path):
@@ -218,6 +225,8 @@ def test_s2_bands_are_named_by_count_or_by_the_flag(pairs, tmp_path):
     assert ManifestDataset(pairs, "val").s2_band_names == [b for b in datasets.L1C_BANDS if b != "B10"]
     named = ManifestDataset(pairs, "val", s2_bands=[f"X{i}" for i in range(12)])
     assert named.s2_band_names[-1] == "X11"
+    loose = [f" {b.lower().replace('b0', 'b')}" for b in datasets.L2A_BANDS]  # " b1", ..., " b8a", " b11"
+    assert ManifestDataset(pairs, "val", s2_bands=loose).s2_band_names == list(datasets.L2A_BANDS)
     with pytest.raises(DataFileError, match=r"S2 has 12 bands, but --s2_bands names 2"):
         ManifestDataset(pairs, "val", s2_bands=["B02", "B03"])
     csv = _rewrite(pairs, tmp_path, lambda lines: lines)
@@ -269,7 +278,7 @@ def test_pretraining_on_a_manifest_finishes_with_its_checkpoint_and_results(pair
 def test_a_13_band_pretrained_first_layer_keeps_the_kernels_of_the_datas_bands_by_name(tmp_path, caplog):
     state = ssl4eo_file(tmp_path / "s2.pth", 13)
     l1c = list(datasets.L1C_BANDS)
-    for names in (list(datasets.L2A_BANDS), ["B04", "B03", "B02", "B08"]):
+    for names in (list(datasets.L2A_BANDS), ["B04", "B03", "B02", "B08"], l1c[::-1], l1c):  # 13 reordered: by name
         net = DualResNet("resnet18", s2_channels=len(names))
         with caplog.at_level(logging.INFO, logger="models"):
             assert load_backbone_weights(net, s2=tmp_path / "s2.pth", s2_band_names=names) == []

@@ -168,6 +168,27 @@ def test_scene_is_a_mosaic_of_patches_on_one_grid(tmp_path):
         (tmp_path / "again" / p.name).read_bytes() == p.read_bytes() for p in paths.values())
 
 
+def test_every_class_of_a_class_scene_has_its_own_signature(tmp_path, monkeypatch):
+    """The (S1, S2) code pair each field is drawn with, read back per class of truth.tif: one per class, all distinct."""
+    drawn, pixels = [], synthetic_data._pixels
+
+    def recording(rng, s1_code, s2_code):
+        drawn.append((int(s1_code[0, 0]), int(s2_code[0, 0])))
+        return pixels(rng, s1_code, s2_code)
+
+    monkeypatch.setattr(synthetic_data, "_pixels", recording)
+    for classes in (DFC2020Dataset.classes, ["a", "b", "c", "d"], ["lake", "Water", "x", *"bcdefg"]):
+        drawn.clear()
+        paths = synthetic_data.write_class_scene(tmp_path / str(len(classes)), classes, rows=10, cols=10, size=1)
+        with rasterio.open(paths["truth"]) as src:
+            truth = src.read(1).ravel()
+        signatures = {c: {pair for pair, t in zip(drawn, truth) if t == c} for c in range(len(classes))}
+        assert all(len(pairs) == 1 for pairs in signatures.values())
+        assert len(set.union(*signatures.values())) == len(classes)
+    with pytest.raises(ValueError, match="at most 9 classes apart, got 10"):
+        synthetic_data.write_class_scene(tmp_path / "ten", list("abcdefghij"))
+
+
 @pytest.mark.slow
 def test_meterml_class_signal_needs_both_modalities(tmp_path):
     """Per-channel means: S1 alone or S2 alone separate only groups of classes; fused, all classes."""

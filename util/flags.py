@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from util.io import read_json
+
+log = logging.getLogger("flags")
 
 
 def _number(kind: type, low: float | None = None, *, low_open: bool = False,
@@ -192,6 +195,19 @@ def check_backbone_args(p: argparse.ArgumentParser, args: argparse.Namespace, pr
                 f"pass --arch {pretrained_arch}")
     if args.fresh_first_conv and not (whole or args.backbones or files):
         p.error("--fresh_first_conv changes nothing without pre-trained weights (--model_path or the backbone flags)")
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace, manifest: bool, data: str) -> None:
+    """--normalize's default (stats for a manifest, else seed; config.json records it), --s2_bands refused on `data`
+    (DFC2020, SEN12MS: the 13 L1C bands), a warning for --backbones fed other inputs than theirs. `manifest`: the
+    script's `datasets.is_manifest(args.data_root)`."""
+    args.normalize = args.normalize or ("stats" if manifest else "seed")
+    if args.s2_bands and not manifest:
+        p.error(f"--s2_bands names the bands of a manifest's S2; {args.data_root} is not a manifest ({data}'s S2 "
+                "are the 13 L1C bands)")
+    if args.backbones and args.normalize != "ssl4eo":
+        log.warning("--backbones %s were trained on SSL4EO-S12 inputs scaled as --normalize ssl4eo; this run feeds "
+                    "--normalize %s inputs", args.backbones, args.normalize)
 
 
 def add_normalize_arg(g: argparse._ArgumentGroup) -> None:

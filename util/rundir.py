@@ -40,11 +40,6 @@ def outputs(folder: Path) -> list[Path]:
     return found + [p for pattern in OUTPUT_PATTERNS for p in sorted(folder.glob(pattern))]
 
 
-def load_state(path: Path) -> dict:
-    """A checkpoint the project wrote (last.pt, best.pt), read by `models.read_checkpoint`."""
-    return read_checkpoint(path)
-
-
 def capture_rng() -> dict:
     """Torch RNG states (training draws from keyed generators; these cover anything else)."""
     return {"torch": torch.get_rng_state(),
@@ -165,7 +160,7 @@ class RunDir:
                         self.path)
             self._keep_metrics_before(1)
             return
-        state = load_state(last)
+        state = read_checkpoint(last)
         done = state["epoch"]
         if self.args.epochs < done:
             raise RunFolderError(f"{self.path} has trained {done} epochs; --epochs {self.args.epochs} would not "
