@@ -70,6 +70,7 @@ def worker(rank, init_file, out_dir):
         loss.backward()
         grads = [p.grad for p in model.parameters()]
         torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/{name}_rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 
