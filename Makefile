@@ -21,8 +21,8 @@ $(VENV)/.installed: requirements.txt
 TEST_TMPDIR := $(or $(TMPDIR),$(shell test -d /dev/shm -a -w /dev/shm && echo /dev/shm),/tmp)
 PYTEST := OMP_NUM_THREADS=1 TMPDIR=$(TEST_TMPDIR) $(PY) -m pytest -q -n auto --maxprocesses 4
 
-# Tests in parallel processes (pytest-xdist), one torch thread each, the slow ones first (tests/conftest.py): 330
-# CPU-seconds (388 before the test changes of issue 29), so about 3 minutes on 2 idle cores.
+# Tests in parallel processes (pytest-xdist), one torch thread each, the slow ones first (tests/conftest.py):
+# 176 s measured on 2 idle cores.
 test: $(VENV)/.installed
 	$(PYTEST) tests
 
