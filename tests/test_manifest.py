@@ -149,6 +149,15 @@ def _write_like(path, array, template):
         dst.write(array)
 
 
+def _first_bands(csv, modality, n, pairs=20):
+    """Every pair's ``modality`` file cut to its first ``n`` bands, in place."""
+    for i in range(pairs):
+        path = csv.parent / modality / f"pair{i:04d}.tif"
+        with rasterio.open(path) as src:
+            bands = src.read()[:n]
+        _write_like(path, bands, path)
+
+
 def test_a_spreadsheets_bom_and_crlf_line_ends_are_read(pairs, tmp_path):
     csv = _rewrite(pairs, tmp_path, lambda lines: lines)
     csv.write_bytes(b"\xef\xbb\xbf" + csv.read_bytes().replace(b"\n", b"\r\n"))
@@ -230,11 +239,7 @@ def test_s2_bands_are_named_by_count_or_by_the_flag(pairs, tmp_path):
     with pytest.raises(DataFileError, match=r"S2 has 12 bands, but --s2_bands names 2"):
         ManifestDataset(pairs, "val", s2_bands=["B02", "B03"])
     csv = _rewrite(pairs, tmp_path, lambda lines: lines)
-    for i in range(20):
-        path = csv.parent / "s2" / f"pair{i:04d}.tif"
-        with rasterio.open(path) as src:
-            bands = src.read()[:4]
-        _write_like(path, bands, path)
+    _first_bands(csv, "s2", 4)
     with pytest.raises(DataFileError, match=r"S2 has 4 bands; name them in order with --s2_bands"):
         ManifestDataset(csv, "val")
 
@@ -312,11 +317,7 @@ def test_an_offline_download_names_the_url_the_cache_path_and_the_alternative(tm
 
 def test_ssl4eo_scaling_of_a_one_band_s1_is_refused_before_the_run_folder(pairs, tmp_path, capsys):
     csv = _rewrite(pairs, tmp_path, lambda lines: lines)
-    for i in range(20):
-        path = csv.parent / "s1" / f"pair{i:04d}.tif"
-        with rasterio.open(path) as src:
-            vv = src.read()[:1]
-        _write_like(path, vv, path)
+    _first_bands(csv, "s1", 1)
     with pytest.raises(SystemExit) as exit_info:
         dfc_finetune.main(["--data_root", str(csv), "--train_split", "train", "--eval_split", "val", "--normalize",
                            "ssl4eo", "--crop", "16", "--eval_crop", "16", "--save_path", str(tmp_path / "run"), "--device", "cpu"])
